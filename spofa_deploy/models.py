@@ -1,0 +1,174 @@
+"""Model names, creation and stage taps, all through timm's own registry and metadata."""
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+_log = logging.getLogger(__name__)
+
+# Short names users type. Any other timm model name is accepted as is.
+ALIASES: dict[str, str] = {
+    "vit_b": "vit_base_patch16_224",
+    "vit_s": "vit_small_patch16_224",
+    "vit_t": "vit_tiny_patch16_224",
+    "deit_t": "deit_tiny_patch16_224",
+    "deit_s": "deit_small_patch16_224",
+    "swin_t": "swin_tiny_patch4_window7_224",
+    "mixer_b": "mixer_b16_224",
+    "convnext_t": "convnext_tiny",
+    "mobilenetv3": "mobilenetv3_large_100",
+    "mobilenetv3_s": "mobilenetv3_small_100",
+    "mobilenetv2": "mobilenetv2_100",
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "efficientnet_b0": "efficientnet_b0",
+}
+
+# Strides of the four student stages SPOFA taps (spofa-method.md section 1).
+STAGE_REDUCTIONS = (4, 8, 16, 32)
+
+
+def resolve_model_name(name: str) -> str:
+    """Map an alias or timm name to a timm model name.
+
+    Raises:
+        UserError: unknown name, with the closest matches suggested.
+    """
+    import timm
+
+    full = ALIASES.get(name, name)
+    if timm.is_model(full):
+        return full
+    candidates = list(ALIASES) + timm.list_models()
+    close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else " See `timm.list_models()` for names."
+    raise UserError(f"unknown model '{name}'.{hint}")
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    img_size: int | None = None,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    exportable: bool = False,
+) -> nn.Module:
+    """Create a timm model for `num_classes` classes.
+
+    Args:
+        name: alias or timm name.
+        num_classes: classifier width.
+        img_size: passed to models that take it (ViT, Swin, Mixer) so they run at small sizes.
+        pretrained: fetch timm's pretrained weights (needs a network or a warm cache).
+        weights: a local weights file (timm/torchvision format) loaded through timm's
+            pretrained path, so the classifier is re-initialised when its width differs.
+        exportable: build layers that export cleanly (ONNX / TensorRT).
+    """
+    import timm
+
+    full = resolve_model_name(name)
+    kwargs: dict = {"num_classes": num_classes}
+    if exportable:
+        kwargs["exportable"] = True
+    if img_size is not None and _takes_img_size(full):
+        kwargs["img_size"] = img_size
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"weights file not found: {path}")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        pretrained = True
+    try:
+        return timm.create_model(full, pretrained=pretrained, **kwargs)
+    except (RuntimeError, ValueError, KeyError) as e:
+        if weights is not None:
+            raise UserError(f"cannot load weights {weights} into {full}: {str(e).splitlines()[0]}") from e
+        raise
+
+
+def create_teacher_pretrained(name: str, num_classes: int, img_size: int | None) -> tuple[nn.Module, bool]:
+    """Try timm's pretrained weights; fall back to random init.
+
+    Returns:
+        (model, pretrained) where `pretrained` says whether weights were loaded.
+    """
+    try:
+        return create_model(name, num_classes, img_size, pretrained=True), True
+    except Exception as e:  # no network, no cache, no weights for this name: all mean "random init"
+        _log.debug("pretrained weights unavailable for %s: %s", name, e)
+        return create_model(name, num_classes, img_size, pretrained=False), False
+
+
+def _takes_img_size(full_name: str) -> bool:
+    # Transformers and MLP mixers fix their token grid at construction; CNNs do not need it.
+    return any(k in full_name for k in ("vit", "deit", "swin", "mixer", "eva", "beit", "cait", "xcit", "levit"))
+
+
+def data_config(model: nn.Module) -> dict:
+    """Normalisation and preprocessing that timm declares for the model."""
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(model)
+    return {
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "interpolation": str(cfg.get("interpolation", "bilinear")),
+        "crop_pct": float(cfg.get("crop_pct", 0.875)),
+    }
+
+
+def embed_dim(model: nn.Module) -> int:
+    """Width of the model's pooled features (timm's `num_features`)."""
+    return int(model.num_features)
+
+
+@dataclass(frozen=True)
+class StageTap:
+    """One student stage SPOFA attaches a projector head to."""
+
+    index: int  # index into model.feature_info
+    module: str
+    channels: int
+    reduction: int
+
+
+def stage_taps(model: nn.Module) -> list[StageTap]:
+    """The student's stages at strides 4/8/16/32, read from timm's `feature_info`.
+
+    For each stride the last feature_info entry with that stride is taken (the end of
+    that resolution), e.g. mobilenetv3_large_100 -> blocks.1, blocks.2, blocks.4, blocks.6.
+
+    Raises:
+        UserError: the model does not declare features at those strides (not a CNN).
+    """
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise UserError(f"{type(model).__name__} has no timm feature_info: the student must be a timm CNN")
+    taps = {}
+    for i, f in enumerate(info):
+        if f["reduction"] in STAGE_REDUCTIONS:
+            taps[f["reduction"]] = StageTap(i, f["module"], int(f["num_chs"]), int(f["reduction"]))
+    missing = [r for r in STAGE_REDUCTIONS if r not in taps]
+    if missing:
+        raise UserError(f"student has no feature stages at stride(s) {missing}: choose a timm CNN student")
+    return [taps[r] for r in STAGE_REDUCTIONS]
+
+
+def forward_with_stages(model: nn.Module, x: torch.Tensor, taps: list[StageTap]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One student forward pass returning logits and the tapped stage features.
+
+    Uses timm's own `forward_intermediates` so no model class is patched.
+    """
+    final, feats = model.forward_intermediates(x, indices=[t.index for t in taps])
+    return model.forward_head(final), feats
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
