@@ -104,7 +104,7 @@ def save_model(path: str | Path, model: nn.Module, meta: dict) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "timm_name": str(meta.get("model", ""))})
-    write_json(sidecar_path(path), {**meta, "versions": versions(), "saved": datetime.now().isoformat(timespec="seconds")})
+    write_json(sidecar_path(path), {**meta, "versions": versions(), "saved_at": datetime.now().isoformat(timespec="seconds")})
 
 
 REQUIRED_META = ("model", "num_classes", "img_size", "mean", "std")
@@ -124,7 +124,7 @@ def read_model_meta(path: str | Path) -> dict:
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file (never pickle), with a clear error for bad files."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -132,7 +132,7 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"model file not found: {path}")
     try:
         return load_file(str(path))
-    except (SafetensorsError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from e
 
 

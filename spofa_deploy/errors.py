@@ -10,3 +10,7 @@ class UserError(Exception):
 
 class MissingDependency(UserError):
     """An optional dependency (TensorRT, a CUDA provider, ...) is not installed."""
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradients became NaN/Inf; the last good checkpoint is kept."""

@@ -99,11 +99,28 @@ def create_teacher_pretrained(name: str, num_classes: int, img_size: int | None)
     Returns:
         (model, pretrained) where `pretrained` says whether weights were loaded.
     """
+    if not _hub_reachable():
+        _log.debug("model hub unreachable and HF_HUB_OFFLINE unset: not trying pretrained weights")
+        return create_model(name, num_classes, img_size, pretrained=False), False
     try:
         return create_model(name, num_classes, img_size, pretrained=True), True
-    except Exception as e:  # no network, no cache, no weights for this name: all mean "random init"
+    except Exception as e:  # no weights for this name, no cache, a broken download: all mean "random init"
         _log.debug("pretrained weights unavailable for %s: %s", name, e)
         return create_model(name, num_classes, img_size, pretrained=False), False
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether to ask the model hub (offline, its client would retry for about a minute)."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return True  # the user asked for the local cache: timm reads it without network retries
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _takes_img_size(full_name: str) -> bool:

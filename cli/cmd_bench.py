@@ -1,0 +1,64 @@
+"""`spofa bench`: parse options, call `export.benchmark.run_bench`, print the table."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli import options as o
+
+
+def _split(value: str, what: str) -> list[str]:
+    from spofa_deploy.errors import UserError
+
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise UserError(f"{what} is empty")
+    return items
+
+
+def parse_batches(value: str) -> list[int]:
+    """`"1,8,64"` -> [1, 8, 64]."""
+    from spofa_deploy.errors import UserError
+
+    try:
+        out = [int(v) for v in _split(value, "--batch")]
+    except ValueError:
+        raise UserError(f"--batch must be comma-separated integers, got '{value}'") from None
+    if any(b < 1 for b in out):
+        raise UserError(f"--batch sizes must be >= 1, got '{value}'")
+    return out
+
+
+def bench(
+    artifact: Annotated[Path, typer.Argument(help="student.engine, student.onnx, student.safetensors, or a run folder.")],
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher to compare with (.safetensors, .onnx or .engine); default: the run's teacher_file.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Data spec for accuracy (default: the one in the metadata).")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="auto | trt | ort-cuda | ort-cpu | torch-eager | torch-compile | torch-cudagraph (comma list allowed).")] = "auto",
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma separated.")] = "1,8,64",
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 | bf16 | fp16 for PyTorch backends (comma list); ONNX/engines keep their export precision.")] = None,
+    warmup_s: Annotated[float, typer.Option("--warmup-s", help="Warm-up time per measurement (s).")] = 1.0,
+    min_s: Annotated[float, typer.Option("--min-s", help="Minimum timed seconds per model and batch size.")] = 3.0,
+    min_iters: Annotated[int, typer.Option("--min-iters", help="Minimum timed iterations per model and batch size.")] = 50,
+    rounds: Annotated[int, typer.Option("--rounds", help="Interleaved student/teacher rounds per batch size.")] = 3,
+    max_val: Annotated[Optional[int], typer.Option("--max-val", help="Evaluate on a stratified subset of N validation images.")] = None,
+    no_accuracy: Annotated[bool, typer.Option("--no-accuracy", help="Latency only.")] = False,
+    teacher_backend: Annotated[Optional[str], typer.Option("--teacher-backend", help="Backend of the teacher (default: same family as the student).")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure and the machine to this JSON file.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write an accuracy-vs-latency PNG.")] = None,
+    device: o.Device = "auto",
+) -> None:
+    """Latency (GPU compute and host) and accuracy of a student beside its teacher."""
+    from export.benchmark import print_report, run_bench
+
+    report = run_bench(
+        artifact, teacher=teacher, data=data, backends=_split(backend, "--backend"), batch_sizes=parse_batches(batch),
+        precisions=_split(precision, "--precision") if precision else None, warmup_s=warmup_s, min_s=min_s,
+        min_iters=min_iters, rounds=rounds, max_val=max_val, device=device, teacher_backend=teacher_backend,
+        accuracy=not no_accuracy, json_path=json_path, plot_path=plot, progress=True,
+    )
+    print_report(report)
+    for label, path in (("json", json_path), ("plot", plot)):
+        if path is not None and Path(path).is_file():
+            typer.echo(f"{label}: {path}")

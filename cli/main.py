@@ -1,0 +1,169 @@
+"""The `spofa` command line. Each command parses options, calls one library function, prints.
+
+Errors the user can fix print one line and exit 2; anything else exits 1 with a hint.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from cli import options as o
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="SPOFA distillation of a ViT teacher into a CNN student, export to ONNX / TensorRT, benchmarks.")
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
+    _state["debug"] = debug
+
+
+def _train_config(epochs, batch_size, lr, opt, device, amp, seed, workers, on_nan, clip_grad, base):
+    from spofa_deploy.train import TrainConfig
+
+    return TrainConfig(epochs=epochs or base.epochs, batch_size=batch_size, lr=lr or base.lr, optimizer=opt,
+                       device=device, amp=amp, seed=seed, workers=workers, on_nan=on_nan, clip_grad=clip_grad,
+                       weight_decay=base.weight_decay)
+
+
+@app.command()
+def teacher(
+    teacher: o.Teacher = "vit_b",
+    data: o.Data = "digits",
+    img_size: o.ImgSize = None,
+    teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file to start from.")] = None,
+    pretrained: Annotated[bool, typer.Option(help="Try timm's pretrained weights first.")] = True,
+    epochs: o.Epochs = None, batch_size: o.BatchSize = 128, lr: o.Lr = None, opt: o.Optim = "adamw",
+    device: o.Device = "auto", amp: o.Amp = "auto", out: o.Out = None, resume: o.Resume = False,
+    seed: o.Seed = 0, workers: o.Workers = None, download: o.Download = False, on_nan: o.OnNan = "stop",
+    clip_grad: o.ClipGrad = None,
+) -> None:
+    """Train / fine-tune the teacher on the data (teacher.safetensors + teacher.json)."""
+    from spofa_deploy.pipeline import TeacherOptions, train_teacher
+
+    opts = TeacherOptions(name=teacher, weights=str(teacher_weights) if teacher_weights else None, pretrained=pretrained)
+    opts.train = _train_config(epochs, batch_size, lr, opt, device, amp, seed, workers, on_nan, clip_grad, opts.train)
+    path = train_teacher(opts, data, img_size, out=out, resume=resume, download=download)
+    typer.echo(str(path))
+
+
+@app.command()
+def distill(
+    teacher: o.Teacher = "vit_b",
+    student: o.Student = "mobilenetv3",
+    data: o.Data = "digits",
+    method: Annotated[str, typer.Option("--method", help="spofa | ofa | kd | none")] = "spofa",
+    img_size: o.ImgSize = None,
+    teacher_ckpt: Annotated[Optional[Path], typer.Option("--teacher-ckpt", help="A teacher.safetensors from `spofa teacher`.")] = None,
+    teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file for the teacher stage.")] = None,
+    teacher_epochs: Annotated[Optional[int], typer.Option(help="Epochs of the teacher stage, if it runs.")] = None,
+    pretrained: Annotated[bool, typer.Option(help="Try timm's pretrained teacher weights first.")] = True,
+    epochs: o.Epochs = None, batch_size: o.BatchSize = 128, lr: o.Lr = None, opt: o.Optim = "adamw",
+    device: o.Device = "auto", amp: o.Amp = "auto", out: o.Out = None, resume: o.Resume = False,
+    seed: o.Seed = 0, workers: o.Workers = None, download: o.Download = False, on_nan: o.OnNan = "stop",
+    clip_grad: o.ClipGrad = None,
+    gt_weight: Annotated[float, typer.Option(help="Weight of the CE loss (l_gt).")] = 1.0,
+    kd_weight: Annotated[float, typer.Option(help="Weight of the final-logit distillation loss (l_kd).")] = 1.0,
+    feat_weight: Annotated[float, typer.Option(help="Weight of the stage-head losses (l_ofa); 0.1 can steady MobileNets.")] = 1.0,
+    eps: Annotated[float, typer.Option(help="OFA target-enhancement exponent on the final logits.")] = 1.0,
+    stage_eps: Annotated[str, typer.Option(help="Per-stage eps, comma separated (4 values).")] = "1,1,1,1",
+    temperature: Annotated[float, typer.Option(help="OFA temperature tau.")] = 1.0,
+    kd_temperature: Annotated[float, typer.Option(help="Temperature of --method kd.")] = 4.0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the CE term.")] = 0.0,
+    mema: Annotated[bool, typer.Option("--mema/--no-mema", help="MEMA dynamic scaler (spofa); --no-mema for the ablation.")] = True,
+    sample_weights: Annotated[bool, typer.Option("--sample-weights/--no-sample-weights", help="MEMA output-level weights beta_i.")] = True,
+    momentum: Annotated[float, typer.Option(help="MEMA momentum m.")] = 0.99,
+    lambda_feat: Annotated[float, typer.Option(help="MEMA feature-level scale lambda_f.")] = 5.0,
+    lambda_out: Annotated[float, typer.Option(help="MEMA output-level scale lambda_o.")] = 2.0,
+    train_fraction: Annotated[float, typer.Option(help="Train on this stratified fraction of the training split.")] = 1.0,
+    skip_corrupt: Annotated[bool, typer.Option(help="Skip unreadable images (with a warning) instead of failing.")] = False,
+) -> None:
+    """Distil the teacher into the student (runs the teacher stage first if needed)."""
+    from spofa_deploy.distillers import DistillConfig
+    from spofa_deploy.errors import UserError
+    from spofa_deploy.pipeline import TeacherOptions, distill as run_distill
+    from spofa_deploy.train import TrainConfig
+
+    try:
+        seps = tuple(float(v) for v in stage_eps.split(","))
+    except ValueError:
+        raise UserError(f"--stage-eps must be comma-separated numbers, got '{stage_eps}'") from None
+    topts = TeacherOptions(name=teacher, checkpoint=str(teacher_ckpt) if teacher_ckpt else None,
+                           weights=str(teacher_weights) if teacher_weights else None, pretrained=pretrained)
+    topts.train = _train_config(teacher_epochs, batch_size, None, opt, device, amp, seed, workers, on_nan, clip_grad, topts.train)
+    tcfg = _train_config(epochs, batch_size, lr, opt, device, amp, seed, workers, on_nan, clip_grad, TrainConfig())
+    lcfg = DistillConfig(method=method, gt_weight=gt_weight, kd_weight=kd_weight, feat_weight=feat_weight, eps=eps,
+                         stage_eps=seps, temperature=temperature, kd_temperature=kd_temperature,
+                         label_smoothing=label_smoothing, mema=mema, sample_weights=sample_weights,
+                         momentum=momentum, lambda_feat=lambda_feat, lambda_out=lambda_out)
+    r = run_distill(student, topts, data, method, img_size, lcfg, tcfg, out, resume, download, train_fraction, skip_corrupt)
+    _print_summary(r)
+
+
+def _print_summary(r) -> None:
+    from rich.console import Console
+
+    t = Table(title=f"spofa distill ({r.student['method']}) -> {r.run_dir}")
+    for c in ("", "model", "val top-1", "params", "file"):
+        t.add_column(c)
+    t.add_row("teacher", r.teacher["model"], f"{r.teacher.get('top1', float('nan')):.2f}%", f"{r.teacher['params'] / 1e6:.2f}M", str(r.teacher_path))
+    t.add_row("student", r.student["model"], f"{r.student['top1']:.2f}% ({r.student['saved']})", f"{r.student_params / 1e6:.2f}M", str(r.student_path))
+    Console().print(t)
+    heads = f"{r.head_params / 1e6:.3f}M training-only head/scaler parameters, none of them in {r.student_path.name}" if r.head_params else "no training-only heads"
+    Console().print(f"{heads}; {r.fit.epochs_run} epochs in {r.fit.seconds:.0f}s ({r.fit.img_per_s:,.0f} img/s); "
+                    f"metrics: {r.run_dir / 'metrics.jsonl'}, trace: {r.run_dir / 'trace.csv'}")
+
+
+def _register_optional() -> None:
+    # Commands that live in their own modules (export, bench, ...) register here.
+    for mod, name in (("cli.cmd_export", "export"), ("cli.cmd_bench", "bench")):
+        try:
+            module = __import__(mod, fromlist=[name])
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        app.command(name)(getattr(module, name))
+
+
+_register_optional()
+
+
+def main() -> None:
+    """Console-script entry point with the error policy: user errors exit 2, others 1."""
+    from spofa_deploy.errors import UserError
+
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if debug:
+            raise
+        print(f"internal error: {type(e).__name__}: {e}\n(rerun with --debug for the traceback and report it)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

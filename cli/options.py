@@ -1,0 +1,25 @@
+"""Shared Typer option aliases (Annotated), so each command declares them in one line."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Data = Annotated[str, typer.Option("--data", help="digits | cifar10[:DIR] | cifar100[:DIR] | imagefolder:DIR")]
+Teacher = Annotated[str, typer.Option("--teacher", help="Teacher: alias (vit_b, vit_s, deit_t, swin_t) or any timm name.")]
+Student = Annotated[str, typer.Option("--student", help="Student: alias (mobilenetv3, mobilenetv2, resnet18) or any timm CNN.")]
+ImgSize = Annotated[Optional[int], typer.Option("--img-size", help="Input size (default: 32 for digits/CIFAR, 224 for image folders).")]
+Epochs = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Batch size.")]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")]
+Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+Amp = Annotated[str, typer.Option("--amp", help="auto (bf16 on GPUs that have it, else fp16; off on CPU) | bf16 | fp16 | off")]
+Out = Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/<name>-<time>).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default runs/latest) from its last checkpoint.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader workers (default: cores - 1).")]
+Download = Annotated[bool, typer.Option("--download", help="Let torchvision download CIFAR (needs a network).")]
+Optim = Annotated[str, typer.Option("--opt", help="adamw | sgd")]
+OnNan = Annotated[str, typer.Option("--on-nan", help="stop | skip (skip non-finite steps; stop after 5 in a row)")]
+ClipGrad = Annotated[Optional[float], typer.Option("--clip-grad", help="Clip the gradient norm to this value.")]

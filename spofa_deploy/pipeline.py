@@ -1,0 +1,201 @@
+"""The two training commands as library functions: the teacher stage and distillation.
+
+`distill()` is what `spofa distill` runs: find or train the teacher for this data,
+build the student and the method's training task, train, and write the run folder:
+
+    runs/<name>/teacher.safetensors + teacher.json   (the frozen teacher it used)
+    runs/<name>/student.safetensors + student.json   (plain timm student: no heads)
+    runs/<name>/checkpoint-last.pt, metrics.jsonl, trace.csv (+ trace.png)
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .artifacts import RUNS_DIR, latest_run, load_model, mark_latest, new_run_dir, read_model_meta, save_model, write_json
+from .console import console
+from .data import Splits, load_splits, parse_data_spec
+from .distillers import METHODS, DistillConfig, Supervised, create_task
+from .errors import UserError
+from .heads import count_parameters
+from .models import create_model, create_teacher_pretrained, data_config, resolve_model_name
+from .train import CHECKPOINT, FitResult, TrainConfig, fit
+
+TEACHER_FILE = "teacher.safetensors"
+STUDENT_FILE = "student.safetensors"
+
+
+@dataclass
+class TeacherOptions:
+    """Where the teacher comes from and how its stage trains."""
+
+    name: str = "vit_b"
+    checkpoint: str | None = None  # a teacher.safetensors written by `spofa teacher`
+    weights: str | None = None  # a local weights file (timm / torchvision format)
+    pretrained: bool = True  # try timm's pretrained weights (needs a network or a warm cache)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, lr=5e-4))
+
+
+@dataclass
+class DistillResult:
+    run_dir: Path
+    student_path: Path
+    teacher_path: Path
+    student: dict
+    teacher: dict
+    fit: FitResult
+    head_params: int
+    student_params: int
+
+
+def default_teacher_dir(teacher: str, data: str, img_size: int) -> Path:
+    """Deterministic folder of the teacher trained for (model, data, size), shared by runs."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{resolve_model_name(teacher)}-{data}-{img_size}px")
+    return RUNS_DIR / "teachers" / slug
+
+
+def _model_meta(model, name: str, splits: Splits, img_size: int, cfg: dict, role: str, **extra) -> dict:
+    return {"role": role, "model": resolve_model_name(name), "num_classes": splits.num_classes,
+            "classes": splits.classes, "img_size": img_size, **cfg, "data": str(splits.spec),
+            "params": sum(p.numel() for p in model.parameters()), **extra}
+
+
+def _splits(data: str, img_size: int, prep: dict, seed: int, download: bool, train_fraction: float = 1.0,
+            skip_corrupt: bool = False) -> Splits:
+    return load_splits(data, img_size, prep["mean"], prep["std"], prep["interpolation"], prep["crop_pct"],
+                       download=download, seed=seed, train_fraction=train_fraction, skip_corrupt=skip_corrupt)
+
+
+def train_teacher(opts: TeacherOptions, data: str = "digits", img_size: int | None = None,
+                  out: str | Path | None = None, resume: bool = False, download: bool = False) -> Path:
+    """Fine-tune (or train from scratch) the teacher on `data`; returns its `teacher.safetensors`."""
+    spec = parse_data_spec(data)
+    img_size = img_size or spec.natural_size
+    run = new_run_dir(out or default_teacher_dir(opts.name, str(spec), img_size), "teacher")
+    probe = create_model(opts.name, 2, img_size)  # classes are unknown until the data is read
+    prep = data_config(probe)
+    splits = _splits(data, img_size, prep, opts.train.seed, download)
+    torch.manual_seed(opts.train.seed)
+    if opts.weights:
+        model, source = create_model(opts.name, splits.num_classes, img_size, weights=opts.weights), f"weights file {opts.weights}"
+    elif opts.pretrained and (m := create_teacher_pretrained(opts.name, splits.num_classes, img_size))[1]:
+        model, source = m[0], "timm pretrained weights"
+    else:
+        model, source = create_model(opts.name, splits.num_classes, img_size), "random init"
+        console.print(f"[yellow]warning:[/] no pretrained weights for {resolve_model_name(opts.name)} could be "
+                      f"loaded (offline?): the teacher is trained from scratch on {spec}.")
+    console.print(f"[bold]teacher stage:[/] {resolve_model_name(opts.name)} from {source} on {spec} "
+                  f"({len(splits.train)} train / {len(splits.val)} val images, {img_size}px) -> {run}")
+    path = run / TEACHER_FILE
+
+    def save(net, best):
+        save_model(path, net, _model_meta(net, opts.name, splits, img_size, prep, "teacher", source=source,
+                                          top1=best["top1"], top5=best["ema_top5" if best["source"] == "ema" else "model_top5"],
+                                          saved=best["source"], teacher_stage=True))
+
+    result = fit(Supervised(model, 0.1), splits, opts.train, run, resume=resume, label="teacher", on_best=save)
+    console.print(f"teacher val top-1 {result.best_top1:.2f}% ({result.best_source}), {result.seconds:.0f}s")
+    return path
+
+
+def _find_teacher(opts: TeacherOptions, data: str, img_size: int, download: bool) -> Path:
+    """Teacher source, in order: an explicit checkpoint; the one trained earlier for this data; a new stage."""
+    if opts.checkpoint:
+        return Path(opts.checkpoint)
+    path = default_teacher_dir(opts.name, data, img_size) / TEACHER_FILE
+    if path.is_file():
+        console.print(f"using the teacher trained earlier for this data: {path}")
+        return path
+    console.print(f"[bold]no teacher checkpoint for {resolve_model_name(opts.name)} on {data} at {img_size}px yet: "
+                  "running the teacher stage first[/]")
+    resume = (path.parent / CHECKPOINT).is_file()
+    return train_teacher(opts, data, img_size, out=path.parent, resume=resume, download=download)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if src.resolve() == dst.resolve():
+        return
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)  # same file system: no copy of a large teacher
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None, data: str = "digits",
+            method: str = "spofa", img_size: int | None = None, loss: DistillConfig | None = None,
+            train: TrainConfig | None = None, out: str | Path | None = None, resume: bool = False,
+            download: bool = False, train_fraction: float = 1.0, skip_corrupt: bool = False,
+            fault_hook=None) -> DistillResult:
+    """Distil `teacher` into `student` on `data` with `method`; see the module docstring for outputs."""
+    teacher = teacher or TeacherOptions()
+    loss = loss or DistillConfig(method=method)
+    loss.method = method
+    train = train or TrainConfig()
+    if method not in METHODS:
+        raise UserError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
+    resolve_model_name(student)  # fail on a bad name before any training
+    spec = parse_data_spec(data)
+    if resume and out is None:
+        out = latest_run()
+    run = new_run_dir(out, f"{resolve_model_name(student)}-{method}")
+    if resume and not (run / CHECKPOINT).is_file():
+        raise UserError(f"--resume: no {CHECKPOINT} in {run}")
+    if not resume and (run / CHECKPOINT).is_file():
+        raise UserError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
+
+    # Teacher: reuse the run's own copy on resume, else find or train one for this data.
+    run_teacher = run / TEACHER_FILE
+    if resume and run_teacher.is_file():
+        tpath = run_teacher
+    else:
+        tpath = _find_teacher(teacher, str(spec), img_size or spec.natural_size, download)
+    t_model, t_meta = load_model(tpath)
+    img_size = img_size or int(t_meta["img_size"])
+    if int(t_meta["img_size"]) != img_size:
+        raise UserError(f"teacher {tpath} was trained at {t_meta['img_size']}px, not {img_size}px")
+    prep = {k: t_meta[k] for k in ("mean", "std", "interpolation", "crop_pct")}
+    splits = _splits(data, img_size, prep, train.seed, download, train_fraction, skip_corrupt)
+    if t_meta.get("classes") != splits.classes:
+        raise UserError(f"teacher {tpath} has {t_meta['num_classes']} classes {t_meta.get('classes', [])[:5]}..., "
+                        f"but {spec} has {splits.num_classes}: train a teacher on this data (`spofa teacher`)")
+    _link_or_copy(tpath, run_teacher)
+    write_json(run / "teacher.json", {**t_meta, "copied_from": str(tpath)})
+
+    torch.manual_seed(train.seed)
+    s_model = create_model(student, splits.num_classes, img_size)
+    task = create_task(method, s_model, t_model, loss, splits.num_classes)
+    head_params = count_parameters(task.extra_state()) if task.extra_state() is not None else 0
+    s_params = count_parameters(s_model)
+    console.print(f"[bold]distill:[/] {resolve_model_name(student)} <- {t_meta['model']} ({method}) on {spec}, "
+                  f"{img_size}px, {len(splits.train)} train / {len(splits.val)} val -> {run}")
+    spath = run / STUDENT_FILE
+    meta = _model_meta(s_model, student, splits, img_size, prep, "student", method=method, teacher=t_meta["model"],
+                       teacher_file=TEACHER_FILE, teacher_top1=t_meta.get("top1"), loss=loss.to_dict(),
+                       train=dict(train.__dict__), train_fraction=train_fraction)
+
+    def save(net, best):
+        save_model(spath, net, {**meta, "top1": best["top1"], "top5": best["ema_top5" if best["source"] == "ema" else "model_top5"],
+                                "model_top1": best["model_top1"], "ema_top1": best["ema_top1"], "saved": best["source"],
+                                "epoch": best["epoch"]})
+
+    mark_latest(run)
+    result = fit(task, splits, train, run, resume=resume, label=method, on_best=save, fault_hook=fault_hook)
+    _plot_trace(run)
+    return DistillResult(run, spath, run_teacher, read_model_meta(spath), t_meta, result, head_params, s_params)
+
+
+def _plot_trace(run: Path) -> None:
+    from .plots import plot_trace
+
+    try:
+        plot_trace(run / "trace.csv", run / "trace.png")
+    except Exception as e:  # a missing plot must never fail a finished training run
+        console.print(f"[yellow]warning:[/] could not plot the trace: {e}")
