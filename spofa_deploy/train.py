@@ -281,16 +281,9 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
                 labels = labels.to(device, non_blocking=True)
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    out = task(images, labels)
-                scaler.scale(out.loss).backward()
-                if fault_hook:
-                    fault_hook("step", step)
-                # The trainer's one host read per step: a NaN/Inf must be caught before it
-                # reaches the weights. The distiller's own step never reads back.
-                loss_value = float(out.loss.detach())
-                if not math.isfinite(loss_value) or not _grads_finite(task, scaler):
-                    optimizer.zero_grad(set_to_none=True)
+                out, loss_value, finite = train_step(task, images, labels, optimizer, scaler, amp, cfg.clip_grad,
+                                                     before_update=(lambda: fault_hook("step", step)) if fault_hook else None)
+                if not finite:
                     nan_skips += 1
                     history.append({"event": "nonfinite", "step": step, "epoch": epoch, "loss": str(loss_value)})
                     if cfg.on_nan == "stop" or nan_skips > cfg.max_nan_skips:
@@ -302,12 +295,6 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
                     bar.advance(job)
                     continue
                 nan_skips = 0
-                if cfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(task.trainable(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 ema.update(task.net, step=step)
 
@@ -361,14 +348,35 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
                      len(epochs), secs, seen / max(secs, 1e-9), history)
 
 
-def _grads_finite(task: TrainTask, scaler: torch.amp.GradScaler) -> bool:
-    # With fp16 the GradScaler already skips inf/NaN steps (and lowers its scale): leave it to it.
-    if scaler.is_enabled():
-        return True
+def train_step(task: TrainTask, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, amp: torch.dtype | None, clip_grad: float | None = None,
+               before_update: Callable[[], None] | None = None):
+    """One optimisation step with a NaN/Inf guard.
+
+    The guard is the step's only host read: the loss and the global gradient norm come
+    back together in one transfer, and a non-finite value skips the update, so a bad
+    batch never reaches the weights. (With fp16 the GradScaler also skips inf steps.)
+
+    Returns:
+        (StepOutput, loss value, finite)
+    """
+    with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        out = task(images, labels)
+    scaler.scale(out.loss).backward()
+    if before_update:
+        before_update()
+    scaler.unscale_(optimizer)
     grads = [p.grad for p in task.trainable() if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else out.loss.new_zeros(())
+    loss_value, norm_value = torch.stack([out.loss.detach().float(), norm.float()]).tolist()
+    finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled())
+    if finite:
+        if clip_grad:
+            torch._foreach_mul_(grads, min(1.0, clip_grad / (norm_value + 1e-6)))
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return out, loss_value, finite
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
