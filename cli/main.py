@@ -82,8 +82,17 @@ def distill(
     lambda_out: Annotated[float, typer.Option(help="MEMA output-level scale lambda_o.")] = 2.0,
     train_fraction: Annotated[float, typer.Option(help="Train on this stratified fraction of the training split.")] = 1.0,
     skip_corrupt: Annotated[bool, typer.Option(help="Skip unreadable images (with a warning) instead of failing.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this node: re-launches through torchrun.")] = 1,
 ) -> None:
     """Distil the teacher into the student (runs the teacher stage first if needed)."""
+    import os
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from spofa_deploy.distributed import relaunch_with_torchrun
+
+        argv = sys.argv[1:]
+        i = argv.index("--nproc")
+        raise SystemExit(relaunch_with_torchrun(nproc, argv[:i] + argv[i + 2:]))
     from spofa_deploy.distillers import DistillConfig
     from spofa_deploy.errors import UserError
     from spofa_deploy.pipeline import TeacherOptions, distill as run_distill
@@ -102,7 +111,10 @@ def distill(
                          label_smoothing=label_smoothing, mema=mema, sample_weights=sample_weights,
                          momentum=momentum, lambda_feat=lambda_feat, lambda_out=lambda_out)
     r = run_distill(student, topts, data, method, img_size, lcfg, tcfg, out, resume, download, train_fraction, skip_corrupt)
-    _print_summary(r)
+    from spofa_deploy.distributed import info
+
+    if info().is_main:
+        _print_summary(r)
 
 
 def _print_summary(r) -> None:

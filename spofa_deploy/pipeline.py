@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .artifacts import RUNS_DIR, latest_run, load_model, mark_latest, new_run_dir, read_model_meta, save_model, write_json
 from .console import console
 from .data import Splits, load_splits, parse_data_spec
@@ -76,6 +77,7 @@ def train_teacher(opts: TeacherOptions, data: str = "digits", img_size: int | No
     """Fine-tune (or train from scratch) the teacher on `data`; returns its `teacher.safetensors`."""
     spec = parse_data_spec(data)
     img_size = img_size or spec.natural_size
+    distributed.init_from_env(opts.train.device)
     run = new_run_dir(out or default_teacher_dir(opts.name, str(spec), img_size), "teacher")
     probe = create_model(opts.name, 2, img_size)  # classes are unknown until the data is read
     prep = data_config(probe)
@@ -114,7 +116,9 @@ def _find_teacher(opts: TeacherOptions, data: str, img_size: int, download: bool
     console.print(f"[bold]no teacher checkpoint for {resolve_model_name(opts.name)} on {data} at {img_size}px yet: "
                   "running the teacher stage first[/]")
     resume = (path.parent / CHECKPOINT).is_file()
-    return train_teacher(opts, data, img_size, out=path.parent, resume=resume, download=download)
+    path = train_teacher(opts, data, img_size, out=path.parent, resume=resume, download=download)
+    distributed.barrier()  # rank 0 wrote the teacher file; the others read it next
+    return path
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -143,9 +147,11 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
         raise UserError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
     resolve_model_name(student)  # fail on a bad name before any training
     spec = parse_data_spec(data)
+    dist = distributed.init_from_env(train.device)
     if resume and out is None:
         out = latest_run()
-    run = new_run_dir(out, f"{resolve_model_name(student)}-{method}")
+    # Every rank must write to (and read from) the folder rank 0 named.
+    run = distributed.broadcast_object(new_run_dir(out, f"{resolve_model_name(student)}-{method}") if dist.is_main else None)
     if resume and not (run / CHECKPOINT).is_file():
         raise UserError(f"--resume: no {CHECKPOINT} in {run}")
     if not resume and (run / CHECKPOINT).is_file():
@@ -166,12 +172,14 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
     if t_meta.get("classes") != splits.classes:
         raise UserError(f"teacher {tpath} has {t_meta['num_classes']} classes {t_meta.get('classes', [])[:5]}..., "
                         f"but {spec} has {splits.num_classes}: train a teacher on this data (`spofa teacher`)")
-    _link_or_copy(tpath, run_teacher)
-    write_json(run / "teacher.json", {**t_meta, "copied_from": str(tpath)})
+    if dist.is_main:
+        _link_or_copy(tpath, run_teacher)
+        write_json(run / "teacher.json", {**t_meta, "copied_from": str(tpath)})
 
     torch.manual_seed(train.seed)
     s_model = create_model(student, splits.num_classes, img_size)
-    task = create_task(method, s_model, t_model, loss, splits.num_classes)
+    task = create_task(method, s_model, t_model, loss, splits.num_classes,
+                       sync=distributed.all_reduce_mean if dist.enabled else None)
     head_params = count_parameters(task.extra_state()) if task.extra_state() is not None else 0
     s_params = count_parameters(s_model)
     console.print(f"[bold]distill:[/] {resolve_model_name(student)} <- {t_meta['model']} ({method}) on {spec}, "
@@ -186,9 +194,12 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
                                 "model_top1": best["model_top1"], "ema_top1": best["ema_top1"], "saved": best["source"],
                                 "epoch": best["epoch"]})
 
-    mark_latest(run)
+    if dist.is_main:
+        mark_latest(run)
     result = fit(task, splits, train, run, resume=resume, label=method, on_best=save, fault_hook=fault_hook)
-    _plot_trace(run)
+    if dist.is_main:
+        _plot_trace(run)
+    distributed.barrier()
     return DistillResult(run, spath, run_teacher, read_model_meta(spath), t_meta, result, head_params, s_params)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from .artifacts import atomic_path, write_json
 from .console import console, progress
+from . import distributed
 from .data import Splits, make_loader
 from .distillers import TrainTask
 from .errors import TrainingDiverged, UserError
@@ -107,7 +108,11 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None = None) -> dict:
-    """Top-1 / top-5 accuracy (in %) and mean CE loss of `model` over `loader`."""
+    """Top-1 / top-5 accuracy (in %) and mean CE loss of `model` over `loader`.
+
+    Under torchrun each rank passes its own shard; the counts are summed over ranks,
+    so the result is exact (no padded duplicates).
+    """
     was_training = model.training
     model.eval()
     correct1 = correct5 = n = 0
@@ -122,8 +127,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
         correct5 += (top == labels[:, None]).any(dim=1).sum()
         n += labels.numel()
     model.train(was_training)
+    totals = torch.stack([torch.as_tensor(v, device=device, dtype=torch.float64)
+                          for v in (correct1, correct5, loss_sum, n)])
+    c1, c5, ls, n = distributed.all_reduce_sum(totals).tolist()
     n = max(n, 1)
-    return {"top1": 100.0 * float(correct1) / n, "top5": 100.0 * float(correct5) / n, "loss": float(loss_sum) / n}
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": ls / n}
 
 
 class AugSeeded(torch.utils.data.Dataset):
@@ -229,26 +237,42 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
     from timm.utils import ModelEmaV3
 
     cfg.validate()
+    dist = distributed.info()
     device = resolve_device(cfg.device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)  # one GPU per rank
+    if cfg.batch_size % dist.world:
+        raise UserError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {dist.world} ranks")
     amp = resolve_amp(cfg.amp, device)
     ckpt_path = run_dir / CHECKPOINT
     state = load_checkpoint(ckpt_path) if resume else None
     if state is not None:
         cfg = TrainConfig(**{**asdict(cfg), **state["config"], "device": cfg.device, "workers": cfg.workers})
-        console.print(f"[bold]resuming[/] {label} from {ckpt_path} (epoch {state['epoch']}/{cfg.epochs})")
+        dist.is_main and console.print(f"[bold]resuming[/] {label} from {ckpt_path} (epoch {state['epoch']}/{cfg.epochs})")
 
+    if dist.enabled and device.type == "cuda":
+        # Per-rank BatchNorm statistics would make N GPUs train a different model than one:
+        # SyncBatchNorm keeps the global-batch statistics (it needs GPUs; on CPU/gloo BN stays per rank).
+        task.net = nn.SyncBatchNorm.convert_sync_batchnorm(task.net)
     task.to(device)
     if device.type == "cuda":
         task.to(memory_format=torch.channels_last)  # 1.6x for depthwise CNNs at large batch (anchors.md)
     optimizer = create_optimizer_v2(task, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = ModelEmaV3(task.net, decay=cfg.ema_decay, use_warmup=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    # The student (+ heads) is replicated by DDP; the frozen teacher inside has no
+    # trainable parameters, so DDP only broadcasts it once at start.
+    model = (torch.nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+             if dist.enabled else task)
 
-    train_loader = make_loader(AugSeeded(splits.train, cfg.seed), cfg.batch_size, train=True, seed=cfg.seed,
+    # --batch-size is the global batch: each rank takes batch/world, the union of the ranks'
+    # batches at step k is the single-process batch k, so the learning rate needs no scaling.
+    train_loader = make_loader(AugSeeded(splits.train, cfg.seed), cfg.batch_size // dist.world, train=True, seed=cfg.seed,
                                workers=cfg.workers, pin_memory=device.type == "cuda",
                                sampler=EpochSampler(torch.utils.data.distributed.DistributedSampler(
-                                   splits.train, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)))
-    val_loader = make_loader(splits.val, cfg.batch_size * 2, train=False, workers=cfg.workers,
+                                   splits.train, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed)))
+    val_shard = torch.utils.data.Subset(splits.val, range(dist.rank, len(splits.val), dist.world))
+    val_loader = make_loader(val_shard, cfg.batch_size * 2, train=False, workers=cfg.workers,
                              pin_memory=device.type == "cuda")
     steps_per_epoch = len(train_loader)
     total = cfg.epochs * steps_per_epoch
@@ -265,11 +289,11 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, step, history, best = state["epoch"], state["step"], state["history"], state["best"]
-    trace = TraceWriter(run_dir / TRACE, keep_until_step=step if state is not None else None)
+    trace = TraceWriter(run_dir / TRACE, keep_until_step=step if state is not None else None) if dist.is_main else None
 
     t_start, seen, loss_ema, nan_skips = time.perf_counter(), 0, None, 0
     last = {}
-    with progress() as bar:
+    with progress(disable=not dist.is_main) as bar:
         job = bar.add_task(label, total=total, completed=step, info="")
         for epoch in range(start_epoch, cfg.epochs):
             torch.manual_seed(cfg.seed + epoch)  # model-side randomness (dropout, drop-path) per epoch
@@ -281,13 +305,13 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
                 labels = labels.to(device, non_blocking=True)
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
-                out, loss_value, finite = train_step(task, images, labels, optimizer, scaler, amp, cfg.clip_grad,
+                out, loss_value, finite = train_step(model, images, labels, optimizer, scaler, amp, cfg.clip_grad,
                                                      before_update=(lambda: fault_hook("step", step)) if fault_hook else None)
                 if not finite:
                     nan_skips += 1
                     history.append({"event": "nonfinite", "step": step, "epoch": epoch, "loss": str(loss_value)})
                     if cfg.on_nan == "stop" or nan_skips > cfg.max_nan_skips:
-                        _write_metrics(run_dir, history)
+                        dist.is_main and _write_metrics(run_dir, history)
                         raise TrainingDiverged(
                             f"{label}: loss/gradients became non-finite at step {step} (epoch {epoch + 1}); "
                             f"the last good checkpoint is kept. Try a lower --lr or --clip-grad 1.0")
@@ -305,7 +329,7 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
                 n_epoch += labels.shape[0]
                 loss_sum += loss_value * labels.shape[0]
                 step += 1
-                if step % cfg.log_every == 0 or step == total:
+                if trace and (step % cfg.log_every == 0 or step == total):
                     row = {"step": step, "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "loss": loss_value}
                     keys = list(out.stats)
                     vals = torch.stack([out.stats[k].float() for k in keys]).tolist() if keys else []
@@ -330,16 +354,17 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
             if max(m["top1"], e["top1"]) > best["top1"]:
                 best = {"top1": max(m["top1"], e["top1"]), "source": source, "epoch": epoch + 1,
                         "model_top1": m["top1"], "model_top5": m["top5"], "ema_top1": e["top1"], "ema_top5": e["top5"]}
-                if on_best:
+                if on_best and dist.is_main:
                     on_best(ema.module if source == "ema" else task.net, best)
             if fault_hook:
                 fault_hook("checkpoint", step)
-            _checkpoint(ckpt_path, {
+            dist.is_main and _checkpoint(ckpt_path, {
                 "epoch": epoch + 1, "step": step, "config": asdict(cfg), "history": history, "best": best,
                 "net": task.net.state_dict(), "extra": task.extra_state().state_dict() if task.extra_state() else {},
                 "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict()})
-            _write_metrics(run_dir, history)
+            dist.is_main and _write_metrics(run_dir, history)
+            distributed.barrier()  # no rank runs ahead of the checkpoint it might resume from
 
     epochs = [h for h in history if "val_top1" in h]
     final = epochs[-1] if epochs else {"val_top1": 0.0, "val_top5": 0.0, "ema_top1": 0.0}
@@ -361,14 +386,16 @@ def train_step(task: TrainTask, images: torch.Tensor, labels: torch.Tensor, opti
         (StepOutput, loss value, finite)
     """
     with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        out = task(images, labels)
+        out = task(images, labels)  # `task` may be DDP-wrapped: its backward all-reduces the gradients
     scaler.scale(out.loss).backward()
     if before_update:
         before_update()
     scaler.unscale_(optimizer)
-    grads = [p.grad for p in task.trainable() if p.grad is not None]
+    grads = [p.grad for p in getattr(task, "module", task).trainable() if p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else out.loss.new_zeros(())
-    loss_value, norm_value = torch.stack([out.loss.detach().float(), norm.float()]).tolist()
+    # Averaged over ranks, so a NaN on any rank makes every rank skip the same step.
+    pair = distributed.all_reduce_mean(torch.stack([out.loss.detach().float(), norm.float()]))
+    loss_value, norm_value = pair.tolist()
     finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled())
     if finite:
         if clip_grad:
