@@ -45,6 +45,7 @@ def bench(
     max_val: Annotated[Optional[int], typer.Option("--max-val", help="Evaluate on a stratified subset of N validation images.")] = None,
     no_accuracy: Annotated[bool, typer.Option("--no-accuracy", help="Latency only.")] = False,
     teacher_backend: Annotated[Optional[str], typer.Option("--teacher-backend", help="Backend of the teacher (default: same family as the student).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for PyTorch and ONNX Runtime (default: theirs).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure and the machine to this JSON file.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write an accuracy-vs-latency PNG.")] = None,
     device: o.Device = "auto",
@@ -56,7 +57,7 @@ def bench(
         artifact, teacher=teacher, data=data, backends=_split(backend, "--backend"), batch_sizes=parse_batches(batch),
         precisions=_split(precision, "--precision") if precision else None, warmup_s=warmup_s, min_s=min_s,
         min_iters=min_iters, rounds=rounds, max_val=max_val, device=device, teacher_backend=teacher_backend,
-        accuracy=not no_accuracy, json_path=json_path, plot_path=plot, progress=True,
+        accuracy=not no_accuracy, threads=threads, json_path=json_path, plot_path=plot, progress=True,
     )
     print_report(report)
     for label, path in (("json", json_path), ("plot", plot)):

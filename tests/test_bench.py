@@ -1,0 +1,482 @@
+"""`spofa bench` on tiny real artifacts (CPU): timing records, accuracy, teacher pairing, skips, bad input.
+
+A module fixture builds one run folder: a test_vit teacher and a test_resnet student (digits,
+32 px, a few training steps), the student exported to ONNX (dynamic batch), to a fixed-batch
+ONNX, and to an INT8 Q/DQ ONNX (onnxruntime quantize_static), each with its sidecar.
+Accuracies are checked against plain evaluation loops written here, not against the
+code under test.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.benchmark import BenchReport, resolve_artifact, run_bench
+from spofa_deploy.artifacts import read_json, save_model, sidecar_path, write_json
+from spofa_deploy.bench import LatencyStats, Summary, measure, percentile
+from spofa_deploy.errors import UserError
+
+# device="cpu": the accuracy checks compare with CPU fp32 loops, also on a machine that has a GPU.
+FAST = dict(batch_sizes=[1, 8], warmup_s=0.05, min_s=0.2, min_iters=5, rounds=2, threads=1, progress=False,
+            device="cpu")
+ANY_DEVICE = dict(FAST, device="auto", accuracy=False)
+PCTL_ORDER = ("min_ms", "median_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The CI box has 2 shared cores; one thread keeps timings (and test time) steady.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _meta(model, name: str, role: str) -> dict:
+    from spofa_deploy.models import count_params, data_config
+
+    meta = dict(model=name, num_classes=10, classes=[str(i) for i in range(10)], img_size=32, **data_config(model),
+                data="digits", role=role, method="kd", teacher="test_vit", top1=None, top5=None, ema_top1=None,
+                params=count_params(model))
+    if role == "student":
+        meta["teacher_file"] = "teacher.safetensors"
+    return meta
+
+
+def _val_tensors(meta: dict):
+    from spofa_deploy.data import load_splits
+
+    val = load_splits("digits", 32, meta["mean"], meta["std"], meta["interpolation"], meta["crop_pct"],
+                      train_aug=False).val
+    xs, ys = zip(*(val[i] for i in range(len(val))))
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def _export_onnx(model, path, batch_dynamic: bool = True, batch: int = 1) -> None:
+    kw = dict(dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}) if batch_dynamic else {}
+    torch.onnx.export(model, torch.randn(batch, 3, 32, 32), str(path), input_names=["images"],
+                      output_names=["logits"], opset_version=17, dynamo=False, **kw)
+
+
+def _sidecar(path, meta: dict, precision: str, fmt: str = "onnx", batch=(1, 8, 64), source="student.safetensors"):
+    write_json(sidecar_path(path), {**meta, "format": fmt, "precision": precision, "opset": 17,
+                                    "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]}, "source": source})
+
+
+class _Calib:
+    """onnxruntime CalibrationDataReader over a few validation images."""
+
+    def __init__(self, x: torch.Tensor):
+        self._it = iter([{"images": x[i:i + 8].numpy()} for i in range(0, 64, 8)])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    import warnings
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from spofa_deploy.models import create_model
+
+    CalibrationDataReader.register(_Calib)
+    out = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    teacher = create_model("test_vit", 10, img_size=32)
+    student = create_model("test_resnet", 10, img_size=32)
+    tmeta, smeta = _meta(teacher, "test_vit", "teacher"), _meta(student, "test_resnet", "student")
+    x_val, y_val = _val_tensors(smeta)
+    xt_val, _ = _val_tensors(tmeta)  # the teacher's own preprocessing (bicubic here, the student's is bilinear)
+    # A few steps on (a slice of) the val images: accuracies above chance, so equality checks mean something.
+    for m, x_train in ((teacher, xt_val), (student, x_val)):
+        opt = torch.optim.Adam(m.parameters(), 1e-2)
+        m.train()
+        for i in range(12):
+            idx = torch.arange(i * 64, i * 64 + 64) % len(x_val)
+            loss = torch.nn.functional.cross_entropy(m(x_train[idx]), y_val[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        m.eval()
+    save_model(out / "teacher.safetensors", teacher, tmeta)
+    save_model(out / "student.safetensors", student, smeta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _export_onnx(student, out / "student.onnx")
+        _export_onnx(student, out / "student_b4.onnx", batch_dynamic=False, batch=4)
+    _sidecar(out / "student.onnx", smeta, "fp32")
+    _sidecar(out / "student_b4.onnx", smeta, "fp32", batch=(4, 4, 4))
+    quantize_static(str(out / "student.onnx"), str(out / "student_int8.onnx"), _Calib(x_val),
+                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    _sidecar(out / "student_int8.onnx", smeta, "int8")
+    return dict(dir=out, teacher=teacher, student=student, tmeta=tmeta, smeta=smeta, x=x_val, y=y_val, xt=xt_val)
+
+
+def _ort_logits(path, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outs = [sess.run(None, {"images": x[i:i + 50].numpy()})[0] for i in range(0, len(x), 50)]
+    return torch.from_numpy(np.concatenate(outs))
+
+
+def _torch_logits(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + 50]) for i in range(0, len(x), 50)])
+
+
+def _acc(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float, np.ndarray]:
+    top = logits.topk(5, dim=1).indices
+    top1 = 100.0 * int((top[:, 0] == y).sum()) / len(y)
+    top5 = 100.0 * int((top == y[:, None]).any(dim=1).sum()) / len(y)
+    return top1, top5, top[:, 0].numpy()
+
+
+def _result(report: BenchReport, role: str):
+    rs = [r for r in report.results if r.role == role]
+    assert len(rs) == 1, [r.key for r in report.results]
+    return rs[0]
+
+
+@pytest.fixture(scope="module")
+def onnx_report(run, tmp_path_factory):
+    d = tmp_path_factory.mktemp("out")
+    t0 = time.perf_counter()
+    rep = run_bench(run["dir"] / "student.onnx", json_path=d / "bench.json", plot_path=d / "bench.png", **FAST)
+    return dict(report=rep, json=d / "bench.json", png=d / "bench.png", seconds=time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- timing method
+
+def test_percentile_matches_numpy_and_is_ordered():
+    vals = np.random.default_rng(0).exponential(2.0, size=137)
+    for q in (0, 1, 50, 90, 95, 99, 100):
+        assert percentile(vals, q) == pytest.approx(np.percentile(vals, q), rel=1e-12)
+    s = Summary.of(vals)
+    assert s.min <= s.median <= s.p90 <= s.p95 <= s.p99 <= s.max
+    assert s.mean == pytest.approx(vals.mean()) and s.std == pytest.approx(vals.std()) and s.n == 137
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_measure_honours_min_iters_and_min_s():
+    calls = []
+    st = measure(lambda: calls.append(1), warmup_s=0.0, min_s=0.0, min_iters=17, batch=4)
+    assert st.iters == 17 and st.warmup_iters == 1 and len(calls) == 18
+    assert st.gpu is None and st.timing == "host" and st.batch == 4
+
+    st = measure(lambda: time.sleep(0.002), warmup_s=0.02, min_s=0.06, min_iters=2)
+    assert st.measured_s >= 0.06 and st.iters >= 2 and st.warmup_iters >= 2
+    assert st.host.min >= 2.0  # each call sleeps 2 ms, so no sample can be shorter
+    assert st.throughput_ips == pytest.approx(1000.0 / st.host.median)
+    d = st.to_dict()
+    assert d["gpu_compute"] is None and d["host_latency"]["n"] == st.iters
+
+
+def test_measure_counts_copies_in_host_latency_only():
+    # copy_in / copy_out are part of host latency; on CPU there is no GPU clock to put them in.
+    st = measure(lambda: None, copy_in=lambda: time.sleep(0.003), copy_out=lambda: time.sleep(0.003),
+                 warmup_s=0.0, min_s=0.0, min_iters=5)
+    assert st.host.min >= 6.0
+
+
+def test_pool_merges_rounds():
+    a = measure(lambda: None, warmup_s=0, min_s=0, min_iters=3)
+    b = measure(lambda: time.sleep(0.001), warmup_s=0, min_s=0, min_iters=4)
+    p = LatencyStats.pool([a, b])
+    assert p.iters == 7 and p.rounds == 2 and p.warmup_iters == a.warmup_iters + b.warmup_iters
+    assert p.host.median == pytest.approx(np.median(a.host_ms + b.host_ms))
+
+
+# ----------------------------------------------------------------------------- ONNX fp32 (ort-cpu, auto)
+
+def test_onnx_report_has_every_field(onnx_report):
+    data = json.loads(onnx_report["json"].read_text())
+    assert set(data) == {"schema", "created", "settings", "machine", "data", "notes", "results"}
+    m = data["machine"]
+    for k in ("cpu", "cpu_logical_cores", "cpu_physical_cores", "torch_threads", "cuda", "gpu", "libraries"):
+        assert k in m
+    assert m["cpu"] and m["cpu_logical_cores"] >= 1
+    for lib in ("torch", "timm", "onnx", "onnxruntime", "numpy"):
+        assert m["libraries"][lib]
+    assert data["data"]["spec"] == "digits" and data["data"]["val_size"] > 0
+    assert any("auto" in n and "ort-cpu" in n for n in data["notes"])  # says which backend auto picked
+    roles = {r["role"]: r for r in data["results"]}
+    assert set(roles) == {"student", "teacher"}
+    for r in data["results"]:
+        assert r["status"] == "ok" and r["reason"] is None
+        for k in ("model", "backend", "backend_requested", "precision", "device", "artifact", "size_bytes"):
+            assert r[k] is not None, k
+        assert set(r["accuracy"]) == {"top1", "top5", "top5_k", "n", "teacher_top1", "agreement"}
+        assert [b["batch"] for b in r["batches"]] == [1, 8]
+        for b in r["batches"]:
+            for k in ("iters", "warmup_iters", "measured_s", "rounds", "timing", "median_ms", "p99_ms",
+                      "throughput_ips", "host_throughput_ips", "host_latency", "gpu_compute", "speedup_vs_teacher"):
+                assert k in b, k
+            assert b["gpu_compute"] is None and b["timing"] == "host"  # CPU: no invented GPU times
+            h = b["host_latency"]
+            assert [h[k] for k in PCTL_ORDER] == sorted(h[k] for k in PCTL_ORDER)
+            assert h["std_ms"] >= 0 and h["n"] == b["iters"] >= FAST["min_iters"]
+            assert b["measured_s"] >= FAST["min_s"] * 0.999 and b["rounds"] == FAST["rounds"]
+            assert b["throughput_ips"] == pytest.approx(b["batch"] * 1000.0 / h["median_ms"])
+    s = roles["student"]
+    assert (s["backend"], s["backend_requested"], s["precision"], s["model"]) == ("ort-cpu", "auto", "fp32", "test_resnet")
+    assert roles["teacher"]["backend"] == "torch-eager" and roles["teacher"]["model"] == "test_vit"
+    assert s["size_bytes"] == Path(s["artifact"]).stat().st_size
+
+
+def test_onnx_accuracy_equals_independent_evaluation(run, onnx_report):
+    rep = onnx_report["report"]
+    s, t = _result(rep, "student"), _result(rep, "teacher")
+    s1, s5, spred = _acc(_ort_logits(run["dir"] / "student.onnx", run["x"]), run["y"])
+    t1, _, tpred = _acc(_torch_logits(run["teacher"], run["xt"]), run["y"])
+    assert s.accuracy.n == t.accuracy.n == len(run["y"])
+    assert s.accuracy.top1 == pytest.approx(s1, abs=1e-9) and s.accuracy.top5 == pytest.approx(s5, abs=1e-9)
+    assert t.accuracy.top1 == pytest.approx(t1, abs=1e-9)
+    assert s.accuracy.teacher_top1 == pytest.approx(t1, abs=1e-9)
+    assert s.accuracy.agreement == pytest.approx(100.0 * float(np.mean(spred == tpred)), abs=1e-9)
+    assert s1 > 20.0  # trained above chance, so equality is not 10% == 10%
+
+
+def test_teacher_speedup_is_side_by_side_ratio(onnx_report):
+    rep = onnx_report["report"]
+    s, t = _result(rep, "student"), _result(rep, "teacher")
+    assert s.teacher == t.key
+    for b in (1, 8):
+        sb, tb = s.batch(b), t.batch(b)
+        assert sb.latency.rounds == tb.latency.rounds == FAST["rounds"]  # interleaved rounds, pooled
+        assert sb.speedup_vs_teacher == pytest.approx(tb.latency.median_ms / sb.latency.median_ms)
+        assert sb.teacher_median_ms == tb.latency.median_ms
+
+
+def test_plot_and_table(onnx_report):
+    from rich.console import Console
+
+    assert onnx_report["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from export.benchmark import print_report
+
+    con = Console(record=True, width=200)
+    print_report(onnx_report["report"], con)
+    text = con.export_text()
+    for word in ("test_resnet", "test_vit", "ort-cpu (auto)", "torch-eager", "speed-up", "img/s", "top-1"):
+        assert word in text, word
+
+
+# ----------------------------------------------------------------------------- INT8 Q/DQ ONNX
+
+def test_int8_qdq_onnx(run):
+    art = resolve_artifact(run["dir"] / "student_int8.onnx")
+    assert art.onnx.qdq and art.precision == "int8"
+    rep = run_bench(art.path, backends=["ort-cpu"], **FAST)
+    s = _result(rep, "student")
+    assert (s.status, s.backend, s.precision) == ("ok", "ort-cpu", "int8")
+    q1, q5, _ = _acc(_ort_logits(art.path, run["x"]), run["y"])
+    assert s.accuracy.top1 == pytest.approx(q1, abs=1e-9) and s.accuracy.top5 == pytest.approx(q5, abs=1e-9)
+    assert s.size_bytes == art.path.stat().st_size
+    assert all(b.speedup_vs_teacher is not None for b in s.batches)
+
+
+# ----------------------------------------------------------------------------- safetensors (run folder)
+
+def test_run_folder_torch_eager(run):
+    rep = run_bench(run["dir"], max_val=200, **FAST)  # a folder means its student.safetensors
+    s, t = _result(rep, "student"), _result(rep, "teacher")
+    assert (s.backend, s.backend_requested, s.precision, s.device) == ("torch-eager", "auto", "fp32", "cpu")
+    assert s.artifact.endswith("student.safetensors") and t.artifact.endswith("teacher.safetensors")
+    assert s.size_bytes == (run["dir"] / "student.safetensors").stat().st_size
+    # max_val: the same stratified 200 images for both models.
+    from spofa_deploy.data import stratified_subset
+
+    idx = stratified_subset(run["y"].numpy(), 200, seed=0)
+    x, xt, y = run["x"][idx], run["xt"][idx], run["y"][idx]
+    s1, s5, sp = _acc(_torch_logits(run["student"], x), y)
+    t1, _, tp = _acc(_torch_logits(run["teacher"], xt), y)
+    assert s.accuracy.n == 200
+    assert s.accuracy.top1 == pytest.approx(s1, abs=1e-9) and s.accuracy.top5 == pytest.approx(s5, abs=1e-9)
+    assert t.accuracy.top1 == pytest.approx(t1, abs=1e-9)
+    assert s.accuracy.agreement == pytest.approx(100.0 * float(np.mean(sp == tp)), abs=1e-9)
+    for b in s.batches:
+        h = b.latency.host
+        assert h.min <= h.median <= h.p90 <= h.p95 <= h.p99 <= h.max
+        assert b.speedup_vs_teacher == pytest.approx(t.batch(b.batch).latency.median_ms / b.latency.median_ms)
+
+
+# ----------------------------------------------------------------------------- missing backends -> skipped
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine these backends are not missing")
+def test_missing_backends_are_skipped_with_reason(run, tmp_path):
+    rep = run_bench(run["dir"] / "student.safetensors", backends=["torch-eager", "torch-cudagraph"], **ANY_DEVICE)
+    by = {(r.role, r.backend): r for r in rep.results}
+    assert by[("student", "torch-eager")].status == "ok" and by[("teacher", "torch-eager")].status == "ok"
+    for role in ("student", "teacher"):
+        g = by[(role, "torch-cudagraph")]
+        assert g.status == "skipped" and "CUDA" in g.reason and not g.batches
+    # ort-cuda asked explicitly: skipped, never silently replaced by ort-cpu.
+    rep = run_bench(run["dir"] / "student.onnx", backends=["ort-cuda"], **ANY_DEVICE)
+    s = _result(rep, "student")
+    assert (s.status, s.backend) == ("skipped", "ort-cuda") and "CUDA" in s.reason
+    assert not [r for r in rep.results if r.role == "student" and r.backend == "ort-cpu"]
+    # A TensorRT engine where TensorRT/GPU are missing: skipped, reason in the JSON.
+    eng = tmp_path / "student.engine"
+    eng.write_bytes(b"not a real engine")
+    shutil.copy(run["dir"] / "student.safetensors", tmp_path / "student.safetensors")
+    shutil.copy(run["dir"] / "student.json", tmp_path / "student.json")
+    _sidecar(eng, run["smeta"], "fp16", fmt="trt", batch=(1, 4, 8))
+    rep = run_bench(eng, teacher=run["dir"] / "teacher.safetensors", json_path=tmp_path / "b.json", **ANY_DEVICE)
+    s = _result(rep, "student")
+    assert (s.status, s.backend, s.backend_requested) == ("skipped", "trt", "auto") and s.reason
+    row = next(r for r in json.loads((tmp_path / "b.json").read_text())["results"] if r["role"] == "student")
+    assert row["status"] == "skipped" and row["reason"] == s.reason and row["batches"] == []
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _bad_copy(run, tmp_path, name: str, **changes) -> object:
+    src = run["dir"] / "student.onnx"
+    dst = tmp_path / name
+    shutil.copy(src, dst)
+    meta = read_json(sidecar_path(src))
+    meta.update(changes)
+    write_json(sidecar_path(dst), meta)
+    return dst
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "artifact not found"),
+    ("format", "does not belong"),
+    ("img_size", "64"),
+    ("classes", "classes"),
+    ("no_sidecar", "no sidecar"),
+    ("fixed_batch", "accepts batch 4..4"),
+    ("engine_batch", "engine profile"),
+    ("unknown_backend", "Did you mean .*ort-cuda"),
+    ("wrong_backend", "cannot run"),
+    ("precision", "exported at fp32"),
+    ("torch_int8", "int8"),
+    ("bad_suffix", r"model\.pt.*\.onnx"),
+    ("json_folder", "--json: folder .* does not exist"),
+])
+def test_bad_input_raises_user_error(run, tmp_path, case, match):
+    d = run["dir"]
+    kw = dict(FAST, accuracy=False)
+    with pytest.raises(UserError, match=match):
+        if case == "missing":
+            run_bench(tmp_path / "nope.engine", **kw)
+        elif case == "format":
+            run_bench(_bad_copy(run, tmp_path, "s.onnx", format="trt"), **kw)
+        elif case == "img_size":
+            run_bench(_bad_copy(run, tmp_path, "s.onnx", img_size=64), **kw)
+        elif case == "classes":
+            run_bench(_bad_copy(run, tmp_path, "s.onnx", num_classes=100), **kw)
+        elif case == "no_sidecar":
+            shutil.copy(d / "student.onnx", tmp_path / "bare.onnx")
+            run_bench(tmp_path / "bare.onnx", **kw)
+        elif case == "fixed_batch":
+            run_bench(d / "student_b4.onnx", **kw)  # batch 1 and 8 asked
+        elif case == "engine_batch":
+            eng = tmp_path / "s.engine"
+            eng.write_bytes(b"x")
+            _sidecar(eng, run["smeta"], "fp16", fmt="trt", batch=(1, 4, 4))
+            run_bench(eng, **kw)  # 8 > max 4, refused before TensorRT is even needed
+        elif case == "unknown_backend":
+            run_bench(d / "student.onnx", backends=["ort-gpu"], **kw)
+        elif case == "wrong_backend":
+            run_bench(d / "student.safetensors", backends=["ort-cpu"], **kw)
+        elif case == "precision":
+            run_bench(d / "student.onnx", precisions=["fp16"], **kw)
+        elif case == "torch_int8":
+            run_bench(d / "student.safetensors", precisions=["int8"], **kw)
+        elif case == "bad_suffix":
+            (tmp_path / "model.pt").write_bytes(b"x")
+            run_bench(tmp_path / "model.pt", **kw)
+        elif case == "json_folder":
+            run_bench(d / "student.onnx", json_path=tmp_path / "no" / "b.json", **kw)
+
+
+def test_fixed_batch_onnx_runs_its_batch(run):
+    # 50 images in batches of 4: the last batch is padded for the fixed-shape model and the padding dropped.
+    rep = run_bench(run["dir"] / "student_b4.onnx", max_val=50, **dict(FAST, batch_sizes=[4]))
+    s = _result(rep, "student")
+    assert s.status == "ok" and [b.batch for b in s.batches] == [4]
+    from spofa_deploy.data import stratified_subset
+
+    idx = stratified_subset(run["y"].numpy(), 50, seed=0)
+    x, y = run["x"][idx], run["y"][idx]
+    logits = torch.cat([_ort_logits(run["dir"] / "student_b4.onnx", x[i:i + 4]) for i in range(0, 48, 4)]
+                       + [_torch_logits(run["student"], x[48:])])
+    assert s.accuracy.n == 50 and s.accuracy.top1 == pytest.approx(_acc(logits, y)[0], abs=1e-9)
+
+
+def _fake_tensorrt(monkeypatch, error: Exception):
+    """Stand-ins for the `tensorrt` wheel and `export.tensorrt` on a machine without them: TrtRunner raises `error`."""
+    import types
+
+    import export.benchmark as eb
+
+    class TrtRunner:
+        def __init__(self, engine, trust=False, device=0):
+            raise error
+
+    monkeypatch.setattr(eb, "cuda_skip_reason", lambda: None)  # pretend a GPU, so the engine path is taken
+    monkeypatch.setitem(sys.modules, "export.tensorrt", types.SimpleNamespace(TrtRunner=TrtRunner))
+
+
+def test_engine_refused_by_trtrunner_is_a_user_error(run, tmp_path, monkeypatch):
+    from spofa_deploy.errors import MissingDependency
+
+    eng = tmp_path / "student.engine"
+    eng.write_bytes(b"x")
+    _sidecar(eng, run["smeta"], "fp16", fmt="trt", batch=(1, 4, 8))
+    msg = "student.engine was built with TensorRT 10.3.0 but TensorRT 10.9.0 is installed"
+    _fake_tensorrt(monkeypatch, UserError(msg))
+    with pytest.raises(UserError, match=msg):
+        run_bench(eng, **ANY_DEVICE)
+    # MissingDependency from the runner is a missing backend: skipped with that reason, not an error.
+    _fake_tensorrt(monkeypatch, MissingDependency("no CUDA GPU is visible"))
+    rep = run_bench(eng, **ANY_DEVICE)
+    s = _result(rep, "student")
+    assert (s.status, s.reason) == ("skipped", "no CUDA GPU is visible")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_bench_prints_table_and_writes_json(run, tmp_path, monkeypatch, capsys):
+    from cli import main as cli_main
+
+    out = tmp_path / "b.json"
+    monkeypatch.setattr(sys, "argv", ["spofa", "bench", str(run["dir"] / "student.onnx"), "--backend", "ort-cpu",
+                                      "--batch", "2", "--min-s", "0.1", "--min-iters", "5", "--warmup-s", "0.02",
+                                      "--rounds", "1", "--max-val", "40", "--threads", "1", "--device", "cpu",
+                                      "--json", str(out)])
+    cli_main.main()
+    text = capsys.readouterr().out
+    assert "spofa bench" in text and "ort-cpu" in text and "test_vit" in text
+    data = json.loads(out.read_text())
+    assert data["settings"]["batch_sizes"] == [2] and data["data"]["val_size"] == 40
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--batch", "1,x"], "--batch must be comma-separated integers"),
+    (["--backend", "tensorrt"], "unknown backend 'tensorrt'"),
+])
+def test_cli_bad_input_one_line_exit_2(run, monkeypatch, capsys, args, match):
+    from cli import main as cli_main
+
+    monkeypatch.setattr(sys, "argv", ["spofa", "bench", str(run["dir"] / "student.onnx"), *args])
+    with pytest.raises(SystemExit) as e:
+        cli_main.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and match in err and "\n" not in err
