@@ -1,4 +1,4 @@
-"""`spofa bench`: parse options, call `export.benchmark.run_bench`, print the table."""
+"""`spofa bench`: parse options, call `export.benchmark.run_bench`, print the table (`export.report`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,7 +51,8 @@ def bench(
     device: o.Device = "auto",
 ) -> None:
     """Latency (GPU compute and host) and accuracy of a student beside its teacher."""
-    from export.benchmark import print_report, run_bench
+    from export.benchmark import run_bench
+    from export.report import print_report
 
     report = run_bench(
         artifact, teacher=teacher, data=data, backends=_split(backend, "--backend"), batch_sizes=parse_batches(batch),

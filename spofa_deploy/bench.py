@@ -9,9 +9,10 @@ iteration. Two clocks are kept per iteration:
 - GPU compute time: CUDA events recorded on the compute stream around the compute only
   (input already on the device). On CPU it is `None`, never estimated.
 
-Runners (PyTorch here; ONNX Runtime and TensorRT in `export.benchmark`) share the small
+Runners (PyTorch here; ONNX Runtime and TensorRT in `export.runtimes`) share the small
 `Runner` protocol: `prepare(batch)` returns a `TimedStep` (the closures `measure` times)
-and `__call__(x)` runs a CPU batch through the same path for accuracy.
+and `__call__(x)` runs a CPU batch through the same path for accuracy. `cuda_step` builds
+the `TimedStep` of a GPU runner, the same way for every backend.
 """
 from __future__ import annotations
 
@@ -239,6 +240,31 @@ def measure_step(step: TimedStep, *, batch: int, warmup_s: float, min_s: float, 
                    stream=step.stream, batch=batch)
 
 
+class OutputSlot:
+    """Keeps the latest output alive between compute and copy_out."""
+
+    out: torch.Tensor | None = None
+
+
+def cuda_step(compute: Callable[[], object], slot: OutputSlot, x_host: torch.Tensor, x_dev: torch.Tensor, *,
+              sync: Callable[[], object], stream: "torch.cuda.Stream | None" = None) -> TimedStep:
+    """The `TimedStep` of a GPU runner whose first output is already in `slot.out`.
+
+    copy_in: pinned `x_host` -> `x_dev`; copy_out: `slot.out` (as `compute` last left it) -> a
+    pinned host buffer; both asynchronous on `stream` (None: the current one), so only `sync`
+    waits for them.
+    """
+    out_host = torch.empty(slot.out.shape, dtype=slot.out.dtype, pin_memory=True)
+
+    def copy_in() -> None:
+        x_dev.copy_(x_host, non_blocking=True)
+
+    def copy_out() -> None:
+        out_host.copy_(slot.out, non_blocking=True)
+
+    return TimedStep(compute=compute, copy_in=copy_in, copy_out=copy_out, sync=sync, cuda_events=True, stream=stream)
+
+
 # --------------------------------------------------------------------------- runner interface
 
 @runtime_checkable
@@ -283,10 +309,9 @@ def state_dict_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-class _Holder:
-    """Keeps the latest output alive between compute and copy_out."""
-
-    out: torch.Tensor | None = None
+def random_input(shape: tuple, seed: int) -> torch.Tensor:
+    """A reproducible standard-normal CPU tensor: the timed input of every runner."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 class TorchRunner:
@@ -336,10 +361,6 @@ class TorchRunner:
         with torch.inference_mode(), self._autocast():
             return self._fn(x)
 
-    def _random_input(self, batch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed + batch)
-        return torch.randn((batch, *self.input_shape), generator=g)
-
     def _graph(self, batch: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         """Capture (once per batch size) a CUDA graph of the forward on a static input buffer."""
         if batch in self._graphs:
@@ -367,13 +388,13 @@ class TorchRunner:
 
     def prepare(self, batch: int) -> TimedStep:
         """Allocate buffers for `batch`, compile or capture, and return the closures to time."""
-        x_cpu = self._random_input(batch)
-        holder = _Holder()
+        x_cpu = random_input((batch, *self.input_shape), seed=self.seed + batch)
+        slot = OutputSlot()
         if self.device == "cpu":
             x = x_cpu.contiguous()
 
             def compute() -> None:
-                holder.out = self._forward(x)
+                slot.out = self._forward(x)
 
             compute()  # compile / first-call costs stay out of the warm-up clock
             return TimedStep(compute=compute)
@@ -383,27 +404,18 @@ class TorchRunner:
         x_host = torch.empty_strided(xc.shape, xc.stride(), dtype=xc.dtype, pin_memory=True).copy_(xc)
         if self.backend == "torch-cudagraph":
             graph, x_dev, static_out = self._graph(batch)
-            holder.out = static_out
+            slot.out = static_out
             compute = graph.replay
         else:
             x_dev = torch.empty_strided(xc.shape, xc.stride(), dtype=xc.dtype, device=self.device)
             x_dev.copy_(x_host)
 
             def compute() -> None:
-                holder.out = self._forward(x_dev)
+                slot.out = self._forward(x_dev)
 
             compute()
             torch.cuda.synchronize()
-        out_host = torch.empty(holder.out.shape, dtype=holder.out.dtype, pin_memory=True)
-
-        def copy_in() -> None:
-            x_dev.copy_(x_host, non_blocking=True)
-
-        def copy_out() -> None:
-            out_host.copy_(holder.out, non_blocking=True)
-
-        return TimedStep(compute=compute, copy_in=copy_in, copy_out=copy_out,
-                         sync=torch.cuda.synchronize, cuda_events=True)
+        return cuda_step(compute, slot, x_host, x_dev, sync=torch.cuda.synchronize)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (float32, CPU) for a CPU batch, through the same backend and precision."""

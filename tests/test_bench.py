@@ -265,7 +265,7 @@ def test_plot_and_table(onnx_report):
     from rich.console import Console
 
     assert onnx_report["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from export.benchmark import print_report
+    from export.report import print_report
 
     con = Console(record=True, width=200)
     print_report(onnx_report["report"], con)
@@ -423,13 +423,13 @@ def _fake_tensorrt(monkeypatch, error: Exception):
     """Stand-ins for the `tensorrt` wheel and `export.tensorrt` on a machine without them: TrtRunner raises `error`."""
     import types
 
-    import export.benchmark as eb
+    import export.runtimes as rt
 
     class TrtRunner:
         def __init__(self, engine, trust=False, device=0):
             raise error
 
-    monkeypatch.setattr(eb, "cuda_skip_reason", lambda: None)  # pretend a GPU, so the engine path is taken
+    monkeypatch.setattr(rt, "cuda_skip_reason", lambda: None)  # pretend a GPU, so the engine path is taken
     monkeypatch.setitem(sys.modules, "export.tensorrt", types.SimpleNamespace(TrtRunner=TrtRunner))
 
 

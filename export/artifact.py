@@ -1,0 +1,205 @@
+"""The model file `spofa bench` runs: its format, its sidecar, and the checks that they belong together.
+
+`resolve_artifact` turns a path (a `.engine`, `.onnx`, `.safetensors` or a run folder) into an
+`Artifact`; a missing file or sidecar, or a sidecar that describes another file, is a `UserError`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from spofa_deploy.artifacts import REQUIRED_META, read_json, read_model_meta, sidecar_path
+from spofa_deploy.errors import UserError
+
+FORMAT_NAMES = {"torch": "a PyTorch model (.safetensors)", "onnx": "an ONNX model", "trt": "a TensorRT engine"}
+_SUFFIX_FORMAT = {".safetensors": "torch", ".onnx": "onnx", ".engine": "trt"}
+_FORMAT_ALIASES = {"torch": "torch", "pytorch": "torch", "safetensors": "torch", "onnx": "onnx",
+                   "trt": "trt", "tensorrt": "trt", "engine": "trt"}
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    """What the ONNX graph itself declares (checked against the sidecar)."""
+
+    input_name: str
+    input_shape: tuple  # ints for static dims, strings for symbolic ones
+    output_name: str
+    output_shape: tuple
+    fixed_batch: int | None
+    external_files: tuple[str, ...]
+    qdq: bool
+
+
+@dataclass
+class Artifact:
+    """A model file to bench, with its checked metadata."""
+
+    path: Path
+    format: str  # torch | onnx | trt
+    meta: dict
+    precision: str | None  # the artifact's own precision (None for PyTorch weights: chosen at run time)
+    size_bytes: int
+    batch_range: tuple[int, int] | None  # None: any batch size
+    source: Path | None = None  # the safetensors an export came from
+    onnx: OnnxInfo | None = None
+
+    @property
+    def model(self) -> str:
+        return str(self.meta["model"])
+
+    @property
+    def img_size(self) -> int:
+        return int(self.meta["img_size"])
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.meta.get("in_chans", 3))
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one input image."""
+        return self.in_chans, self.img_size, self.img_size
+
+
+def _format_of(path: Path) -> str:
+    """`torch` / `onnx` / `trt` from the file name, through `export.formats` where present."""
+    try:
+        from export.formats import format_for_path
+    except ImportError:  # the formats table may not be there yet; the suffixes are the contract
+        format_for_path = None
+    if format_for_path is not None:
+        fmt = format_for_path(path)
+        name = _FORMAT_ALIASES.get(str(getattr(fmt, "name", fmt)).lower())
+        if name:
+            return name
+    name = _SUFFIX_FORMAT.get(path.suffix.lower())
+    if name is None:
+        raise UserError(f"cannot bench {path.name}: expected a .engine, .onnx or .safetensors file, or a run folder")
+    return name
+
+
+def _onnx_info(path: Path) -> OnnxInfo:
+    import onnx
+
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises several types for a bad file
+        raise UserError(f"{path} is not a readable ONNX file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    inits = {i.name for i in m.graph.initializer}
+    inputs = [i for i in m.graph.input if i.name not in inits]
+    if len(inputs) != 1 or not m.graph.output:
+        raise UserError(f"{path.name} has {len(inputs)} inputs: spofa bench runs image classifiers with one input")
+
+    def dims(v) -> tuple:
+        return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim)
+
+    ishape, oshape = dims(inputs[0]), dims(m.graph.output[0])
+    external = sorted({e.value for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                       for e in t.external_data if e.key == "location"})
+    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)
+    fixed = ishape[0] if ishape and isinstance(ishape[0], int) and ishape[0] > 0 else None
+    return OnnxInfo(inputs[0].name, ishape, m.graph.output[0].name, oshape, fixed, tuple(external), qdq)
+
+
+def _sidecar_batch(meta: dict, side: Path) -> tuple[int, int] | None:
+    b = meta.get("batch")
+    if b is None:
+        return None
+    try:
+        lo, hi = int(b["min"]), int(b["max"])
+    except (TypeError, KeyError, ValueError):
+        raise UserError(f"{side} has a malformed 'batch' entry {b!r} (expected min/opt/max)") from None
+    return lo, hi
+
+
+def _resolve_source(meta: dict, artifact: Path) -> Path | None:
+    src = meta.get("source")
+    if not src:
+        return None
+    p = Path(src)
+    for cand in ([p] if p.is_absolute() else [artifact.parent / p, artifact.parent / p.name, p]):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _read_sidecar(path: Path, side: Path) -> dict:
+    """The export sidecar of an ONNX file or engine (`spofa_deploy.artifacts.read_model_meta` reads a model's)."""
+    if not side.is_file():
+        raise UserError(f"{path} has no sidecar {side.name} beside it (it is written by `spofa export`)")
+    meta = read_json(side)
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise UserError(f"{side} lacks {', '.join(missing)}: not a spofa export sidecar")
+    return meta
+
+
+def resolve_artifact(path: str | Path, role: str = "student") -> Artifact:
+    """Find and check the artifact: file kind, sidecar, and that the two belong together.
+
+    A folder means its `student.safetensors` (or `teacher.safetensors` for role="teacher").
+
+    Raises:
+        UserError: missing file or sidecar, or a sidecar that does not match the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        cand = path / f"{role}.safetensors"
+        if not cand.is_file():
+            raise UserError(f"{path} is a folder without {cand.name}: name the model file to bench")
+        path = cand
+    if not path.exists():
+        raise UserError(f"artifact not found: {path}")
+    if not path.is_file():
+        raise UserError(f"not a file: {path}")
+    fmt = _format_of(path)
+    side = sidecar_path(path)
+    meta = read_model_meta(path) if fmt == "torch" else _read_sidecar(path, side)
+    declared = meta.get("format")
+    if declared is None and fmt != "torch":
+        raise UserError(f"{side} has no 'format' entry: it was not written for {path.name}")
+    if declared is not None and _FORMAT_ALIASES.get(str(declared).lower()) != fmt:
+        raise UserError(f"sidecar {side.name} describes a '{declared}' artifact but {path.name} is {FORMAT_NAMES[fmt]}: "
+                        f"the sidecar does not belong to this file (re-export it)")
+    try:
+        img = int(meta["img_size"])
+        classes = int(meta["num_classes"])
+    except (TypeError, ValueError):
+        raise UserError(f"{side} has a non-integer img_size or num_classes") from None
+    batch_range = _sidecar_batch(meta, side) if fmt != "torch" else None
+    size = path.stat().st_size
+    info = None
+    if fmt == "onnx":
+        info = _onnx_info(path)
+        _check_onnx_against_sidecar(path, side, info, meta, img, classes, batch_range)
+        for name in info.external_files:
+            ext = path.parent / name
+            if not ext.is_file():
+                raise UserError(f"{path.name} keeps its weights in {name}, which is missing beside it")
+            size += ext.stat().st_size
+        # A dynamic-batch ONNX runs any batch in ONNX Runtime; the sidecar's profile is for TensorRT.
+        batch_range = (info.fixed_batch, info.fixed_batch) if info.fixed_batch else None
+    precision = str(meta.get("precision", "fp32")).lower() if fmt != "torch" else None
+    return Artifact(path=path, format=fmt, meta=meta, precision=precision, size_bytes=size, batch_range=batch_range,
+                    source=_resolve_source(meta, path) if fmt != "torch" else path, onnx=info)
+
+
+def _check_onnx_against_sidecar(path, side, info: OnnxInfo, meta, img, classes, batch_range) -> None:
+    shape = info.input_shape
+    if len(shape) != 4:
+        raise UserError(f"{path.name} takes a rank-{len(shape)} input {shape}; an image classifier takes (N, C, H, W)")
+    chans = int(meta.get("in_chans", 3))
+    if isinstance(shape[1], int) and shape[1] > 0 and shape[1] != chans:
+        raise UserError(f"{path.name} takes {shape[1]} channels but its sidecar {side.name} implies {chans}: "
+                        "the sidecar does not belong to this file")
+    hw = [d for d in shape[2:] if isinstance(d, int) and d > 0]
+    if hw and any(d != img for d in hw):
+        raise UserError(f"{path.name} takes {shape[2]}x{shape[3]} images but its sidecar {side.name} says img_size {img}: "
+                        "the sidecar does not belong to this file")
+    out = info.output_shape
+    if len(out) >= 2 and isinstance(out[-1], int) and out[-1] > 0 and out[-1] != classes:
+        raise UserError(f"{path.name} outputs {out[-1]} classes but its sidecar {side.name} says {classes}: "
+                        "the sidecar does not belong to this file")
+    if info.fixed_batch and batch_range and not batch_range[0] <= info.fixed_batch <= batch_range[1]:
+        raise UserError(f"{path.name} has a fixed batch of {info.fixed_batch} but its sidecar {side.name} says "
+                        f"batch {batch_range[0]}..{batch_range[1]}: the sidecar does not belong to this file")

@@ -1,0 +1,228 @@
+"""What `spofa bench` measured and how it is shown: result records, rich table, reasons, JSON, PNG.
+
+`BenchReport` holds one `VariantResult` per model x backend x precision (its `BatchResult`s
+and `Accuracy`, or why it was skipped or failed), the settings and the machine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from spofa_deploy.artifacts import write_json
+from spofa_deploy.bench import LatencyStats
+
+SCHEMA = "spofa-bench/1"
+TIMING_NOTE = ("median/p99/img/s: GPU compute time (CUDA events, input already on the device) on GPU, host "
+               "wall-clock latency on CPU; speed-up = teacher median / student median, same batch, interleaved")
+
+
+# =========================================================================== records
+
+@dataclass
+class Accuracy:
+    """Top-k accuracy (percent) on the validation split, through the runner itself."""
+
+    top1: float
+    top5: float
+    n: int
+    k5: int  # the k of "top-5" (fewer classes than 5 -> all classes)
+    teacher_top1: float | None = None
+    agreement: float | None = None  # percent of images where student and teacher top-1 agree
+    preds: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"top1": self.top1, "top5": self.top5, "top5_k": self.k5, "n": self.n,
+                "teacher_top1": self.teacher_top1, "agreement": self.agreement}
+
+
+@dataclass
+class BatchResult:
+    """Latency of one variant at one batch size, with the side-by-side ratio to its teacher."""
+
+    batch: int
+    latency: LatencyStats
+    speedup_vs_teacher: float | None = None
+    teacher_median_ms: float | None = None
+
+    def to_dict(self) -> dict:
+        return {**self.latency.to_dict(), "speedup_vs_teacher": self.speedup_vs_teacher,
+                "teacher_median_ms": self.teacher_median_ms}
+
+
+@dataclass
+class VariantResult:
+    """One model on one backend at one precision: all batches, accuracy, or why it did not run."""
+
+    key: str
+    role: str  # student | teacher
+    model: str
+    backend: str
+    backend_requested: str
+    precision: str
+    device: str
+    artifact: str | None
+    size_bytes: int | None
+    status: str = "ok"  # ok | skipped | failed
+    reason: str | None = None
+    teacher: str | None = None  # key of the paired teacher variant
+    batches: list[BatchResult] = field(default_factory=list)
+    accuracy: Accuracy | None = None
+
+    def batch(self, b: int) -> BatchResult | None:
+        return next((r for r in self.batches if r.batch == b), None)
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "role": self.role, "model": self.model, "backend": self.backend,
+                "backend_requested": self.backend_requested, "precision": self.precision, "device": self.device,
+                "artifact": self.artifact, "size_bytes": self.size_bytes, "status": self.status,
+                "reason": self.reason, "teacher": self.teacher,
+                "accuracy": self.accuracy.to_dict() if self.accuracy else None,
+                "batches": [b.to_dict() for b in self.batches]}
+
+
+@dataclass
+class BenchReport:
+    """Everything one `spofa bench` measured."""
+
+    results: list[VariantResult]
+    settings: dict
+    machine: dict
+    data: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    created: str = field(default_factory=lambda: datetime.now().isoformat(timespec="seconds"))
+
+    @property
+    def students(self) -> list[VariantResult]:
+        return [r for r in self.results if r.role == "student"]
+
+    @property
+    def teachers(self) -> list[VariantResult]:
+        return [r for r in self.results if r.role == "teacher"]
+
+    def get(self, key: str) -> VariantResult:
+        return next(r for r in self.results if r.key == key)
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "created": self.created, "settings": self.settings, "machine": self.machine,
+                "data": self.data, "notes": self.notes, "results": [r.to_dict() for r in self.results]}
+
+
+# =========================================================================== output
+
+def _fmt_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _fmt_ms(v: float) -> str:
+    return f"{v:.3f}" if v < 10 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
+
+
+def render_table(report: BenchReport):
+    """A rich Table: one row per variant and batch size; skipped/failed variants in one row with a mark.
+
+    The reasons are in `report_reasons(report)` (printed under the table by `print_report`).
+    """
+    from rich.table import Table
+
+    t = Table(title="spofa bench", caption=report.settings.get("timing_note"), caption_justify="left",
+              pad_edge=False, collapse_padding=True)
+    t.add_column("model", min_width=8, overflow="fold")
+    t.add_column("role", no_wrap=True)
+    t.add_column("backend", min_width=9, overflow="fold")
+    t.add_column("prec", no_wrap=True)
+    for col in ("batch", "median ms", "p99 ms", "img/s", "top-1", "agree", "size", "speed-up"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for r in sorted(report.results, key=lambda r: (r.role != "student", r.key)):
+        top1 = f"{r.accuracy.top1:.2f}%" if r.accuracy else "-"
+        agree = f"{r.accuracy.agreement:.1f}%" if r.accuracy and r.accuracy.agreement is not None else "-"
+        backend = r.backend + (f" {r.device}" if r.backend in ("torch-eager", "torch-compile") else "")
+        backend += " (auto)" if r.backend_requested == "auto" else ""
+        head = [r.model, r.role, backend, r.precision]
+        if not r.batches:
+            t.add_row(*head, "-", f"[yellow]{r.status}[/]", "-", "-", top1, agree, _fmt_size(r.size_bytes), "-")
+            continue
+        for i, br in enumerate(r.batches):
+            lat = br.latency
+            sp = f"{br.speedup_vs_teacher:.2f}x" if br.speedup_vs_teacher is not None else "-"
+            first = i == 0
+            t.add_row(*(head if first else [""] * 4), str(br.batch), _fmt_ms(lat.median_ms), _fmt_ms(lat.p99_ms),
+                      f"{lat.throughput_ips:,.0f}", top1 if first else "", agree if first else "",
+                      _fmt_size(r.size_bytes) if first else "", sp)
+        if r.status != "ok":
+            t.add_row("", "", "", "", "", f"[yellow]{r.status}[/]", "", "", "", "", "", "")
+    return t
+
+
+def report_reasons(report: BenchReport) -> list[str]:
+    """One line per skipped or failed variant, with its reason."""
+    return [f"{r.status}: {r.role} {r.model} {r.backend} {r.precision}: {r.reason}"
+            for r in report.results if r.status != "ok"]
+
+
+def print_report(report: BenchReport, console=None) -> None:
+    """Print the table and the notes (stdout by default)."""
+    from rich.console import Console
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a log file or pipe: no reason to squeeze the table into 80 columns
+            console = Console(width=max(console.width, 140))
+    console.print(render_table(report))
+    for line in report_reasons(report):
+        console.print(line, style="yellow", markup=False)
+    for n in report.notes:
+        console.print(f"note: {n}", markup=False)
+
+
+def write_report_json(report: BenchReport, path: str | Path) -> Path:
+    """Write the full report (every figure, settings, machine) as JSON, atomically."""
+    path = Path(path)
+    write_json(path, report.to_dict())
+    return path
+
+
+def write_plot(report: BenchReport, path: str | Path) -> Path | None:
+    """PNG of top-1 accuracy against median latency, one point per variant and batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spofa_deploy.artifacts import atomic_path
+
+    pts = [r for r in report.results if r.accuracy and r.batches]
+    if not pts:
+        report.notes.append("no accuracy measured: no plot written")
+        return None
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    for i, r in enumerate(pts):
+        xs = [b.latency.median_ms for b in r.batches]
+        ys = [r.accuracy.top1] * len(xs)
+        label = f"{r.role}: {r.model} {r.backend} {r.precision}"
+        ax.plot(xs, ys, marker="*" if r.role == "teacher" else markers[i % len(markers)],
+                markersize=12 if r.role == "teacher" else 7, linestyle=":", label=label)
+        for b in r.batches:
+            ax.annotate(f"b{b.batch}", (b.latency.median_ms, r.accuracy.top1), textcoords="offset points",
+                        xytext=(3, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("median latency per batch (ms, log)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("accuracy vs latency")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
