@@ -1,0 +1,73 @@
+"""`spofa export`: parse options, call `export.exporter.export_model`, print a short summary."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def export(
+    student: Annotated[Optional[Path], typer.Argument(
+        help="Model .safetensors or run folder (default: the student of runs/latest).", show_default=False)] = None,
+    format: Annotated[str, typer.Option("--format", help="onnx | trt")] = ...,  # noqa: A002 (the option's name)
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | bf16 | int8 (what the format allows)")] = "fp32",
+    calib_data: Annotated[Optional[str], typer.Option("--calib-data", metavar="SPEC",
+                          help="INT8 calibration data spec (default: the model's own data).")] = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="INT8 calibration images (stratified, seeded).")] = 512,
+    batch: Annotated[int, typer.Option("--batch", help="Fixed batch size (ignored with --dynamic-batch).")] = 1,
+    dynamic_batch: Annotated[Optional[str], typer.Option("--dynamic-batch", metavar="MIN:OPT:MAX",
+                             help="Dynamic batch: symbolic ONNX batch and TensorRT profile, e.g. 1:8:32.")] = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 17,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output file or folder (default: beside the model).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    teacher: Annotated[bool, typer.Option("--teacher", help="Export the run's teacher instead of the student.")] = False,
+    quantizer: Annotated[str, typer.Option("--quantizer", help="INT8 quantizer: auto (ModelOpt if installed) | ort | modelopt")] = "auto",
+    keep_ends: Annotated[bool, typer.Option("--keep-ends/--quantize-ends",
+                         help="INT8: keep the first conv and the classifier in fp32.")] = True,
+    slim: Annotated[Optional[bool], typer.Option("--slim/--no-slim",
+                    help="Simplify the ONNX with onnxslim (default: when installed).", show_default=False)] = None,
+    workspace: Annotated[float, typer.Option("--workspace", help="TensorRT builder workspace, GiB.")] = 4.0,
+) -> None:
+    """Export a trained model to ONNX or a TensorRT engine, with a JSON sidecar."""
+    from export.exporter import export_model
+
+    r = export_model(student, format, precision, batch=batch, dynamic_batch=dynamic_batch, opset=opset, out=out,
+                     force=force, calib_data=calib_data, calib_samples=calib_samples, teacher=teacher,
+                     quantizer=quantizer, keep_ends=keep_ends, slim=slim, workspace_gib=workspace)
+    _print_result(r)
+
+
+def _print_result(r) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"spofa export {r.format} {r.precision}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("file", f"{r.path} ({r.size_bytes / 1e6:.2f} MB)")
+    t.add_row("sidecar", str(r.sidecar))
+    if r.onnx_path:
+        t.add_row("built from", str(r.onnx_path))
+    b = r.batch
+    t.add_row("batch", f"{b['min']}:{b['opt']}:{b['max']}" if b["dynamic"] else str(b["opt"]))
+    t.add_row("opset", str(r.opset))
+    if r.parity:
+        p = r.parity
+        t.add_row("parity (ORT CPU vs PyTorch)", f"max abs err {p.max_abs_err:.2e}, top-1 agreement {p.top1_agreement:.1f}% "
+                                                 f"on {p.n} {p.images} images")
+    if r.int8_top1 is not None:
+        t.add_row("val top-1 (ORT CPU)", f"int8 {r.int8_top1:.2f}% vs fp32 {r.fp32_top1:.2f}% "
+                                         f"({r.int8_top1 - r.fp32_top1:+.2f}) on {r.eval_samples} images")
+    if r.quantization:
+        q = r.quantization
+        t.add_row("quantizer", f"{q['quantizer']}, {q['calib_samples']} images of {q['calib_data']}, "
+                               f"fp32 nodes: {', '.join(q['excluded_nodes']) or 'none'}")
+    if r.engine:
+        e = r.engine
+        t.add_row("TensorRT", f"{e['tensorrt']} on {e['gpu']} (sm {e['compute_capability']}), built in {e['build_seconds']}s")
+    t.add_row("time", f"{r.seconds:.1f}s")
+    console = Console()
+    console.print(t)
+    for w in r.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")

@@ -1,0 +1,348 @@
+"""`export_model`: the one library entry point of `spofa export`.
+
+student.safetensors + student.json
+  -> fp32 ONNX (checker, onnxslim, ORT parity on real val images; fails above 1e-3 in fp32)
+  -> [int8: calibration set -> Q/DQ ONNX -> val top-1 next to fp32] [fp16: AutoCast]
+  -> .onnx, or TensorRT engine (the ONNX it was built from is kept beside it)
+  -> `<artifact>.json` sidecar
+
+Every file is written under a temp name and renamed when complete, so a failed export leaves
+no partial file; intermediates live in a hidden temp folder beside the output.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from calibration.dataset import batches, calibration_set, draw, load_images, load_split
+from calibration.quantize import quantize_int8, resolve_quantizer
+from spofa_deploy.artifacts import atomic_path, latest_run, load_model, read_model_meta, sidecar_path, versions, write_json
+from spofa_deploy.errors import MissingDependency, UserError
+
+from . import onnx as onnx_export
+from . import tensorrt as trt_export
+from .formats import FORMATS, Format, artifact_name, format_for_path, get_format
+from .onnx import BatchProfile, Parity
+
+INT8_WARN_DROP = 1.0  # points of val top-1
+
+
+@dataclass
+class ExportResult:
+    """What `export_model` wrote and measured."""
+
+    path: Path
+    sidecar: Path
+    format: str
+    precision: str
+    size_bytes: int
+    opset: int
+    batch: dict
+    source: Path
+    parity: Parity | None = None  # ORT (CPU) vs PyTorch on the exported ONNX
+    fp32_top1: float | None = None  # val top-1 of the fp32 ONNX in ORT CPU (int8 exports)
+    int8_top1: float | None = None  # same images, the Q/DQ model as written (no int8 kernel fusion)
+    int8_top1_ort_kernels: float | None = None  # same, through ORT's fused int8 CPU kernels
+    eval_samples: int = 0
+    onnx_path: Path | None = None  # engines: the ONNX they were built from
+    quantization: dict | None = None
+    engine: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def resolve_source(source: str | Path | None, teacher: bool = False) -> Path:
+    """The .safetensors to export: `runs/latest/student.safetensors` by default, or its teacher.
+
+    Args:
+        source: a model file, a run folder, or None (the latest run).
+        teacher: export the teacher of that run (`teacher_file` in the student's metadata).
+    """
+    path = latest_run() / "student.safetensors" if source is None else Path(source)
+    if path.is_dir():
+        path = path / "student.safetensors"
+    if path.suffix != ".safetensors":
+        try:
+            kind = format_for_path(path).name
+        except UserError:
+            kind = None
+        hint = f" ({path.name} is already an exported {kind} artifact)" if kind else ""
+        raise UserError(f"export takes a .safetensors model file{hint}")
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    if not teacher:
+        return path
+    meta = read_model_meta(path)
+    if meta.get("role") == "teacher":
+        return path
+    tfile = meta.get("teacher_file") or "teacher.safetensors"
+    tpath = path.parent / tfile
+    if not tpath.is_file():
+        raise UserError(f"--teacher: {tpath} not found beside {path.name} (name the teacher .safetensors instead)")
+    return tpath
+
+
+def _output_path(out: str | Path | None, src: Path, fmt: Format, precision: str, force: bool) -> Path:
+    default = artifact_name(src.stem, fmt, precision)
+    path = src.parent / default if out is None else Path(out)
+    if path.is_dir():
+        path = path / default
+    if path.suffix != fmt.suffix:
+        raise UserError(f"--out {path} does not end in {fmt.suffix} (the {fmt.name} suffix)")
+    if not path.parent.is_dir():
+        raise UserError(f"output folder does not exist: {path.parent}")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists: pass --force to overwrite it")
+    return path
+
+
+def _batch_profile(batch: int, dynamic_batch) -> BatchProfile:
+    if dynamic_batch is None:
+        return BatchProfile.fixed(batch)
+    if isinstance(dynamic_batch, str):
+        return BatchProfile.parse(dynamic_batch)
+    try:
+        lo, opt, hi = (int(v) for v in dynamic_batch)
+    except (TypeError, ValueError):
+        raise UserError(f"dynamic_batch must be (min, opt, max), got {dynamic_batch!r}") from None
+    return BatchProfile.dynamic_range(lo, opt, hi)
+
+
+def _check_dependencies(fmt: Format, precision: str, slim: bool | None, quantizer: str) -> None:
+    """Fail before any work when something the export needs is missing."""
+    if fmt.name == "trt":
+        fmt.require()
+        trt_export.require_gpu()
+        if trt_export.onnx_precision_for(precision) in ("fp16", "bf16"):
+            try:
+                import modelopt.onnx.autocast  # noqa: F401
+            except ImportError:
+                raise MissingDependency(f"{precision} on TensorRT {trt_export.trt_major()} (strongly typed) needs "
+                                        "ModelOpt AutoCast: pip install 'spofa-deploy[modelopt]'") from None
+    else:
+        fmt.require(precision)
+    if slim and not onnx_export.slim_available():
+        raise MissingDependency("onnxslim is not installed: pip install 'spofa-deploy[slim]' (or pass --no-slim)")
+    if precision == "int8":
+        resolve_quantizer(quantizer)
+
+
+def _tool_versions(*extra: str) -> dict:
+    out = versions()
+    for dist in extra:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _sidecar(meta: dict, *, fmt: str, precision: str, opset: int, batch: BatchProfile, source: Path,
+             artifact: Path, **extra) -> dict:
+    base = {k: v for k, v in meta.items() if k not in ("versions", "saved")}
+    src = source.name if source.resolve().parent == artifact.resolve().parent else str(source.resolve())
+    return {**base, "format": fmt, "precision": precision, "opset": opset, "batch": batch.to_dict(),
+            "input": onnx_export.INPUT_NAME, "output": onnx_export.OUTPUT_NAME, "source": src,
+            "exported": datetime.now().isoformat(timespec="seconds"),
+            "versions": _tool_versions("onnxslim", "nvidia-modelopt"), "source_versions": meta.get("versions"),
+            **{k: v for k, v in extra.items() if v is not None}}
+
+
+def _publish(tmp_file: Path, dest: Path, sidecar: dict) -> None:
+    """Move a finished file into place atomically, then write its sidecar."""
+    with atomic_path(dest) as tmp:
+        os.replace(tmp_file, tmp)
+    write_json(sidecar_path(dest), sidecar)
+
+
+def _parity_images(meta: dict, n: int, seed: int, warnings: list[str]) -> tuple[np.ndarray, str]:
+    try:
+        return load_images(meta, "val", n, seed=seed).images, "val"
+    except UserError as e:
+        warnings.append(f"validation images unavailable ({e}): parity checked on random inputs")
+        size, chans = int(meta["img_size"]), int(meta.get("in_chans", 3))
+        return np.random.default_rng(seed).standard_normal((n, chans, size, size), dtype=np.float32), "random"
+
+
+def _compare_top1(meta: dict, fp32: Path, int8: Path, n: int, seed: int, fixed: int | None) -> tuple[float, float, float, int]:
+    """Val top-1 (percent) of fp32 ONNX, int8 with Q/DQ as written, and int8 through ORT's fused kernels."""
+    ds, _ = load_split(meta, "val")
+    idx = draw(ds, n, seed)
+    sessions = (onnx_export.ort_session(fp32), onnx_export.ort_session(int8, fused=False), onnx_export.ort_session(int8))
+    correct, total = np.zeros(3), 0
+    for x, y in batches(ds, idx):
+        for i, s in enumerate(sessions):
+            correct[i] += int((onnx_export.run_onnx(s, x, fixed).argmax(1) == y).sum())
+        total += len(y)
+    fp, q, qk = (100.0 * correct / max(total, 1)).tolist()
+    return fp, q, qk, total
+
+
+def _int8_onnx(fp32: Path, dest: Path, meta: dict, result: ExportResult, *, calib_data: str | None,
+               calib_samples: int, quantizer: str, keep_ends: bool, eval_samples: int, seed: int,
+               fixed: int | None) -> dict:
+    """Calibrate and quantize `fp32` into `dest`, then put int8 vs fp32 val top-1 into `result`."""
+    calib = calibration_set(meta, calib_data, calib_samples, seed)
+    info = quantize_int8(fp32, dest, calib.images, quantizer=quantizer, keep_ends=keep_ends, calib_data=calib.spec)
+    onnx_export.check_onnx(dest)
+    result.quantization = info.to_dict()
+    try:
+        fp, q, qk, n = _compare_top1(meta, fp32, dest, eval_samples, seed, fixed)
+    except UserError as e:
+        result.warnings.append(f"int8 accuracy not measured: validation images unavailable ({e})")
+    else:
+        result.fp32_top1, result.int8_top1, result.int8_top1_ort_kernels, result.eval_samples = fp, q, qk, n
+        if fp - q > INT8_WARN_DROP:
+            result.warnings.append(f"int8 val top-1 {q:.2f}% is {fp - q:.2f} points below fp32 {fp:.2f}% "
+                                   f"({n} images): try more --calib-samples or --quantizer modelopt")
+        if q - qk > INT8_WARN_DROP:
+            result.warnings.append(f"ONNX Runtime's fused int8 CPU kernels score {qk:.2f}% here (vs {q:.2f}% with the "
+                                   "Q/DQ as written): int16 saturation on CPUs without VNNI; TensorRT is not affected")
+    return {**info.to_dict(), "fp32_top1": result.fp32_top1, "int8_top1": result.int8_top1,
+            "int8_top1_ort_kernels": result.int8_top1_ort_kernels, "eval_samples": result.eval_samples}
+
+
+def _engine(onnx_file: Path, dest: Path, work: Path, side: dict, extra: dict, result: ExportResult, *,
+            onnx_prec: str, workspace_gib: float, timing_cache) -> None:
+    """Keep the ONNX beside the engine, build the engine from it, publish both with sidecars."""
+    src, precision = side["source"], result.precision
+    onnx_dest = dest.parent / artifact_name(src.stem, FORMATS["onnx"], onnx_prec)
+    if onnx_dest.exists():  # an intermediate, regenerated from the same source: replaced, with a note
+        result.warnings.append(f"replaced {onnx_dest.name} with the ONNX this engine is built from")
+    _publish(onnx_file, onnx_dest, _sidecar(**side, fmt="onnx", precision=onnx_prec, artifact=onnx_dest, **extra))
+    result.onnx_path = onnx_dest
+    cache = (None if timing_cache in (None, False)
+             else trt_export.default_timing_cache() if timing_cache is True else Path(timing_cache))
+    plan = work / "model.engine"
+    engine = trt_export.build_engine(onnx_dest, plan, precision, side["batch"], workspace_gib=workspace_gib,
+                                     timing_cache=cache)
+    result.warnings.extend(engine.pop("warnings", []))
+    result.engine = engine
+    _publish(plan, dest, _sidecar(**side, fmt="trt", precision=precision, artifact=dest, onnx=onnx_dest.name,
+                                  **engine, **extra))
+
+
+def export_model(
+    source: Path | str | None,
+    fmt: str,
+    precision: str = "fp32",
+    *,
+    batch: int = 1,
+    dynamic_batch: tuple[int, int, int] | str | None = None,
+    opset: int = onnx_export.MIN_OPSET,
+    out: Path | str | None = None,
+    force: bool = False,
+    calib_data: str | None = None,
+    calib_samples: int = 512,
+    teacher: bool = False,
+    quantizer: str = "auto",
+    keep_ends: bool = True,
+    slim: bool | None = None,
+    parity_samples: int = 64,
+    parity_atol: float = 1e-3,
+    eval_samples: int = 1000,
+    workspace_gib: float = 4.0,
+    timing_cache: Path | None | bool = True,
+    exporter: str = "torchscript",
+    seed: int = 0,
+) -> ExportResult:
+    """Export a student (or its teacher) to ONNX or a TensorRT engine, with a JSON sidecar.
+
+    Args:
+        source: a `.safetensors` model, a run folder, or None for `runs/latest`.
+        fmt: "onnx" or "trt" (see `export.formats.FORMATS`).
+        precision: fp32 | fp16 | bf16 | int8 (what the format allows).
+        batch: fixed batch size (ignored with `dynamic_batch`).
+        dynamic_batch: (min, opt, max) or "MIN:OPT:MAX": symbolic batch + TensorRT profile.
+        opset: ONNX opset, >= 17.
+        out: output file or folder (default: beside the source, e.g. `student.int8.onnx`).
+        force: overwrite an existing output.
+        calib_data: data spec for INT8 calibration (default: the model's own data).
+        calib_samples: calibration images (seeded, stratified, from the training split).
+        teacher: export the run's teacher instead of the student.
+        quantizer: auto | ort | modelopt.
+        keep_ends: INT8 keeps the first conv and the classifier in fp32 (measured better).
+        slim: simplify with onnxslim (None: when installed).
+        parity_samples: validation images for the ORT-vs-PyTorch check.
+        parity_atol: fp32 max abs error above which the export fails.
+        eval_samples: validation images for the INT8 vs fp32 top-1.
+        workspace_gib: TensorRT builder workspace.
+        timing_cache: TensorRT timing cache file (True: `~/.cache/spofa/trt-timing.cache`; None/False: off).
+        exporter: "torchscript" (default) or "dynamo", see `export/onnx.py`.
+        seed: seed of every image draw.
+
+    Raises:
+        UserError: bad input (unknown format/precision, missing metadata, existing output, ...).
+        MissingDependency: TensorRT, a GPU, ModelOpt or onnxslim is needed and missing.
+    """
+    start = time.perf_counter()
+    f = get_format(fmt)
+    precision = f.check_precision(precision)
+    if opset < onnx_export.MIN_OPSET:
+        raise UserError(f"--opset {opset} is too old: use >= {onnx_export.MIN_OPSET} (LayerNorm as one node)")
+    profile = _batch_profile(batch, dynamic_batch)
+    _check_dependencies(f, precision, slim, quantizer)
+    src = resolve_source(source, teacher)
+    dest = _output_path(out, src, f, precision, force)
+    model, meta = load_model(src, exportable=True)
+    slim = onnx_export.slim_available() if slim is None else slim
+    warnings: list[str] = []
+    result = ExportResult(path=dest, sidecar=sidecar_path(dest), format=f.name, precision=precision, size_bytes=0,
+                          opset=opset, batch=profile.to_dict(), source=src, warnings=warnings)
+
+    with tempfile.TemporaryDirectory(prefix=".spofa-export-", dir=dest.parent) as work:
+        work = Path(work)
+        fp32 = work / "fp32.onnx"
+        result.opset = onnx_export.export_onnx(model, fp32, img_size=int(meta["img_size"]), batch=profile,
+                                               opset=opset, exporter=exporter, in_chans=int(meta.get("in_chans", 3)))
+        onnx_export.check_onnx(fp32)
+        nodes = onnx_export.slim_onnx(fp32) if slim else None
+        onnx_export.check_onnx(fp32)
+        fixed = None if profile.dynamic else profile.opt
+
+        images, kind = _parity_images(meta, parity_samples, seed, warnings)
+        reference = onnx_export.torch_logits(model, images)
+        fp32_parity = onnx_export.parity(reference, onnx_export.ort_session(fp32), images, fixed, kind)
+        result.parity = fp32_parity
+        if fp32_parity.max_abs_err > parity_atol:
+            raise UserError(f"ONNX Runtime output differs from PyTorch by {fp32_parity.max_abs_err:.2e} "
+                            f"(> {parity_atol:g}) on {fp32_parity.n} {kind} images: nothing written "
+                            f"(try --no-slim or another --opset)")
+
+        # The ONNX the artifact is (format onnx) or is built from (format trt).
+        onnx_prec = trt_export.onnx_precision_for(precision) if f.name == "trt" else precision
+        final, extra = fp32, {"slim": nodes is not None, "slim_nodes": list(nodes) if nodes else None,
+                              "exporter": exporter}
+        if onnx_prec == "int8":
+            final = work / "int8.onnx"
+            extra["int8"] = _int8_onnx(fp32, final, meta, result, calib_data=calib_data, calib_samples=calib_samples,
+                                       quantizer=quantizer, keep_ends=keep_ends, eval_samples=eval_samples,
+                                       seed=seed, fixed=fixed)
+            result.parity = onnx_export.parity(reference, onnx_export.ort_session(final, fused=False), images, fixed, kind)
+        elif onnx_prec in ("fp16", "bf16"):
+            final = work / f"{onnx_prec}.onnx"
+            onnx_export.autocast(fp32, final, onnx_prec)
+            onnx_export.check_onnx(final)
+            result.parity = onnx_export.parity(reference, onnx_export.ort_session(final), images, fixed, kind)
+        if final != fp32:
+            extra["parity_fp32"] = fp32_parity.to_dict()
+        result.opset = onnx_export.model_opset(onnx.load(str(final), load_external_data=False))
+        extra["parity"] = result.parity.to_dict()
+        side = dict(meta=meta, opset=result.opset, batch=profile, source=src)
+
+        if f.name == "onnx":
+            _publish(final, dest, _sidecar(**side, fmt="onnx", precision=precision, artifact=dest, **extra))
+        else:
+            _engine(final, dest, work, side, extra, result, onnx_prec=onnx_prec, workspace_gib=workspace_gib,
+                    timing_cache=timing_cache)
+    result.size_bytes = dest.stat().st_size
+    result.seconds = time.perf_counter() - start
+    return result

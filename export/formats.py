@@ -1,0 +1,124 @@
+"""The one table of model formats: suffix, precisions, what each needs, what runs it.
+
+`spofa export` validates `--format` / `--precision` against it and `spofa bench` picks a
+backend runner from it (`format_for_path`). Adding a format means adding one row here.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from spofa_deploy.errors import MissingDependency, UserError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+# What each optional module is and how to install it, for one-line errors.
+INSTALL: dict[str, tuple[str, str]] = {
+    "tensorrt": ("TensorRT", "pip install 'spofa-deploy[trt]' on a machine with an NVIDIA GPU"),
+    "modelopt": ("NVIDIA ModelOpt", "pip install 'spofa-deploy[modelopt]'"),
+    "onnxslim": ("onnxslim", "pip install 'spofa-deploy[slim]'"),
+    "onnxruntime": ("ONNX Runtime", "pip install onnxruntime-gpu (or onnxruntime)"),
+}
+
+
+@dataclass(frozen=True)
+class Format:
+    """One row of the format table.
+
+    Attributes:
+        name: the `--format` value.
+        suffix: file suffix of the artifact (`.onnx`, `.engine`, ...).
+        precisions: precisions this format can hold.
+        needs: top-level modules needed to produce and run it.
+        precision_needs: extra modules a precision needs, as (precision, modules) pairs.
+        backends: runtimes that run it (`spofa bench` picks one).
+        exportable: whether `spofa export` produces it.
+        note: one line for help texts.
+    """
+
+    name: str
+    suffix: str
+    precisions: tuple[str, ...]
+    needs: tuple[str, ...] = ()
+    precision_needs: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    backends: tuple[str, ...] = ()
+    exportable: bool = True
+    note: str = ""
+
+    def modules_for(self, precision: str | None = None) -> tuple[str, ...]:
+        """Modules needed for this format (and precision, if given)."""
+        extra = dict(self.precision_needs).get(precision, ()) if precision else ()
+        return self.needs + tuple(m for m in extra if m not in self.needs)
+
+    def missing(self, precision: str | None = None) -> list[str]:
+        """Needed modules that are not importable here."""
+        return [m for m in self.modules_for(precision) if importlib.util.find_spec(m) is None]
+
+    def check_precision(self, precision: str) -> str:
+        """Return `precision` normalised, or raise a UserError naming what is allowed."""
+        p = precision.strip().lower()
+        if p not in PRECISIONS:
+            raise UserError(f"unknown precision '{precision}'{_suggest(p, PRECISIONS)}; "
+                            f"choose one of {', '.join(PRECISIONS)}")
+        if p not in self.precisions:
+            raise UserError(f"format '{self.name}' does not support {p}: use one of {', '.join(self.precisions)}")
+        return p
+
+    def require(self, precision: str | None = None) -> None:
+        """Raise MissingDependency with an install hint if a needed module is missing."""
+        missing = self.missing(precision)
+        if not missing:
+            return
+        label, cmd = INSTALL.get(missing[0], (missing[0], f"pip install {missing[0]}"))
+        if missing[0] in self.needs:
+            raise MissingDependency(f"{label} is not installed: {cmd}")
+        raise MissingDependency(f"{precision} {self.name} needs {label}: {cmd}")
+
+
+FORMATS: dict[str, Format] = {
+    "torch": Format(
+        "torch", ".safetensors", ("fp32", "fp16", "bf16"), needs=("torch", "timm", "safetensors"),
+        backends=("torch",), exportable=False, note="the trained timm model (source of every export)"),
+    "onnx": Format(
+        "onnx", ".onnx", ("fp32", "fp16", "int8"), needs=("onnx", "onnxruntime"),
+        # fp16 is an AutoCast mixed-precision graph; int8 is a Q/DQ graph (ORT quantize_static or ModelOpt).
+        precision_needs=(("fp16", ("modelopt",)),),
+        backends=("onnxruntime-cpu", "onnxruntime-cuda"),
+        note="fp32; int8 = Q/DQ ONNX; fp16 via ModelOpt AutoCast"),
+    "trt": Format(
+        "trt", ".engine", ("fp32", "fp16", "bf16", "int8"), needs=("tensorrt",),
+        backends=("tensorrt",),
+        note="TensorRT engine for the GPU and TensorRT version that built it"),
+}
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def get_format(name: str) -> Format:
+    """The exportable format called `name`, with a suggestion on a typo."""
+    key = name.strip().lower()
+    fmt = FORMATS.get(key)
+    if fmt is None or not fmt.exportable:
+        choices = [k for k, f in FORMATS.items() if f.exportable]
+        raise UserError(f"unknown export format '{name}'{_suggest(key, choices)}; choose one of {', '.join(choices)}")
+    return fmt
+
+
+def format_for_path(path: str | Path) -> Format:
+    """The format of an artifact, by its suffix (`student.int8.onnx` -> onnx)."""
+    suffix = Path(path).suffix.lower()
+    for fmt in FORMATS.values():
+        if fmt.suffix == suffix:
+            return fmt
+    known = ", ".join(f.suffix for f in FORMATS.values())
+    raise UserError(f"{path}: unknown model file type '{suffix or '(none)'}' (expected one of {known})")
+
+
+def artifact_name(stem: str, fmt: Format, precision: str) -> str:
+    """Default file name: `student.onnx`, `student.int8.onnx`, `student.fp16.engine`."""
+    return f"{stem}{fmt.suffix}" if precision == "fp32" else f"{stem}.{precision}{fmt.suffix}"

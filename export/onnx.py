@@ -1,0 +1,250 @@
+"""PyTorch -> ONNX: export, checker, optional onnxslim, ONNX Runtime (CPU) parity and evaluation.
+
+Exporter choice: the TorchScript exporter (`dynamo=False`, `dynamic_axes`). Measured here
+(torch 2.14, onnxscript 0.7, 2 CPU cores) on test_resnet / mobilenetv3_small_050 /
+test_efficientnet / test_vit at 32 px, both exporters reached the same ORT parity (max abs
+error 1e-8..3e-7, dynamic batch 1 and 7 fine), but:
+- dynamo cannot emit opset 17: it exports opset 18 and its down-conversion failed on test_vit
+  (Resize antialias), while TensorRT 10 and older ORT builds are happiest at 17;
+- dynamo took 3-10 s per export vs 0.1-2 s, and writes weights to a separate `.onnx.data`
+  file by default, which complicates the atomic write of one artifact;
+- the TorchScript graph can carry Identity nodes, which onnxslim removes (a freshly built
+  test_resnet: 48 -> 38 nodes).
+The TorchScript exporter is deprecated in torch >= 2.9, so `exporter="dynamo"` is kept as a
+switch (opset raised to 18) for the day it is removed.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from spofa_deploy.errors import MissingDependency, UserError
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+MIN_OPSET = 17  # LayerNormalization is one node from opset 17 (a ViT teacher overflows in FP16 otherwise)
+DYNAMO_MIN_OPSET = 18
+EXPORTERS = ("torchscript", "dynamo")
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """Batch sizes an artifact accepts: fixed (min == opt == max) or a dynamic range."""
+
+    min: int
+    opt: int
+    max: int
+    dynamic: bool = False
+
+    @classmethod
+    def fixed(cls, batch: int) -> "BatchProfile":
+        if batch < 1:
+            raise UserError(f"--batch must be >= 1, got {batch}")
+        return cls(batch, batch, batch, dynamic=False)
+
+    @classmethod
+    def dynamic_range(cls, lo: int, opt: int, hi: int) -> "BatchProfile":
+        if not 1 <= lo <= opt <= hi:
+            raise UserError(f"--dynamic-batch needs 1 <= MIN <= OPT <= MAX, got {lo}:{opt}:{hi}")
+        return cls(lo, opt, hi, dynamic=True)
+
+    @classmethod
+    def parse(cls, spec: str) -> "BatchProfile":
+        """Parse `MIN:OPT:MAX` (e.g. `1:8:32`)."""
+        try:
+            lo, opt, hi = (int(v) for v in spec.split(":"))
+        except ValueError:
+            raise UserError(f"--dynamic-batch takes MIN:OPT:MAX (e.g. 1:8:32), got '{spec}'") from None
+        return cls.dynamic_range(lo, opt, hi)
+
+    def to_dict(self) -> dict:
+        return {"min": self.min, "opt": self.opt, "max": self.max, "dynamic": self.dynamic}
+
+
+@dataclass(frozen=True)
+class Parity:
+    """ONNX Runtime (CPU) output vs PyTorch on the same images."""
+
+    max_abs_err: float
+    mean_abs_err: float
+    top1_agreement: float  # percent of images with the same arg-max
+    n: int
+    images: str  # "val" (real validation images) or "random"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def export_onnx(model: nn.Module, path: Path, *, img_size: int, batch: BatchProfile, opset: int = MIN_OPSET,
+                exporter: str = "torchscript", in_chans: int = 3) -> int:
+    """Export `model` (built with `exportable=True`, in eval mode) to `path`.
+
+    Args:
+        model: the timm model.
+        path: output file (the caller makes it atomic).
+        img_size: square input size.
+        batch: fixed batch (static first dim) or dynamic (symbolic `batch` dim).
+        opset: ONNX opset, >= 17.
+        exporter: "torchscript" (default, see module docstring) or "dynamo".
+        in_chans: input channels.
+
+    Returns:
+        The opset actually written.
+    """
+    if opset < MIN_OPSET:
+        raise UserError(f"--opset {opset} is too old: use >= {MIN_OPSET} (LayerNorm as one node)")
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown ONNX exporter '{exporter}': use one of {', '.join(EXPORTERS)}")
+    model = model.eval()
+    # dynamo specialises a dynamic dim whose example size is 1, so its example batch is >= 2.
+    n = max(batch.opt, 2) if (batch.dynamic and exporter == "dynamo") else batch.opt
+    example = torch.randn(n, in_chans, img_size, img_size)
+    common = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter's deprecation notice and tracer warnings are noise for timm CNNs.
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if batch.dynamic else None
+            torch.onnx.export(model, (example,), str(path), opset_version=opset, dynamic_axes=axes, dynamo=False, **common)
+        else:
+            opset = max(opset, DYNAMO_MIN_OPSET)  # dynamo implements opset >= 18 only
+            shapes = ({0: torch.export.Dim("batch", min=1, max=max(batch.max, 1024))},) if batch.dynamic else None
+            # One self-contained file (no `.onnx.data` beside it), like the TorchScript path.
+            torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
+                              external_data=False, **common)
+    return opset
+
+
+def check_onnx(path: Path) -> "onnx.ModelProto":  # noqa: F821
+    """Run `onnx.checker` and confirm the graph has exactly `images` in and `logits` out."""
+    import onnx
+
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise UserError(f"the exported ONNX graph is invalid: {str(e).splitlines()[0]}") from e
+    inits = {i.name for i in model.graph.initializer}
+    ins = [i.name for i in model.graph.input if i.name not in inits]
+    outs = [o.name for o in model.graph.output]
+    if ins != [INPUT_NAME] or outs != [OUTPUT_NAME]:
+        raise UserError(f"exported graph has inputs {ins} and outputs {outs}; expected ['{INPUT_NAME}'] -> ['{OUTPUT_NAME}']")
+    return model
+
+
+def slim_available() -> bool:
+    return importlib.util.find_spec("onnxslim") is not None
+
+
+def slim_onnx(path: Path) -> tuple[int, int]:
+    """Simplify the graph in place with onnxslim (constant folding, dead/identity nodes).
+
+    Returns:
+        (nodes before, nodes after).
+    """
+    import onnx
+
+    try:
+        import onnxslim
+    except ImportError as e:
+        raise MissingDependency("onnxslim is not installed: pip install 'spofa-deploy[slim]' (or pass --no-slim)") from e
+    model = onnx.load(str(path))
+    before = len(model.graph.node)
+    with contextlib.redirect_stdout(None):  # onnxslim may print a summary table
+        slim = onnxslim.slim(model)
+    if slim is None:
+        raise UserError("onnxslim could not simplify the graph (pass --no-slim)")
+    onnx.save(slim, str(path))
+    return before, len(slim.graph.node)
+
+
+def model_opset(model) -> int:
+    """The default-domain opset of an ONNX model."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def fixed_batch_of(model) -> int | None:
+    """The static batch size of the graph input, or None when it is symbolic."""
+    d = model.graph.input[0].type.tensor_type.shape.dim[0]
+    return d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+
+
+def ort_session(path: Path, *, fused: bool = True, threads: int | None = None):
+    """A CPU ONNX Runtime session.
+
+    Args:
+        fused: ORT's full graph optimisation (default). `fused=False` keeps Q/DQ nodes as
+            written (ORT_ENABLE_BASIC), so an INT8 model is evaluated with its Q/DQ
+            arithmetic rather than ORT's fused int8 CPU kernels (see calibration/quantize.py).
+        threads: intra-op threads (None: ORT's default).
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fused
+                                   else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    so.log_severity_level = 3  # errors only
+    # Checks and evaluations, not benchmarks: idle threads sleep instead of spinning, which keeps
+    # them from starving other work on small shared machines.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+        raise UserError(f"ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0]}") from e
+
+
+def run_onnx(session, images: np.ndarray, fixed_batch: int | None = None, chunk: int = 64) -> np.ndarray:
+    """Logits for `images` (N, C, H, W float32), in chunks; a fixed-batch graph gets padded chunks."""
+    step = fixed_batch or chunk
+    outs = []
+    for i in range(0, len(images), step):
+        x = images[i:i + step]
+        n = len(x)
+        if fixed_batch and n < fixed_batch:  # pad the last chunk by repeating its first image
+            x = np.concatenate([x, np.repeat(x[:1], fixed_batch - n, axis=0)])
+        outs.append(session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0][:n])
+    return np.concatenate(outs).astype(np.float32)
+
+
+def torch_logits(model: nn.Module, images: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """PyTorch fp32 logits on CPU (the parity reference)."""
+    model = model.eval()
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(images[i:i + chunk])).float().numpy()
+                               for i in range(0, len(images), chunk)])
+
+
+def parity(reference: np.ndarray, session, images: np.ndarray, fixed_batch: int | None, source: str) -> Parity:
+    """Compare ORT logits of `images` with the PyTorch `reference` logits."""
+    out = run_onnx(session, images, fixed_batch)
+    if out.shape != reference.shape:
+        raise UserError(f"ONNX output shape {out.shape} differs from PyTorch {reference.shape}")
+    err = np.abs(out.astype(np.float64) - reference.astype(np.float64))
+    agree = float((out.argmax(1) == reference.argmax(1)).mean() * 100)
+    return Parity(float(err.max()), float(err.mean()), agree, len(images), source)
+
+
+def autocast(src: Path, dst: Path, precision: str) -> None:
+    """FP16/BF16 mixed-precision ONNX via NVIDIA ModelOpt AutoCast (I/O stay fp32).
+
+    Raises:
+        MissingDependency: ModelOpt is not installed.
+    """
+    import onnx
+
+    try:
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+    except ImportError as e:
+        raise MissingDependency(f"{precision} ONNX needs NVIDIA ModelOpt AutoCast: pip install 'spofa-deploy[modelopt]'") from e
+    # keep_io_types: callers (TrtRunner, ORT) feed float32 images and read float32 logits.
+    model = convert_to_mixed_precision(onnx_path=str(src), low_precision_type=precision, keep_io_types=True)
+    onnx.save(model, str(dst))

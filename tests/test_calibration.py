@@ -1,0 +1,204 @@
+"""INT8 calibration: the calibration set, TensorRT-compatible Q/DQ, and accuracy on digits."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from calibration.dataset import calibration_set, load_images
+from calibration.quantize import boundary_nodes, check_trt_qdq, qdq_constants, quantize_int8, resolve_quantizer
+from export.exporter import export_model
+from export.onnx import ort_session
+from spofa_deploy.artifacts import save_model
+from spofa_deploy.errors import MissingDependency, UserError
+from spofa_deploy.models import create_model, data_config
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # On a small shared machine two OpenMP threads that spin-wait against other jobs ran the
+    # training fixture 15x slower (123 s vs 8 s) than one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _meta(model: torch.nn.Module, name: str, top1: float) -> dict:
+    return {"model": name, "num_classes": 10, "classes": [str(i) for i in range(10)], "img_size": SIZE,
+            **data_config(model), "data": "digits", "role": "student", "method": "none", "teacher": "",
+            "top1": top1, "top5": 100.0, "saved": "model"}
+
+
+@pytest.fixture(scope="session")
+def trained_student(tmp_path_factory) -> Path:
+    """test_resnet trained on digits at 32 px for 3 epochs (Adam, one-cycle): ~98% val top-1 in ~8 s."""
+    from spofa_deploy.data import load_splits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see _one_torch_thread; session fixtures run before module ones
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 10, img_size=SIZE)
+    cfg = data_config(model)
+    splits = load_splits("digits", SIZE, cfg["mean"], cfg["std"], cfg["interpolation"], cfg["crop_pct"], train_aug=False)
+
+    def tensors(ds):
+        xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        return torch.stack(xs), torch.tensor(ys)
+
+    (x, y), (xv, yv) = tensors(splits.train), tensors(splits.val)
+    epochs, batch = 3, 64
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * -(-len(x) // batch), pct_start=0.2)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(x)).split(batch):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    with torch.no_grad():
+        top1 = float((model(xv).argmax(1) == yv).float().mean() * 100)
+    torch.set_num_threads(threads)
+    assert top1 > 90, f"the fixture's student did not train ({top1:.1f}%)"
+    path = tmp_path_factory.mktemp("trained") / "student.safetensors"
+    save_model(path, model, _meta(model, "test_resnet", top1))
+    return path
+
+
+def _meta_of(path: Path) -> dict:
+    from spofa_deploy.artifacts import read_model_meta
+
+    return read_model_meta(path)
+
+
+# ----------------------------------------------------------------------------- calibration set
+
+def test_calibration_set_is_seeded_stratified_and_preprocessed(trained_student):
+    meta = _meta_of(trained_student)
+    a = calibration_set(meta, n=50, seed=0)
+    b = calibration_set(meta, n=50, seed=0)
+    c = calibration_set(meta, n=50, seed=1)
+    assert a.images.shape == (50, 3, SIZE, SIZE) and a.images.dtype == np.float32
+    assert a.split == "train" and a.spec == "digits"
+    np.testing.assert_array_equal(a.images, b.images)
+    assert not np.array_equal(a.images, c.images)
+    assert np.bincount(a.labels, minlength=10).tolist() == [5] * 10  # stratified: 5 per digit
+    # Eval transform with the model's mean/std: normalised, not raw [0, 1] pixels, no augmentation.
+    assert a.images.min() < -0.5
+    val = load_images(meta, "val", None)
+    assert len(val) == 359 and val.split == "val"
+
+
+def test_calibration_set_refuses_unloadable_data(trained_student):
+    with pytest.raises(UserError, match="--calib-data"):
+        calibration_set(_meta_of(trained_student), spec="imagefolder:/no/such/dir", n=8)
+    with pytest.raises(UserError, match=">= 1"):
+        calibration_set(_meta_of(trained_student), n=0)
+
+
+# ----------------------------------------------------------------------------- INT8 Q/DQ
+
+def _qdq_zero_points(model) -> list[np.ndarray]:
+    """Zero points of every QuantizeLinear/DequantizeLinear node (a missing input means 0)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    zps = []
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zps.append(inits[n.input[2]] if len(n.input) > 2 and n.input[2] else np.zeros(1, np.int8))
+    return zps
+
+
+def test_int8_export_is_symmetric_per_channel_and_accurate(trained_student):
+    r = export_model(trained_student, "onnx", "int8", dynamic_batch=(1, 32, 64), quantizer="ort")
+    assert r.path.name == "student.int8.onnx"
+    model = onnx.load(str(r.path))
+    onnx.checker.check_model(model)
+
+    zps = _qdq_zero_points(model)
+    assert len(zps) > 20
+    assert all(np.all(z == 0) for z in zps), "TensorRT rejects non-zero zero points"
+    weights = [v for _, role, v in qdq_constants(model) if role == "data" and v.dtype == np.int8]
+    assert weights and min(int(w.min()) for w in weights) >= -127  # TensorRT's int8 weight range
+    assert not [v for _, role, v in qdq_constants(model) if role == "data" and v.dtype == np.int32]
+    per_channel = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                   and any(a.name == "axis" for a in n.attribute)]
+    assert per_channel, "weights should carry per-channel scales"
+    assert check_trt_qdq(model) == []
+
+    # The first conv and the classifier stay fp32 by default: their weights are float initializers.
+    convs = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    floats = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert convs[0].input[1] in floats and convs[-1].input[1] in floats
+    assert convs[1].input[1] not in floats
+    assert r.quantization["excluded_nodes"] == [convs[0].name, convs[-1].name]
+
+    # Runs in ONNX Runtime (fused kernels) at any batch, and keeps top-1 within 2 points of fp32.
+    out = ort_session(r.path).run(["logits"], {"images": np.zeros((7, 3, SIZE, SIZE), np.float32)})[0]
+    assert out.shape == (7, 10)
+    assert r.eval_samples == 359
+    assert r.fp32_top1 > 90
+    assert r.int8_top1 >= r.fp32_top1 - 2.0, (r.int8_top1, r.fp32_top1)
+    assert r.int8_top1_ort_kernels is not None
+
+
+def test_quantize_ends_option_quantizes_first_conv(trained_student, tmp_path):
+    meta = _meta_of(trained_student)
+    fp32 = export_model(trained_student, "onnx", dynamic_batch=(1, 8, 16), out=tmp_path / "m.onnx").path
+    calib = calibration_set(meta, n=64)
+    info = quantize_int8(fp32, tmp_path / "all.onnx", calib.images, quantizer="ort", keep_ends=False)
+    assert info.excluded_nodes == []
+    model = onnx.load(str(tmp_path / "all.onnx"))
+    first = next(n for n in model.graph.node if n.op_type == "Conv")
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert producers.get(first.input[1]) == "DequantizeLinear"
+    graph = onnx.load(str(fp32))
+    linear = [n.name for n in graph.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert boundary_nodes(graph) == [linear[0], linear[-1]]
+
+
+def test_trt_check_catches_asymmetric_and_unquantized_graphs(trained_student, tmp_path):
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from calibration.quantize import ArrayReader
+
+    fp32 = export_model(trained_student, "onnx", dynamic_batch=(1, 8, 16), out=tmp_path / "m.onnx").path
+    assert check_trt_qdq(onnx.load(str(fp32))) == ["no QuantizeLinear/DequantizeLinear nodes"]
+    images = calibration_set(_meta_of(trained_student), n=32).images
+    # ORT's defaults (uint8 activations with zero points, int32 biases) are what TensorRT refuses.
+    quantize_static(str(fp32), str(tmp_path / "asym.onnx"), ArrayReader(images, 16), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    problems = check_trt_qdq(onnx.load(str(tmp_path / "asym.onnx")))
+    assert any("non-zero zero point" in p for p in problems)
+    assert any("int32" in p for p in problems)
+
+
+def test_quantizer_choice():
+    with pytest.raises(UserError, match="unknown --quantizer"):
+        resolve_quantizer("tensorrt")
+    assert resolve_quantizer("ort") == "ort"
+    if importlib.util.find_spec("modelopt") is None:
+        assert resolve_quantizer("auto") == "ort"
+        with pytest.raises(MissingDependency, match=r"spofa-deploy\[modelopt\]"):
+            resolve_quantizer("modelopt")
+    else:
+        assert resolve_quantizer("auto") == "modelopt"
+
+
+def test_modelopt_int8_is_trt_compatible(trained_student, tmp_path):
+    pytest.importorskip("modelopt.onnx.quantization", reason="NVIDIA ModelOpt is not installed: pip install 'spofa-deploy[modelopt]'")
+    r = export_model(trained_student, "onnx", "int8", dynamic_batch=(1, 32, 64), quantizer="modelopt",
+                     out=tmp_path / "mo.int8.onnx")
+    assert r.quantization["quantizer"] == "modelopt"
+    assert check_trt_qdq(onnx.load(str(r.path))) == []
+    assert r.int8_top1 >= r.fp32_top1 - 2.0

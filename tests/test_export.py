@@ -1,0 +1,336 @@
+"""`spofa export` to ONNX (and TensorRT where installed): parity, batch handling, sidecars, bad input."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.exporter import export_model
+from export.formats import FORMATS, artifact_name, format_for_path, get_format
+from export.onnx import ort_session
+from export.tensorrt import TrtRunner, check_engine_meta
+from spofa_deploy.artifacts import mark_latest, save_model
+from spofa_deploy.errors import MissingDependency, UserError
+from spofa_deploy.models import create_model, data_config
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Small shared CI machines: one OpenMP thread avoids spin-wait contention with other jobs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _save(folder: Path, name: str, model_name: str, role: str, **extra) -> Path:
+    torch.manual_seed(0)
+    model = create_model(model_name, 10, img_size=SIZE)
+    meta = {"model": model_name, "num_classes": 10, "classes": [str(i) for i in range(10)], "img_size": SIZE,
+            **data_config(model), "data": "digits", "role": role, "method": "spofa", "teacher": "test_vit",
+            "teacher_file": "teacher.safetensors", "top1": 0.0, "top5": 0.0, "saved": "model", **extra}
+    path = folder / f"{name}.safetensors"
+    save_model(path, model, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run folder with an (untrained) test_resnet student and test_vit teacher."""
+    folder = tmp_path_factory.mktemp("runs") / "tiny"
+    folder.mkdir()
+    _save(folder, "student", "test_resnet", "student")
+    _save(folder, "teacher", "test_vit", "teacher")
+    return folder
+
+
+@pytest.fixture()
+def student(run_dir, tmp_path) -> Path:
+    """A private copy of the student, so each test sees its own folder."""
+    for f in ("student.safetensors", "student.json"):
+        (tmp_path / f).write_bytes((run_dir / f).read_bytes())
+    return tmp_path / "student.safetensors"
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def _torch_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    from spofa_deploy.artifacts import load_model
+
+    model, _ = load_model(path)
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+# ------------------------------------------------------------------------------------------ ONNX
+
+@pytest.mark.parametrize("model_name", ["test_resnet", "mobilenetv3_small_050"])
+def test_onnx_export_two_families(tmp_path, model_name):
+    src = _save(tmp_path, "student", model_name, "student")
+    r = export_model(src, "onnx")
+
+    assert r.path == tmp_path / "student.onnx" and r.path.is_file()
+    model = onnx.load(str(r.path))
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["images"] and [o.name for o in model.graph.output] == ["logits"]
+    assert model.opset_import[0].version >= 17
+    # Default: fixed batch 1, so the graph input's first dim is static.
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert r.parity.images == "val" and r.parity.n == 64
+    assert r.parity.max_abs_err < 1e-4 and r.parity.top1_agreement == 100.0
+
+    side = json.loads(r.sidecar.read_text())
+    assert r.sidecar == tmp_path / "student.onnx.json"
+    for key in ("model", "num_classes", "classes", "img_size", "mean", "std", "interpolation", "crop_pct", "data"):
+        assert side[key] == json.loads((tmp_path / "student.json").read_text())[key]
+    assert side["format"] == "onnx" and side["precision"] == "fp32" and side["opset"] >= 17
+    assert side["batch"] == {"min": 1, "opt": 1, "max": 1, "dynamic": False}
+    assert side["source"] == "student.safetensors"
+    assert {"torch", "timm", "onnx", "onnxruntime"} <= set(side["versions"])
+    assert side["parity"]["max_abs_err"] == pytest.approx(r.parity.max_abs_err)
+    assert r.size_bytes == r.path.stat().st_size
+    assert not [f for f in _files(tmp_path) if f.startswith(".")]  # no temp files left behind
+
+
+def test_dynamic_batch_runs_batch_1_and_7(student):
+    r = export_model(student, "onnx", dynamic_batch=(1, 4, 8))
+    dim0 = onnx.load(str(r.path)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value
+    assert json.loads(r.sidecar.read_text())["batch"] == {"min": 1, "opt": 4, "max": 8, "dynamic": True}
+    session = ort_session(r.path)
+    rng = np.random.default_rng(0)
+    for n in (1, 7):
+        x = rng.standard_normal((n, 3, SIZE, SIZE), dtype=np.float32)
+        out = session.run(["logits"], {"images": x})[0]
+        assert out.shape == (n, 10)
+        np.testing.assert_allclose(out, _torch_logits(student, x), atol=1e-4)
+
+
+def test_fixed_batch_graph_rejects_other_batches(student):
+    r = export_model(student, "onnx", batch=2)
+    session = ort_session(r.path)
+    assert session.run(["logits"], {"images": np.zeros((2, 3, SIZE, SIZE), np.float32)})[0].shape == (2, 10)
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        session.run(["logits"], {"images": np.zeros((7, 3, SIZE, SIZE), np.float32)})
+
+
+def test_teacher_export_keeps_layernorm_one_node(run_dir, tmp_path):
+    r = export_model(run_dir / "student.safetensors", "onnx", teacher=True, out=tmp_path)
+    assert r.path == tmp_path / "teacher.onnx"
+    ops = [n.op_type for n in onnx.load(str(r.path)).graph.node]
+    assert ops.count("LayerNormalization") >= 2  # opset 17: one node per LayerNorm, not a decomposed chain
+    side = json.loads(r.sidecar.read_text())
+    assert side["model"] == "test_vit" and side["role"] == "teacher"
+    assert side["source"] == str((run_dir / "teacher.safetensors").resolve())
+    assert r.parity.max_abs_err < 1e-4
+
+
+def test_no_source_exports_the_latest_run(tmp_path, monkeypatch, run_dir):
+    run = tmp_path / "runs" / "run-1"
+    run.mkdir(parents=True)
+    for f in ("student.safetensors", "student.json"):
+        (run / f).write_bytes((run_dir / f).read_bytes())
+    mark_latest(run)
+    monkeypatch.chdir(tmp_path)
+    r = export_model(None, "onnx")
+    assert r.path.resolve() == (run / "student.onnx").resolve()
+
+
+def test_slim_off_and_on_keep_parity(student):
+    plain = export_model(student, "onnx", slim=False, out=student.parent / "plain.onnx")
+    assert json.loads(plain.sidecar.read_text())["slim"] is False
+    if importlib.util.find_spec("onnxslim"):
+        slim = export_model(student, "onnx", slim=True)
+        assert json.loads(slim.sidecar.read_text())["slim"] is True
+        assert slim.parity.max_abs_err < 1e-4
+
+
+def test_dynamo_exporter_switch(student):
+    r = export_model(student, "onnx", exporter="dynamo", dynamic_batch=(1, 2, 8))
+    assert r.opset >= 18 and r.parity.max_abs_err < 1e-4
+    assert _files(student.parent) == {"student.safetensors", "student.json", "student.onnx", "student.onnx.json"}
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+def _refused(folder: Path, match: str, *args, **kwargs) -> UserError:
+    before = _files(folder)
+    with pytest.raises(UserError, match=match) as info:
+        export_model(*args, **kwargs)
+    assert _files(folder) == before, "a failed export left files behind"
+    return info.value
+
+
+def test_refuses_student_without_metadata(student):
+    (student.parent / "student.json").unlink()
+    _refused(student.parent, "no metadata file", student, "onnx")
+
+
+def test_refuses_metadata_of_another_model(student):
+    side = student.parent / "student.json"
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "model": "mobilenetv3_small_050"}))
+    _refused(student.parent, "does not match mobilenetv3_small_050", student, "onnx")
+
+
+def test_refuses_unknown_format_with_suggestion(student):
+    _refused(student.parent, "did you mean 'onnx'", student, "onnxx")
+
+
+def test_refuses_unknown_precision_with_suggestion(student):
+    _refused(student.parent, "did you mean 'fp16'", student, "onnx", "fp61")
+
+
+def test_refuses_precision_the_format_lacks(student):
+    _refused(student.parent, "does not support bf16", student, "onnx", "bf16")
+
+
+def test_refuses_int8_without_calibration_data(student):
+    _refused(student.parent, "calibration images", student, "onnx", "int8",
+             calib_data=f"imagefolder:{student.parent / 'no-such-folder'}")
+    side = student.parent / "student.json"
+    side.write_text(json.dumps({k: v for k, v in json.loads(side.read_text()).items() if k != "data"}))
+    _refused(student.parent, "--calib-data", student, "onnx", "int8")
+
+
+def test_refuses_output_in_missing_folder(student):
+    _refused(student.parent, "does not exist", student, "onnx", out=student.parent / "nope" / "m.onnx")
+
+
+def test_refuses_existing_output_unless_forced(student):
+    first = export_model(student, "onnx")
+    stamp = first.path.stat().st_mtime_ns
+    _refused(student.parent, "--force", student, "onnx")
+    assert first.path.stat().st_mtime_ns == stamp
+    again = export_model(student, "onnx", force=True, dynamic_batch="1:2:4")
+    assert json.loads(again.sidecar.read_text())["batch"]["dynamic"] is True
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"out": "m.engine"}, r"does not end in \.onnx"),
+    ({"opset": 16}, ">= 17"),
+    ({"dynamic_batch": "8:4:2"}, "MIN <= OPT <= MAX"),
+    ({"dynamic_batch": "1-8"}, "MIN:OPT:MAX"),
+    ({"batch": 0}, ">= 1"),
+])
+def test_refuses_bad_options(student, kwargs, match):
+    if "out" in kwargs:
+        kwargs = {**kwargs, "out": student.parent / kwargs["out"]}
+    _refused(student.parent, match, student, "onnx", **kwargs)
+
+
+def test_refuses_exported_artifact_as_source(student):
+    r = export_model(student, "onnx")
+    _refused(student.parent, "already an exported onnx", r.path, "onnx")
+
+
+def test_parity_failure_writes_nothing(student):
+    err = _refused(student.parent, "differs from PyTorch", student, "onnx", parity_atol=1e-12)
+    assert "nothing written" in str(err)
+
+
+# ------------------------------------------------------------------------------------ formats
+
+def test_formats_table_drives_names_and_lookup():
+    assert format_for_path("runs/x/student.int8.onnx") is FORMATS["onnx"]
+    assert format_for_path("student.fp16.engine").name == "trt"
+    assert format_for_path("student.safetensors").name == "torch"
+    with pytest.raises(UserError, match="unknown model file type"):
+        format_for_path("student.pt")
+    assert artifact_name("student", FORMATS["onnx"], "int8") == "student.int8.onnx"
+    assert artifact_name("student", FORMATS["trt"], "fp32") == "student.engine"
+    assert set(FORMATS["trt"].precisions) == {"fp32", "fp16", "bf16", "int8"}
+    assert "fp16" in FORMATS["onnx"].precisions and "modelopt" in FORMATS["onnx"].modules_for("fp16")
+    with pytest.raises(UserError, match="unknown export format"):
+        get_format("torch")  # a row, but not something `spofa export` produces
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def test_cli_export_prints_summary(student):
+    import typer
+    from typer.testing import CliRunner
+
+    from cli.cmd_export import export
+
+    app = typer.Typer()
+    app.command()(export)
+    wide = {"COLUMNS": "250"}  # rich wraps long paths at the default 80 columns
+    res = CliRunner().invoke(app, [str(student), "--format", "onnx", "--dynamic-batch", "1:2:4"], env=wide)
+    assert res.exit_code == 0, res.output
+    assert "student.onnx" in res.output and "max abs err" in res.output
+    bad = CliRunner().invoke(app, [str(student), "--format", "onnx", "--precision", "int4"])
+    assert isinstance(bad.exception, UserError)
+
+
+# ------------------------------------------------------------------------------------ TensorRT
+
+def test_trt_missing_is_one_clear_error(student):
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        pytest.skip("TensorRT and a GPU are present: the build test covers this machine")
+    err = _refused(student.parent, "TensorRT|GPU", student, "trt", "fp16")
+    assert isinstance(err, MissingDependency)
+    if importlib.util.find_spec("tensorrt") is None:
+        assert "pip install 'spofa-deploy[trt]'" in str(err)
+
+
+def test_engine_without_sidecar_is_refused(tmp_path):
+    engine = tmp_path / "x.engine"
+    engine.write_bytes(b"not an engine")
+    with pytest.raises(UserError, match="no sidecar"):
+        TrtRunner(engine)
+
+
+def test_engine_from_other_tensorrt_or_gpu_is_refused(tmp_path):
+    here = {"tensorrt": "10.13.3", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    check_engine_meta(dict(here), here, tmp_path / "a.engine")  # same machine: fine
+    with pytest.raises(UserError, match=r"TensorRT 10\.9\.0.*TensorRT 10\.13\.3"):
+        check_engine_meta({**here, "tensorrt": "10.9.0"}, here, tmp_path / "a.engine")
+    with pytest.raises(UserError, match="NVIDIA L4.*NVIDIA H100"):
+        check_engine_meta({**here, "gpu": "NVIDIA L4", "compute_capability": "8.9"}, here, tmp_path / "a.engine")
+
+
+@pytest.fixture()
+def trt_ready():
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed: pip install 'spofa-deploy[trt]' on a machine with an NVIDIA GPU")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU and none is visible")
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_trt_engine_build_and_run(trt_ready, student, tmp_path, precision):
+    from export import tensorrt as trt_export
+
+    if precision == "fp16" and trt_export.strongly_typed() and importlib.util.find_spec("modelopt") is None:
+        pytest.skip("fp16 on TensorRT 11 needs ModelOpt AutoCast")
+    cache = tmp_path / "timing.cache"
+    r = export_model(student, "trt", precision, dynamic_batch=(1, 4, 8), timing_cache=cache, calib_samples=64)
+    assert r.path.suffix == ".engine" and r.onnx_path.is_file() and cache.is_file()
+    side = json.loads(r.sidecar.read_text())
+    assert {"tensorrt", "gpu", "compute_capability"} <= set(side) and side["format"] == "trt"
+    runner = TrtRunner(r.path)
+    assert runner.batch == {"min": 1, "opt": 4, "max": 8}
+    tol = {"fp32": 1e-2, "fp16": 5e-2, "int8": 1.0}[precision]
+    for n in (1, 7):
+        x = torch.randn(n, 3, SIZE, SIZE)
+        out = runner(x.cuda()).float().cpu()
+        torch.cuda.synchronize()
+        np.testing.assert_allclose(out.numpy(), _torch_logits(student, x.numpy()), atol=tol)
+    with pytest.raises(UserError, match="outside the engine's profile"):
+        runner(torch.randn(9, 3, SIZE, SIZE).cuda())
+    os.remove(r.sidecar)
+    with pytest.raises(UserError, match="no sidecar"):
+        TrtRunner(r.path)
+    assert TrtRunner(r.path, trust=True).max_batch == 8
