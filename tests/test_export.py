@@ -334,3 +334,21 @@ def test_trt_engine_build_and_run(trt_ready, student, tmp_path, precision):
     with pytest.raises(UserError, match="no sidecar"):
         TrtRunner(r.path)
     assert TrtRunner(r.path, trust=True).max_batch == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (checks the ONNX against the CUDA PyTorch model)")
+def test_onnx_matches_cuda_pytorch(student, tmp_path):
+    from export.onnx import run_onnx
+    from spofa_deploy.artifacts import load_model
+
+    r = export_model(student, "onnx", dynamic_batch=(1, 4, 8), out=tmp_path / "s.onnx")
+    model, _ = load_model(student)
+    model = model.cuda().eval()
+    x = torch.randn(7, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref = model(x.cuda()).float().cpu().numpy()
+    got = run_onnx(ort_session(r.path), x.numpy())
+    # cuDNN and ORT's CPU kernels sum in different orders: fp32 rounding only.
+    np.testing.assert_allclose(got, ref, atol=1e-3, rtol=1e-3)
+    assert (got.argmax(1) == ref.argmax(1)).all()
