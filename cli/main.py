@@ -26,7 +26,8 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
 def _train_config(epochs, batch_size, lr, opt, device, amp, seed, workers, on_nan, clip_grad, base):
     from spofa_deploy.train import TrainConfig
 
-    return TrainConfig(epochs=epochs or base.epochs, batch_size=batch_size, lr=lr or base.lr, optimizer=opt,
+    return TrainConfig(epochs=base.epochs if epochs is None else epochs, batch_size=batch_size,
+                       lr=base.lr if lr is None else lr, optimizer=opt,
                        device=device, amp=amp, seed=seed, workers=workers, on_nan=on_nan, clip_grad=clip_grad,
                        weight_decay=base.weight_decay)
 
@@ -133,7 +134,8 @@ def _print_summary(r) -> None:
 
 def _register_optional() -> None:
     # Commands that live in their own modules (export, bench, ...) register here.
-    for mod, name in (("cli.cmd_export", "export"), ("cli.cmd_bench", "bench")):
+    for mod, name in (("cli.cmd_export", "export"), ("cli.cmd_bench", "bench"), ("cli.cmd_compare", "compare"),
+                      ("cli.cmd_doctor", "doctor")):
         try:
             module = __import__(mod, fromlist=[name])
         except ModuleNotFoundError as e:

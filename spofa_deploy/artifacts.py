@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import platform
-import stat
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -43,18 +42,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        # mkstemp creates 0600: give the file the mode a plain open() would (or keep the replaced file's)
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _umask() -> int:

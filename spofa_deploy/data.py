@@ -173,6 +173,8 @@ class _SafeUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("_codecs", "encode"),
+        # pickle protocol 5 (Python 3's HIGHEST_PROTOCOL) rebuilds arrays from a byte buffer
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module, name):
@@ -189,6 +191,8 @@ def _load_cifar_file(path: Path) -> dict:
         raise UserError(f"CIFAR file missing: {path} (pass --download where a network exists)") from e
     except Exception as e:
         raise UserError(f"cannot read CIFAR file {path}: {e}") from e
+    if not isinstance(d, dict):
+        raise UserError(f"{path} is not a CIFAR file (it holds a {type(d).__name__}, not a dict)")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
@@ -207,13 +211,27 @@ def _cifar(kind: str, root: Path, download: bool) -> tuple[ArrayDataset, ArrayDa
     if not base.is_dir():
         raise UserError(f"no {kind} data in {root} (expected {base}; pass --download where a network exists)")
 
+    def read_one(name: str) -> tuple[np.ndarray, np.ndarray]:
+        d = _load_cifar_file(base / name)
+        try:
+            data = np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32)
+            labels = np.asarray(d[label_key], np.int64).reshape(-1)
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserError(f"{base / name} is not a {kind} batch file ({type(e).__name__}: {e})") from e
+        if len(labels) != len(data):
+            raise UserError(f"{base / name} is not a {kind} batch file: {len(data)} images, {len(labels)} labels")
+        return data, labels
+
     def read(names: list[str]) -> ArrayDataset:
-        parts = [_load_cifar_file(base / n) for n in names]
-        data = np.concatenate([np.asarray(p["data"], np.uint8) for p in parts]).reshape(-1, 3, 32, 32)
-        labels = np.concatenate([np.asarray(p[label_key], np.int64) for p in parts])
+        parts = [read_one(n) for n in names]
+        data = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
         return ArrayDataset(data.transpose(0, 2, 3, 1).copy(), labels)
 
-    classes = [str(c) for c in _load_cifar_file(base / meta)[names_key]]
+    names = _load_cifar_file(base / meta).get(names_key)
+    if not isinstance(names, (list, tuple)):
+        raise UserError(f"{base / meta} has no '{names_key}' list: not a {kind} meta file")
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
     return read(files[0]), read(files[1]), classes
 
 
@@ -319,11 +337,29 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, worker
     """A DataLoader with seeded shuffling, pinned memory on GPU and persistent workers."""
     workers = default_workers() if workers is None else workers
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(
+    return _Loader(
         ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, drop_last=False,
         num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0, generator=gen,
         worker_init_fn=_seed_worker,
     )
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker errors read as the original one-line `UserError`.
+
+    torch re-raises an error of a worker process as `type(e)("Caught ... Original Traceback ...")`;
+    a user error (an unreadable image) must stay one clear line, so it is unwrapped here.
+    """
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except UserError as e:
+            text = str(e)
+            marker = f"{type(e).__module__}.{type(e).__qualname__}: "
+            if "Original Traceback" not in text or marker not in text:
+                raise
+            raise type(e)(text[text.rindex(marker) + len(marker):].strip()) from None
 
 
 def _seed_worker(worker_id: int) -> None:

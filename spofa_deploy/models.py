@@ -46,7 +46,7 @@ def resolve_model_name(name: str) -> str:
     full = ALIASES.get(name, name)
     if timm.is_model(full):
         return full
-    candidates = list(ALIASES) + timm.list_models()
+    candidates = list(dict.fromkeys(list(ALIASES) + timm.list_models()))  # aliases first, no duplicates
     close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else " See `timm.list_models()` for names."
     raise UserError(f"unknown model '{name}'.{hint}")
@@ -86,10 +86,18 @@ def create_model(
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
         pretrained = True
     try:
-        return timm.create_model(full, pretrained=pretrained, **kwargs)
-    except (RuntimeError, ValueError, KeyError) as e:
-        if weights is not None:
-            raise UserError(f"cannot load weights {weights} into {full}: {str(e).splitlines()[0]}") from e
+        try:
+            return timm.create_model(full, pretrained=pretrained, **kwargs)
+        except TypeError as e:
+            # The name heuristic of _takes_img_size also matches CNN-like models (fastvit, efficientvit,
+            # tiny_vit, ...) whose constructors take no img_size: they do not need it.
+            if "img_size" not in kwargs or "img_size" not in str(e):
+                raise
+            kwargs.pop("img_size")
+            return timm.create_model(full, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        if weights is not None:  # a truncated / foreign / non-weights file: the user's to fix
+            raise UserError(f"cannot load weights {weights} into {full}: {str(e).strip().splitlines()[0]}") from e
         raise
 
 

@@ -25,7 +25,7 @@ from .distillers import METHODS, DistillConfig, Supervised, create_task
 from .errors import UserError
 from .heads import count_parameters
 from .models import create_model, create_teacher_pretrained, data_config, resolve_model_name
-from .train import CHECKPOINT, FitResult, TrainConfig, fit
+from .train import CHECKPOINT, FitResult, TrainConfig, fit, load_checkpoint, resolve_device
 
 TEACHER_FILE = "teacher.safetensors"
 STUDENT_FILE = "student.safetensors"
@@ -77,6 +77,8 @@ def train_teacher(opts: TeacherOptions, data: str = "digits", img_size: int | No
     """Fine-tune (or train from scratch) the teacher on `data`; returns its `teacher.safetensors`."""
     spec = parse_data_spec(data)
     img_size = img_size or spec.natural_size
+    _check_settings(opts.train)
+    resolve_model_name(opts.name)
     distributed.init_from_env(opts.train.device)
     run = new_run_dir(out or default_teacher_dir(opts.name, str(spec), img_size), "teacher")
     probe = create_model(opts.name, 2, img_size)  # classes are unknown until the data is read
@@ -110,7 +112,10 @@ def _find_teacher(opts: TeacherOptions, data: str, img_size: int, download: bool
     if opts.checkpoint:
         return Path(opts.checkpoint)
     path = default_teacher_dir(opts.name, data, img_size) / TEACHER_FILE
-    if path.is_file():
+    ckpt = path.parent / CHECKPOINT
+    state = load_checkpoint(ckpt) if ckpt.is_file() else None
+    # teacher.safetensors appears at the stage's first best epoch: only a finished stage counts.
+    if path.is_file() and (state is None or state["epoch"] >= state["config"]["epochs"]):
         console.print(f"using the teacher trained earlier for this data: {path}")
         return path
     console.print(f"[bold]no teacher checkpoint for {resolve_model_name(opts.name)} on {data} at {img_size}px yet: "
@@ -119,6 +124,17 @@ def _find_teacher(opts: TeacherOptions, data: str, img_size: int, download: bool
     path = train_teacher(opts, data, img_size, out=path.parent, resume=resume, download=download)
     distributed.barrier()  # rank 0 wrote the teacher file; the others read it next
     return path
+
+
+def _check_settings(*cfgs: TrainConfig) -> None:
+    for cfg in cfgs:
+        cfg.validate()
+        resolve_device(cfg.device)
+
+
+def _check_data(spec, download: bool, skip_corrupt: bool) -> None:
+    """Read the data spec once (cheap: no transforms run) so a bad --data fails before any work."""
+    load_splits(spec, 32, (0.0,) * 3, (1.0,) * 3, download=download, skip_corrupt=skip_corrupt)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -145,8 +161,12 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
     train = train or TrainConfig()
     if method not in METHODS:
         raise UserError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
-    resolve_model_name(student)  # fail on a bad name before any training
+    # Everything cheap to check is checked before any folder is made or any training starts.
+    resolve_model_name(student)
+    resolve_model_name(teacher.name)
+    _check_settings(train, teacher.train)
     spec = parse_data_spec(data)
+    _check_data(spec, download, skip_corrupt)
     dist = distributed.init_from_env(train.device)
     if resume and out is None:
         out = latest_run()
@@ -172,7 +192,7 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
     if t_meta.get("classes") != splits.classes:
         raise UserError(f"teacher {tpath} has {t_meta['num_classes']} classes {t_meta.get('classes', [])[:5]}..., "
                         f"but {spec} has {splits.num_classes}: train a teacher on this data (`spofa teacher`)")
-    if dist.is_main:
+    if dist.is_main and tpath != run_teacher:
         _link_or_copy(tpath, run_teacher)
         write_json(run / "teacher.json", {**t_meta, "copied_from": str(tpath)})
 

@@ -305,9 +305,13 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
                 labels = labels.to(device, non_blocking=True)
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
+                if cfg.on_nan == "skip":  # a non-finite forward also poisons BatchNorm running stats
+                    saved_buffers = [b.detach().clone() for b in task.buffers()]
                 out, loss_value, finite = train_step(model, images, labels, optimizer, scaler, amp, cfg.clip_grad,
                                                      before_update=(lambda: fault_hook("step", step)) if fault_hook else None)
                 if not finite:
+                    if cfg.on_nan == "skip":
+                        torch._foreach_copy_(list(task.buffers()), saved_buffers)
                     nan_skips += 1
                     history.append({"event": "nonfinite", "step": step, "epoch": epoch, "loss": str(loss_value)})
                     if cfg.on_nan == "stop" or nan_skips > cfg.max_nan_skips:

@@ -9,7 +9,8 @@ import torch
 
 # Offline by design: never let a test wait on the model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: on small shared machines two OpenMP threads spin-wait and run up to 10x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,63 @@
+"""`spofa compare`: parse options, call `spofa_deploy.compare.run_compare`, print the table."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli import options as o
+
+# Result-shaping options default to None: a new compare fills in CompareConfig's defaults,
+# `--resume` keeps the saved settings (and refuses ones given that differ).
+_Str = Optional[str]
+
+
+def compare(
+    teacher: Annotated[_Str, typer.Option("--teacher", help="Teacher: alias (vit_b, vit_s, deit_t, swin_t) or any timm name (default: vit_b).")] = None,
+    student: Annotated[_Str, typer.Option("--student", help="Student: alias (mobilenetv3, mobilenetv2, resnet18) or any timm CNN (default: mobilenetv3).")] = None,
+    data: Annotated[_Str, typer.Option("--data", help="digits | cifar10[:DIR] | cifar100[:DIR] | imagefolder:DIR (default: digits).")] = None,
+    methods: Annotated[_Str, typer.Option("--methods", help="Comma list of none, kd, ofa, spofa, spofa-nomema, spofa-nobeta (spofa-noln = ofa) (default: none,kd,ofa,spofa).")] = None,
+    ablations: Annotated[bool, typer.Option("--ablations", help="Add the SPOFA ablations: spofa-nomema, spofa-nobeta, ofa (= spofa without the LayerNorm).")] = False,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", help="Number of seeds (0..N-1) per method and rate (default: 3).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs of every run (default: 25).")] = None,
+    lr_sweep: Annotated[_Str, typer.Option("--lr-sweep", help="Peak learning rates, comma separated (default: 0.002,0.01,0.05 (AdamW); the last ones are fragile on purpose).")] = None,
+    train_fraction: Annotated[Optional[float], typer.Option("--train-fraction", help="Stratified fraction of the training split the student sees (default: 0.1, ~14 images per class on digits).")] = None,
+    img_size: o.ImgSize = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size (default: 16).")] = None,
+    opt: Annotated[_Str, typer.Option("--opt", help="adamw | sgd (default: adamw).")] = None,
+    feat_weight: Annotated[Optional[float], typer.Option("--feat-weight", help="l_ofa of ofa/spofa, the same for both (default: 1.0).")] = None,
+    clip_grad: o.ClipGrad = None,
+    amp: Annotated[_Str, typer.Option("--amp", help="auto | bf16 | fp16 | off (default: auto).")] = None,
+    teacher_ckpt: Annotated[Optional[Path], typer.Option("--teacher-ckpt", help="A teacher.safetensors to use (default: the teacher trained earlier for this data, else train it once).")] = None,
+    teacher_epochs: Annotated[Optional[int], typer.Option("--teacher-epochs", help="Epochs of the teacher stage, if it runs (default: 8).")] = None,
+    pretrained: Annotated[bool, typer.Option(help="Try timm's pretrained teacher weights first.")] = True,
+    device: o.Device = "auto",
+    workers: o.Workers = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Compare folder (default runs/compare-<student>-<time>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the compare in --out (default: the latest one under runs/), skipping finished runs.")] = False,
+    download: o.Download = False,
+) -> None:
+    """Train none / kd / ofa / spofa (and ablations) the same way and report accuracy and stability side by side."""
+    from rich.console import Console
+
+    from spofa_deploy.compare import CompareConfig, parse_lrs, parse_methods, resume_config, run_compare, summary_table
+
+    given = {"teacher": teacher, "student": student, "data": data, "seeds": seeds, "epochs": epochs,
+             "methods": tuple(parse_methods(methods)) if methods else None,
+             "lrs": parse_lrs(lr_sweep) if lr_sweep else None, "train_fraction": train_fraction, "img_size": img_size,
+             "batch_size": batch_size, "optimizer": opt, "feat_weight": feat_weight, "clip_grad": clip_grad, "amp": amp,
+             "teacher_ckpt": str(teacher_ckpt) if teacher_ckpt else None, "teacher_epochs": teacher_epochs,
+             "teacher_pretrained": None if pretrained else False, "device": device, "workers": workers,
+             "download": download or None}
+    if resume:
+        cfg = resume_config(out, **given)
+    else:
+        cfg = CompareConfig(**{k: v for k, v in given.items() if v is not None}, out=str(out) if out else None)
+    if ablations:
+        cfg.methods = tuple(parse_methods(cfg.methods, ablations=True))
+    result = run_compare(cfg, resume=resume)
+    Console().print(summary_table(result.report))
+    typer.echo(f"report: {result.out / 'report.md'} and report.json"
+               + (f"; plots: {', '.join(p.name for p in result.plots)}" if result.plots else ""))
+    typer.echo(f"{result.runs_done} runs trained now, {result.runs_skipped} finished earlier")

@@ -1,0 +1,414 @@
+"""`spofa compare`: stability figures on synthetic traces, aggregation, and a tiny real compare
+(test_vit teacher -> test_resnet student, 16 px, 1 epoch) with resume and a diverged run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from spofa_deploy import compare as cmp
+from spofa_deploy.errors import TrainingDiverged, UserError
+from spofa_deploy.stability import (accuracy_figures, divergence, loss_spikes, read_metrics, read_trace, stability,
+                                    tail_variance)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stability figures on synthetic traces (pure functions)
+
+def _write_trace(path: Path, rows: list[dict]) -> None:
+    keys = list(rows[0])
+    path.write_text(",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in rows))
+
+
+def test_loss_spikes_known_positions() -> None:
+    # Flat 1.0 with spikes at 10 (5.0 > 3 x 1) and 30 (3.5); 20 (2.9) and 40 (exactly 3.0) are not spikes.
+    losses = [1.0] * 50
+    losses[10], losses[20], losses[30], losses[40] = 5.0, 2.9, 3.5, 3.0
+    assert loss_spikes(losses) == [10, 30]
+    # No median yet in the first 3 logged steps: a huge value at index 2 is not a spike, at 3 it is.
+    assert loss_spikes([1.0, 1.0, 100.0, 1.0, 1.0, 1.0]) == []
+    assert loss_spikes([1.0, 1.0, 1.0, 100.0, 1.0, 1.0]) == [3]
+    # A warm-up blow-up 5 -> 93 (measured: mobilenetv3 at lr 0.05): the median follows it up, one spike.
+    assert loss_spikes([5.0, 14.6, 58.8, 76.0, 92.9, 68.1, 72.9, 52.1, 19.5]) == [3]
+    # A slow rise (10% per logged step) never triples its running median.
+    assert loss_spikes([1.1 ** i for i in range(40)]) == []
+    # A level shift 1 -> 10 is a spike until 10s fill half of the 20-step window (10 steps);
+    # then a 25 is not a spike (median 10), although it is 25x the first losses.
+    windowed = [1.0] * 10 + [10.0] * 20 + [25.0]
+    assert loss_spikes(windowed) == list(range(10, 20))
+    assert loss_spikes([1.0] * 30 + [10.0] * 20 + [25.0], window=40) == list(range(30, 50)) + [50]
+    # Non-finite values are divergence, not spikes, and do not enter the median.
+    assert loss_spikes([1.0] * 6 + [math.nan, math.inf, 4.0]) == [8]
+
+
+def test_tail_variance() -> None:
+    values = [10.0] * 12 + [1.0, 3.0, 1.0, 3.0]  # last 25% of 16 = 4 values: population variance 1
+    assert tail_variance(values) == pytest.approx(1.0)
+    assert tail_variance([5.0] * 7 + [1.0, 2.0, 3.0]) == pytest.approx(2 / 3)  # ceil(2.5) = 3 values
+    assert tail_variance([1.0]) is None
+    assert tail_variance([1.0, math.nan, math.nan]) is None  # fewer than 2 finite values
+    assert tail_variance(None) is None
+
+
+def test_stability_of_a_synthetic_run(tmp_path: Path) -> None:
+    rows = []
+    for step in range(1, 41):
+        loss = 2.0 if step not in (12, 25) else 9.0
+        rows.append({"step": step * 10, "epoch": 1 + step // 20, "lr": 0.01, "loss": loss,
+                     "loss_gt": 6.0 if step == 30 else 1.0 + (step % 2) * 0.5,
+                     "grad_cos_mean": 0.25 if step % 2 else -0.05})
+    _write_trace(tmp_path / "trace.csv", rows)
+    metrics = [{"epoch": 1, "step": 200, "val_top1": 60.0, "ema_top1": 55.0, "val_top5": 90.0, "seconds": 2.0,
+                "img_per_s": 100.0},
+               {"epoch": 2, "step": 400, "val_top1": 50.0, "ema_top1": 65.0, "val_top5": 91.0, "seconds": 3.0,
+                "img_per_s": 200.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    trace, recs = read_trace(tmp_path / "trace.csv"), read_metrics(tmp_path / "metrics.jsonl")
+    s = stability(trace, recs, num_classes=10)
+    assert s["logged_steps"] == 40
+    assert s["loss_spikes"] == 2 and s["spike_steps"] == [120, 250]
+    assert s["diverged"] is False and s["divergence"] == [] and s["nonfinite_events"] == 0
+    assert s["ce_spikes"] == 1 and s["ce_spike_steps"] == [300]  # the CE term has its own spike
+    assert s["loss_peak_ratio"] == pytest.approx(4.5)  # 9 / 2
+    assert s["ce_peak_ratio"] == pytest.approx(4.0)  # 6 / 1.5
+    assert s["loss_var_tail"] == pytest.approx(0.0)  # last 10 rows are all 2.0
+    assert s["ce_var_tail"] == pytest.approx(0.0625)  # alternating 1.0 / 1.5
+    assert s["grad_cos_mean"] == pytest.approx(0.1)
+    assert s["chance_top1"] == pytest.approx(10.0)
+
+    a = accuracy_figures(recs)
+    assert (a["final_top1"], a["best_top1"], a["best_epoch"]) == (50.0, 60.0, 1)
+    assert (a["final_ema_top1"], a["best_ema_top1"], a["best_ema_epoch"]) == (65.0, 65.0, 2)
+    assert a["train_s"] == pytest.approx(5.0) and a["img_per_s"] == pytest.approx(800.0 / 5.0)
+
+    # Method `none` has no grad_cos_mean column; a trace without loss_gt has no CE figures.
+    assert stability([{k: v for k, v in r.items() if k != "grad_cos_mean"} for r in trace], recs, 10)["grad_cos_mean"] is None
+    bare = stability([{k: v for k, v in r.items() if k != "loss_gt"} for r in trace], recs, 10)
+    assert bare["ce_spikes"] is None and bare["ce_peak_ratio"] is None and bare["ce_var_tail"] is None
+
+
+def test_divergence_reasons() -> None:
+    ok = [{"step": float(i), "loss": 1.0} for i in range(1, 10)]
+    good = [{"epoch": 1, "val_top1": 80.0, "ema_top1": 80.0}]
+    assert divergence(ok, good, 10) == []
+    # A non-finite event in metrics.jsonl (trainer with --on-nan skip), a NaN in the trace, or a stopped run.
+    assert divergence(ok, good + [{"event": "nonfinite", "step": 3, "epoch": 0, "loss": "nan"}], 10) == ["nonfinite"]
+    assert divergence(ok + [{"step": 10.0, "loss": math.inf}], good, 10) == ["nonfinite"]
+    assert divergence(ok, good, 10, stopped=True) == ["nonfinite"]
+    # Collapse to chance: final top-1 <= 100 / C + 2 (the final epoch counts, not the best).
+    assert divergence(ok, [{"epoch": 1, "val_top1": 90.0}, {"epoch": 2, "val_top1": 12.0}], 10) == ["collapse"]
+    assert divergence(ok, [{"epoch": 1, "val_top1": 12.1}], 10) == []
+    assert divergence(ok, [{"epoch": 1, "val_top1": 3.0}], 100) == ["collapse"]
+    assert divergence(ok, [{"epoch": 1, "val_top1": 3.5}], 100) == []
+    both = divergence(ok, [{"epoch": 1, "val_top1": 10.0}], 10, stopped=True)
+    assert both == ["nonfinite", "collapse"]
+    # Without any finished epoch there is no accuracy to collapse.
+    assert accuracy_figures([{"event": "nonfinite", "step": 0}])["final_top1"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Aggregation and parsing
+
+def _rec(method: str, lr: float, seed: int, top1: float | None, status: str = "finished", spikes: int = 0,
+         reasons: tuple = ()) -> dict:
+    return {"name": cmp.run_name(method, lr, seed), "method": method, "lr": lr, "seed": seed, "status": status,
+            "final_top1": top1, "best_top1": top1, "final_ema_top1": top1, "best_ema_top1": top1, "wall_s": 10.0,
+            "img_per_s": 100.0, "stability": {"diverged": bool(reasons), "divergence": list(reasons), "loss_spikes": spikes,
+                                              "loss_peak_ratio": 2.0,
+                                              "loss_var_tail": 0.5, "ce_var_tail": 0.1, "grad_cos_mean": None}}
+
+
+def test_summarize_mean_std_and_diverged_runs() -> None:
+    runs = [_rec("kd", 0.01, 0, 80.0), _rec("kd", 0.01, 1, 90.0), _rec("kd", 0.01, 2, 70.0, spikes=3),
+            _rec("kd", 0.1, 0, 40.0), _rec("kd", 0.1, 1, 60.0, "stopped", 2, ("nonfinite",)),
+            _rec("kd", 0.1, 2, 10.0, reasons=("collapse",))]
+    s = cmp.summarize(runs, ["kd"], [0.01, 0.1])
+    lo, hi = s["per_method_lr"]
+    assert lo["final_top1"]["mean"] == pytest.approx(80.0) and lo["final_top1"]["std"] == pytest.approx(10.0)
+    assert lo["loss_spikes"]["mean"] == pytest.approx(1.0) and lo["diverged"] == 0
+    # The stopped run (top-1 60 at its last evaluated epoch) is counted as diverged but kept out of
+    # the accuracy mean; the collapsed one trained to the end, so its 10% is in it.
+    assert (hi["runs"], hi["finished"], hi["stopped"], hi["diverged"], hi["nonfinite"], hi["collapsed"]) == (3, 2, 1, 2, 1, 1)
+    assert hi["final_top1"]["mean"] == pytest.approx(25.0) and hi["final_top1"]["n"] == 2
+    assert hi["loss_spikes"]["mean"] == pytest.approx(2 / 3)  # spikes count for every run
+    pooled = s["per_method"][0]
+    assert pooled["runs"] == 6 and pooled["diverged"] == 2 and pooled["loss_spikes_total"] == 5
+    assert pooled["worst_lr"] == 0.1 and pooled["worst_lr_final_top1"] == pytest.approx(25.0)
+    one = cmp.summarize([_rec("none", 0.01, 0, 50.0)], ["none"], [0.01])["per_method_lr"][0]
+    assert one["final_top1"]["std"] is None  # one seed: no spread to report
+
+
+def test_parse_methods_and_rates() -> None:
+    assert cmp.parse_methods("none, kd,KD,spofa") == ["none", "kd", "spofa"]
+    assert cmp.parse_methods("spofa-noln") == ["ofa"]
+    assert cmp.parse_methods("none", ablations=True) == ["none", "spofa", "spofa-nomema", "spofa-nobeta", "ofa"]
+    with pytest.raises(UserError, match="unknown method"):
+        cmp.parse_methods("none,fancy")
+    assert cmp.parse_lrs("0.002,0.01, 0.05") == (0.002, 0.01, 0.05)
+    for bad in ("0.1,x", "0,0.1", ""):
+        with pytest.raises(UserError):
+            cmp.parse_lrs(bad)
+    # The ablations switch the right DistillConfig fields, and only those.
+    cfg = cmp.CompareConfig()
+    assert cmp._loss_config(cfg, "spofa-nomema").mema is False and cmp._loss_config(cfg, "spofa-nomema").sample_weights
+    assert cmp._loss_config(cfg, "spofa-nobeta").sample_weights is False and cmp._loss_config(cfg, "spofa-nobeta").mema
+    assert cmp._loss_config(cfg, "spofa-nomema").method == "spofa" and cmp._loss_config(cfg, "ofa").method == "ofa"
+
+
+def test_eta_from_finished_runs() -> None:
+    done = {"a": {"method": "none", "wall_s": 10.0}, "b": {"method": "spofa", "wall_s": 30.0},
+            "c": {"method": "spofa", "wall_s": 50.0}}
+    # Remaining: one none (10), two spofa (mean 40 each), one kd (no finished kd yet: mean of all, 30).
+    remaining = [("none", 0.1, 1), ("spofa", 0.1, 1), ("spofa", 0.1, 2), ("kd", 0.1, 1)]
+    assert cmp._eta(done, remaining) == pytest.approx(10 + 40 + 40 + 30)
+    assert cmp._eta({}, remaining) is None
+    assert [cmp._fmt_secs(s) for s in (42, 125, 3725, None)] == ["42s", "2m05s", "1h02m", "?"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A tiny real compare
+
+def _tiny(out: Path, **kw) -> cmp.CompareConfig:
+    base = dict(teacher="test_vit", student="test_resnet", data="digits", methods=("none", "spofa"), seeds=1,
+                lrs=(0.01,), epochs=1, batch_size=32, img_size=16, train_fraction=0.05, teacher_epochs=1,
+                teacher_pretrained=False, device="cpu", workers=0, out=str(out))
+    return cmp.CompareConfig(**{**base, **kw})
+
+
+class Counter:
+    """Wraps a function, counting calls and remembering their keyword arguments."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared machine two threads
+    # spin against other jobs (5-10x slower steps measured): one thread is kinder and faster.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_compare(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    cwd = os.getcwd()
+    os.chdir(root)  # the shared teacher goes to ./runs/teachers
+    mp = pytest.MonkeyPatch()
+    teacher_calls, distill_calls = Counter(cmp.train_teacher), Counter(cmp.distill)
+    mp.setattr(cmp, "train_teacher", teacher_calls)
+    mp.setattr(cmp, "distill", distill_calls)
+    try:
+        result = cmp.run_compare(_tiny(root / "runs" / "cmp"))
+    finally:
+        mp.undo()
+        os.chdir(cwd)
+    return root, result, teacher_calls, distill_calls
+
+
+def test_tiny_compare_writes_the_report(tiny_compare) -> None:
+    root, result, teacher_calls, distill_calls = tiny_compare
+    out = result.out if result.out.is_absolute() else root / result.out
+    # One teacher, trained once, passed to every run as the same checkpoint.
+    assert len(teacher_calls.calls) == 1
+    assert len(distill_calls.calls) == 2 and result.runs_done == 2 and result.runs_skipped == 0
+    ckpts = {c[0][1].checkpoint for c in distill_calls.calls}
+    assert len(ckpts) == 1 and next(iter(ckpts)).endswith("teacher.safetensors")
+    # Same schedule and seed for both methods; only the loss differs.
+    trains = [c[1]["train"] for c in distill_calls.calls]
+    assert trains[0] == trains[1] and trains[0].log_every == 1 and trains[0].lr == 0.01
+    assert [c[0][3] for c in distill_calls.calls] == ["none", "spofa"]
+
+    rep = json.loads((out / "report.json").read_text())
+    assert rep == json.loads(json.dumps(result.report, default=str))
+    assert rep["complete"] is True and rep["seeds"] == [0]
+    for key in ("title", "config", "teacher", "data", "machine", "versions", "wall_s", "definitions", "per_method",
+                "per_method_lr", "runs", "plots"):
+        assert key in rep, key
+    assert rep["data"]["num_classes"] == 10 and rep["data"]["train_images"] == 72
+    assert rep["teacher"]["top1"] is not None and Path(rep["teacher"]["path"]).name == "teacher.safetensors"
+    assert [r["name"] for r in rep["runs"]] == ["none-lr0.01-seed0", "spofa-lr0.01-seed0"]
+    for r in rep["runs"]:
+        for key in ("final_top1", "best_top1", "final_ema_top1", "best_ema_top1", "wall_s", "img_per_s", "train_s"):
+            assert isinstance(r[key], float) and r[key] >= 0, (r["name"], key)
+        assert r["status"] == "finished" and r["epochs_run"] == 1
+        st = r["stability"]
+        for key in ("loss_spikes", "spike_steps", "ce_spikes", "diverged", "divergence", "nonfinite_events",
+                    "loss_peak_ratio", "ce_peak_ratio", "loss_var_tail",
+                    "ce_var_tail", "grad_cos_mean", "logged_steps"):
+            assert key in st, key
+        assert st["logged_steps"] == 3  # 72 images / batch 32, every step logged
+        assert st["loss_var_tail"] is not None and st["ce_var_tail"] is not None
+        # done.json holds the same record.
+        assert json.loads((out / r["name"] / cmp.DONE).read_text()) == r
+    none, spofa = rep["runs"]
+    assert none["stability"]["grad_cos_mean"] is None and isinstance(spofa["stability"]["grad_cos_mean"], float)
+    for table in ("per_method", "per_method_lr"):
+        assert [g["method"] for g in rep[table]] == ["none", "spofa"]
+        for g in rep[table]:
+            for key in ("final_top1", "best_top1", "final_ema_top1", "best_ema_top1", "loss_spikes", "ce_spikes",
+                        "loss_peak_ratio", "ce_peak_ratio", "loss_var_tail",
+                        "ce_var_tail", "grad_cos_mean", "wall_s", "img_per_s"):
+                assert set(g[key]) == {"n", "mean", "std", "min", "max"}, key
+            assert g["runs"] == 1 and g["final_top1"]["n"] == 1
+    assert rep["per_method_lr"][0]["lr"] == 0.01
+
+    md = (out / "report.md").read_text()
+    assert "## Per method and learning rate" in md and "| none | 0.01 | 1 |" in md and "| spofa | 0.01 | 1 |" in md
+    assert "spofa-lr0.01-seed0" in md and "loss_spike" in md
+    assert rep["plots"] == [cmp.PLOT_TOP1, cmp.PLOT_LOSS, cmp.PLOT_MEMA]
+    for name in rep["plots"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, name
+        assert f"({name})" in md
+
+
+def test_resume_skips_finished_runs(tiny_compare, monkeypatch) -> None:
+    from spofa_deploy.pipeline import distill
+
+    root, *_ = tiny_compare
+    monkeypatch.chdir(root)
+    out = Path("runs") / "cmp"
+    # A finished compare, started again without --resume: refused, nothing trained.
+    never = Counter(lambda *a, **k: pytest.fail("distill must not run"))
+    monkeypatch.setattr(cmp, "distill", never)
+    with pytest.raises(UserError, match="--resume"):
+        cmp.run_compare(_tiny(out))
+    # With resume: every run is finished, so no distill call at all.
+    again = cmp.run_compare(_tiny(out), resume=True)
+    assert never.calls == [] and again.runs_done == 0 and again.runs_skipped == 2
+    # Settings that change the numbers must match the saved ones.
+    with pytest.raises(UserError, match="epochs"):
+        cmp.run_compare(_tiny(out, epochs=2), resume=True)
+    # A run interrupted after its checkpoint (no done.json) is resumed from it; the other is skipped.
+    mtime = (out / "none-lr0.01-seed0" / cmp.DONE).stat().st_mtime_ns
+    (out / "spofa-lr0.01-seed0" / cmp.DONE).unlink()
+    real = Counter(distill)
+    monkeypatch.setattr(cmp, "distill", real)
+    third = cmp.run_compare(_tiny(out), resume=True)
+    assert len(real.calls) == 1 and third.runs_done == 1 and third.runs_skipped == 1
+    args, kwargs = real.calls[0]
+    assert args[3] == "spofa" and kwargs["resume"] is True and Path(kwargs["out"]).name == "spofa-lr0.01-seed0"
+    assert (out / "none-lr0.01-seed0" / cmp.DONE).stat().st_mtime_ns == mtime
+    rec = json.loads((out / "spofa-lr0.01-seed0" / cmp.DONE).read_text())
+    assert rec["resumed"] is True and rec["epochs_run"] == 1 and rec["status"] == "finished"
+    assert third.report["complete"] and len(third.report["runs"]) == 2
+    # resume_config reads the saved settings back (what `spofa compare --resume --out DIR` uses).
+    cfg = cmp.resume_config(out, device="cpu")
+    assert (cfg.student, cfg.img_size, cfg.methods, cfg.lrs) == ("test_resnet", 16, ("none", "spofa"), (0.01,))
+
+
+def test_a_diverged_run_is_recorded_not_fatal(tiny_compare, monkeypatch) -> None:
+    from spofa_deploy import pipeline
+
+    root, *_ = tiny_compare
+    monkeypatch.chdir(root)
+    tasks, raised = [], []
+    real_create = pipeline.create_task
+    monkeypatch.setattr(pipeline, "create_task", lambda *a, **k: tasks.append(real_create(*a, **k)) or tasks[-1])
+
+    def nan_grads_at_step_1(phase: str, step: int) -> None:
+        if phase == "step" and step == 1:
+            for p in tasks[-1].trainable():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+
+    def distill_with_fault(*args, **kwargs):
+        # A real run whose gradients turn NaN at its second step: fit raises TrainingDiverged.
+        try:
+            return pipeline.distill(*args, fault_hook=nan_grads_at_step_1, **kwargs)
+        except TrainingDiverged:
+            raised.append(True)
+            raise
+
+    monkeypatch.setattr(cmp, "distill", distill_with_fault)
+    res = cmp.run_compare(_tiny(Path("runs") / "div", methods=("kd",)))
+    assert raised == [True]
+    (rec,) = res.report["runs"]
+    assert rec["status"] == "stopped" and "non-finite" in rec["error"]
+    assert rec["stability"]["diverged"] is True and "nonfinite" in rec["stability"]["divergence"]
+    assert rec["stability"]["nonfinite_events"] == 1 and rec["final_top1"] is None
+    g = res.report["per_method_lr"][0]
+    assert (g["diverged"], g["stopped"], g["nonfinite"]) == (1, 1, 1) and g["final_top1"]["mean"] is None
+    assert (res.out / "kd-lr0.01-seed0" / cmp.DONE).is_file()
+    assert "| kd-lr0.01-seed0 | stopped |" in (res.out / "report.md").read_text()
+
+
+def test_an_interrupted_teacher_stage_is_resumed_not_used(tmp_path: Path, monkeypatch) -> None:
+    from spofa_deploy.pipeline import default_teacher_dir
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _tiny(tmp_path / "c")
+    tdir = default_teacher_dir("test_vit", "digits", 16)
+    tdir.mkdir(parents=True)
+    (tdir / "teacher.safetensors").write_bytes(b"written after its first best epoch")
+    torch.save({"epoch": 1, "config": {"epochs": 2}}, tdir / "checkpoint-last.pt")
+    calls = []
+
+    def fake_train_teacher(opts, data, img_size, out, resume, download):
+        calls.append((Path(out), resume, img_size))
+        return Path(out) / "teacher.safetensors"
+
+    monkeypatch.setattr(cmp, "train_teacher", fake_train_teacher)
+    assert cmp.ensure_teacher(cfg, 16) == tdir / "teacher.safetensors"
+    assert calls == [(tdir, True, 16)]  # stopped at epoch 1/2: resumed, not used half-trained
+    torch.save({"epoch": 2, "config": {"epochs": 2}}, tdir / "checkpoint-last.pt")
+    assert cmp.ensure_teacher(cfg, 16) == tdir / "teacher.safetensors" and len(calls) == 1  # finished: used
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line: options reach the config (no training)
+
+def test_cli_options_reach_the_config(monkeypatch, tmp_path: Path) -> None:
+    import dataclasses
+
+    import typer
+    from typer.testing import CliRunner
+
+    from cli.cmd_compare import compare
+    from spofa_deploy.artifacts import write_json
+
+    app = typer.Typer()
+    app.command("compare")(compare)
+    app.command("noop")(lambda: None)  # two commands: `compare` is a subcommand, as in cli.main
+    seen = []
+
+    def fake_run(cfg, resume=False):
+        seen.append((cfg, resume))
+        return cmp.CompareResult(tmp_path, {}, 0, 0)
+
+    monkeypatch.setattr(cmp, "run_compare", fake_run)
+    monkeypatch.setattr(cmp, "summary_table", lambda report: "table")
+    run = CliRunner().invoke
+    r = run(app, ["compare"])
+    assert r.exit_code == 0, r.output
+    assert seen[-1] == (cmp.CompareConfig(), False)  # the documented defaults
+    r = run(app, ["compare", "--methods", "none,kd", "--ablations", "--seeds", "2", "--lr-sweep", "0.1,0.2",
+                  "--train-fraction", "0.2", "--epochs", "3", "--teacher", "vit_s", "--student", "resnet18",
+                  "--batch-size", "16", "--img-size", "24", "--device", "cpu", "--workers", "0",
+                  "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    cfg, resume = seen[-1]
+    assert not resume and cfg.methods == ("none", "kd", "spofa", "spofa-nomema", "spofa-nobeta", "ofa")
+    assert (cfg.seeds, cfg.lrs, cfg.train_fraction, cfg.epochs, cfg.teacher, cfg.student) == (2, (0.1, 0.2), 0.2, 3, "vit_s", "resnet18")
+    assert (cfg.batch_size, cfg.img_size, cfg.device, cfg.workers, cfg.out) == (16, 24, "cpu", 0, str(tmp_path / "c"))
+    # --resume: the saved settings, not the defaults, for everything not given.
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    write_json(saved / cmp.COMPARE, {"config": dataclasses.asdict(cmp.CompareConfig(student="resnet18", epochs=7))})
+    r = run(app, ["compare", "--resume", "--out", str(saved), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    cfg, resume = seen[-1]
+    assert resume and (cfg.student, cfg.epochs, cfg.device, cfg.out) == ("resnet18", 7, "cpu", str(saved))
