@@ -49,6 +49,7 @@ def bench(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure and the machine to this JSON file.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write an accuracy-vs-latency PNG.")] = None,
     device: o.Device = "auto",
+    trust: Annotated[bool, typer.Option("--trust", help="Run a TensorRT engine that has no sidecar (only engines you built).")] = False,
 ) -> None:
     """Latency (GPU compute and host) and accuracy of a student beside its teacher."""
     from export.benchmark import run_bench
@@ -58,9 +59,15 @@ def bench(
         artifact, teacher=teacher, data=data, backends=_split(backend, "--backend"), batch_sizes=parse_batches(batch),
         precisions=_split(precision, "--precision") if precision else None, warmup_s=warmup_s, min_s=min_s,
         min_iters=min_iters, rounds=rounds, max_val=max_val, device=device, teacher_backend=teacher_backend,
-        accuracy=not no_accuracy, threads=threads, json_path=json_path, plot_path=plot, progress=True,
+        accuracy=not no_accuracy, threads=threads, trust_engine=trust, json_path=json_path, plot_path=plot, progress=True,
     )
     print_report(report)
+    students = [r for r in report.results if r.role == "student"]
+    if students and not any(r.status == "ok" for r in students):
+        from spofa_deploy.errors import MissingDependency
+
+        reasons = "; ".join(sorted({r.reason for r in students if r.reason}))
+        raise MissingDependency(f"nothing was measured for {Path(artifact).name}: {reasons}")
     for label, path in (("json", json_path), ("plot", plot)):
         if path is not None and Path(path).is_file():
             typer.echo(f"{label}: {path}")

@@ -23,13 +23,11 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
     _state["debug"] = debug
 
 
-def _train_config(epochs, batch_size, lr, opt, device, amp, seed, workers, on_nan, clip_grad, base):
-    from spofa_deploy.train import TrainConfig
+def _train_config(base, **given):
+    """`base` with the options the user actually gave (None means: keep the default)."""
+    from dataclasses import replace
 
-    return TrainConfig(epochs=base.epochs if epochs is None else epochs, batch_size=batch_size,
-                       lr=base.lr if lr is None else lr, optimizer=opt,
-                       device=device, amp=amp, seed=seed, workers=workers, on_nan=on_nan, clip_grad=clip_grad,
-                       weight_decay=base.weight_decay)
+    return replace(base, **{k: v for k, v in given.items() if v is not None or k in ("workers", "clip_grad")})
 
 
 @app.command()
@@ -39,17 +37,19 @@ def teacher(
     img_size: o.ImgSize = None,
     teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file to start from.")] = None,
     pretrained: Annotated[bool, typer.Option(help="Try timm's pretrained weights first.")] = True,
-    epochs: o.Epochs = None, batch_size: o.BatchSize = 128, lr: o.Lr = None, opt: o.Optim = "adamw",
+    epochs: o.Epochs = None, batch_size: o.BatchSize = None, lr: o.Lr = None, opt: o.Optim = None,
     device: o.Device = "auto", amp: o.Amp = "auto", out: o.Out = None, resume: o.Resume = False,
     seed: o.Seed = 0, workers: o.Workers = None, download: o.Download = False, on_nan: o.OnNan = "stop",
     clip_grad: o.ClipGrad = None,
+    skip_corrupt: Annotated[bool, typer.Option(help="Skip unreadable images (with a warning) instead of failing.")] = False,
 ) -> None:
     """Train / fine-tune the teacher on the data (teacher.safetensors + teacher.json)."""
     from spofa_deploy.pipeline import TeacherOptions, train_teacher
 
     opts = TeacherOptions(name=teacher, weights=str(teacher_weights) if teacher_weights else None, pretrained=pretrained)
-    opts.train = _train_config(epochs, batch_size, lr, opt, device, amp, seed, workers, on_nan, clip_grad, opts.train)
-    path = train_teacher(opts, data, img_size, out=out, resume=resume, download=download)
+    opts.train = _train_config(opts.train, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=opt, device=device,
+                               amp=amp, seed=seed, workers=workers, on_nan=on_nan, clip_grad=clip_grad)
+    path = train_teacher(opts, data, img_size, out=out, resume=resume, download=download, skip_corrupt=skip_corrupt)
     typer.echo(str(path))
 
 
@@ -64,7 +64,8 @@ def distill(
     teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file for the teacher stage.")] = None,
     teacher_epochs: Annotated[Optional[int], typer.Option(help="Epochs of the teacher stage, if it runs.")] = None,
     pretrained: Annotated[bool, typer.Option(help="Try timm's pretrained teacher weights first.")] = True,
-    epochs: o.Epochs = None, batch_size: o.BatchSize = 128, lr: o.Lr = None, opt: o.Optim = "adamw",
+    teacher_batch_size: Annotated[Optional[int], typer.Option(help="Batch size of the teacher stage (default 32).")] = None,
+    epochs: o.Epochs = None, batch_size: o.BatchSize = None, lr: o.Lr = None, opt: o.Optim = None,
     device: o.Device = "auto", amp: o.Amp = "auto", out: o.Out = None, resume: o.Resume = False,
     seed: o.Seed = 0, workers: o.Workers = None, download: o.Download = False, on_nan: o.OnNan = "stop",
     clip_grad: o.ClipGrad = None,
@@ -105,8 +106,9 @@ def distill(
         raise UserError(f"--stage-eps must be comma-separated numbers, got '{stage_eps}'") from None
     topts = TeacherOptions(name=teacher, checkpoint=str(teacher_ckpt) if teacher_ckpt else None,
                            weights=str(teacher_weights) if teacher_weights else None, pretrained=pretrained)
-    topts.train = _train_config(teacher_epochs, batch_size, None, opt, device, amp, seed, workers, on_nan, clip_grad, topts.train)
-    tcfg = _train_config(epochs, batch_size, lr, opt, device, amp, seed, workers, on_nan, clip_grad, TrainConfig())
+    common = dict(device=device, amp=amp, seed=seed, workers=workers, on_nan=on_nan, clip_grad=clip_grad)
+    topts.train = _train_config(topts.train, epochs=teacher_epochs, batch_size=teacher_batch_size, **common)
+    tcfg = _train_config(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, optimizer=opt, **common)
     lcfg = DistillConfig(method=method, gt_weight=gt_weight, kd_weight=kd_weight, feat_weight=feat_weight, eps=eps,
                          stage_eps=seps, temperature=temperature, kd_temperature=kd_temperature,
                          label_smoothing=label_smoothing, mema=mema, sample_weights=sample_weights,
@@ -168,10 +170,14 @@ def main() -> None:
     except Exception as e:
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+        try:  # typer >= 0.20 vendors click as typer._click: its exceptions are not click's
+            from typer._click import exceptions as typer_click
+        except ImportError:
+            typer_click = click.exceptions
+        if isinstance(e, (click.exceptions.ClickException, typer_click.ClickException)):
+            print(f"error: {e.format_message()}", file=sys.stderr)
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, (click.exceptions.Abort, typer_click.Abort)):
             sys.exit(130)
         if debug:
             raise

@@ -134,7 +134,20 @@ def _read_sidecar(path: Path, side: Path) -> dict:
     return meta
 
 
-def resolve_artifact(path: str | Path, role: str = "student") -> Artifact:
+def _trusted_engine(path: Path) -> Artifact:
+    """An engine without a sidecar, run on the user's word (--trust): input and classes read from the engine."""
+    from export.tensorrt import TrtRunner
+
+    r = TrtRunner(path, trust=True)  # MissingDependency where TensorRT or a GPU is missing
+    c, h, _ = (int(d) for d in r.input_shape)
+    classes = int(tuple(r.engine.get_tensor_shape(r.output_name))[-1])
+    meta = {"model": path.stem, "format": "trt", "img_size": h, "in_chans": c, "num_classes": classes,
+            "batch": r.batch, "trusted_without_sidecar": True}
+    return Artifact(path=path, format="trt", meta=meta, precision="unknown", size_bytes=path.stat().st_size,
+                    batch_range=(r.min_batch, r.max_batch))
+
+
+def resolve_artifact(path: str | Path, role: str = "student", trust: bool = False) -> Artifact:
     """Find and check the artifact: file kind, sidecar, and that the two belong together.
 
     A folder means its `student.safetensors` (or `teacher.safetensors` for role="teacher").
@@ -154,6 +167,8 @@ def resolve_artifact(path: str | Path, role: str = "student") -> Artifact:
         raise UserError(f"not a file: {path}")
     fmt = _format_of(path)
     side = sidecar_path(path)
+    if fmt == "trt" and trust and not side.is_file():
+        return _trusted_engine(path)
     meta = read_model_meta(path) if fmt == "torch" else _read_sidecar(path, side)
     declared = meta.get("format")
     if declared is None and fmt != "torch":

@@ -375,7 +375,10 @@ def _run_bench(artifact, *, teacher, data, backends, batch_sizes, precisions, wa
     precs = [p.strip().lower() for p in precisions] if precisions else [None]
     dev = resolve_device(device)
     notes: list[str] = []
-    art = resolve_artifact(artifact)
+    art = resolve_artifact(artifact, trust=trust_engine)
+    if art.meta.get("trusted_without_sidecar") and accuracy:
+        notes.append(f"{art.path.name} has no sidecar (--trust): no preprocessing metadata, accuracy not measured")
+        accuracy = False
     tart = teacher_artifact(art, teacher, notes)
     arts = [art] + ([tart] if tart else [])
     for a in arts:

@@ -8,6 +8,7 @@ a crash never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
@@ -44,6 +45,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        kept = " (the previous file is kept)" if path.exists() else ""
+        raise UserError(f"cannot write {path}: {e.strerror}{kept}") from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -110,7 +116,9 @@ def save_model(path: str | Path, model: nn.Module, meta: dict) -> None:
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "timm_name": str(meta.get("model", ""))})
+        # One metadata key: safetensors writes this map in a per-process random (Rust HashMap) order, so two
+        # keys give different bytes for the same weights. The timm name is in the JSON sidecar.
+        save_file(state, str(tmp), metadata={"format": "pt"})
     write_json(sidecar_path(path), {**meta, "versions": versions(), "saved_at": datetime.now().isoformat(timespec="seconds")})
 
 
@@ -132,15 +140,25 @@ def read_model_meta(path: str | Path) -> dict:
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file (never pickle), with a clear error for bad files."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
     try:
+        if not _utf8(path):
+            return load(path.read_bytes())  # safetensors' Rust side refuses a file name that is not UTF-8
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from e
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_model(path: str | Path, exportable: bool = False) -> tuple[nn.Module, dict]:

@@ -337,8 +337,10 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, worker
     """A DataLoader with seeded shuffling, pinned memory on GPU and persistent workers."""
     workers = default_workers() if workers is None else workers
     gen = torch.Generator().manual_seed(seed)
+    # A last training batch of one sample breaks BatchNorm ("Expected more than 1 value per channel"): drop it.
+    drop_last = train and len(sampler if sampler is not None else ds) % batch_size == 1
     return _Loader(
-        ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, drop_last=False,
+        ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, drop_last=drop_last,
         num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0, generator=gen,
         worker_init_fn=_seed_worker,
     )

@@ -39,7 +39,8 @@ class TeacherOptions:
     checkpoint: str | None = None  # a teacher.safetensors written by `spofa teacher`
     weights: str | None = None  # a local weights file (timm / torchvision format)
     pretrained: bool = True  # try timm's pretrained weights (needs a network or a warm cache)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, lr=5e-4))
+    # ViT from scratch or fine-tuned: AdamW; batch 32 gave 96.4 % vs 85.0 % at batch 128 on digits.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, lr=5e-4, batch_size=32, optimizer="adamw"))
 
 
 @dataclass
@@ -73,7 +74,8 @@ def _splits(data: str, img_size: int, prep: dict, seed: int, download: bool, tra
 
 
 def train_teacher(opts: TeacherOptions, data: str = "digits", img_size: int | None = None,
-                  out: str | Path | None = None, resume: bool = False, download: bool = False) -> Path:
+                  out: str | Path | None = None, resume: bool = False, download: bool = False,
+                  skip_corrupt: bool = False) -> Path:
     """Fine-tune (or train from scratch) the teacher on `data`; returns its `teacher.safetensors`."""
     spec = parse_data_spec(data)
     img_size = img_size or spec.natural_size
@@ -83,7 +85,7 @@ def train_teacher(opts: TeacherOptions, data: str = "digits", img_size: int | No
     run = new_run_dir(out or default_teacher_dir(opts.name, str(spec), img_size), "teacher")
     probe = create_model(opts.name, 2, img_size)  # classes are unknown until the data is read
     prep = data_config(probe)
-    splits = _splits(data, img_size, prep, opts.train.seed, download)
+    splits = _splits(data, img_size, prep, opts.train.seed, download, skip_corrupt=skip_corrupt)
     torch.manual_seed(opts.train.seed)
     if opts.weights:
         model, source = create_model(opts.name, splits.num_classes, img_size, weights=opts.weights), f"weights file {opts.weights}"
@@ -107,7 +109,7 @@ def train_teacher(opts: TeacherOptions, data: str = "digits", img_size: int | No
     return path
 
 
-def _find_teacher(opts: TeacherOptions, data: str, img_size: int, download: bool) -> Path:
+def _find_teacher(opts: TeacherOptions, data: str, img_size: int, download: bool, skip_corrupt: bool = False) -> Path:
     """Teacher source, in order: an explicit checkpoint; the one trained earlier for this data; a new stage."""
     if opts.checkpoint:
         return Path(opts.checkpoint)
@@ -121,7 +123,8 @@ def _find_teacher(opts: TeacherOptions, data: str, img_size: int, download: bool
     console.print(f"[bold]no teacher checkpoint for {resolve_model_name(opts.name)} on {data} at {img_size}px yet: "
                   "running the teacher stage first[/]")
     resume = (path.parent / CHECKPOINT).is_file()
-    path = train_teacher(opts, data, img_size, out=path.parent, resume=resume, download=download)
+    path = train_teacher(opts, data, img_size, out=path.parent, resume=resume, download=download,
+                         skip_corrupt=skip_corrupt)
     distributed.barrier()  # rank 0 wrote the teacher file; the others read it next
     return path
 
@@ -174,6 +177,8 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
     run = distributed.broadcast_object(new_run_dir(out, f"{resolve_model_name(student)}-{method}") if dist.is_main else None)
     if resume and not (run / CHECKPOINT).is_file():
         raise UserError(f"--resume: no {CHECKPOINT} in {run}")
+    if resume:
+        load_checkpoint(run / CHECKPOINT)  # an unreadable checkpoint is refused before runs/latest moves
     if not resume and (run / CHECKPOINT).is_file():
         raise UserError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
 
@@ -182,7 +187,7 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
     if resume and run_teacher.is_file():
         tpath = run_teacher
     else:
-        tpath = _find_teacher(teacher, str(spec), img_size or spec.natural_size, download)
+        tpath = _find_teacher(teacher, str(spec), img_size or spec.natural_size, download, skip_corrupt)
     t_model, t_meta = load_model(tpath)
     img_size = img_size or int(t_meta["img_size"])
     if int(t_meta["img_size"]) != img_size:
@@ -219,6 +224,9 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
     result = fit(task, splits, train, run, resume=resume, label=method, on_best=save, fault_hook=fault_hook)
     if dist.is_main:
         _plot_trace(run)
+        bad = sorted(set(getattr(splits.train, "corrupt", ())) | set(getattr(splits.val, "corrupt", ())))
+        if bad:  # (counted in this process: with --workers > 0 the loader workers hold their own counts)
+            console.print(f"[yellow]warning:[/] skipped {len(bad)} unreadable image(s) (--skip-corrupt), e.g. {bad[0]}")
     distributed.barrier()
     return DistillResult(run, spath, run_teacher, read_model_meta(spath), t_meta, result, head_params, s_params)
 

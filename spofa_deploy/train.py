@@ -34,10 +34,12 @@ TRACE = "trace.csv"
 class TrainConfig:
     """Optimisation settings (one set for the teacher stage, one for distillation)."""
 
+    # Defaults: the student recipe measured on digits (README, "Measured results"): SGD at
+    # 0.02 reached 98 % where AdamW at 2e-3 stalled near 85 % for MobileNetV3 from scratch.
     epochs: int = 20
-    batch_size: int = 128
-    lr: float = 2e-3
-    optimizer: str = "adamw"  # adamw | sgd
+    batch_size: int = 64
+    lr: float = 0.02
+    optimizer: str = "sgd"  # sgd (nesterov) | adamw
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     clip_grad: float | None = None
@@ -247,7 +249,9 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
     ckpt_path = run_dir / CHECKPOINT
     state = load_checkpoint(ckpt_path) if resume else None
     if state is not None:
-        cfg = TrainConfig(**{**asdict(cfg), **state["config"], "device": cfg.device, "workers": cfg.workers})
+        # What shapes the result comes from the checkpoint (exact resume); the NaN policy from the command line.
+        cfg = TrainConfig(**{**asdict(cfg), **state["config"], "device": cfg.device, "workers": cfg.workers,
+                             "on_nan": cfg.on_nan})
         dist.is_main and console.print(f"[bold]resuming[/] {label} from {ckpt_path} (epoch {state['epoch']}/{cfg.epochs})")
 
     if dist.enabled and device.type == "cuda":

@@ -28,9 +28,9 @@ def tiny_run(tmp_path_factory) -> Path:
     os.chdir(root)  # the teacher cache goes to ./runs/teachers
     try:
         teacher = TeacherOptions(name="test_vit", pretrained=False,
-                                 train=TrainConfig(epochs=3, lr=2e-3, batch_size=64, workers=0, log_every=5))
+                                 train=TrainConfig(epochs=3, lr=2e-3, batch_size=64, optimizer="adamw", workers=0, log_every=5))
         r = distill("test_resnet", teacher, data="digits", method="spofa",
-                    train=TrainConfig(epochs=3, lr=3e-3, batch_size=64, workers=0, log_every=5),
+                    train=TrainConfig(epochs=3, lr=3e-3, batch_size=64, optimizer="adamw", workers=0, log_every=5),
                     out=root / "runs" / "tiny")
     finally:
         os.chdir(cwd)

@@ -32,15 +32,6 @@ PCTL_ORDER = ("min_ms", "median_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")
 
 # ----------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The CI box has 2 shared cores; one thread keeps timings (and test time) steady.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _meta(model, name: str, role: str) -> dict:
     from spofa_deploy.models import count_params, data_config
 

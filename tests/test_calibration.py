@@ -22,16 +22,6 @@ from spofa_deploy.models import create_model, data_config
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # On a small shared machine two OpenMP threads that spin-wait against other jobs ran the
-    # training fixture 15x slower (123 s vs 8 s) than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _meta(model: torch.nn.Module, name: str, top1: float) -> dict:
     return {"model": name, "num_classes": 10, "classes": [str(i) for i in range(10)], "img_size": SIZE,
             **data_config(model), "data": "digits", "role": "student", "method": "none", "teacher": "",
@@ -43,8 +33,6 @@ def trained_student(tmp_path_factory) -> Path:
     """test_resnet trained on digits at 32 px for 3 epochs (Adam, one-cycle): ~98% val top-1 in ~8 s."""
     from spofa_deploy.data import load_splits
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see _one_torch_thread; session fixtures run before module ones
     torch.manual_seed(0)
     model = create_model("test_resnet", 10, img_size=SIZE)
     cfg = data_config(model)
@@ -69,7 +57,6 @@ def trained_student(tmp_path_factory) -> Path:
     model.eval()
     with torch.no_grad():
         top1 = float((model(xv).argmax(1) == yv).float().mean() * 100)
-    torch.set_num_threads(threads)
     assert top1 > 90, f"the fixture's student did not train ({top1:.1f}%)"
     path = tmp_path_factory.mktemp("trained") / "student.safetensors"
     save_model(path, model, _meta(model, "test_resnet", top1))

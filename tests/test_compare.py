@@ -191,16 +191,6 @@ class Counter:
         return self.fn(*args, **kwargs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared machine two threads
-    # spin against other jobs (5-10x slower steps measured): one thread is kinder and faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_compare(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")

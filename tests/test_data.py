@@ -23,15 +23,6 @@ from spofa_deploy.errors import UserError
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine two OpenMP threads spin-wait and run ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _splits(spec, size=32, **kw):
     return load_splits(spec, size, MEAN, STD, "bilinear", 0.875, **kw)
 

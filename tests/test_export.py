@@ -22,15 +22,6 @@ from spofa_deploy.models import create_model, data_config
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Small shared CI machines: one OpenMP thread avoids spin-wait contention with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _save(folder: Path, name: str, model_name: str, role: str, **extra) -> Path:
     torch.manual_seed(0)
     model = create_model(model_name, 10, img_size=SIZE)

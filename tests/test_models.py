@@ -20,15 +20,6 @@ from spofa_deploy.models import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine two OpenMP threads spin-wait and run ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("alias, full", [
     ("vit_b", "vit_base_patch16_224"),
     ("mobilenetv3", "mobilenetv3_large_100"),

@@ -30,30 +30,6 @@ from spofa_deploy.train import CHECKPOINT, TrainConfig, evaluate, fit
 CLASSES = [str(i) for i in range(10)]
 
 
-_THREADS = torch.get_num_threads()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine two OpenMP threads spin-wait and run ~10x slower."""
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(_THREADS)
-
-
-@pytest.fixture(scope="session")
-def _one_thread_for_tiny_run() -> None:
-    torch.set_num_threads(1)  # set back by `_one_thread` when this module ends
-
-
-@pytest.fixture(scope="session")
-def tiny_run(_one_thread_for_tiny_run, tiny_run: Path) -> Path:
-    """conftest's `tiny_run`, built with one intra-op thread when a test here is the first to ask for it.
-
-    (A session fixture is set up before the module-scoped `_one_thread`; with two spinning threads the
-    run takes minutes instead of about one.)
-    """
-    return tiny_run
 EPOCH_KEYS = {"epoch", "lr", "train_loss", "val_top1", "val_top5", "ema_top1", "img_per_s", "seconds"}
 
 

@@ -151,7 +151,5 @@ def test_disk_full_keeps_the_previous_checkpoint(jobs) -> None:
 
 
 @pytest.mark.uses("killed", "disk_full")
-@pytest.mark.xfail(strict=True, reason="BUG: a full disk (OSError ENOSPC) while writing the checkpoint exits 1 as "
-                                       "'internal error ... report it' instead of exit 2 with 'error: cannot write ...'")
 def test_disk_full_is_a_user_error(jobs) -> None:
     fk.assert_user_error(jobs.result("disk_full")["result"], "no space left on device")

@@ -40,9 +40,6 @@ def test_same_seed_twice_is_bitwise_identical(jobs) -> None:
     assert (a_dir / "trace.csv").read_text() == (b_dir / "trace.csv").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: save_model passes two __metadata__ keys to safetensors, which writes "
-                                       "them in a per-process random (Rust HashMap) order: the same weights give "
-                                       "different student.safetensors bytes in about half of the runs")
 def test_save_model_writes_the_same_bytes_for_the_same_weights(tmp_path) -> None:
     import torch
 

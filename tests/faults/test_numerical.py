@@ -61,9 +61,6 @@ def test_nan_loss_stop_keeps_the_last_checkpoint(jobs) -> None:
 
 
 @pytest.mark.uses("killed", "nan_stop", "nan_stop_then_skip")
-@pytest.mark.xfail(strict=True, reason="BUG: --resume restores every TrainConfig field from the checkpoint, so "
-                                       "--on-nan skip given on resume is silently ignored (and so are --clip-grad / "
-                                       "--lr, which the stop message recommends)")
 def test_resume_after_a_nan_stop_with_on_nan_skip(jobs) -> None:
     c = jobs.result("nan_stop_then_skip")
     assert c["result"].rc == 0, c["result"]
