@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from spofa_deploy.artifacts import REQUIRED_META, read_json, read_model_meta, sidecar_path
+from spofa_deploy.artifacts import read_model_meta, sidecar_path
 from spofa_deploy.errors import UserError
 
 FORMAT_NAMES = {"torch": "a PyTorch model (.safetensors)", "onnx": "an ONNX model", "trt": "a TensorRT engine"}
@@ -123,17 +123,6 @@ def _resolve_source(meta: dict, artifact: Path) -> Path | None:
     return None
 
 
-def _read_sidecar(path: Path, side: Path) -> dict:
-    """The export sidecar of an ONNX file or engine (`spofa_deploy.artifacts.read_model_meta` reads a model's)."""
-    if not side.is_file():
-        raise UserError(f"{path} has no sidecar {side.name} beside it (it is written by `spofa export`)")
-    meta = read_json(side)
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise UserError(f"{side} lacks {', '.join(missing)}: not a spofa export sidecar")
-    return meta
-
-
 def _trusted_engine(path: Path) -> Artifact:
     """An engine without a sidecar, run on the user's word (--trust): input and classes read from the engine."""
     from export.tensorrt import TrtRunner
@@ -169,7 +158,7 @@ def resolve_artifact(path: str | Path, role: str = "student", trust: bool = Fals
     side = sidecar_path(path)
     if fmt == "trt" and trust and not side.is_file():
         return _trusted_engine(path)
-    meta = read_model_meta(path) if fmt == "torch" else _read_sidecar(path, side)
+    meta = read_model_meta(path) if fmt == "torch" else read_model_meta(path, written_by="spofa export")
     declared = meta.get("format")
     if declared is None and fmt != "torch":
         raise UserError(f"{side} has no 'format' entry: it was not written for {path.name}")

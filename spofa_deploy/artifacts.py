@@ -125,15 +125,15 @@ def save_model(path: str | Path, model: nn.Module, meta: dict) -> None:
 REQUIRED_META = ("model", "num_classes", "img_size", "mean", "std")
 
 
-def read_model_meta(path: str | Path) -> dict:
-    """Read and check the sidecar of a model file."""
+def read_model_meta(path: str | Path, written_by: str = "spofa distill") -> dict:
+    """Read and check the JSON sidecar of a model file or exported artifact."""
     side = sidecar_path(path)
     if not side.is_file():
-        raise UserError(f"{path} has no metadata file {side.name} beside it (it is written by `spofa distill`)")
+        raise UserError(f"{path} has no sidecar {side.name} beside it (it is written by `{written_by}`)")
     meta = read_json(side)
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
-        raise UserError(f"{side} lacks {', '.join(missing)}: not a spofa model metadata file")
+        raise UserError(f"{side} lacks {', '.join(missing)}: not a spofa metadata file")
     return meta
 
 

@@ -164,7 +164,7 @@ def _refused(folder: Path, match: str, *args, **kwargs) -> UserError:
 
 def test_refuses_student_without_metadata(student):
     (student.parent / "student.json").unlink()
-    _refused(student.parent, "no metadata file", student, "onnx")
+    _refused(student.parent, "no sidecar", student, "onnx")
 
 
 def test_refuses_metadata_of_another_model(student):
