@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["ProjectorHead", "build_heads", "count_parameters"]
+__all__ = ["ProjectorHead", "build_heads"]
 
 
 def _conv_bn_relu(*convs: nn.Module, out_chs: int) -> list[nn.Module]:
@@ -134,8 +134,3 @@ def build_heads(
         ProjectorHead(int(c), int(r), dim, num_classes, layer_norm=layer_norm)
         for c, r in zip(stage_chs, stage_reductions)
     )
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters of a module (only those with requires_grad if trainable_only)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

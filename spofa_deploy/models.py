@@ -195,5 +195,6 @@ def forward_with_stages(model: nn.Module, x: torch.Tensor, taps: list[StageTap])
     return model.forward_head(final), feats
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of a module (only those with requires_grad if trainable_only)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -23,8 +23,7 @@ from .console import console
 from .data import Splits, load_splits, parse_data_spec
 from .distillers import METHODS, DistillConfig, Supervised, create_task
 from .errors import UserError
-from .heads import count_parameters
-from .models import create_model, create_teacher_pretrained, data_config, resolve_model_name
+from .models import count_params, create_model, create_teacher_pretrained, data_config, resolve_model_name
 from .train import CHECKPOINT, FitResult, TrainConfig, fit, load_checkpoint, resolve_device
 
 TEACHER_FILE = "teacher.safetensors"
@@ -64,7 +63,7 @@ def default_teacher_dir(teacher: str, data: str, img_size: int) -> Path:
 def _model_meta(model, name: str, splits: Splits, img_size: int, cfg: dict, role: str, **extra) -> dict:
     return {"role": role, "model": resolve_model_name(name), "num_classes": splits.num_classes,
             "classes": splits.classes, "img_size": img_size, **cfg, "data": str(splits.spec),
-            "params": sum(p.numel() for p in model.parameters()), **extra}
+            "params": count_params(model), **extra}
 
 
 def _splits(data: str, img_size: int, prep: dict, seed: int, download: bool, train_fraction: float = 1.0,
@@ -122,8 +121,7 @@ def _find_teacher(opts: TeacherOptions, data: str, img_size: int, download: bool
         return path
     console.print(f"[bold]no teacher checkpoint for {resolve_model_name(opts.name)} on {data} at {img_size}px yet: "
                   "running the teacher stage first[/]")
-    resume = (path.parent / CHECKPOINT).is_file()
-    path = train_teacher(opts, data, img_size, out=path.parent, resume=resume, download=download,
+    path = train_teacher(opts, data, img_size, out=path.parent, resume=state is not None, download=download,
                          skip_corrupt=skip_corrupt)
     distributed.barrier()  # rank 0 wrote the teacher file; the others read it next
     return path
@@ -205,8 +203,8 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
     s_model = create_model(student, splits.num_classes, img_size)
     task = create_task(method, s_model, t_model, loss, splits.num_classes,
                        sync=distributed.all_reduce_mean if dist.enabled else None)
-    head_params = count_parameters(task.extra_state()) if task.extra_state() is not None else 0
-    s_params = count_parameters(s_model)
+    head_params = count_params(task.extra_state()) if task.extra_state() is not None else 0
+    s_params = count_params(s_model)
     console.print(f"[bold]distill:[/] {resolve_model_name(student)} <- {t_meta['model']} ({method}) on {spec}, "
                   f"{img_size}px, {len(splits.train)} train / {len(splits.val)} val -> {run}")
     spath = run / STUDENT_FILE

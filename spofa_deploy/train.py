@@ -144,7 +144,7 @@ class AugSeeded(torch.utils.data.Dataset):
     """
 
     def __init__(self, ds, seed: int):
-        self.ds, self.seed, self.epoch = ds, seed, 0
+        self.ds, self.seed = ds, seed
 
     def __len__(self) -> int:
         return len(self.ds)
