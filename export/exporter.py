@@ -147,7 +147,7 @@ def _tool_versions(*extra: str) -> dict:
 
 def _sidecar(meta: dict, *, fmt: str, precision: str, opset: int, batch: BatchProfile, source: Path,
              artifact: Path, **extra) -> dict:
-    base = {k: v for k, v in meta.items() if k not in ("versions", "saved")}
+    base = {k: v for k, v in meta.items() if k not in ("versions", "saved_at")}
     src = source.name if source.resolve().parent == artifact.resolve().parent else str(source.resolve())
     return {**base, "format": fmt, "precision": precision, "opset": opset, "batch": batch.to_dict(),
             "input": onnx_export.INPUT_NAME, "output": onnx_export.OUTPUT_NAME, "source": src,

@@ -82,7 +82,7 @@ def test_onnx_export_two_families(tmp_path, model_name):
 
     side = json.loads(r.sidecar.read_text())
     assert r.sidecar == tmp_path / "student.onnx.json"
-    for key in ("model", "num_classes", "classes", "img_size", "mean", "std", "interpolation", "crop_pct", "data"):
+    for key in ("model", "num_classes", "classes", "img_size", "mean", "std", "interpolation", "crop_pct", "data", "saved"):
         assert side[key] == json.loads((tmp_path / "student.json").read_text())[key]
     assert side["format"] == "onnx" and side["precision"] == "fp32" and side["opset"] >= 17
     assert side["batch"] == {"min": 1, "opt": 1, "max": 1, "dynamic": False}
