@@ -26,9 +26,9 @@ from export.report import TIMING_NOTE, Accuracy, BatchResult, BenchReport, Varia
 from export.variants import (
     Candidate,
     artifact_candidates,
+    bench_device,
     check_backends,
     default_precision,
-    resolve_device,
     teacher_artifact,
     torch_candidate,
 )
@@ -251,7 +251,7 @@ def bench_models(teacher_model: nn.Module | None, student_model: nn.Module, *, i
         raise UserError(f"bench_models runs PyTorch backends ({', '.join(TORCH_BACKENDS)}), not {', '.join(bad)}")
     batch_sizes = _check_batches(batch_sizes)
     _check_timing(warmup_s, min_s, min_iters)
-    dev = resolve_device(device)
+    dev = bench_device(device)
     prec = precision or default_precision(dev)
     if prec not in TORCH_PRECISIONS:
         raise UserError(f"PyTorch backends run {', '.join(TORCH_PRECISIONS)}, not '{prec}'")
@@ -373,7 +373,7 @@ def _run_bench(artifact, *, teacher, data, backends, batch_sizes, precisions, wa
         if teacher_backend == "auto":
             teacher_backend = None
     precs = [p.strip().lower() for p in precisions] if precisions else [None]
-    dev = resolve_device(device)
+    dev = bench_device(device)
     notes: list[str] = []
     art = resolve_artifact(artifact, trust=trust_engine)
     if art.meta.get("trusted_without_sidecar") and accuracy:

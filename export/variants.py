@@ -21,6 +21,7 @@ from export.report import VariantResult
 from export.runtimes import BackendUnavailable, EngineRunner, OrtRunner, ort_cuda_reason
 from spofa_deploy.bench import TORCH_BACKENDS, TORCH_PRECISIONS, Runner, TorchRunner, cuda_skip_reason, state_dict_bytes
 from spofa_deploy.errors import UserError
+from spofa_deploy.train import resolve_device
 
 BACKENDS = ("auto", "trt", "ort-cuda", "ort-cpu", *TORCH_BACKENDS)
 FORMAT_BACKENDS = {"torch": TORCH_BACKENDS, "onnx": ("ort-cuda", "ort-cpu"), "trt": ("trt",)}
@@ -56,25 +57,12 @@ def check_backends(backends: Iterable[str]) -> list[str]:
     return out
 
 
-def resolve_device(device: str) -> str:
-    """"auto" -> cuda when PyTorch sees a GPU, else cpu; "cuda:N" selects GPU N."""
-    d = device.strip().lower()
-    if d == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if d == "cpu":
-        return "cpu"
-    if d == "cuda" or d.startswith("cuda:"):
-        if d.startswith("cuda:"):
-            try:
-                idx = int(d.split(":", 1)[1])
-            except ValueError:
-                raise UserError(f"--device {device}: expected cuda:N") from None
-            if torch.cuda.is_available():
-                if idx >= torch.cuda.device_count():
-                    raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-                torch.cuda.set_device(idx)
-        return "cuda"
-    raise UserError(f"unknown --device '{device}': use auto, cpu, cuda or cuda:N")
+def bench_device(device: str) -> str:
+    """The device of the PyTorch backends as a report string ("cpu" or "cuda"); `cuda:N` makes GPU N current."""
+    dev = resolve_device(device)
+    if dev.index is not None:
+        torch.cuda.set_device(dev)
+    return dev.type
 
 
 def default_precision(device: str) -> str:

@@ -79,14 +79,23 @@ class FitResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; refuses cuda without a GPU."""
-    if name == "auto":
+    """`auto` -> cuda when available, else cpu; `cuda:N` checked against the GPUs; cuda without a GPU refused."""
+    d = name.strip().lower()
+    if d == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is available (use --device cpu)")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"unknown --device '{name}': use auto, cpu or cuda")
-    return torch.device(name)
+    if d == "cpu":
+        return torch.device("cpu")
+    if d != "cuda" and not d.startswith("cuda:"):
+        raise UserError(f"unknown --device '{name}': use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but no CUDA GPU is available (use --device cpu)")
+    try:
+        device = torch.device(d)
+    except RuntimeError:
+        raise UserError(f"--device {name}: expected cuda or cuda:N") from None
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:

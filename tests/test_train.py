@@ -25,7 +25,7 @@ from spofa_deploy.distillers import OFA, DistillConfig, create_task
 from spofa_deploy.errors import TrainingDiverged, UserError
 from spofa_deploy.models import count_params, create_model, data_config
 from spofa_deploy.pipeline import TeacherOptions, distill
-from spofa_deploy.train import CHECKPOINT, TrainConfig, evaluate, fit
+from spofa_deploy.train import CHECKPOINT, TrainConfig, evaluate, fit, resolve_device
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -117,6 +117,18 @@ def test_train_config_validation() -> None:
 
 
 # ---------------------------------------------------------------- the student artifact (tiny_run)
+
+
+@pytest.mark.parametrize("name", ["tpu", "cuda:x", "mps"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:0"])
+                         + ([f"cuda:{torch.cuda.device_count()}"] if torch.cuda.is_available() else []))
+def test_resolve_device_refuses_what_cannot_run(name: str) -> None:
+    with pytest.raises(UserError, match="--device"):
+        resolve_device(name)
+
+
+def test_resolve_device_accepts() -> None:
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_student_keys_equal_a_fresh_timm_model(tiny_run: Path) -> None:
