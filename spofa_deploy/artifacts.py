@@ -205,17 +205,20 @@ def new_run_dir(out: str | Path | None, prefix: str) -> Path:
     return out
 
 
-def mark_latest(run: Path) -> None:
-    """Point `runs/latest` at `run` (a symlink, replaced atomically; a text file where links are not allowed)."""
-    root = run.parent
+def mark_latest(run: Path, root: str | Path = RUNS_DIR) -> None:
+    """Point `runs/latest` at `run`, wherever `--out` put it (a symlink, replaced atomically; a text file where
+    links are not allowed), so `spofa export` and `--resume` find the run just made, never an older one."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    target = os.path.relpath(Path(run).resolve(), root.resolve())
     link = root / LATEST
     tmp = root / f".{LATEST}.tmp"
     tmp.unlink(missing_ok=True)
     try:
-        tmp.symlink_to(run.name, target_is_directory=True)
+        tmp.symlink_to(target, target_is_directory=True)
         os.replace(tmp, link)
     except OSError:
-        (root / f"{LATEST}.txt").write_text(run.name + "\n")
+        (root / f"{LATEST}.txt").write_text(target + "\n")
 
 
 def latest_run(root: str | Path = RUNS_DIR) -> Path:

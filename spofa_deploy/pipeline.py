@@ -154,7 +154,7 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
             method: str = "spofa", img_size: int | None = None, loss: DistillConfig | None = None,
             train: TrainConfig | None = None, out: str | Path | None = None, resume: bool = False,
             download: bool = False, train_fraction: float = 1.0, skip_corrupt: bool = False,
-            fault_hook=None) -> DistillResult:
+            latest: bool = True, fault_hook=None) -> DistillResult:
     """Distil `teacher` into `student` on `data` with `method`; see the module docstring for outputs."""
     teacher = teacher or TeacherOptions()
     loss = loss or DistillConfig(method=method)
@@ -217,7 +217,7 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
                                 "model_top1": best["model_top1"], "ema_top1": best["ema_top1"], "saved": best["source"],
                                 "epoch": best["epoch"]})
 
-    if dist.is_main:
+    if dist.is_main and latest:  # (`spofa compare` keeps its runs out of runs/latest)
         mark_latest(run)
     result = fit(task, splits, train, run, resume=resume, label=method, on_best=save, fault_hook=fault_hook)
     if dist.is_main:

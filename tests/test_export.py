@@ -126,15 +126,21 @@ def test_teacher_export_keeps_layernorm_one_node(run_dir, tmp_path):
     assert r.parity.max_abs_err < 1e-4
 
 
-def test_no_source_exports_the_latest_run(tmp_path, monkeypatch, run_dir):
-    run = tmp_path / "runs" / "run-1"
-    run.mkdir(parents=True)
-    for f in ("student.safetensors", "student.json"):
-        (run / f).write_bytes((run_dir / f).read_bytes())
-    mark_latest(run)
+@pytest.mark.parametrize("where", ["runs/run-1", "elsewhere/run-1"])
+def test_no_source_exports_the_latest_run(tmp_path, monkeypatch, run_dir, where):
+    """runs/latest follows the newest run even when --out put it outside runs/."""
+    old = tmp_path / "runs" / "run-0"
+    run = tmp_path / where
+    for r in (old, run):
+        r.mkdir(parents=True)
+        for f in ("student.safetensors", "student.json"):
+            (r / f).write_bytes((run_dir / f).read_bytes())
     monkeypatch.chdir(tmp_path)
+    mark_latest(old)
+    mark_latest(run)
     r = export_model(None, "onnx")
     assert r.path.resolve() == (run / "student.onnx").resolve()
+    assert not (old / "student.onnx").exists()
 
 
 def test_slim_off_and_on_keep_parity(student):

@@ -104,7 +104,7 @@ CASES = {
     "unknown_format": lambda c, i: dict(args=["export", i["student"], "--format", "bogus"]),
     "late_value": lambda c, i: dict(args=["distill", *TINY, "--data", "digits", "--teacher-ckpt", c.result("teacher"),
                                           "--on-nan", "maybe", "--out", _latest_root(i) / "new"],
-                                    protect=[_latest_root(i)]),
+                                    cwd=_latest_root(i).parent, protect=[_latest_root(i)]),
     "png_as_teacher": lambda c, i: dict(args=["distill", *TINY, "--data", "digits", "--teacher-ckpt", i["png_teacher"],
                                               "--out", i["work"] / "png_teacher"]),
     "png_as_teacher_debug": lambda c, i: dict(args=["--debug", "distill", *TINY, "--data", "digits", "--teacher-ckpt",
@@ -150,8 +150,9 @@ def _fresh(folder: Path) -> Path:
 
 
 def _latest_root(i) -> Path:
-    """runs/ with a good run that runs/latest points at (a refused command must not repoint it)."""
-    runs = i["work"] / "latest_runs"
+    """runs/ (of the command's working folder) with a good run that runs/latest points at (a refused command
+    must not repoint it)."""
+    runs = i["work"] / "latest_cwd" / "runs"
     if not runs.exists():
         fk.copy_run(i["existing"], runs / "good")
         (runs / "latest").symlink_to("good", target_is_directory=True)
@@ -223,7 +224,7 @@ def test_a_bad_training_value_writes_nothing(jobs) -> None:
     """Refused before the run folder, the teacher copy or runs/latest are written."""
     c = jobs.result("bad:late_value")
     fk.assert_user_error(c["result"], "--on-nan")
-    runs = c["inputs"]["work"] / "latest_runs"
+    runs = c["inputs"]["work"] / "latest_cwd" / "runs"
     assert os.readlink(runs / "latest") == "good"
     assert not (runs / "new").exists()
 
