@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from .artifacts import RUNS_DIR, read_json, read_model_meta, versions, write_json
 from .console import console
@@ -61,12 +61,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 METHOD_ALIASES = {"spofa-noln": "ofa"}
 ABLATIONS = ("spofa", "spofa-nomema", "spofa-nobeta", "ofa")
-# AdamW peak rates of the default sweep, from single-seed probes of mobilenetv3 (none and
-# spofa, vit_t teacher) on digits at 10% of the training split, batch 16, 25 epochs, CPU:
-# 0.002 (the trainer's default) ~40% val top-1, 0.01 the best of the sweep (43-48%), and
-# 0.05 fragile: both collapsed to chance (10%) after their CE term blew up 19x (none) / 26x (spofa)
-# in warm-up (at 0.01 it was 8x / 6.5x and both recovered).
-DEFAULT_LRS = (0.002, 0.01, 0.05)
+# Peak SGD rates of the default sweep (the student's own optimiser; 0.02 is `spofa distill`'s
+# default). Chosen from single-seed probes of `none` alone (so no method picked them), mobilenetv3
+# <- the digits ViT-B teacher, 10% of the training split, batch 16, 25 epochs, 2-core CPU:
+# 0.02 -> 56.3% val top-1, 0.1 -> 27.6% (fragile: trains, but badly), 0.5 -> NaN at step 11
+# (simply too high: nothing to compare). An earlier AdamW probe had no informative fragile
+# rate: at 0.05 both none and spofa collapsed to chance.
+DEFAULT_LRS = (0.005, 0.02, 0.1)
 
 # Settings that change the numbers: a resumed compare must keep them.
 RESULT_FIELDS = ("teacher", "student", "data", "img_size", "epochs", "batch_size", "train_fraction", "optimizer",
@@ -87,7 +88,7 @@ class CompareConfig:
     batch_size: int = 16  # 9 steps per epoch on 144 images: 225 steps in 25 epochs
     img_size: int | None = None  # None: the data's natural size (32 for digits / CIFAR)
     train_fraction: float = 0.1  # ~14 training images per class on digits
-    optimizer: str = "adamw"
+    optimizer: str = "sgd"
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     feat_weight: float = 1.0
@@ -374,7 +375,7 @@ def run_compare(cfg: CompareConfig, resume: bool = False) -> CompareResult:
         try:
             distill(cfg.student, teacher, cfg.data, VARIANTS[m][0], img_size, loss=_loss_config(cfg, m),
                     train=_train_config(cfg, lr, s), out=run_dir, resume=resumed, download=cfg.download,
-                    train_fraction=cfg.train_fraction)
+                    train_fraction=cfg.train_fraction, latest=False)
         except TrainingDiverged as e:  # a result, not a failure of the compare
             stopped, error = True, str(e)
             console.print(f"[red]{name} diverged:[/] {e}")
@@ -411,15 +412,17 @@ STAB_KEYS = ("loss_spikes", "ce_spikes", "loss_peak_ratio", "ce_peak_ratio", "lo
 
 
 def _group(runs: Sequence[dict]) -> dict:
-    """Figures of a group of runs. Accuracies and tail variances: runs that trained to the end;
-    spikes, gradient cosine, time: every run; `diverged` counts runs with any divergence reason."""
+    """Figures of a group of runs. Tail variances: runs that trained to the end; everything else: every run,
+    a run stopped on NaN/Inf with the accuracy of its last evaluated epoch (the checkpoint it leaves), so a
+    method whose runs blow up is not averaged over its survivors only. `diverged` counts runs with any
+    divergence reason."""
     finished = [r for r in runs if r["status"] == "finished"]
     out = {"runs": len(runs), "finished": len(finished), "stopped": len(runs) - len(finished),
            "diverged": sum(r["stability"]["diverged"] for r in runs),
            "nonfinite": sum("nonfinite" in r["stability"]["divergence"] for r in runs),
            "collapsed": sum("collapse" in r["stability"]["divergence"] for r in runs)}
     for k in ACC_KEYS:
-        out[k] = _stats(r[k] for r in finished)
+        out[k] = _stats(r[k] for r in runs)
     for k in STAB_KEYS:
         out[k] = _stats(r["stability"].get(k) for r in (finished if k.endswith("_tail") else runs))
     out["loss_spikes_total"] = sum(r["stability"]["loss_spikes"] for r in runs)
@@ -459,8 +462,9 @@ DEFINITIONS = {
                      "(scale differs between methods)",
     "ce_var_tail": "the same for the cross-entropy term alone (comparable across methods)",
     "grad_cos_mean": "mean over logged steps of the batch-mean cosine between the CE and distillation logit gradients",
-    "aggregates": "mean +- sample std over runs; accuracies and tail variances over runs that trained to the end "
-                  "(runs stopped on NaN/Inf are counted in 'diverged' and keep their partial figures in 'runs')",
+    "aggregates": "mean +- sample std over runs; every run counts, a run stopped on NaN/Inf with the accuracy of "
+                  "its last evaluated epoch (the checkpoint it leaves); tail variances only over runs that trained "
+                  "to the end",
     "final_top1": "val top-1 of the model after the last epoch; best_top1: best epoch; ema: the EMA weights",
 }
 
@@ -468,10 +472,15 @@ DEFINITIONS = {
 # ---------------------------------------------------------------------------------------------------------------------
 # Report
 
+def _num(x: float | None, digits: int = 1) -> str:
+    """Fixed point, or scientific for the huge loss ratios of runs that blew up."""
+    return "-" if x is None else f"{x:.{digits}f}" if abs(x) < 1e5 else f"{x:.2e}"
+
+
 def _pm(s: dict, digits: int = 1) -> str:
     if s["mean"] is None:
         return "-"
-    return f"{s['mean']:.{digits}f}" + (f" ± {s['std']:.{digits}f}" if s["std"] is not None else "")
+    return _num(s["mean"], digits) + (f" ± {_num(s['std'], digits)}" if s["std"] is not None else "")
 
 
 def _div(g: dict) -> str:
@@ -512,6 +521,44 @@ def _auto_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _md_table(cols: Sequence[tuple[str, Callable[[dict], str]]], rows: Iterable[dict]) -> list[str]:
+    """Markdown table lines: one column per (header, cell function)."""
+    return ["| " + " | ".join(h for h, _ in cols) + " |", "|" + " --- |" * len(cols),
+            *("| " + " | ".join(cell(r) for _, cell in cols) + " |" for r in rows)]
+
+
+# Columns of the report's tables: per method (pooled over rates), per method and rate, per run.
+_METHOD_COLS = [
+    ("method", lambda g: g["method"]), ("runs", lambda g: str(g["runs"])), ("diverged (NaN/Inf, collapse)", _div),
+    ("final top-1", lambda g: _pm(g["final_top1"])), ("best top-1", lambda g: _pm(g["best_top1"])),
+    ("final EMA", lambda g: _pm(g["final_ema_top1"])), ("best EMA", lambda g: _pm(g["best_ema_top1"])),
+    ("worst-rate top-1", lambda g: f"{_g(g['worst_lr_final_top1'], '.1f')} (lr {g['worst_lr']:g})"),
+]
+_METHOD_LR_COLS = [
+    ("method", lambda g: g["method"]), ("lr", lambda g: f"{g['lr']:g}"), ("runs", lambda g: str(g["runs"])),
+    ("diverged (NaN/Inf, collapse)", _div), ("final top-1", lambda g: _pm(g["final_top1"])),
+    ("best top-1", lambda g: _pm(g["best_top1"])), ("final EMA", lambda g: _pm(g["final_ema_top1"])),
+    ("best EMA", lambda g: _pm(g["best_ema_top1"])), ("loss var (tail)", lambda g: _pm(g["loss_var_tail"], 4)),
+]
+_GROUP_COLS = [
+    ("spikes/run", lambda g: _pm(g["loss_spikes"])), ("CE spikes/run", lambda g: _pm(g["ce_spikes"])),
+    ("CE peak/first", lambda g: _pm(g["ce_peak_ratio"])), ("CE var (tail)", lambda g: _pm(g["ce_var_tail"], 4)),
+    ("grad cos", lambda g: _pm(g["grad_cos_mean"], 2)), ("s/run", lambda g: _g(g["wall_s"]["mean"], ".0f")),
+    ("img/s", lambda g: _g(g["img_per_s"]["mean"], ",.0f")),
+]
+_RUN_COLS = [
+    ("run", lambda r: r["name"]), ("status", lambda r: r["status"] + (" (resumed)" if r.get("resumed") else "")),
+    ("final top-1", lambda r: _g(r["final_top1"], ".2f")), ("best top-1", lambda r: _g(r["best_top1"], ".2f")),
+    ("final EMA", lambda r: _g(r["final_ema_top1"], ".2f")), ("best EMA", lambda r: _g(r["best_ema_top1"], ".2f")),
+    ("spikes", lambda r: str(r["stability"]["loss_spikes"])), ("CE spikes", lambda r: _g(r["stability"].get("ce_spikes"), "d")),
+    ("CE peak/first", lambda r: _num(r["stability"].get("ce_peak_ratio"))),
+    ("diverged", lambda r: ", ".join(r["stability"]["divergence"]) or "no"),
+    ("loss var", lambda r: _g(r["stability"]["loss_var_tail"], ".3g")), ("CE var", lambda r: _g(r["stability"]["ce_var_tail"], ".3g")),
+    ("grad cos", lambda r: _g(r["stability"]["grad_cos_mean"], ".2f")), ("wall s", lambda r: _g(r.get("wall_s"), ".0f")),
+    ("img/s", lambda r: _g(r.get("img_per_s"), ",.0f")),
+]
+
+
 def render_markdown(report: dict) -> str:
     c, d, t = report["config"], report["data"], report["teacher"]
     m = report["machine"]
@@ -532,33 +579,16 @@ def render_markdown(report: dict) -> str:
         "",
         "## Per method, pooled over the learning-rate sweep (mean ± std over every run)",
         "",
-        "| method | runs | diverged (NaN/Inf, collapse) | final top-1 | best top-1 | final EMA | best EMA | worst-rate top-1 | spikes/run | CE spikes/run | CE peak/first | CE var (tail) | grad cos | s/run | img/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *_md_table(_METHOD_COLS + _GROUP_COLS, report["per_method"]),
+        "",
+        "## Per method and learning rate (mean ± std over seeds)",
+        "",
+        *_md_table(_METHOD_LR_COLS + _GROUP_COLS, report["per_method_lr"]),
+        "",
+        "## Runs",
+        "",
+        *_md_table(_RUN_COLS, report["runs"]),
     ]
-    for g in report["per_method"]:
-        lines.append(f"| {g['method']} | {g['runs']} | {_div(g)} | {_pm(g['final_top1'])} | {_pm(g['best_top1'])} | "
-                     f"{_pm(g['final_ema_top1'])} | {_pm(g['best_ema_top1'])} | "
-                     f"{_g(g['worst_lr_final_top1'], '.1f')} (lr {g['worst_lr']:g}) | {_pm(g['loss_spikes'])} | {_pm(g['ce_spikes'])} | {_pm(g['ce_peak_ratio'])} | "
-                     f"{_pm(g['ce_var_tail'], 4)} | {_pm(g['grad_cos_mean'], 2)} | {_g(g['wall_s']['mean'], '.0f')} | "
-                     f"{_g(g['img_per_s']['mean'], ',.0f')} |")
-    lines += ["", "## Per method and learning rate (mean ± std over seeds)", "",
-              "| method | lr | runs | diverged (NaN/Inf, collapse) | final top-1 | best top-1 | final EMA | best EMA | spikes | CE spikes | CE peak/first | loss var (tail) | CE var (tail) | grad cos | s/run | img/s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for g in report["per_method_lr"]:
-        lines.append(f"| {g['method']} | {g['lr']:g} | {g['runs']} | {_div(g)} | {_pm(g['final_top1'])} | "
-                     f"{_pm(g['best_top1'])} | {_pm(g['final_ema_top1'])} | {_pm(g['best_ema_top1'])} | "
-                     f"{_pm(g['loss_spikes'])} | {_pm(g['ce_spikes'])} | {_pm(g['ce_peak_ratio'])} | {_pm(g['loss_var_tail'], 4)} | {_pm(g['ce_var_tail'], 4)} | "
-                     f"{_pm(g['grad_cos_mean'], 2)} | {_g(g['wall_s']['mean'], '.0f')} | {_g(g['img_per_s']['mean'], ',.0f')} |")
-    lines += ["", "## Runs", "",
-              "| run | status | final top-1 | best top-1 | final EMA | best EMA | spikes | CE spikes | CE peak/first | diverged | loss var | CE var | grad cos | wall s | img/s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in report["runs"]:
-        st = r["stability"]
-        lines.append(f"| {r['name']} | {r['status']}{' (resumed)' if r.get('resumed') else ''} | {_g(r['final_top1'], '.2f')} | "
-                     f"{_g(r['best_top1'], '.2f')} | {_g(r['final_ema_top1'], '.2f')} | {_g(r['best_ema_top1'], '.2f')} | "
-                     f"{st['loss_spikes']} | {_g(st.get('ce_spikes'), 'd')} | {_g(st.get('ce_peak_ratio'), '.1f')} | {', '.join(st['divergence']) or 'no'} | {_g(st['loss_var_tail'], '.3g')} | "
-                     f"{_g(st['ce_var_tail'], '.3g')} | {_g(st['grad_cos_mean'], '.2f')} | {_g(r.get('wall_s'), '.0f')} | "
-                     f"{_g(r.get('img_per_s'), ',.0f')} |")
     lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
     if report["plots"]:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in report["plots"]]
@@ -622,6 +652,7 @@ def plot_compare(out: Path, report: dict) -> list[Path]:
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     runs, lrs, methods = report["runs"], report["config"]["lrs"], report["config"]["methods"]
+    epochs = int(report["config"]["epochs"])
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
     chance = 100.0 / report["data"]["num_classes"]
     sel = lambda m, lr: [r for r in runs if r["method"] == m and r["lr"] == lr]  # noqa: E731
@@ -631,8 +662,15 @@ def plot_compare(out: Path, report: dict) -> list[Path]:
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False, sharey=True)
     for ax, lr in zip(axes[0], lrs):
         for m in methods:
-            series = [{float(e["epoch"]): float(e["val_top1"]) for e in read_metrics(Path(r["run_dir"]) / METRICS)
-                       if "val_top1" in e} for r in sel(m, lr)]
+            series = []
+            for r in sel(m, lr):
+                s = {float(e["epoch"]): float(e["val_top1"]) for e in read_metrics(Path(r["run_dir"]) / METRICS)
+                     if "val_top1" in e}
+                if r["status"] == "stopped" and s:  # it holds what it left, as in the tables; x marks the stop
+                    last = max(s)
+                    ax.plot([last], [s[last]], "x", ms=7, mew=1.5, color=colors[m])
+                    s.update({float(e): s[last] for e in range(int(last) + 1, epochs + 1)})
+                series.append(s)
             x, mean, lo, hi = _mean_curve(series)
             if x:
                 ax.plot(x, mean, "o-", ms=3, lw=1.4, color=colors[m], label=m)
@@ -643,7 +681,8 @@ def plot_compare(out: Path, report: dict) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("val top-1 (%) (mean, min-max over seeds)")
     _legend(axes[0, 0], fontsize=7)
-    fig.suptitle(f"validation top-1: {report['title']}", fontsize=10)
+    fig.suptitle(f"validation top-1: {report['title']}\n(x: a run stopped on NaN/Inf; it counts with its last "
+                 "evaluated top-1 from there on)", fontsize=10)
     fig.tight_layout()
     paths.append(out / PLOT_TOP1)
     fig.savefig(paths[-1], dpi=110)
@@ -698,20 +737,21 @@ def plot_compare(out: Path, report: dict) -> list[Path]:
 # Terminal table
 
 def summary_table(report: dict):
-    """A compact rich table per (method, lr): top-1 as mean±std over seeds, the rest as means (all in report.md)."""
+    """A compact rich table per (method, lr) that fits 80 columns: final top-1 as mean±std over seeds, the rest
+    as means (best epochs and the other figures are in report.md)."""
     from rich import box
     from rich.table import Table
 
-    mean = lambda st, d=1: "-" if st["mean"] is None else f"{st['mean']:.{d}f}"  # noqa: E731
+    mean = lambda st, d=1: _num(st["mean"], d)  # noqa: E731
     t = Table(title=f"spofa compare: {report['title']}\n{len(report['seeds'])} seeds, {report['config']['epochs']} epochs, "
                     f"{report['data']['train_images']} train images; top-1 %: mean±std over seeds, others: means",
               box=box.SIMPLE_HEAD, padding=(0, 1))
-    for col in ("method", "lr", "div.", "top-1", "best", "EMA", "CE spikes", "CE peak", "grad cos"):
+    for col in ("method", "lr", "div.", "top-1", "EMA", "CE spikes", "CE peak", "grad cos"):
         t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True, min_width=4)
     for g in report["per_method_lr"]:
         div = f"{g['diverged']}/{g['runs']}"
         t.add_row(g["method"], f"{g['lr']:g}", f"[red]{div}[/]" if g["diverged"] else div,
-                  _pm(g["final_top1"]).replace(" ± ", "±"), mean(g["best_top1"]), mean(g["final_ema_top1"]),
+                  _pm(g["final_top1"]).replace(" ± ", "±"), mean(g["final_ema_top1"]),
                   mean(g["ce_spikes"]), mean(g["ce_peak_ratio"]), mean(g["grad_cos_mean"], 2))
     t.caption = ("div.: diverged runs (NaN/Inf or collapse to chance); CE peak: largest CE loss / first; "
                  "grad cos: CE-vs-distillation gradient cosine")

@@ -131,14 +131,15 @@ def test_summarize_mean_std_and_diverged_runs() -> None:
     lo, hi = s["per_method_lr"]
     assert lo["final_top1"]["mean"] == pytest.approx(80.0) and lo["final_top1"]["std"] == pytest.approx(10.0)
     assert lo["loss_spikes"]["mean"] == pytest.approx(1.0) and lo["diverged"] == 0
-    # The stopped run (top-1 60 at its last evaluated epoch) is counted as diverged but kept out of
-    # the accuracy mean; the collapsed one trained to the end, so its 10% is in it.
+    # The stopped run is counted as diverged and, with the top-1 of its last evaluated epoch (60), in the
+    # accuracy mean: a method is not averaged over its surviving runs only. The collapsed one's 10% is in too.
     assert (hi["runs"], hi["finished"], hi["stopped"], hi["diverged"], hi["nonfinite"], hi["collapsed"]) == (3, 2, 1, 2, 1, 1)
-    assert hi["final_top1"]["mean"] == pytest.approx(25.0) and hi["final_top1"]["n"] == 2
+    assert hi["final_top1"]["mean"] == pytest.approx(110 / 3) and hi["final_top1"]["n"] == 3
+    assert hi["loss_var_tail"]["n"] == 2  # tail variances: only runs that trained to the end
     assert hi["loss_spikes"]["mean"] == pytest.approx(2 / 3)  # spikes count for every run
     pooled = s["per_method"][0]
     assert pooled["runs"] == 6 and pooled["diverged"] == 2 and pooled["loss_spikes_total"] == 5
-    assert pooled["worst_lr"] == 0.1 and pooled["worst_lr_final_top1"] == pytest.approx(25.0)
+    assert pooled["worst_lr"] == 0.1 and pooled["worst_lr_final_top1"] == pytest.approx(110 / 3)
     one = cmp.summarize([_rec("none", 0.01, 0, 50.0)], ["none"], [0.01])["per_method_lr"][0]
     assert one["final_top1"]["std"] is None  # one seed: no spread to report
 
@@ -220,6 +221,9 @@ def test_tiny_compare_writes_the_report(tiny_compare) -> None:
     trains = [c[1]["train"] for c in distill_calls.calls]
     assert trains[0] == trains[1] and trains[0].log_every == 1 and trains[0].lr == 0.01
     assert [c[0][3] for c in distill_calls.calls] == ["none", "spofa"]
+    # Compare runs stay out of runs/latest (what `spofa export` and `spofa distill --resume` pick up).
+    assert all(c[1]["latest"] is False for c in distill_calls.calls)
+    assert not (root / "runs" / "latest").exists() and not (out / "latest").exists()
 
     rep = json.loads((out / "report.json").read_text())
     assert rep == json.loads(json.dumps(result.report, default=str))
