@@ -746,13 +746,13 @@ def summary_table(report: dict):
     t = Table(title=f"spofa compare: {report['title']}\n{len(report['seeds'])} seeds, {report['config']['epochs']} epochs, "
                     f"{report['data']['train_images']} train images; top-1 %: mean±std over seeds, others: means",
               box=box.SIMPLE_HEAD, padding=(0, 1))
-    for col in ("method", "lr", "div.", "top-1", "EMA", "CE spikes", "CE peak", "grad cos"):
+    for col in ("method", "lr", "div.", "top-1", "EMA", "CE spk", "CE peak", "cos"):
         t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True, min_width=4)
     for g in report["per_method_lr"]:
         div = f"{g['diverged']}/{g['runs']}"
         t.add_row(g["method"], f"{g['lr']:g}", f"[red]{div}[/]" if g["diverged"] else div,
                   _pm(g["final_top1"]).replace(" ± ", "±"), mean(g["final_ema_top1"]),
                   mean(g["ce_spikes"]), mean(g["ce_peak_ratio"]), mean(g["grad_cos_mean"], 2))
-    t.caption = ("div.: diverged runs (NaN/Inf or collapse to chance); CE peak: largest CE loss / first; "
-                 "grad cos: CE-vs-distillation gradient cosine")
+    t.caption = ("div.: diverged runs (NaN/Inf or collapse to chance); CE spk: CE spikes per run; CE peak: largest "
+                 "CE loss / first; cos: CE-vs-distillation gradient cosine")
     return t
