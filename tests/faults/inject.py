@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import json
 import os
 import signal
@@ -96,18 +97,22 @@ def _patch_steps(spec: dict) -> None:
     train.train_step = train_step
 
 
+def _on_call(n: int, real, fault):
+    """`real`, except that its n-th call (counting from 0) runs `fault` with the same arguments instead."""
+    calls = itertools.count()
+
+    def wrapper(*args, **kwargs):
+        return (fault if next(calls) == n else real)(*args, **kwargs)
+
+    return wrapper
+
+
 def _patch_eval(n: int) -> None:
     from spofa_deploy import train
 
     orig = train.evaluate
-    calls = {"n": 0}
 
-    def evaluate(model, loader, *args, **kwargs):
-        i = calls["n"]
-        calls["n"] += 1
-        if i != n:
-            return orig(model, loader, *args, **kwargs)
-
+    def kill_mid_eval(model, loader, *args, **kwargs):
         def killing():
             for j, batch in enumerate(loader):
                 if j == 2:
@@ -116,20 +121,15 @@ def _patch_eval(n: int) -> None:
 
         return orig(model, killing(), *args, **kwargs)
 
-    train.evaluate = evaluate
+    train.evaluate = _on_call(n, orig, kill_mid_eval)
 
 
 def _patch_save(mode: str, at: int) -> None:
     import torch
 
     real = torch.save
-    calls = {"n": 0}
 
-    def save(obj, f, *args, **kwargs):
-        i = calls["n"]
-        calls["n"] += 1
-        if i != at:
-            return real(obj, f, *args, **kwargs)
+    def half_write(obj, f, *args, **kwargs):
         buf = io.BytesIO()
         real(obj, buf, *args, **kwargs)
         data = buf.getvalue()
@@ -141,7 +141,7 @@ def _patch_save(mode: str, at: int) -> None:
             _kill()
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
 
-    torch.save = save
+    torch.save = _on_call(at, real, half_write)
 
 
 def _fake_trt(version: str) -> None:

@@ -114,25 +114,27 @@ def test_sigkill_during_step_then_resume(jobs) -> None:
     _assert_matches_base(jobs, c["run"])
 
 
+def _assert_killed_kept_resumed(c: dict, why: str) -> None:
+    """The first run died by SIGKILL, its checkpoint is unchanged and readable, and --resume succeeded."""
+    assert c["first"].rc == KILLED, c["first"]
+    assert c["ckpt_same"], why
+    assert c["readable"] is None, c["readable"]
+    assert c["resume"].rc == 0, c["resume"]
+
+
 @pytest.mark.uses("killed", "base", "crash_eval")
 def test_sigkill_during_evaluation_then_resume(jobs) -> None:
     c = jobs.result("crash_eval")
-    assert c["first"].rc == KILLED, c["first"]
-    assert c["ckpt_same"], "the checkpoint changed although the run died before writing one"
-    assert c["readable"] is None, c["readable"]
-    assert c["resume"].rc == 0, c["resume"]
+    _assert_killed_kept_resumed(c, "the checkpoint changed although the run died before writing one")
     _assert_matches_base(jobs, c["run"])
 
 
 @pytest.mark.uses("killed", "base", "crash_ckpt")
 def test_sigkill_during_checkpoint_write_then_resume(jobs) -> None:
     c = jobs.result("crash_ckpt")
-    assert c["first"].rc == KILLED, c["first"]
-    assert c["ckpt_same"], "checkpoint-last.pt was modified by an interrupted write (not atomic)"
-    assert c["readable"] is None, c["readable"]
+    _assert_killed_kept_resumed(c, "checkpoint-last.pt was modified by an interrupted write (not atomic)")
     # SIGKILL skips every cleanup: the half-written temp file stays, under a hidden temp name only.
     assert all(t.startswith(f".{CHECKPOINT}.") for t in c["tmp"]), c["tmp"]
-    assert c["resume"].rc == 0, c["resume"]
     _assert_matches_base(jobs, c["run"])  # ... and it breaks nothing
 
 
