@@ -36,7 +36,8 @@ def bench(
     teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher to compare with (.safetensors, .onnx or .engine); default: the run's teacher_file.")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Data spec for accuracy (default: the one in the metadata).")] = None,
     backend: Annotated[str, typer.Option("--backend", help="auto | trt | ort-cuda | ort-cpu | torch-eager | torch-compile | torch-cudagraph (comma list allowed).")] = "auto",
-    batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma separated.")] = "1,8,64",
+    batch: Annotated[Optional[str], typer.Option("--batch", show_default=False, help=(
+        "Batch sizes, comma separated [default: 1 and a large batch the artifact accepts: 256 on a GPU, 64 on CPU]."))] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 | bf16 | fp16 for PyTorch backends (comma list); ONNX/engines keep their export precision.")] = None,
     warmup_s: Annotated[float, typer.Option("--warmup-s", help="Warm-up time per measurement (s).")] = 1.0,
     min_s: Annotated[float, typer.Option("--min-s", help="Minimum timed seconds per model and batch size.")] = 3.0,
@@ -44,7 +45,7 @@ def bench(
     rounds: Annotated[int, typer.Option("--rounds", help="Interleaved student/teacher rounds per batch size.")] = 3,
     max_val: Annotated[Optional[int], typer.Option("--max-val", help="Evaluate on a stratified subset of N validation images.")] = None,
     no_accuracy: Annotated[bool, typer.Option("--no-accuracy", help="Latency only.")] = False,
-    teacher_backend: Annotated[Optional[str], typer.Option("--teacher-backend", help="Backend of the teacher (default: same family as the student).")] = None,
+    teacher_backend: Annotated[Optional[str], typer.Option("--teacher-backend", help="Backend of the teacher (default: the student's; an exported student's teacher is exported the same way, cached beside it).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for PyTorch and ONNX Runtime (default: theirs).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure and the machine to this JSON file.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write an accuracy-vs-latency PNG.")] = None,
@@ -56,7 +57,8 @@ def bench(
     from export.report import print_report
 
     report = run_bench(
-        artifact, teacher=teacher, data=data, backends=_split(backend, "--backend"), batch_sizes=parse_batches(batch),
+        artifact, teacher=teacher, data=data, backends=_split(backend, "--backend"),
+        batch_sizes=parse_batches(batch) if batch else None,
         precisions=_split(precision, "--precision") if precision else None, warmup_s=warmup_s, min_s=min_s,
         min_iters=min_iters, rounds=rounds, max_val=max_val, device=device, teacher_backend=teacher_backend,
         accuracy=not no_accuracy, threads=threads, trust_engine=trust, json_path=json_path, plot_path=plot, progress=True,

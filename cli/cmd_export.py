@@ -15,9 +15,11 @@ def export(
     calib_data: Annotated[Optional[str], typer.Option("--calib-data", metavar="SPEC",
                           help="INT8 calibration data spec (default: the model's own data).")] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="INT8 calibration images (stratified, seeded).")] = 512,
-    batch: Annotated[int, typer.Option("--batch", help="Fixed batch size (ignored with --dynamic-batch).")] = 1,
+    batch: Annotated[Optional[int], typer.Option("--batch", help="A fixed batch size instead of the dynamic default.",
+                     show_default=False)] = None,
     dynamic_batch: Annotated[Optional[str], typer.Option("--dynamic-batch", metavar="MIN:OPT:MAX",
-                             help="Dynamic batch: symbolic ONNX batch and TensorRT profile, e.g. 1:8:32.")] = None,
+                             help="Dynamic batch: symbolic ONNX batch and TensorRT profile [default: 1:16:256].",
+                             show_default=False)] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 17,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output file or folder (default: beside the model).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
@@ -52,10 +54,9 @@ def _print_result(r) -> None:
     b = r.batch
     t.add_row("batch", f"{b['min']}:{b['opt']}:{b['max']}" if b["dynamic"] else str(b["opt"]))
     t.add_row("opset", str(r.opset))
-    if r.parity:
-        p = r.parity
-        t.add_row("parity (ORT CPU vs PyTorch)", f"max abs err {p.max_abs_err:.2e}, top-1 agreement {p.top1_agreement:.1f}% "
-                                                 f"on {p.n} {p.images} images")
+    for p in (r.parity, r.parity_engine):
+        if p is not None:
+            t.add_row(f"parity ({p.checked_on} vs PyTorch)", p.describe())
     if r.int8_top1 is not None:
         t.add_row("val top-1 (ORT CPU)", f"int8 {r.int8_top1:.2f}% vs fp32 {r.fp32_top1:.2f}% "
                                          f"({r.int8_top1 - r.fp32_top1:+.2f}) on {r.eval_samples} images")

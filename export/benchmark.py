@@ -197,6 +197,10 @@ def _pair(candidates: list[Candidate]) -> None:
             br.teacher_median_ms = tb.latency.median_ms
             if tb.latency.timing == br.latency.timing and br.latency.median_ms > 0:
                 br.speedup_vs_teacher = tb.latency.median_ms / br.latency.median_ms
+                # Like for like: one backend, one precision, one device. Otherwise the ratio is still
+                # shown, marked, because it mixes the runtime's speed into the models' difference.
+                same = (s.backend, s.precision, s.device) == (t.backend, t.precision, t.device)
+                br.speedup_like_for_like = same
         if s.accuracy and t.accuracy:
             s.accuracy.teacher_top1 = t.accuracy.top1
             if s.accuracy.preds is not None and t.accuracy.preds is not None and len(s.accuracy.preds) == len(t.accuracy.preds):
@@ -316,8 +320,30 @@ def _val_sets(spec: str, arts: list[Artifact], max_val: int | None) -> tuple[dic
     return {a.path: sets[_preprocessing(a)] for a in arts}, info
 
 
+# The large batch of the default (1 and this): throughput where the hardware allows it, minutes not hours on a CPU.
+LARGE_BATCH = {"cuda": 256, "cpu": 64}
+
+
+def default_batches(cands: list[Candidate], arts: list[Artifact], notes: list[str]) -> list[int]:
+    """Batch 1 and a large batch, inside what every artifact accepts (fixed ONNX batch, engine profile)."""
+    on_gpu = any(c.result.device == "cuda" for c in cands if c.runner is not None)
+    large = LARGE_BATCH["cuda" if on_gpu else "cpu"]
+    lo, hi = 1, large
+    for a in arts:
+        if a.batch_range:
+            lo, hi = max(lo, a.batch_range[0]), min(hi, a.batch_range[1])
+    if lo > hi:
+        ranges = ", ".join(f"{a.path.name} {a.batch_range[0]}..{a.batch_range[1]}" for a in arts if a.batch_range)
+        raise UserError(f"no batch size suits both models ({ranges}): pass --batch, or re-export one of them")
+    if hi < large:
+        narrow = next(a for a in arts if a.batch_range and a.batch_range[1] == hi)
+        notes.append(f"largest batch {hi}: {narrow.path.name} accepts {narrow.batch_range[0]}..{hi}, so no throughput "
+                     f"at batch {large} (export with the default dynamic batch, or pass --batch)")
+    return sorted({lo, hi})
+
+
 def run_bench(artifact: str | Path, *, teacher: str | Path | None = None, data: str | None = None,
-              backends: Sequence[str] = ("auto",), batch_sizes: Sequence[int] = (1, 8, 64),
+              backends: Sequence[str] = ("auto",), batch_sizes: Sequence[int] | None = None,
               precisions: Sequence[str] | None = None, warmup_s: float = 1.0, min_s: float = 3.0,
               min_iters: int = 50, rounds: int = 3, max_val: int | None = None, device: str = "auto",
               teacher_backend: str | None = None, accuracy: bool = True, eval_batch: int = 64,
@@ -331,13 +357,14 @@ def run_bench(artifact: str | Path, *, teacher: str | Path | None = None, data: 
         teacher: the teacher to compare with (default: `teacher_file` of the student's run).
         data: data spec for accuracy (default: the one in the metadata).
         backends: backends for the student ("auto" = the artifact's natural runtime).
-        batch_sizes: batch sizes to time.
+        batch_sizes: batch sizes to time (default: 1 and a large batch the artifacts accept, `default_batches`).
         precisions: PyTorch autocast precisions (fp32/bf16/fp16); for ONNX/engines, must match the export.
         warmup_s, min_s, min_iters: the timing method (see `spofa_deploy.bench.measure`).
         rounds: interleaved student/teacher rounds per batch size.
         max_val: evaluate on a stratified subset of this many validation images.
         device: auto | cpu | cuda | cuda:N (PyTorch backends; others have a fixed device).
-        teacher_backend: force the teacher's backend (default: same family as the student).
+        teacher_backend: force the teacher's backend (default: the student's; an exported student's teacher is
+            exported the same way and cached beside it, `variants.teacher_like`).
         accuracy: evaluate accuracy (needs the data).
         eval_batch: batch size of the accuracy pass.
         compile_mode: `torch.compile` mode for torch-compile.
@@ -361,7 +388,7 @@ def _run_bench(artifact, *, teacher, data, backends, batch_sizes, precisions, wa
                max_val, device, teacher_backend, accuracy, eval_batch, compile_mode, trust_engine, threads,
                json_path, plot_path, progress) -> BenchReport:
     backends = check_backends(backends)
-    batch_sizes = _check_batches(batch_sizes)
+    batch_sizes = _check_batches(batch_sizes) if batch_sizes is not None else None
     _check_timing(warmup_s, min_s, min_iters)
     if max_val is not None and max_val < 1:
         raise UserError("--max-val must be >= 1")
@@ -379,10 +406,10 @@ def _run_bench(artifact, *, teacher, data, backends, batch_sizes, precisions, wa
     if art.meta.get("trusted_without_sidecar") and accuracy:
         notes.append(f"{art.path.name} has no sidecar (--trust): no preprocessing metadata, accuracy not measured")
         accuracy = False
-    tart = teacher_artifact(art, teacher, notes)
+    tart = teacher_artifact(art, teacher, notes, like_student=teacher_backend is None)
     arts = [art] + ([tart] if tart else [])
     for a in arts:
-        if a.batch_range:  # checked before any runtime loads, so it holds where TensorRT is missing too
+        if a.batch_range and batch_sizes:  # checked before any runtime loads: holds where TensorRT is missing too
             bad = [b for b in batch_sizes if not a.batch_range[0] <= b <= a.batch_range[1]]
             if bad:
                 what = "fixed batch" if a.format == "onnx" else "engine profile"
@@ -394,6 +421,7 @@ def _run_bench(artifact, *, teacher, data, backends, batch_sizes, precisions, wa
     cands = artifact_candidates(art, tart, backends=backends, precisions=precs, device_opt=device, device=dev,
                                 teacher_backend=teacher_backend, notes=notes, trust_engine=trust_engine,
                                 compile_mode=compile_mode, threads=threads)
+    batch_sizes = batch_sizes or default_batches(cands, arts, notes)
     data_info = None
     spec = data or art.meta.get("data")
     if accuracy and spec:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,18 +69,70 @@ class BatchProfile:
         return {"min": self.min, "opt": self.opt, "max": self.max, "dynamic": self.dynamic}
 
 
+# fp32 parity tolerance, judged like `torch.testing.assert_close` but against each image's logit scale:
+# |ort - torch| <= atol + rtol * max|torch logits of that image|. A student whose logits reach 3e4
+# matches ONNX Runtime to ~3e-7 relative (fp32 rounding) yet to 3e-2 absolute, so a fixed absolute
+# bound refuses valid models; a relative one alone would pass garbage near zero.
+PARITY_ATOL = 1e-3
+PARITY_RTOL = 1e-4
+
+
 @dataclass(frozen=True)
 class Parity:
-    """ONNX Runtime (CPU) output vs PyTorch on the same images."""
+    """An exported model's output vs PyTorch on the same images.
+
+    `max_rel_err` is the largest error divided by its image's logit scale (max |logit|);
+    `top1_agreement` counts every image, `decisive_disagreements` only images whose PyTorch
+    top-1 beats its runner-up by more than the tolerance (a near tie may flip legitimately).
+    """
 
     max_abs_err: float
     mean_abs_err: float
     top1_agreement: float  # percent of images with the same arg-max
     n: int
     images: str  # "val" (real validation images) or "random"
+    max_rel_err: float = 0.0
+    logit_scale: float = 0.0  # largest |PyTorch logit|
+    atol: float = PARITY_ATOL
+    rtol: float = PARITY_RTOL
+    worst_excess: float = 0.0  # max of err / (atol + rtol * scale): > 1 fails
+    decisive_disagreements: int = 0
+    checked_on: str = "onnxruntime-cpu"
+
+    @property
+    def passed(self) -> bool:
+        """Within tolerance everywhere and the same top-1 wherever it is decisive."""
+        return self.worst_excess <= 1.0 and self.decisive_disagreements == 0
+
+    def describe(self) -> str:
+        """One line: the errors, the tolerance and the top-1 agreement."""
+        return (f"max abs err {self.max_abs_err:.2e} ({self.max_rel_err:.1e} of the logit scale {self.logit_scale:.3g}; "
+                f"tolerance {self.atol:g} + {self.rtol:g} x scale), top-1 agreement {self.top1_agreement:.1f}% "
+                f"on {self.n} {self.images} images")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "passed": self.passed}
+
+
+def compare_logits(reference: np.ndarray, out: np.ndarray, source: str, *, atol: float = PARITY_ATOL,
+                   rtol: float = PARITY_RTOL, checked_on: str = "onnxruntime-cpu") -> Parity:
+    """Judge `out` against the PyTorch `reference` logits (both (N, classes))."""
+    if out.shape != reference.shape:
+        raise UserError(f"exported model output shape {out.shape} differs from PyTorch {reference.shape}")
+    ref, got = reference.astype(np.float64), out.astype(np.float64)
+    err = np.abs(got - ref)
+    scale = np.abs(ref).max(axis=1, keepdims=True)
+    tol = atol + rtol * scale
+    top_ref, top_got = ref.argmax(1), got.argmax(1)
+    # A top-1 flip counts only where PyTorch's winner beats its runner-up by more than the tolerance.
+    srt = np.sort(ref, axis=1)
+    margin = srt[:, -1] - srt[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
+    decisive = int(((top_ref != top_got) & (margin > 2 * tol[:, 0])).sum())
+    return Parity(max_abs_err=float(err.max()), mean_abs_err=float(err.mean()),
+                  top1_agreement=float((top_ref == top_got).mean() * 100), n=len(ref), images=source,
+                  max_rel_err=float((err / np.maximum(scale, 1e-30)).max()), logit_scale=float(scale.max()),
+                  atol=atol, rtol=rtol, worst_excess=float((err / tol).max()), decisive_disagreements=decisive,
+                  checked_on=checked_on)
 
 
 def export_onnx(model: nn.Module, path: Path, *, img_size: int, batch: BatchProfile, opset: int = MIN_OPSET,
@@ -223,28 +276,72 @@ def torch_logits(model: nn.Module, images: np.ndarray, chunk: int = 64) -> np.nd
                                for i in range(0, len(images), chunk)])
 
 
-def parity(reference: np.ndarray, session, images: np.ndarray, fixed_batch: int | None, source: str) -> Parity:
-    """Compare ORT logits of `images` with the PyTorch `reference` logits."""
-    out = run_onnx(session, images, fixed_batch)
-    if out.shape != reference.shape:
-        raise UserError(f"ONNX output shape {out.shape} differs from PyTorch {reference.shape}")
-    err = np.abs(out.astype(np.float64) - reference.astype(np.float64))
-    agree = float((out.argmax(1) == reference.argmax(1)).mean() * 100)
-    return Parity(float(err.max()), float(err.mean()), agree, len(images), source)
+def parity(reference: np.ndarray, session, images: np.ndarray, fixed_batch: int | None, source: str,
+           **tolerance) -> Parity:
+    """Compare ONNX Runtime logits of `images` with the PyTorch `reference` logits (see `compare_logits`)."""
+    return compare_logits(reference, run_onnx(session, images, fixed_batch), source, **tolerance)
+
+
+AUTOCAST_MIN_MODELOPT = (0, 33)  # `convert_to_mixed_precision` appears in 0.33 (0.31 calls it `convert`)
+
+
+def require_autocast(what: str) -> None:
+    """Raise MissingDependency unless ModelOpt's AutoCast entry point (>= 0.33) is importable.
+
+    Args:
+        what: what needs it, for the message (e.g. "fp16 ONNX").
+    """
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("nvidia-modelopt")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    hint = "pip install 'spofa-deploy[modelopt]'"
+    if version is None:
+        raise MissingDependency(f"{what} needs NVIDIA ModelOpt AutoCast, which is not installed: {hint}")
+    try:
+        from modelopt.onnx import autocast as ac
+    except Exception as e:  # ImportError, or a broken install raising anything at import
+        raise MissingDependency(f"{what} needs NVIDIA ModelOpt AutoCast, but nvidia-modelopt {version} fails to "
+                                f"import it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): {hint}") from e
+    if not hasattr(ac, "convert_to_mixed_precision"):
+        raise MissingDependency(f"{what} needs ModelOpt AutoCast's convert_to_mixed_precision (nvidia-modelopt >= "
+                                f"{'.'.join(map(str, AUTOCAST_MIN_MODELOPT))}); {version} is installed: "
+                                f"pip install -U 'spofa-deploy[modelopt]'")
 
 
 def autocast(src: Path, dst: Path, precision: str) -> None:
     """FP16/BF16 mixed-precision ONNX via NVIDIA ModelOpt AutoCast (I/O stay fp32).
 
+    A bf16 graph (opset 22) cannot run in ONNX Runtime's CPU provider (no bf16 Conv kernel):
+    the exporter checks it on the TensorRT engine instead (`ort_runs`).
+
     Raises:
-        MissingDependency: ModelOpt is not installed.
+        MissingDependency: ModelOpt (>= 0.33) is not installed.
     """
     import onnx
 
-    try:
-        from modelopt.onnx.autocast import convert_to_mixed_precision
-    except ImportError as e:
-        raise MissingDependency(f"{precision} ONNX needs NVIDIA ModelOpt AutoCast: pip install 'spofa-deploy[modelopt]'") from e
+    require_autocast(f"{precision} ONNX")
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+
     # keep_io_types: callers (TrtRunner, ORT) feed float32 images and read float32 logits.
-    model = convert_to_mixed_precision(onnx_path=str(src), low_precision_type=precision, keep_io_types=True)
+    with _quiet_logs():  # its INFO lines (opset conversion, node counts) go to stdout
+        model = convert_to_mixed_precision(onnx_path=str(src), low_precision_type=precision, keep_io_types=True)
     onnx.save(model, str(dst))
+
+
+@contextlib.contextmanager
+def _quiet_logs(level: int = logging.INFO):
+    """Drop log records at `level` and below for a while (ModelOpt sets its loggers' levels itself)."""
+    old = logging.root.manager.disable
+    logging.disable(max(level, old))
+    try:
+        yield
+    finally:
+        logging.disable(old)
+
+
+def ort_runs(precision: str) -> bool:
+    """Whether ONNX Runtime's CPU provider runs an ONNX of this precision (bf16 Conv: no kernel)."""
+    return precision != "bf16"

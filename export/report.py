@@ -46,10 +46,11 @@ class BatchResult:
     latency: LatencyStats
     speedup_vs_teacher: float | None = None
     teacher_median_ms: float | None = None
+    speedup_like_for_like: bool | None = None  # False: teacher on another backend/precision/device
 
     def to_dict(self) -> dict:
         return {**self.latency.to_dict(), "speedup_vs_teacher": self.speedup_vs_teacher,
-                "teacher_median_ms": self.teacher_median_ms}
+                "teacher_median_ms": self.teacher_median_ms, "speedup_like_for_like": self.speedup_like_for_like}
 
 
 @dataclass
@@ -153,6 +154,7 @@ def render_table(report: BenchReport):
         for i, br in enumerate(r.batches):
             lat = br.latency
             sp = f"{br.speedup_vs_teacher:.2f}x" if br.speedup_vs_teacher is not None else "-"
+            sp += "*" if br.speedup_like_for_like is False else ""
             first = i == 0
             t.add_row(*(head if first else [""] * 4), str(br.batch), _fmt_ms(lat.median_ms), _fmt_ms(lat.p99_ms),
                       f"{lat.throughput_ips:,.0f}", top1 if first else "", agree if first else "",
@@ -163,9 +165,15 @@ def render_table(report: BenchReport):
 
 
 def report_reasons(report: BenchReport) -> list[str]:
-    """One line per skipped or failed variant, with its reason."""
-    return [f"{r.status}: {r.role} {r.model} {r.backend} {r.precision}: {r.reason}"
-            for r in report.results if r.status != "ok"]
+    """One line per skipped or failed variant, with its reason; one per speed-up across backends."""
+    lines = [f"{r.status}: {r.role} {r.model} {r.backend} {r.precision}: {r.reason}"
+             for r in report.results if r.status != "ok"]
+    for s in report.students:
+        if any(b.speedup_like_for_like is False for b in s.batches):
+            t = report.get(s.teacher)
+            lines.append(f"* speed-up across different backends: student {s.backend} {s.precision} on {s.device} vs "
+                         f"teacher {t.backend} {t.precision} on {t.device} (the runtime's speed is part of the ratio)")
+    return lines
 
 
 def print_report(report: BenchReport, console=None) -> None:

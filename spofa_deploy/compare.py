@@ -35,10 +35,10 @@ from .console import console
 from .data import load_splits, parse_data_spec
 from .distillers import DistillConfig
 from .errors import TrainingDiverged, UserError
-from .pipeline import STUDENT_FILE, TEACHER_FILE, TeacherOptions, default_teacher_dir, distill, train_teacher
+from .pipeline import STUDENT_FILE, TeacherOptions, distill, find_teacher
 from .stability import (SPIKE_FACTOR, SPIKE_MIN_HISTORY, SPIKE_WINDOW, TAIL_FRACTION, COLLAPSE_MARGIN,
                         accuracy_figures, read_metrics, read_trace, stability)
-from .train import CHECKPOINT, METRICS, TRACE, TrainConfig, load_checkpoint
+from .train import CHECKPOINT, METRICS, TRACE, TrainConfig
 
 DONE = "done.json"
 COMPARE = "compare.json"
@@ -191,34 +191,11 @@ def resume_config(out: str | Path | None, **explicit) -> CompareConfig:
 # The compare
 
 def ensure_teacher(cfg: CompareConfig, img_size: int) -> Path:
-    """The one teacher of the compare: `teacher_ckpt`, else the folder trained earlier for this data, else train it."""
-    if cfg.teacher_ckpt:
-        path = Path(cfg.teacher_ckpt)
-        if not path.is_file():
-            raise UserError(f"teacher checkpoint not found: {path}")
-        return path
-    spec = parse_data_spec(cfg.data)
-    path = default_teacher_dir(cfg.teacher, str(spec), img_size) / TEACHER_FILE
-    ckpt = path.parent / CHECKPOINT
-    unfinished = _unfinished_stage(ckpt)
-    if path.is_file() and not unfinished:
-        console.print(f"using the teacher trained earlier for this data: {path}")
-        return path
-    opts = TeacherOptions(name=cfg.teacher, pretrained=cfg.teacher_pretrained,
-                          train=TrainConfig(epochs=cfg.teacher_epochs, lr=5e-4, device=cfg.device, amp=cfg.amp,
-                                            workers=cfg.workers))
-    console.print(f"[bold]compare: {'resuming' if unfinished else 'training'} the teacher once[/] ({cfg.teacher}, "
-                  f"{unfinished or cfg.teacher_epochs} epochs) -> {path.parent}")
-    return train_teacher(opts, cfg.data, img_size, out=path.parent, resume=ckpt.is_file(), download=cfg.download)
-
-
-def _unfinished_stage(ckpt: Path) -> str | None:
-    """'e/N' when the training that wrote `ckpt` stopped before its last epoch (its best file exists already)."""
-    if not ckpt.is_file():
-        return None
-    state = load_checkpoint(ckpt)
-    done, total = int(state["epoch"]), int(state["config"]["epochs"])
-    return f"{done}/{total}" if done < total else None
+    """The one teacher of the compare, through distill's resolver and with the teacher recipe."""
+    opts = TeacherOptions(name=cfg.teacher, checkpoint=cfg.teacher_ckpt, pretrained=cfg.teacher_pretrained)
+    # The teacher recipe (AdamW, batch 32, lr 5e-4): the folder is shared with later `spofa distill` runs.
+    opts.train = replace(opts.train, epochs=cfg.teacher_epochs, device=cfg.device, amp=cfg.amp, workers=cfg.workers)
+    return find_teacher(opts, str(parse_data_spec(cfg.data)), img_size, download=cfg.download)
 
 
 def _train_config(cfg: CompareConfig, lr: float, seed: int) -> TrainConfig:

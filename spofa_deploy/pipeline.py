@@ -108,19 +108,31 @@ def train_teacher(opts: TeacherOptions, data: str = "digits", img_size: int | No
     return path
 
 
-def _find_teacher(opts: TeacherOptions, data: str, img_size: int, download: bool, skip_corrupt: bool = False) -> Path:
-    """Teacher source, in order: an explicit checkpoint; the one trained earlier for this data; a new stage."""
+def find_teacher(opts: TeacherOptions, data: str, img_size: int, *, download: bool = False,
+                 skip_corrupt: bool = False) -> Path:
+    """The one "find or train the teacher" of distill and compare; returns its `teacher.safetensors`.
+
+    In order: an explicit checkpoint (`opts.checkpoint`); the teacher trained earlier for
+    (model, data, size) when its stage finished; else the teacher stage with `opts.train`
+    (the teacher recipe), resuming an unfinished stage.
+    """
     if opts.checkpoint:
-        return Path(opts.checkpoint)
+        path = Path(opts.checkpoint)
+        if not path.is_file():
+            raise UserError(f"teacher checkpoint not found: {path}")
+        return path
     path = default_teacher_dir(opts.name, data, img_size) / TEACHER_FILE
     ckpt = path.parent / CHECKPOINT
     state = load_checkpoint(ckpt) if ckpt.is_file() else None
     # teacher.safetensors appears at the stage's first best epoch: only a finished stage counts.
-    if path.is_file() and (state is None or state["epoch"] >= state["config"]["epochs"]):
+    unfinished = state is not None and state["epoch"] < state["config"]["epochs"]
+    if path.is_file() and not unfinished:
         console.print(f"using the teacher trained earlier for this data: {path}")
         return path
-    console.print(f"[bold]no teacher checkpoint for {resolve_model_name(opts.name)} on {data} at {img_size}px yet: "
-                  "running the teacher stage first[/]")
+    what = f"resuming its unfinished stage ({state['epoch']}/{state['config']['epochs']} epochs)" if unfinished \
+        else "running the teacher stage first"
+    console.print(f"[bold]no finished teacher for {resolve_model_name(opts.name)} on {data} at {img_size}px yet: "
+                  f"{what}[/]")
     path = train_teacher(opts, data, img_size, out=path.parent, resume=state is not None, download=download,
                          skip_corrupt=skip_corrupt)
     distributed.barrier()  # rank 0 wrote the teacher file; the others read it next
@@ -185,7 +197,8 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
     if resume and run_teacher.is_file():
         tpath = run_teacher
     else:
-        tpath = _find_teacher(teacher, str(spec), img_size or spec.natural_size, download, skip_corrupt)
+        tpath = find_teacher(teacher, str(spec), img_size or spec.natural_size, download=download,
+                             skip_corrupt=skip_corrupt)
     t_model, t_meta = load_model(tpath)
     img_size = img_size or int(t_meta["img_size"])
     if int(t_meta["img_size"]) != img_size:

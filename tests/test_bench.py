@@ -224,7 +224,11 @@ def test_onnx_report_has_every_field(onnx_report):
             assert b["throughput_ips"] == pytest.approx(b["batch"] * 1000.0 / h["median_ms"])
     s = roles["student"]
     assert (s["backend"], s["backend_requested"], s["precision"], s["model"]) == ("ort-cpu", "auto", "fp32", "test_resnet")
-    assert roles["teacher"]["backend"] == "torch-eager" and roles["teacher"]["model"] == "test_vit"
+    # Like for like: the teacher was exported as the student was (ONNX, fp32, same batch profile), on ORT too.
+    t = roles["teacher"]
+    assert (t["backend"], t["precision"], t["model"]) == ("ort-cpu", "fp32", "test_vit")
+    assert Path(t["artifact"]).name == "teacher.onnx"
+    assert all(b["speedup_like_for_like"] is True for b in s["batches"])
     assert s["size_bytes"] == Path(s["artifact"]).stat().st_size
 
 
@@ -232,7 +236,7 @@ def test_onnx_accuracy_equals_independent_evaluation(run, onnx_report):
     rep = onnx_report["report"]
     s, t = _result(rep, "student"), _result(rep, "teacher")
     s1, s5, spred = _acc(_ort_logits(run["dir"] / "student.onnx", run["x"]), run["y"])
-    t1, _, tpred = _acc(_torch_logits(run["teacher"], run["xt"]), run["y"])
+    t1, _, tpred = _acc(_ort_logits(run["dir"] / "teacher.onnx", run["xt"]), run["y"])
     assert s.accuracy.n == t.accuracy.n == len(run["y"])
     assert s.accuracy.top1 == pytest.approx(s1, abs=1e-9) and s.accuracy.top5 == pytest.approx(s5, abs=1e-9)
     assert t.accuracy.top1 == pytest.approx(t1, abs=1e-9)
@@ -252,6 +256,57 @@ def test_teacher_speedup_is_side_by_side_ratio(onnx_report):
         assert sb.teacher_median_ms == tb.latency.median_ms
 
 
+def test_teacher_export_is_cached_and_an_eager_teacher_is_marked(run, onnx_report, tmp_path):
+    """The teacher exported for the first bench is reused; a teacher on another backend gets a marked ratio."""
+    from rich.console import Console
+
+    from export.report import print_report
+
+    tonnx = run["dir"] / "teacher.onnx"
+    stamp = tonnx.stat().st_mtime_ns
+    again = run_bench(run["dir"] / "student.onnx", accuracy=False, **dict(FAST, batch_sizes=[1]))
+    assert tonnx.stat().st_mtime_ns == stamp and any("reused" in n for n in again.notes)
+    mixed = run_bench(run["dir"] / "student.onnx", accuracy=False, teacher_backend="torch-eager",
+                      **dict(FAST, batch_sizes=[1]))
+    s, t = _result(mixed, "student"), _result(mixed, "teacher")
+    assert t.backend == "torch-eager" and s.batch(1).speedup_like_for_like is False
+    console = Console(record=True, width=200)
+    print_report(mixed, console)
+    text = console.export_text()
+    assert "x*" in text and "different backends: student ort-cpu fp32 on cpu vs teacher torch-eager fp32" in text
+
+
+def test_teacher_that_cannot_be_exported_runs_eager_and_says_so(run, tmp_path, monkeypatch):
+    from export import exporter
+
+    d = tmp_path / "r"
+    d.mkdir()
+    for f in ("student.onnx", "student.onnx.json", "teacher.safetensors", "teacher.json", "student.safetensors",
+              "student.json"):
+        shutil.copy(run["dir"] / f, d / f)
+
+    def broken(*a, **k):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(exporter, "export_model", broken)
+    rep = run_bench(d / "student.onnx", accuracy=False, **dict(FAST, batch_sizes=[1]))
+    assert _result(rep, "teacher").backend == "torch-eager"
+    assert any("could not be exported" in n and "exporter exploded" in n for n in rep.notes)
+    assert _result(rep, "student").batch(1).speedup_like_for_like is False
+    assert not (d / "teacher.onnx").exists()
+
+
+def test_default_batches_follow_the_artifact(run):
+    """No --batch: batch 1 and the large batch (64 on CPU), within what the artifacts accept."""
+    fast = {k: v for k, v in FAST.items() if k != "batch_sizes"}
+    dyn = run_bench(run["dir"] / "student.onnx", accuracy=False, **fast)
+    for r in dyn.results:
+        assert [b.batch for b in r.batches] == [1, 64], r.key
+    fixed = run_bench(run["dir"] / "student_b4.onnx", accuracy=False, teacher_backend="torch-eager", **fast)
+    assert [b.batch for b in _result(fixed, "student").batches] == [4]
+    assert any("largest batch 4" in n for n in fixed.notes)
+
+
 def test_plot_and_table(onnx_report):
     from rich.console import Console
 
@@ -261,7 +316,7 @@ def test_plot_and_table(onnx_report):
     con = Console(record=True, width=200)
     print_report(onnx_report["report"], con)
     text = con.export_text()
-    for word in ("test_resnet", "test_vit", "ort-cpu (auto)", "torch-eager", "speed-up", "img/s", "top-1"):
+    for word in ("test_resnet", "test_vit", "ort-cpu (auto)", "teacher.onnx", "speed-up", "img/s", "top-1"):
         assert word in text, word
 
 

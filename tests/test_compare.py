@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from spofa_deploy import compare as cmp
+from spofa_deploy import pipeline
 from spofa_deploy.errors import TrainingDiverged, UserError
 from spofa_deploy.stability import (accuracy_figures, divergence, loss_spikes, read_metrics, read_trace, stability,
                                     tail_variance)
@@ -198,8 +199,8 @@ def tiny_compare(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)  # the shared teacher goes to ./runs/teachers
     mp = pytest.MonkeyPatch()
-    teacher_calls, distill_calls = Counter(cmp.train_teacher), Counter(cmp.distill)
-    mp.setattr(cmp, "train_teacher", teacher_calls)
+    teacher_calls, distill_calls = Counter(pipeline.train_teacher), Counter(cmp.distill)
+    mp.setattr(pipeline, "train_teacher", teacher_calls)
     mp.setattr(cmp, "distill", distill_calls)
     try:
         result = cmp.run_compare(_tiny(root / "runs" / "cmp"))
@@ -341,6 +342,7 @@ def test_a_diverged_run_is_recorded_not_fatal(tiny_compare, monkeypatch) -> None
 
 
 def test_an_interrupted_teacher_stage_is_resumed_not_used(tmp_path: Path, monkeypatch) -> None:
+    from spofa_deploy import pipeline
     from spofa_deploy.pipeline import default_teacher_dir
 
     monkeypatch.chdir(tmp_path)
@@ -351,15 +353,32 @@ def test_an_interrupted_teacher_stage_is_resumed_not_used(tmp_path: Path, monkey
     torch.save({"epoch": 1, "config": {"epochs": 2}}, tdir / "checkpoint-last.pt")
     calls = []
 
-    def fake_train_teacher(opts, data, img_size, out, resume, download):
-        calls.append((Path(out), resume, img_size))
+    def fake_train_teacher(opts, data, img_size, out, resume, download, skip_corrupt=False):
+        calls.append((Path(out), resume, img_size, opts.train))
         return Path(out) / "teacher.safetensors"
 
-    monkeypatch.setattr(cmp, "train_teacher", fake_train_teacher)
+    monkeypatch.setattr(pipeline, "train_teacher", fake_train_teacher)
     assert cmp.ensure_teacher(cfg, 16) == tdir / "teacher.safetensors"
-    assert calls == [(tdir, True, 16)]  # stopped at epoch 1/2: resumed, not used half-trained
+    assert [c[:3] for c in calls] == [(tdir, True, 16)]  # stopped at epoch 1/2: resumed, not used half-trained
     torch.save({"epoch": 2, "config": {"epochs": 2}}, tdir / "checkpoint-last.pt")
     assert cmp.ensure_teacher(cfg, 16) == tdir / "teacher.safetensors" and len(calls) == 1  # finished: used
+
+
+def test_compare_trains_its_teacher_with_the_teacher_recipe(tmp_path: Path, monkeypatch) -> None:
+    """The teacher folder is shared with later `spofa distill` runs: compare must not train it with student settings."""
+    from spofa_deploy import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _tiny(tmp_path / "c")
+    seen = []
+    monkeypatch.setattr(pipeline, "train_teacher",
+                        lambda opts, *a, **k: seen.append(opts.train) or Path(k["out"]) / "teacher.safetensors")
+    cmp.ensure_teacher(cfg, 16)
+    recipe = pipeline.TeacherOptions().train
+    (t,) = seen
+    assert (t.optimizer, t.batch_size, t.lr) == (recipe.optimizer, recipe.batch_size, recipe.lr) == ("adamw", 32, 5e-4)
+    assert t.epochs == cfg.teacher_epochs and t.device == cfg.device
+    assert (t.optimizer, t.batch_size) != (cfg.optimizer, cfg.batch_size)  # the student's recipe differs
 
 
 # ---------------------------------------------------------------------------------------------------------------------

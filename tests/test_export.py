@@ -1,6 +1,7 @@
 """`spofa export` to ONNX (and TensorRT where installed): parity, batch handling, sidecars, bad input."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -15,7 +16,7 @@ from export.exporter import export_model
 from export.formats import FORMATS, artifact_name, format_for_path, get_format
 from export.onnx import ort_session
 from export.tensorrt import TrtRunner, check_engine_meta
-from spofa_deploy.artifacts import mark_latest, save_model
+from spofa_deploy.artifacts import load_model, mark_latest, save_model
 from spofa_deploy.errors import MissingDependency, UserError
 from spofa_deploy.models import create_model, data_config
 
@@ -75,8 +76,8 @@ def test_onnx_export_two_families(tmp_path, model_name):
     onnx.checker.check_model(model, full_check=True)
     assert [i.name for i in model.graph.input] == ["images"] and [o.name for o in model.graph.output] == ["logits"]
     assert model.opset_import[0].version >= 17
-    # Default: fixed batch 1, so the graph input's first dim is static.
-    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    # Default: a dynamic batch (1..256), so one file serves batch-1 latency and large-batch throughput.
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
     assert r.parity.images == "val" and r.parity.n == 64
     assert r.parity.max_abs_err < 1e-4 and r.parity.top1_agreement == 100.0
 
@@ -85,7 +86,7 @@ def test_onnx_export_two_families(tmp_path, model_name):
     for key in ("model", "num_classes", "classes", "img_size", "mean", "std", "interpolation", "crop_pct", "data", "saved"):
         assert side[key] == json.loads((tmp_path / "student.json").read_text())[key]
     assert side["format"] == "onnx" and side["precision"] == "fp32" and side["opset"] >= 17
-    assert side["batch"] == {"min": 1, "opt": 1, "max": 1, "dynamic": False}
+    assert side["batch"] == {"min": 1, "opt": 16, "max": 256, "dynamic": True}
     assert side["source"] == "student.safetensors"
     assert {"torch", "timm", "onnx", "onnxruntime"} <= set(side["versions"])
     assert side["parity"]["max_abs_err"] == pytest.approx(r.parity.max_abs_err)
@@ -232,8 +233,65 @@ def test_refuses_exported_artifact_as_source(student):
 
 
 def test_parity_failure_writes_nothing(student):
-    err = _refused(student.parent, "differs from PyTorch", student, "onnx", parity_atol=1e-12)
+    err = _refused(student.parent, "differs from PyTorch", student, "onnx", parity_atol=1e-12, parity_rtol=0.0)
     assert "nothing written" in str(err)
+
+
+def test_batch_and_dynamic_batch_together_are_refused(student):
+    _refused(student.parent, "not both", student, "onnx", batch=4, dynamic_batch="1:4:8")
+
+
+def _scaled_classifier(src: Path, factor: float) -> Path:
+    """A copy of the model whose classifier is scaled by `factor`: logits of that order, same arg-max."""
+    model, meta = load_model(src)
+    head = model.get_classifier()
+    with torch.no_grad():
+        head.weight.mul_(factor)
+        head.bias.mul_(factor)
+    out = src.parent / "big" / "student.safetensors"
+    out.parent.mkdir(exist_ok=True)
+    save_model(out, model, meta)
+    return out
+
+
+def test_parity_scales_with_large_logits(student):
+    """Logits ~1e4: fp32 rounding alone gives absolute errors above 1e-3, which must not refuse a valid model."""
+    big = _scaled_classifier(student, 3e4)
+    r = export_model(big, "onnx", force=True)
+    p = r.parity
+    assert p.logit_scale > 1e3 and p.passed and p.decisive_disagreements == 0 and p.top1_agreement == 100.0
+    assert p.max_rel_err < 1e-5  # fp32 precision, relative to the logits' scale
+    side = json.loads(r.sidecar.read_text())["parity"]
+    assert side["passed"] and side["checked_on"] == "onnxruntime-cpu" and side["rtol"] == p.rtol
+
+
+def test_a_real_mismatch_fails_parity(student, monkeypatch):
+    """A graph that is really another model (one weight changed before export) is refused, not rounded away."""
+    from export import onnx as onnx_export
+
+    real = onnx_export.export_onnx
+
+    def tampered(model, path, **kw):
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            twin.get_classifier().bias[0] += 0.5
+        return real(twin, path, **kw)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", tampered)
+    err = _refused(student.parent, "differs from PyTorch beyond tolerance", student, "onnx")
+    assert "logit scale" in str(err) and "nothing written" in str(err)
+
+
+def test_compare_logits_judges_scale_and_decisive_flips():
+    from export.onnx import compare_logits
+
+    ref = np.array([[1e4, 0.0, -1e4], [1.0, 0.9999, 0.0]])
+    ok = compare_logits(ref, ref + np.array([[0.5, 0.0, -0.5], [0.0, 0.0, 0.0]]), "random")
+    assert ok.passed and ok.max_abs_err == 0.5 and ok.max_rel_err == pytest.approx(0.5e-4)
+    near_tie = compare_logits(ref, ref[:, [0, 1, 2]] + np.array([[0, 0, 0], [-2e-4, 0, 0]]), "random")
+    assert near_tie.top1_agreement == 50.0 and near_tie.decisive_disagreements == 0  # a 1e-4 margin may flip
+    wrong = compare_logits(ref, ref[:, [1, 0, 2]], "random")
+    assert not wrong.passed and wrong.decisive_disagreements == 1
 
 
 # ------------------------------------------------------------------------------------ formats
@@ -349,3 +407,45 @@ def test_onnx_matches_cuda_pytorch(student, tmp_path):
     # cuDNN and ORT's CPU kernels sum in different orders: fp32 rounding only.
     np.testing.assert_allclose(got, ref, atol=1e-3, rtol=1e-3)
     assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+# ------------------------------------------------------------------------------------ bf16 on TensorRT 11
+
+def test_bf16_engine_is_checked_on_the_engine_not_in_ort_cpu(student, monkeypatch):
+    """TensorRT 11 gets bf16 only from a ModelOpt AutoCast graph (opset 22), which ONNX Runtime's CPU
+    provider cannot run (no bf16 Conv kernel): the exporter must not ask ORT CPU to run it, and must
+    check the built engine instead. TensorRT is not installable here, so its two calls (build, run)
+    are stood in for; the AutoCast conversion and everything around it are real."""
+    pytest.importorskip("modelopt.onnx.autocast", reason="NVIDIA ModelOpt is not installed")
+    from export import exporter
+    from export import onnx as onnx_export
+    from export import tensorrt as trt_export
+
+    opened: list[str] = []
+    real_session = onnx_export.ort_session
+
+    def recording_session(path, **kw):
+        opened.append(Path(path).name)
+        return real_session(path, **kw)
+
+    def fake_build(onnx_path, engine_path, precision, batch, **kw):
+        graph = onnx.load(str(onnx_path))
+        fake_build.opset = onnx_export.model_opset(graph)
+        Path(engine_path).write_bytes(b"stand-in engine")
+        return {"tensorrt": "11.0.0", "gpu": "NVIDIA H200", "compute_capability": "9.0", "build_seconds": 0.1}
+
+    model, _ = load_model(student)
+    monkeypatch.setattr(onnx_export, "ort_session", recording_session)
+    monkeypatch.setattr(exporter, "_check_dependencies", lambda *a, **k: None)
+    monkeypatch.setattr(trt_export, "onnx_precision_for", lambda p: p)  # TensorRT 11: strongly typed
+    monkeypatch.setattr(trt_export, "build_engine", fake_build)
+    monkeypatch.setattr(trt_export, "engine_logits", lambda path, images: onnx_export.torch_logits(model, images),
+                        raising=False)
+    r = export_model(student, "trt", "bf16")
+    assert fake_build.opset >= 22  # the real bf16 AutoCast graph was built from
+    assert opened == ["fp32.onnx"]  # ORT CPU ran the fp32 graph only, never the bf16 one
+    assert r.parity is None and r.parity_engine.passed and "H200" in r.parity_engine.checked_on
+    side = json.loads(r.sidecar.read_text())
+    assert side.get("parity") is None and "checked on the engine" in side["parity_note"]
+    assert side["parity_fp32"]["checked_on"] == "onnxruntime-cpu" and side["parity_engine"]["checked_on"].startswith("tensorrt")
+    assert json.loads((student.parent / "student.bf16.onnx.json").read_text())["opset"] >= 22
