@@ -11,6 +11,7 @@ import io
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -228,9 +229,50 @@ class TraceWriter:
             w.writerow(row)
 
 
+@dataclass
+class Hooks:
+    """Callbacks at the loop's seams. `on_best` writes the shipped artifact; the others are
+    where the fault suite injects SIGKILLs and non-finite values (each gets the global step)."""
+
+    before_update: Callable[[int], None] | None = None  # after backward, before the optimizer step
+    on_eval: Callable[[int], None] | None = None  # before each end-of-epoch evaluation
+    on_checkpoint: Callable[[int], None] | None = None  # before each checkpoint write
+    on_best: Callable[[nn.Module, dict], None] | None = None  # (model, record) when val top-1 improves
+
+
+@dataclass
+class _Loop:
+    """Everything `fit` sets up once, and the state its seams advance."""
+
+    task: TrainTask
+    model: nn.Module  # `task`, or `task` wrapped in DDP
+    cfg: TrainConfig
+    device: torch.device
+    amp: torch.dtype | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: nn.Module
+    train_loader: object
+    val_loader: object
+    total: int  # optimizer steps of the whole run
+    ckpt_path: Path
+    run_dir: Path
+    label: str
+    trace: "TraceWriter | None"
+    run_info: dict = field(default_factory=dict)  # what the caller trained (method, loss settings): kept in checkpoints
+    start_epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"top1": -1.0, "source": "model"})
+    seen: int = 0
+    loss_ema: float | None = None
+    nan_skips: int = 0
+    last_acc: str = ""
+
+
 def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, resume: bool = False,
-        label: str = "train", on_best: Callable[[nn.Module, dict], None] | None = None,
-        fault_hook: Callable[[str, int], None] | None = None) -> FitResult:
+        label: str = "train", hooks: Hooks | None = None, run_info: dict | None = None) -> FitResult:
     """Train `task` on `splits`, evaluating every epoch and checkpointing into `run_dir`.
 
     Args:
@@ -240,10 +282,28 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
         run_dir: folder for `checkpoint-last.pt`, `metrics.jsonl`, `trace.csv`.
         resume: continue from `checkpoint-last.pt` (same settings, exact same result).
         label: name shown on the progress bar.
-        on_best: called with (model, record) whenever the val top-1 (model or EMA) improves;
-            the caller writes the shipped artifact there.
-        fault_hook: test hook, called with (phase, step) at fault-injection points.
+        hooks: callbacks at the seams; `hooks.on_best` is where the caller writes the shipped model.
+        run_info: plain data saved in every checkpoint under "run" (the caller checks it on resume).
     """
+    hooks = hooks or Hooks()
+    loop = _setup(task, splits, cfg, run_dir, resume, label)
+    loop.run_info = dict(run_info or {})
+    t_start = time.perf_counter()
+    with progress(disable=not distributed.info().is_main) as bar:
+        job = bar.add_task(label, total=loop.total, completed=loop.step, info="")
+        for epoch in range(loop.start_epoch, loop.cfg.epochs):
+            t_epoch = time.perf_counter()
+            n, loss_sum = _train_one_epoch(loop, epoch, hooks, lambda info: bar.update(job, advance=1, info=info))
+            _end_of_epoch(loop, epoch, n, loss_sum, t_epoch, hooks)
+    epochs = [h for h in loop.history if "val_top1" in h]
+    final = epochs[-1] if epochs else {"val_top1": 0.0, "val_top5": 0.0, "ema_top1": 0.0}
+    secs = time.perf_counter() - t_start
+    return FitResult(final["val_top1"], final["val_top5"], final["ema_top1"], loop.best["top1"], loop.best["source"],
+                     len(epochs), secs, loop.seen / max(secs, 1e-9), loop.history)
+
+
+def _setup(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, resume: bool, label: str) -> _Loop:
+    """Device, AMP, optimizer, schedule, EMA, loaders; then the checkpoint's state on resume."""
     from timm.optim import create_optimizer_v2
     from timm.utils import ModelEmaV3
 
@@ -254,7 +314,6 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
         device = torch.device("cuda", dist.local_rank)  # one GPU per rank
     if cfg.batch_size % dist.world:
         raise UserError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {dist.world} ranks")
-    amp = resolve_amp(cfg.amp, device)
     ckpt_path = run_dir / CHECKPOINT
     state = load_checkpoint(ckpt_path) if resume else None
     if state is not None:
@@ -271,8 +330,6 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
     if device.type == "cuda":
         task.to(memory_format=torch.channels_last)  # 1.6x for depthwise CNNs at large batch (anchors.md)
     optimizer = create_optimizer_v2(task, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = ModelEmaV3(task.net, decay=cfg.ema_decay, use_warmup=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     # The student (+ heads) is replicated by DDP; the frozen teacher inside has no
     # trainable parameters, so DDP only broadcasts it once at start.
     model = (torch.nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
@@ -287,107 +344,118 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
     val_shard = torch.utils.data.Subset(splits.val, range(dist.rank, len(splits.val), dist.world))
     val_loader = make_loader(val_shard, cfg.batch_size * 2, train=False, workers=cfg.workers,
                              pin_memory=device.type == "cuda")
-    steps_per_epoch = len(train_loader)
-    total = cfg.epochs * steps_per_epoch
+    total = cfg.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total, int(cfg.warmup_epochs * steps_per_epoch)))
-
-    start_epoch, step, history, best = 0, 0, [], {"top1": -1.0, "source": "model"}
+        optimizer, warmup_cosine(total, int(cfg.warmup_epochs * len(train_loader))))
+    loop = _Loop(task=task, model=model, cfg=cfg, device=device, amp=resolve_amp(cfg.amp, device), optimizer=optimizer,
+                 scheduler=scheduler, scaler=torch.amp.GradScaler(device.type, enabled=resolve_amp(cfg.amp, device) == torch.float16),
+                 ema=ModelEmaV3(task.net, decay=cfg.ema_decay, use_warmup=True), train_loader=train_loader,
+                 val_loader=val_loader, total=total, ckpt_path=ckpt_path, run_dir=run_dir, label=label, trace=None)
     if state is not None:
         task.net.load_state_dict(state["net"])
         if task.extra_state() is not None:
             task.extra_state().load_state_dict(state["extra"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, step, history, best = state["epoch"], state["step"], state["history"], state["best"]
-    trace = TraceWriter(run_dir / TRACE, keep_until_step=step if state is not None else None) if dist.is_main else None
+        for name in ("ema", "optimizer", "scheduler", "scaler"):
+            getattr(loop, name).load_state_dict(state[name])
+        loop.start_epoch, loop.step, loop.history, loop.best = state["epoch"], state["step"], state["history"], state["best"]
+    if dist.is_main:
+        loop.trace = TraceWriter(run_dir / TRACE, keep_until_step=loop.step if state is not None else None)
+    return loop
 
-    t_start, seen, loss_ema, nan_skips = time.perf_counter(), 0, None, 0
-    last = {}
-    with progress(disable=not dist.is_main) as bar:
-        job = bar.add_task(label, total=total, completed=step, info="")
-        for epoch in range(start_epoch, cfg.epochs):
-            torch.manual_seed(cfg.seed + epoch)  # model-side randomness (dropout, drop-path) per epoch
-            train_loader.sampler.set_epoch(epoch)
-            task.train()
-            t_epoch, n_epoch, loss_sum = time.perf_counter(), 0, 0.0
-            for images, labels in train_loader:
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                if cfg.on_nan == "skip":  # a non-finite forward also poisons BatchNorm running stats
-                    saved_buffers = [b.detach().clone() for b in task.buffers()]
-                out, loss_value, finite = train_step(model, images, labels, optimizer, scaler, amp, cfg.clip_grad,
-                                                     before_update=(lambda: fault_hook("step", step)) if fault_hook else None)
-                if not finite:
-                    if cfg.on_nan == "skip":
-                        torch._foreach_copy_(list(task.buffers()), saved_buffers)
-                    nan_skips += 1
-                    history.append({"event": "nonfinite", "step": step, "epoch": epoch, "loss": str(loss_value)})
-                    if cfg.on_nan == "stop" or nan_skips > cfg.max_nan_skips:
-                        dist.is_main and _write_metrics(run_dir, history)
-                        raise TrainingDiverged(
-                            f"{label}: loss/gradients became non-finite at step {step} (epoch {epoch + 1}); "
-                            f"the last good checkpoint is kept. Try a lower --lr or --clip-grad 1.0")
-                    step += 1
-                    bar.advance(job)
-                    continue
-                nan_skips = 0
-                scheduler.step()
-                ema.update(task.net, step=step)
 
-                if loss_ema is not None and loss_value > cfg.spike_factor * loss_ema:
-                    history.append({"event": "loss_spike", "step": step, "epoch": epoch, "loss": loss_value,
-                                    "running_mean": loss_ema})
-                loss_ema = loss_value if loss_ema is None else 0.98 * loss_ema + 0.02 * loss_value
-                n_epoch += labels.shape[0]
-                loss_sum += loss_value * labels.shape[0]
-                step += 1
-                if trace and (step % cfg.log_every == 0 or step == total):
-                    row = {"step": step, "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "loss": loss_value}
-                    keys = list(out.stats)
-                    vals = torch.stack([out.stats[k].float() for k in keys]).tolist() if keys else []
-                    row.update({k: round(v, 6) for k, v in zip(keys, vals)})
-                    trace.write(row)
-                rate = n_epoch / max(1e-9, time.perf_counter() - t_epoch)
-                bar.update(job, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_value:.3f} {rate:,.0f} img/s{last.get('acc', '')}")
+def _train_one_epoch(loop: _Loop, epoch: int, hooks: Hooks, advance: Callable[[str], None]) -> tuple[int, float]:
+    """One pass over the training data; returns (images trained on, their summed loss)."""
+    cfg, task = loop.cfg, loop.task
+    torch.manual_seed(cfg.seed + epoch)  # model-side randomness (dropout, drop-path) per epoch
+    loop.train_loader.sampler.set_epoch(epoch)
+    task.train()
+    t_epoch, n_epoch, loss_sum = time.perf_counter(), 0, 0.0
+    for images, labels in loop.train_loader:
+        images = images.to(loop.device, non_blocking=True)
+        labels = labels.to(loop.device, non_blocking=True)
+        if loop.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        if cfg.on_nan == "skip":  # a non-finite forward also poisons BatchNorm running stats
+            saved_buffers = [b.detach().clone() for b in task.buffers()]
+        step = loop.step
+        before = (lambda: hooks.before_update(step)) if hooks.before_update else None
+        out, loss_value, finite = train_step(loop.model, images, labels, loop.optimizer, loop.scaler, loop.amp,
+                                             cfg.clip_grad, before_update=before)
+        # The schedule follows the step count, skipped steps included, so it ends where it should.
+        with warnings.catch_warnings():  # (a skipped first step has no optimizer.step() before this: intended)
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            loop.scheduler.step()
+        loop.step += 1
+        if not finite:
+            if cfg.on_nan == "skip":
+                torch._foreach_copy_(list(task.buffers()), saved_buffers)
+            _nonfinite(loop, epoch, step, loss_value)
+            advance(f"epoch {epoch + 1}/{cfg.epochs} skipped a non-finite step")
+            continue
+        loop.nan_skips = 0
+        loop.ema.update(task.net, step=step)
+        if loop.loss_ema is not None and loss_value > cfg.spike_factor * loop.loss_ema:
+            loop.history.append({"event": "loss_spike", "step": step, "epoch": epoch, "loss": loss_value,
+                                 "running_mean": loop.loss_ema})
+        loop.loss_ema = loss_value if loop.loss_ema is None else 0.98 * loop.loss_ema + 0.02 * loss_value
+        n_epoch += labels.shape[0]
+        loss_sum += loss_value * labels.shape[0]
+        if loop.trace and (loop.step % cfg.log_every == 0 or loop.step == loop.total):
+            _trace_row(loop, epoch, loss_value, out.stats)
+        rate = n_epoch / max(1e-9, time.perf_counter() - t_epoch)
+        advance(f"epoch {epoch + 1}/{cfg.epochs} loss {loss_value:.3f} {rate:,.0f} img/s{loop.last_acc}")
+    return n_epoch, loss_sum
 
-            if fault_hook:
-                fault_hook("eval", step)
-            seen += n_epoch
-            m = evaluate(task.net, val_loader, device, amp)
-            e = evaluate(ema.module, val_loader, device, amp)
-            secs = time.perf_counter() - t_epoch
-            rec = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
-                   "train_loss": loss_sum / max(1, n_epoch), "val_top1": m["top1"], "val_top5": m["top5"],
-                   "val_loss": m["loss"], "ema_top1": e["top1"], "ema_top5": e["top5"],
-                   "img_per_s": n_epoch / secs, "seconds": secs}
-            history.append(rec)
-            last["acc"] = f" | val {m['top1']:.1f}% ema {e['top1']:.1f}%"
-            source = "ema" if e["top1"] > m["top1"] else "model"
-            if max(m["top1"], e["top1"]) > best["top1"]:
-                best = {"top1": max(m["top1"], e["top1"]), "source": source, "epoch": epoch + 1,
-                        "model_top1": m["top1"], "model_top5": m["top5"], "ema_top1": e["top1"], "ema_top5": e["top5"]}
-                if on_best and dist.is_main:
-                    on_best(ema.module if source == "ema" else task.net, best)
-            if fault_hook:
-                fault_hook("checkpoint", step)
-            dist.is_main and _checkpoint(ckpt_path, {
-                "epoch": epoch + 1, "step": step, "config": asdict(cfg), "history": history, "best": best,
-                "net": task.net.state_dict(), "extra": task.extra_state().state_dict() if task.extra_state() else {},
-                "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict()})
-            dist.is_main and _write_metrics(run_dir, history)
-            distributed.barrier()  # no rank runs ahead of the checkpoint it might resume from
 
-    epochs = [h for h in history if "val_top1" in h]
-    final = epochs[-1] if epochs else {"val_top1": 0.0, "val_top5": 0.0, "ema_top1": 0.0}
-    secs = time.perf_counter() - t_start
-    return FitResult(final["val_top1"], final["val_top5"], final["ema_top1"], best["top1"], best["source"],
-                     len(epochs), secs, seen / max(secs, 1e-9), history)
+def _nonfinite(loop: _Loop, epoch: int, step: int, loss_value: float) -> None:
+    """Record a skipped step; stop (keeping the last good checkpoint) per the NaN policy."""
+    loop.nan_skips += 1
+    loop.history.append({"event": "nonfinite", "step": step, "epoch": epoch, "loss": str(loss_value)})
+    if loop.cfg.on_nan == "stop" or loop.nan_skips > loop.cfg.max_nan_skips:
+        distributed.info().is_main and _write_metrics(loop.run_dir, loop.history)
+        raise TrainingDiverged(f"{loop.label}: loss/gradients became non-finite at step {step} (epoch {epoch + 1}); "
+                               f"the last good checkpoint is kept. Try a lower --lr or --clip-grad 1.0")
+
+
+def _trace_row(loop: _Loop, epoch: int, loss_value: float, stats: dict[str, torch.Tensor]) -> None:
+    row = {"step": loop.step, "epoch": epoch + 1, "lr": loop.scheduler.get_last_lr()[0], "loss": loss_value}
+    keys = list(stats)
+    vals = torch.stack([stats[k].float() for k in keys]).tolist() if keys else []  # one host read for all
+    row.update({k: round(v, 6) for k, v in zip(keys, vals)})
+    loop.trace.write(row)
+
+
+def _end_of_epoch(loop: _Loop, epoch: int, n_epoch: int, loss_sum: float, t_epoch: float, hooks: Hooks) -> None:
+    """Evaluate the model and its EMA, track the best (hooks.on_best writes it), checkpoint."""
+    is_main = distributed.info().is_main
+    if hooks.on_eval:
+        hooks.on_eval(loop.step)
+    loop.seen += n_epoch
+    m = evaluate(loop.task.net, loop.val_loader, loop.device, loop.amp)
+    e = evaluate(loop.ema.module, loop.val_loader, loop.device, loop.amp)
+    secs = time.perf_counter() - t_epoch  # the epoch's wall time, its evaluation included
+    rec = {"epoch": epoch + 1, "step": loop.step, "lr": loop.scheduler.get_last_lr()[0],
+           "train_loss": loss_sum / max(1, n_epoch), "val_top1": m["top1"], "val_top5": m["top5"],
+           "val_loss": m["loss"], "ema_top1": e["top1"], "ema_top5": e["top5"],
+           "img_per_s": n_epoch / max(secs, 1e-9), "seconds": secs}
+    loop.history.append(rec)
+    loop.last_acc = f" | val {m['top1']:.1f}% ema {e['top1']:.1f}%"
+    source = "ema" if e["top1"] > m["top1"] else "model"
+    if max(m["top1"], e["top1"]) > loop.best["top1"]:
+        loop.best = {"top1": max(m["top1"], e["top1"]), "source": source, "epoch": epoch + 1,
+                     "model_top1": m["top1"], "model_top5": m["top5"], "ema_top1": e["top1"], "ema_top5": e["top5"]}
+        if hooks.on_best and is_main:
+            hooks.on_best(loop.ema.module if source == "ema" else loop.task.net, loop.best)
+    if hooks.on_checkpoint:
+        hooks.on_checkpoint(loop.step)
+    extra = loop.task.extra_state()
+    is_main and _checkpoint(loop.ckpt_path, {
+        "epoch": epoch + 1, "step": loop.step, "config": asdict(loop.cfg), "history": loop.history, "best": loop.best,
+        "net": loop.task.net.state_dict(), "extra": extra.state_dict() if extra is not None else {},
+        "ema": loop.ema.state_dict(), "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(), "scaler": loop.scaler.state_dict(), "run": loop.run_info})
+    is_main and _write_metrics(loop.run_dir, loop.history)
+    distributed.barrier()  # no rank runs ahead of the checkpoint it might resume from
 
 
 def train_step(task: TrainTask, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,

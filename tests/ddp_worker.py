@@ -19,7 +19,7 @@ from spofa_deploy import distributed, train as train_mod
 from spofa_deploy.data import load_splits
 from spofa_deploy.distillers import DistillConfig, create_task
 from spofa_deploy.models import create_model, data_config
-from spofa_deploy.train import TrainConfig, fit
+from spofa_deploy.train import Hooks, TrainConfig, fit
 
 
 def main(out: str, epochs: int, stop_at_step: int, resume: bool) -> None:
@@ -38,17 +38,16 @@ def main(out: str, epochs: int, stop_at_step: int, resume: bool) -> None:
     train_mod._checkpoint = lambda p, payload: (writes.append(str(p)), real_checkpoint(p, payload))
     train_mod._write_metrics = lambda d, h: (writes.append(str(d / "metrics.jsonl")), real_metrics(d, h))
 
-    def hook(phase: str, step: int) -> None:
-        if phase == "step":
-            if step == stop_at_step:
-                raise SystemExit(3)  # simulated crash, same step on every rank
-            baselines.append(torch.cat([task.mema.feat_baseline, task.mema.out_baseline[None]]).clone())
+    def hook(step: int) -> None:
+        if step == stop_at_step:
+            raise SystemExit(3)  # simulated crash, same step on every rank
+        baselines.append(torch.cat([task.mema.feat_baseline, task.mema.out_baseline[None]]).clone())
 
     run = out / "run"
     run.mkdir(parents=True, exist_ok=True)
     try:
         fit(task, splits, TrainConfig(epochs=epochs, batch_size=32, lr=0.05, optimizer="sgd", workers=0, log_every=1, device="cpu"),
-            run, resume=resume, fault_hook=hook)
+            run, resume=resume, hooks=Hooks(before_update=hook))
     finally:
         torch.save({"net": task.net.state_dict(), "baselines": baselines, "writes": writes},
                    out / f"rank{dist.rank}{'-resumed' if resume else ''}.pt")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from spofa_deploy import compare as cmp
 from spofa_deploy import pipeline
+from spofa_deploy.train import Hooks
 from spofa_deploy.errors import TrainingDiverged, UserError
 from spofa_deploy.stability import (accuracy_figures, divergence, loss_spikes, read_metrics, read_trace, stability,
                                     tail_variance)
@@ -314,8 +315,8 @@ def test_a_diverged_run_is_recorded_not_fatal(tiny_compare, monkeypatch) -> None
     real_create = pipeline.create_task
     monkeypatch.setattr(pipeline, "create_task", lambda *a, **k: tasks.append(real_create(*a, **k)) or tasks[-1])
 
-    def nan_grads_at_step_1(phase: str, step: int) -> None:
-        if phase == "step" and step == 1:
+    def nan_grads_at_step_1(step: int) -> None:
+        if step == 1:
             for p in tasks[-1].trainable():
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))
@@ -323,7 +324,7 @@ def test_a_diverged_run_is_recorded_not_fatal(tiny_compare, monkeypatch) -> None
     def distill_with_fault(*args, **kwargs):
         # A real run whose gradients turn NaN at its second step: fit raises TrainingDiverged.
         try:
-            return pipeline.distill(*args, fault_hook=nan_grads_at_step_1, **kwargs)
+            return pipeline.distill(*args, hooks=Hooks(before_update=nan_grads_at_step_1), **kwargs)
         except TrainingDiverged:
             raised.append(True)
             raise

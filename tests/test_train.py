@@ -25,7 +25,7 @@ from spofa_deploy.distillers import OFA, DistillConfig, create_task
 from spofa_deploy.errors import TrainingDiverged, UserError
 from spofa_deploy.models import count_params, create_model, data_config
 from spofa_deploy.pipeline import TeacherOptions, distill
-from spofa_deploy.train import CHECKPOINT, TrainConfig, evaluate, fit, resolve_device
+from spofa_deploy.train import CHECKPOINT, Hooks, TrainConfig, evaluate, fit, resolve_device
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -264,10 +264,10 @@ def shrink_val(monkeypatch):
     monkeypatch.setattr(pipeline, "_splits", small)
 
 
-def _run(method: str, out: Path, teacher: Path, resume: bool = False, fault_hook=None):
+def _run(method: str, out: Path, teacher: Path, resume: bool = False, hooks: Hooks | None = None):
     return distill("test_resnet", TeacherOptions(name="test_vit", checkpoint=str(teacher)), data="digits",
                    method=method, train=_cfg(epochs=2, batch_size=48, lr=3e-3, log_every=1), out=out,
-                   resume=resume, train_fraction=0.1, fault_hook=fault_hook)
+                   resume=resume, train_fraction=0.1, hooks=hooks)
 
 
 def _tensors(run: Path) -> dict[str, torch.Tensor]:
@@ -285,16 +285,15 @@ def test_resume_reaches_the_uninterrupted_weights(method: str, tmp_path: Path, s
     full = _run(method, tmp_path / "runs" / "full", teacher)
     assert full.fit.epochs_run == 2
 
-    seen = []
+    evals = []
 
-    def interrupt(phase: str, step: int) -> None:  # first training step of epoch 2
-        seen.append(phase)
-        if phase == "step" and "eval" in seen:
+    def interrupt(step: int) -> None:  # first training step of epoch 2
+        if evals:
             raise KeyboardInterrupt
 
     part = tmp_path / "runs" / "part"
     with pytest.raises(KeyboardInterrupt):
-        _run(method, part, teacher, fault_hook=interrupt)
+        _run(method, part, teacher, hooks=Hooks(before_update=interrupt, on_eval=evals.append))
     assert torch.load(part / CHECKPOINT, weights_only=True)["epoch"] == 1
     resumed = _run(method, part, teacher, resume=True)
 
@@ -310,6 +309,34 @@ def test_resume_reaches_the_uninterrupted_weights(method: str, tmp_path: Path, s
     assert resumed.student["top1"] == full.student["top1"] and resumed.student["saved"] == full.student["saved"]
 
 
+def test_resume_with_other_method_or_loss_settings_is_refused(tmp_path: Path, shrink_val) -> None:
+    """A run resumed with another --method or loss flag is refused in one line naming both values,
+    before any training; the run's own settings resume."""
+    teacher = _teacher_file(tmp_path / "t" / "teacher.safetensors")
+    out = tmp_path / "runs" / "kd"
+    common = dict(data="digits", out=out, train_fraction=0.1,
+                  train=_cfg(epochs=2, batch_size=48, lr=3e-3, log_every=1))
+    t = TeacherOptions(name="test_vit", checkpoint=str(teacher))
+    with pytest.raises(KeyboardInterrupt):  # stop after the first epoch's checkpoint
+        distill("test_resnet", t, method="kd", hooks=Hooks(before_update=lambda step: step == 3 and _raise()), **common)
+    ckpt = (out / CHECKPOINT).read_bytes()
+    with pytest.raises(UserError) as e:
+        distill("test_resnet", t, method="spofa", resume=True, **common)
+    msg = str(e.value)
+    assert "\n" not in msg and "--method kd" in msg and "--method spofa" in msg
+    with pytest.raises(UserError, match="--kd-temperature 4.0.*--kd-temperature 2.0"):
+        distill("test_resnet", t, method="kd", loss=DistillConfig(kd_temperature=2.0), resume=True, **common)
+    with pytest.raises(UserError, match="--student test_resnet.*--student test_efficientnet"):
+        distill("test_efficientnet", t, method="kd", resume=True, **common)
+    assert (out / CHECKPOINT).read_bytes() == ckpt  # refused before anything was touched
+    r = distill("test_resnet", t, method="kd", resume=True, **common)
+    assert r.fit.epochs_run == 2 and r.student["method"] == "kd"
+
+
+def _raise():
+    raise KeyboardInterrupt
+
+
 # ---------------------------------------------------------------- non-finite losses
 
 
@@ -323,13 +350,13 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits: Splits, tmp_path: 
     _inject(task, at={2})  # first step of epoch 2 (2 steps per epoch)
     snap = {}
 
-    def hook(phase: str, step: int) -> None:
-        if phase == "step" and step == 2:
+    def hook(step: int) -> None:
+        if step == 2:
             p = tmp_path / CHECKPOINT
             snap.update(bytes=p.read_bytes(), mtime=p.stat().st_mtime_ns, ino=p.stat().st_ino)
 
     with pytest.raises(TrainingDiverged, match="non-finite at step 2") as e:
-        fit(task, _small(digits, 32, 20), _cfg(epochs=2), tmp_path, fault_hook=hook)
+        fit(task, _small(digits, 32, 20), _cfg(epochs=2), tmp_path, hooks=Hooks(before_update=hook))
     assert "\n" not in str(e.value) and isinstance(e.value, UserError)
     p = tmp_path / CHECKPOINT
     assert snap and p.read_bytes() == snap["bytes"]
@@ -353,6 +380,8 @@ def test_nan_skip_counts_skipped_steps(digits: Splits, tmp_path: Path) -> None:
     assert all(torch.isfinite(p).all() for p in task.net.parameters())
     ck = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert ck["step"] == 4 and ck["epoch"] == 2
+    # The schedule stays in step with the step count, skipped steps included: it ends at zero.
+    assert ck["scheduler"]["last_epoch"] == ck["step"] and recs[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_nan_skip_gives_up_after_max_skips(digits: Splits, tmp_path: Path) -> None:
@@ -459,3 +488,33 @@ def test_distill_step_no_sync_on_gpu(method: str) -> None:
     torch.cuda.synchronize()
     assert torch.isfinite(out.loss).item()
     assert all(v.device.type == "cuda" for v in out.stats.values())
+
+
+# ---------------------------------------------------------------- the teacher stage
+
+def test_teacher_stage_has_no_label_smoothing_and_records_its_soft_target_entropy(tmp_path: Path, monkeypatch) -> None:
+    import random
+
+    from spofa_deploy.pipeline import soft_target_entropy, train_teacher
+
+    assert TeacherOptions().label_smoothing == 0.0
+    smoothing = []
+    real = pipeline.Supervised
+    monkeypatch.setattr(pipeline, "Supervised", lambda net, ls: smoothing.append(ls) or real(net, ls))
+    opts = TeacherOptions(name="test_vit", pretrained=False, train=_cfg(epochs=1, batch_size=64, optimizer="adamw"))
+    path = train_teacher(opts, "digits", 16, out=tmp_path / "t")
+    assert smoothing == [0.0]
+    meta = read_model_meta(path)
+    soft = meta["soft_targets"]
+    assert meta["label_smoothing"] == 0.0 and soft["temperature"] == 4.0 and soft["images"] == 512
+    assert 0.0 < soft["entropy_nats"] <= soft["max_nats"] == pytest.approx(math.log(10), abs=1e-4)
+    # The measurement uses a private RNG: global state untouched, and the same value twice.
+    model, _ = pipeline.load_model(path)
+    splits = load_splits("digits", 16, meta["mean"], meta["std"], meta["interpolation"], meta["crop_pct"])
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    again = soft_target_entropy(model, splits.train, 4.0)
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
+    assert again == soft
+    uniform = soft_target_entropy(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10)).requires_grad_(False).apply(
+        lambda m: isinstance(m, torch.nn.Linear) and (m.weight.zero_(), m.bias.zero_())), splits.train, 4.0, n=8)
+    assert uniform["entropy_nats"] == pytest.approx(math.log(10), abs=1e-4)  # constant logits: maximum entropy
