@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from spofa_deploy import compare as cmp
-from spofa_deploy import pipeline
+from spofa_deploy import compare_report as report
+from spofa_deploy import pipeline, plots
 from spofa_deploy.train import Hooks
 from spofa_deploy.errors import TrainingDiverged, UserError
 from spofa_deploy.stability import (accuracy_figures, divergence, loss_spikes, read_metrics, read_trace, stability,
@@ -129,7 +130,7 @@ def test_summarize_mean_std_and_diverged_runs() -> None:
     runs = [_rec("kd", 0.01, 0, 80.0), _rec("kd", 0.01, 1, 90.0), _rec("kd", 0.01, 2, 70.0, spikes=3),
             _rec("kd", 0.1, 0, 40.0), _rec("kd", 0.1, 1, 60.0, "stopped", 2, ("nonfinite",)),
             _rec("kd", 0.1, 2, 10.0, reasons=("collapse",))]
-    s = cmp.summarize(runs, ["kd"], [0.01, 0.1])
+    s = report.summarize(runs, ["kd"], [0.01, 0.1])
     lo, hi = s["per_method_lr"]
     assert lo["final_top1"]["mean"] == pytest.approx(80.0) and lo["final_top1"]["std"] == pytest.approx(10.0)
     assert lo["loss_spikes"]["mean"] == pytest.approx(1.0) and lo["diverged"] == 0
@@ -142,8 +143,32 @@ def test_summarize_mean_std_and_diverged_runs() -> None:
     pooled = s["per_method"][0]
     assert pooled["runs"] == 6 and pooled["diverged"] == 2 and pooled["loss_spikes_total"] == 5
     assert pooled["worst_lr"] == 0.1 and pooled["worst_lr_final_top1"] == pytest.approx(110 / 3)
-    one = cmp.summarize([_rec("none", 0.01, 0, 50.0)], ["none"], [0.01])["per_method_lr"][0]
+    one = report.summarize([_rec("none", 0.01, 0, 50.0)], ["none"], [0.01])["per_method_lr"][0]
     assert one["final_top1"]["std"] is None  # one seed: no spread to report
+
+
+def test_paired_statistics_on_a_hand_computed_example() -> None:
+    """Three seeds, differences 2, 4, 6: mean 4, sd 2, t(0.975, 2) = 4.302653, half-width 4.302653 * 2 / sqrt(3)."""
+    runs = [_rec("spofa", 0.01, s, v) for s, v in ((0, 82.0), (1, 84.0), (2, 86.0))]
+    runs += [_rec("none", 0.01, s, 80.0) for s in range(3)] + [_rec("none", 0.1, s, 90.0 + s) for s in range(3)]
+    p = report.paired_difference(runs, "spofa", "none", 0.01, 0.01)
+    half = 4.302653 * 2.0 / math.sqrt(3)
+    assert p["diffs"] == [2.0, 4.0, 6.0] and p["mean"] == pytest.approx(4.0)
+    assert p["ci95"] == pytest.approx([4.0 - half, 4.0 + half], abs=1e-5)
+    assert p["significant"] is False  # the interval [-0.97, 8.97] holds zero: three seeds are not enough here
+    for r, v in zip(runs[:3], (83.0, 83.0, 85.0)):  # differences 3, 3, 5
+        r["final_top1"] = v
+    p = report.paired_difference(runs, "spofa", "none", 0.01, 0.01)
+    assert p["diffs"] == [3.0, 3.0, 5.0] and p["significant"] is True  # mean 3.67, half-width 2.87
+    # At each method's own best rate: none is best at 0.1 (91 on average), spofa at 0.01.
+    best = report.best_rates(report.summarize(runs, ["spofa", "none"], [0.01, 0.1])["per_method_lr"])
+    assert best == {"spofa": 0.01, "none": 0.1}
+    (at_best,) = [c for c in report.paired_comparisons(runs, ["none", "spofa"], [0.01, 0.1], best)
+                  if c["at"] == "best rates"]
+    assert at_best["diffs"] == [83.0 - 90.0, 83.0 - 91.0, 85.0 - 92.0] and at_best["significant"] is True
+    # A seed without a figure on either side does not count.
+    runs.append(_rec("spofa", 0.1, 0, None, "stopped", reasons=("nonfinite",)))
+    assert report.paired_difference(runs, "spofa", "none", 0.1, 0.1)["n"] == 0
 
 
 def test_parse_methods_and_rates() -> None:
@@ -264,7 +289,11 @@ def test_tiny_compare_writes_the_report(tiny_compare) -> None:
     md = (out / "report.md").read_text()
     assert "## Per method and learning rate" in md and "| none | 0.01 | 1 |" in md and "| spofa | 0.01 | 1 |" in md
     assert "spofa-lr0.01-seed0" in md and "loss_spike" in md
-    assert rep["plots"] == [cmp.PLOT_TOP1, cmp.PLOT_LOSS, cmp.PLOT_MEMA]
+    assert rep["plots"] == [plots.PLOT_TOP1, plots.PLOT_LOSS, plots.PLOT_MEMA, plots.PLOT_PAIRED]
+    assert rep["best_rates"] == {"none": 0.01, "spofa": 0.01} and [g["method"] for g in rep["at_best_rate"]] == ["none", "spofa"]
+    (p,) = [p for p in rep["paired"] if p["at"] == "best rates"]
+    assert (p["method"], p["baseline"], p["n"], p["ci95"]) == ("spofa", "none", 1, None)  # one seed: no interval
+    assert "## Each method at its own best rate" in md and "## Paired differences" in md
     for name in rep["plots"]:
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000, name

@@ -1,0 +1,394 @@
+"""The report of `spofa compare`: aggregation, paired statistics, report.json / report.md.
+
+Reads the run records `spofa_deploy.compare` collects (one per method x rate x seed) and
+writes what a reviewer reads. The report leads with each method at its own best rate of
+the sweep (the literature's protocol: every method gets the same chance at tuning), then
+paired differences against the student alone and against OFA (methods share seeds, so
+per-seed differences cancel the seed's luck), then the per-rate rows and every run.
+Plots: `spofa_deploy.plots`; the terminal table: `cli`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+from .artifacts import versions, write_json
+from .console import console
+from .stability import SPIKE_FACTOR, SPIKE_MIN_HISTORY, SPIKE_WINDOW, TAIL_FRACTION, COLLAPSE_MARGIN
+
+if TYPE_CHECKING:
+    from .compare import CompareConfig
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+CONFIDENCE = 0.95
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Aggregation
+
+def _stats(values: Iterable[float | None]) -> dict:
+    """mean, std (sample, ddof = 1; None for one value), min, max and n of the finite values."""
+    v = [float(x) for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"n": len(v), "mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else None,
+            "min": min(v), "max": max(v)}
+
+
+ACC_KEYS = ("final_top1", "best_top1", "final_ema_top1", "best_ema_top1")
+STAB_KEYS = ("loss_spikes", "ce_spikes", "loss_peak_ratio", "ce_peak_ratio", "loss_var_tail", "ce_var_tail", "grad_cos_mean")
+
+
+def _group(runs: Sequence[dict]) -> dict:
+    """Figures of a group of runs. Tail variances: runs that trained to the end; everything else: every run,
+    a run stopped on NaN/Inf with the accuracy of its last evaluated epoch (the checkpoint it leaves), so a
+    method whose runs blow up is not averaged over its survivors only. `diverged` counts runs with any
+    divergence reason."""
+    finished = [r for r in runs if r["status"] == "finished"]
+    out = {"runs": len(runs), "finished": len(finished), "stopped": len(runs) - len(finished),
+           "diverged": sum(r["stability"]["diverged"] for r in runs),
+           "nonfinite": sum("nonfinite" in r["stability"]["divergence"] for r in runs),
+           "collapsed": sum("collapse" in r["stability"]["divergence"] for r in runs)}
+    for k in ACC_KEYS:
+        out[k] = _stats(r[k] for r in runs)
+    for k in STAB_KEYS:
+        out[k] = _stats(r["stability"].get(k) for r in (finished if k.endswith("_tail") else runs))
+    out["loss_spikes_total"] = sum(r["stability"]["loss_spikes"] for r in runs)
+    out["wall_s"] = _stats(r.get("wall_s") for r in runs)
+    out["img_per_s"] = _stats(r.get("img_per_s") for r in runs)
+    return out
+
+
+def summarize(runs: Sequence[dict], methods: Sequence[str], lrs: Sequence[float]) -> dict:
+    """`per_method_lr` (mean +- std over seeds) and `per_method` (pooled over the sweep, plus the worst rate)."""
+    per_lr, per_method = [], []
+    for m in methods:
+        groups = []
+        for lr in lrs:
+            g = {"method": m, "lr": lr, **_group([r for r in runs if r["method"] == m and r["lr"] == lr])}
+            groups.append(g)
+            per_lr.append(g)
+        pooled = {"method": m, **_group([r for r in runs if r["method"] == m])}
+        means = [(g["final_top1"]["mean"], g["lr"]) for g in groups]
+        worst = min(((v if v is not None else -1.0), lr) for v, lr in means)  # a rate where every run stopped is worst
+        pooled["worst_lr"] = worst[1]
+        pooled["worst_lr_final_top1"] = worst[0] if worst[0] >= 0 else None
+        per_method.append(pooled)
+    return {"per_method": per_method, "per_method_lr": per_lr}
+
+
+DEFINITIONS = {
+    "loss_spike": f"a logged step whose training loss > {SPIKE_FACTOR:g} x the median of the {SPIKE_WINDOW} finite "
+                  f"losses logged before it (none in the first {SPIKE_MIN_HISTORY} logged steps); every step is logged",
+    "diverged": f"NaN/Inf (event in metrics.jsonl, NaN loss in the trace, or stopped by TrainingDiverged), or "
+                f"collapse: final model top-1 <= 100/num_classes + {COLLAPSE_MARGIN:g}",
+    "ce_spikes": "the same on the cross-entropy term alone (comparable across methods: a large steady distillation "
+                 "term in the total loss dilutes a CE blow-up)",
+    "loss_peak_ratio": "largest total training loss over the first logged one (the early blow-up of fragile rates)",
+    "ce_peak_ratio": "the same for the cross-entropy term (comparable across methods)",
+    "loss_var_tail": f"population variance of the total training loss over the last {TAIL_FRACTION:.0%} of logged steps "
+                     "(scale differs between methods)",
+    "ce_var_tail": "the same for the cross-entropy term alone (comparable across methods)",
+    "grad_cos_mean": "mean over logged steps of the batch-mean cosine between the CE and distillation logit gradients",
+    "aggregates": "mean +- sample std over runs; every run counts, a run stopped on NaN/Inf with the accuracy of "
+                  "its last evaluated epoch (the checkpoint it leaves); tail variances only over runs that trained "
+                  "to the end",
+    "final_top1": "val top-1 of the model after the last epoch; best_top1: best epoch; ema: the EMA weights",
+    "best rate": "per method, the rate of the sweep with the highest mean final top-1 over seeds",
+    "paired difference": "final top-1 of the method minus the baseline's on the same seed (same initialisation, "
+                         "data subset and order); mean and a 95 % Student-t interval over seeds; significant when "
+                         "the interval excludes zero (no correction for the number of comparisons)",
+}
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fair comparisons: each method at its own best rate; paired differences with intervals
+
+def best_rates(per_method_lr: Sequence[dict]) -> dict[str, float]:
+    """Each method's rate with the highest mean final top-1 over seeds (ties: the lower rate)."""
+    best: dict[str, tuple[float, float]] = {}
+    for g in per_method_lr:
+        mean = g["final_top1"]["mean"]
+        score = -1.0 if mean is None else mean  # a rate where every run stopped before an epoch is worst
+        if g["method"] not in best or score > best[g["method"]][0]:
+            best[g["method"]] = (score, g["lr"])
+    return {m: lr for m, (_, lr) in best.items()}
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (scipy, a dependency of scikit-learn)."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
+
+
+def paired_difference(runs: Sequence[dict], method: str, baseline: str, lr: float, lr_baseline: float,
+                      key: str = "final_top1") -> dict:
+    """Per-seed differences `method` minus `baseline` (same seed), their mean and a 95 % t-interval.
+
+    A seed counts when both runs have the figure (a stopped run has the top-1 of its last
+    evaluated epoch). `significant` is None below two seeds (no interval), else whether the
+    interval excludes zero.
+    """
+    a = {r["seed"]: r[key] for r in runs if r["method"] == method and r["lr"] == lr}
+    b = {r["seed"]: r[key] for r in runs if r["method"] == baseline and r["lr"] == lr_baseline}
+    seeds = sorted(s for s in set(a) & set(b) if _finite(a[s]) and _finite(b[s]))
+    diffs = [a[s] - b[s] for s in seeds]
+    out = {"method": method, "baseline": baseline, "lr": lr, "lr_baseline": lr_baseline, "key": key,
+           "seeds": seeds, "diffs": diffs, "n": len(diffs), "mean": statistics.fmean(diffs) if diffs else None,
+           "ci95": None, "significant": None}
+    if len(diffs) >= 2:
+        half = t_quantile(0.5 + CONFIDENCE / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        out["ci95"] = [out["mean"] - half, out["mean"] + half]
+        out["significant"] = not out["ci95"][0] <= 0.0 <= out["ci95"][1]
+    return out
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def paired_comparisons(runs: Sequence[dict], methods: Sequence[str], lrs: Sequence[float],
+                       best: dict[str, float]) -> list[dict]:
+    """Every method against `none` and against `ofa` (where present): at each method's own best rate, then per rate."""
+    out = []
+    for base in ("none", "ofa"):
+        if base not in methods:
+            continue
+        for m in methods:
+            if m == base or (base == "ofa" and m in ("none", "kd")):
+                continue
+            out.append({**paired_difference(runs, m, base, best[m], best[base]), "at": "best rates"})
+            out.extend({**paired_difference(runs, m, base, lr, lr), "at": f"lr {lr:g}"} for lr in lrs)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+
+def _num(x: float | None, digits: int = 1) -> str:
+    """Fixed point, or scientific for the huge loss ratios of runs that blew up."""
+    return "-" if x is None else f"{x:.{digits}f}" if abs(x) < 1e5 else f"{x:.2e}"
+
+
+def _pm(s: dict, digits: int = 1) -> str:
+    if s["mean"] is None:
+        return "-"
+    return _num(s["mean"], digits) + (f" ± {_num(s['std'], digits)}" if s["std"] is not None else "")
+
+
+def _div(g: dict) -> str:
+    return f"{g['diverged']} ({g['nonfinite']}, {g['collapsed']})"
+
+
+def _g(v, fmt: str = ".3g") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def build_report(cfg: "CompareConfig", header: dict, data_info: dict, t_meta: dict, runs: Sequence[dict],
+                 wall_s: float) -> dict:
+    complete = len(runs) == len(cfg.methods) * len(cfg.lrs) * cfg.seeds
+    summary = summarize(runs, cfg.methods, cfg.lrs)
+    best = best_rates(summary["per_method_lr"])
+    return {
+        "title": f"{cfg.student} <- {t_meta['model']} on {cfg.data}",
+        "complete": complete,
+        "config": header["config"],
+        "img_size": header["img_size"],
+        "seeds": cfg.seed_list(),
+        "teacher": {"path": header["teacher_path"], "model": t_meta["model"], "top1": t_meta.get("top1"),
+                    "source": t_meta.get("source")},
+        "data": data_info,
+        "machine": _machine(cfg.device if cfg.device != "auto" else _auto_device()),
+        "versions": versions(),
+        "started": header["started"],
+        "written": datetime.now().isoformat(timespec="seconds"),
+        "wall_s": wall_s,
+        "definitions": DEFINITIONS,
+        **summary,
+        "best_rates": best,
+        "at_best_rate": [g for g in summary["per_method_lr"] if best.get(g["method"]) == g["lr"]],
+        "paired": paired_comparisons(runs, cfg.methods, cfg.lrs, best),
+        "runs": list(runs),
+        "plots": [],
+    }
+
+
+def _auto_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _md_table(cols: Sequence[tuple[str, Callable[[dict], str]]], rows: Iterable[dict]) -> list[str]:
+    """Markdown table lines: one column per (header, cell function)."""
+    return ["| " + " | ".join(h for h, _ in cols) + " |", "|" + " --- |" * len(cols),
+            *("| " + " | ".join(cell(r) for _, cell in cols) + " |" for r in rows)]
+
+
+# Columns of the report's tables: per method (pooled over rates), per method and rate, per run.
+_METHOD_COLS = [
+    ("method", lambda g: g["method"]), ("runs", lambda g: str(g["runs"])), ("diverged (NaN/Inf, collapse)", _div),
+    ("final top-1", lambda g: _pm(g["final_top1"])), ("best top-1", lambda g: _pm(g["best_top1"])),
+    ("final EMA", lambda g: _pm(g["final_ema_top1"])), ("best EMA", lambda g: _pm(g["best_ema_top1"])),
+    ("worst-rate top-1", lambda g: f"{_g(g['worst_lr_final_top1'], '.1f')} (lr {g['worst_lr']:g})"),
+]
+_BEST_COLS = [
+    ("method", lambda g: g["method"]), ("best lr", lambda g: f"{g['lr']:g}"), ("runs", lambda g: str(g["runs"])),
+    ("diverged (NaN/Inf, collapse)", _div), ("final top-1", lambda g: _pm(g["final_top1"])),
+    ("best top-1", lambda g: _pm(g["best_top1"])), ("final EMA", lambda g: _pm(g["final_ema_top1"])),
+]
+_PAIRED_COLS = [
+    ("method", lambda p: p["method"]), ("vs", lambda p: p["baseline"]),
+    ("at", lambda p: p["at"] + (f" ({p['lr']:g} vs {p['lr_baseline']:g})" if p["at"] == "best rates" else "")),
+    ("seeds", lambda p: str(p["n"])), ("mean diff", lambda p: _g(p["mean"], "+.2f")),
+    (f"{CONFIDENCE:.0%} interval", lambda p: f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]" if p["ci95"] else "-"),
+    ("significant", lambda p: "-" if p["significant"] is None else "**yes**" if p["significant"] else "no"),
+    ("per seed", lambda p: ", ".join(f"{d:+.1f}" for d in p["diffs"])),
+]
+_METHOD_LR_COLS = [
+    ("method", lambda g: g["method"]), ("lr", lambda g: f"{g['lr']:g}"), ("runs", lambda g: str(g["runs"])),
+    ("diverged (NaN/Inf, collapse)", _div), ("final top-1", lambda g: _pm(g["final_top1"])),
+    ("best top-1", lambda g: _pm(g["best_top1"])), ("final EMA", lambda g: _pm(g["final_ema_top1"])),
+    ("best EMA", lambda g: _pm(g["best_ema_top1"])), ("loss var (tail)", lambda g: _pm(g["loss_var_tail"], 4)),
+]
+_GROUP_COLS = [
+    ("spikes/run", lambda g: _pm(g["loss_spikes"])), ("CE spikes/run", lambda g: _pm(g["ce_spikes"])),
+    ("CE peak/first", lambda g: _pm(g["ce_peak_ratio"])), ("CE var (tail)", lambda g: _pm(g["ce_var_tail"], 4)),
+    ("grad cos", lambda g: _pm(g["grad_cos_mean"], 2)), ("s/run", lambda g: _g(g["wall_s"]["mean"], ".0f")),
+    ("img/s", lambda g: _g(g["img_per_s"]["mean"], ",.0f")),
+]
+_RUN_COLS = [
+    ("run", lambda r: r["name"]), ("status", lambda r: r["status"] + (" (resumed)" if r.get("resumed") else "")),
+    ("final top-1", lambda r: _g(r["final_top1"], ".2f")), ("best top-1", lambda r: _g(r["best_top1"], ".2f")),
+    ("final EMA", lambda r: _g(r["final_ema_top1"], ".2f")), ("best EMA", lambda r: _g(r["best_ema_top1"], ".2f")),
+    ("spikes", lambda r: str(r["stability"]["loss_spikes"])), ("CE spikes", lambda r: _g(r["stability"].get("ce_spikes"), "d")),
+    ("CE peak/first", lambda r: _num(r["stability"].get("ce_peak_ratio"))),
+    ("diverged", lambda r: ", ".join(r["stability"]["divergence"]) or "no"),
+    ("loss var", lambda r: _g(r["stability"]["loss_var_tail"], ".3g")), ("CE var", lambda r: _g(r["stability"]["ce_var_tail"], ".3g")),
+    ("grad cos", lambda r: _g(r["stability"]["grad_cos_mean"], ".2f")), ("wall s", lambda r: _g(r.get("wall_s"), ".0f")),
+    ("img/s", lambda r: _g(r.get("img_per_s"), ",.0f")),
+]
+
+
+def render_markdown(report: dict) -> str:
+    c, d, t = report["config"], report["data"], report["teacher"]
+    m = report["machine"]
+    lines = [
+        f"# spofa compare: {report['title']}",
+        "",
+        *([] if report["complete"] else ["**Incomplete: runs are still missing (the compare was interrupted or is running).**", ""]),
+        f"- student `{c['student']}`, teacher `{t['model']}` ({_g(t['top1'], '.2f')}% val top-1, `{t['path']}`)",
+        f"- data `{c['data']}` at {report['img_size']}px: {d['train_images']} training images "
+        f"({d['train_per_class_min']}-{d['train_per_class_max']} per class, train fraction {c['train_fraction']:g}), "
+        f"{d['val_images']} validation images, {d['num_classes']} classes (chance {100 / d['num_classes']:.1f}%)",
+        f"- {c['epochs']} epochs, batch {c['batch_size']}, {c['optimizer']} (weight decay {c['weight_decay']:g}), "
+        f"warm-up {c['warmup_epochs']:g} epoch then cosine, peak rates {', '.join(f'{x:g}' for x in c['lrs'])}, "
+        f"seeds {', '.join(map(str, report['seeds']))}, l_ofa {c['feat_weight']:g}, clip {c['clip_grad'] or 'none'}; "
+        "identical for every method",
+        f"- machine: {m.get('gpu') or m['cpu']} ({m['device']}, {m['cpu_count']} cores), {m['platform']}; "
+        f"total wall time {_fmt_secs(report['wall_s'])}",
+        "",
+        "## Each method at its own best rate of the sweep (mean ± std over seeds)",
+        "",
+        "The literature's protocol: every method is tuned over the same rates and shown at its best one.",
+        "",
+        *_md_table(_BEST_COLS + _GROUP_COLS, report["at_best_rate"]),
+        "",
+        f"## Paired differences (same seeds; mean and {CONFIDENCE:.0%} t-interval of the per-seed differences)",
+        "",
+        "Final val top-1, method minus baseline, seed by seed. **yes**: the interval excludes zero.",
+        "",
+        *_md_table(_PAIRED_COLS, report["paired"]),
+        "",
+        "## Per method, pooled over the learning-rate sweep (mean ± std over every run)",
+        "",
+        *_md_table(_METHOD_COLS + _GROUP_COLS, report["per_method"]),
+        "",
+        "## Per method and learning rate (mean ± std over seeds)",
+        "",
+        *_md_table(_METHOD_LR_COLS + _GROUP_COLS, report["per_method_lr"]),
+        "",
+        "## Runs",
+        "",
+        *_md_table(_RUN_COLS, report["runs"]),
+    ]
+    lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
+    if report["plots"]:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in report["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, cfg: "CompareConfig", header: dict, data_info: dict, t_meta: dict, runs: Sequence[dict],
+                 wall_s: float, plots: bool = True) -> tuple[dict, list[Path]]:
+    """report.json + report.md (+ the PNGs when `plots`); returns (report, plot paths)."""
+    report = build_report(cfg, header, data_info, t_meta, runs, wall_s)
+    paths: list[Path] = []
+    if plots:
+        from .plots import plot_compare
+
+        try:
+            paths = plot_compare(out, report)
+        except Exception as e:  # a missing plot must not lose the numbers
+            console.print(f"[yellow]warning:[/] could not draw the compare plots: {e}")
+    report["plots"] = [p.name for p in paths]
+    write_json(out / REPORT_JSON, report)
+    with open(out / REPORT_MD, "w", encoding="utf-8") as f:
+        f.write(render_markdown(report))
+    return report, paths
+
+
+
+def _fmt_secs(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _machine(device: str) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux: the CPU's model name is more use in a report than "x86_64"
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"platform": platform.platform(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+    if device != "cpu" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Terminal table
+
+def summary_table(report: dict):
+    """A compact rich table per (method, lr) that fits 80 columns: final top-1 as mean±std over seeds, the rest
+    as means (best epochs and the other figures are in report.md)."""
+    from rich import box
+    from rich.table import Table
+
+    mean = lambda st, d=1: _num(st["mean"], d)  # noqa: E731
+    t = Table(title=f"spofa compare: {report['title']}\n{len(report['seeds'])} seeds, {report['config']['epochs']} epochs, "
+                    f"{report['data']['train_images']} train images; top-1 %: mean±std over seeds, others: means",
+              box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("method", "lr", "div.", "top-1", "EMA", "CE spk", "CE peak", "cos"):
+        t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True, min_width=4)
+    for g in report["per_method_lr"]:
+        div = f"{g['diverged']}/{g['runs']}"
+        t.add_row(g["method"], f"{g['lr']:g}", f"[red]{div}[/]" if g["diverged"] else div,
+                  _pm(g["final_top1"]).replace(" ± ", "±"), mean(g["final_ema_top1"]),
+                  mean(g["ce_spikes"]), mean(g["ce_peak_ratio"]), mean(g["grad_cos_mean"], 2))
+    t.caption = ("div.: diverged runs (NaN/Inf or collapse to chance); CE spk: CE spikes per run; CE peak: largest "
+                 "CE loss / first; cos: CE-vs-distillation gradient cosine")
+    return t
