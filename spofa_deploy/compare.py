@@ -44,7 +44,7 @@ COMPARE = "compare.json"
 
 # Method name -> (pipeline method, DistillConfig overrides). The ablations of SPOFA:
 # without MEMA (LayerNorm heads, alpha = beta = 1), without the output-level weights
-# (beta = 1, alpha from MEMA), and without the LayerNorm, which is exactly `ofa`.
+# (beta = 1, alpha from MEMA), two MEMA variants, and without the LayerNorm, which is exactly `ofa`.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "none": ("none", {}),
     "kd": ("kd", {}),
@@ -52,9 +52,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "spofa": ("spofa", {}),
     "spofa-nomema": ("spofa", {"mema": False}),
     "spofa-nobeta": ("spofa", {"sample_weights": False}),
+    # MEMA variants beside the paper's formula (issue 17): stage weights capped at 1 (damping only),
+    # and a faster baseline (momentum 0.9 instead of 0.99).
+    "spofa-damp": ("spofa", {"alpha_max": 1.0}),
+    "spofa-m0.9": ("spofa", {"momentum": 0.9}),
 }
 METHOD_ALIASES = {"spofa-noln": "ofa"}
-ABLATIONS = ("spofa", "spofa-nomema", "spofa-nobeta", "ofa")
+ABLATIONS = ("spofa", "spofa-nomema", "spofa-nobeta", "spofa-damp", "spofa-m0.9", "ofa")
 # Peak SGD rates of the default sweep (the student's own optimiser; 0.02 is `spofa distill`'s
 # default). Chosen from single-seed probes of `none` alone (so no method picked them), mobilenetv3
 # <- the digits ViT-B teacher, 10% of the training split, batch 16, 25 epochs, 2-core CPU:

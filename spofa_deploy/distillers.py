@@ -38,6 +38,7 @@ class DistillConfig:
     momentum: float = 0.99
     lambda_feat: float = 5.0
     lambda_out: float = 2.0
+    alpha_max: float = 2.0  # upper clip of the MEMA stage weights (1.0: the damp-only ablation)
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -134,7 +135,8 @@ class OFA(Distiller):
         self.heads = build_heads([t.channels for t in self.taps], [t.reduction for t in self.taps],
                                  dim, num_classes, layer_norm=layer_norm)
         self.use_mema = layer_norm and cfg.mema
-        self.mema = MEMA(len(self.taps), cfg.momentum, cfg.lambda_feat, cfg.lambda_out, sync=sync) if self.use_mema else None
+        self.mema = (MEMA(len(self.taps), cfg.momentum, cfg.lambda_feat, cfg.lambda_out, sync=sync, alpha_max=cfg.alpha_max)
+                     if self.use_mema else None)
 
     def extra_state(self) -> nn.Module:
         return nn.ModuleDict({"heads": self.heads, **({"mema": self.mema} if self.mema is not None else {})})

@@ -21,6 +21,8 @@ class MEMA(nn.Module):
         momentum: EMA momentum m of both baselines.
         lambda_feat: strength lambda_f of the stage-weight correction.
         lambda_out: strength lambda_o of the sample-weight penalty.
+        alpha_max: upper clip of the stage weights: 2.0 is the paper's formula; 1.0 is the
+            damp-only ablation (MEMA may lower a stage's weight, never raise it above 1).
         sync: applied to the batch statistics before they touch the baselines; pass an
             all-reduce-mean so every rank keeps the same baselines. It must return its
             result (it may not rely on in-place modification only). Identity when None.
@@ -38,12 +40,14 @@ class MEMA(nn.Module):
         lambda_feat: float = 5.0,
         lambda_out: float = 2.0,
         sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        alpha_max: float = 2.0,
     ) -> None:
         super().__init__()
         self.num_stages = num_stages
         self.momentum = momentum
         self.lambda_feat = lambda_feat
         self.lambda_out = lambda_out
+        self.alpha_max = alpha_max
         self.sync = sync
         self.register_buffer("feat_baseline", torch.zeros(num_stages, dtype=torch.float32))
         self.register_buffer("out_baseline", torch.zeros((), dtype=torch.float32))
@@ -59,13 +63,13 @@ class MEMA(nn.Module):
     def stage_weights(self, align: torch.Tensor) -> torch.Tensor:
         """Stage weights alpha (K,) from the per-stage alignment s_k = mean_i cos(z_k[i], t[i]).
 
-        The baseline is used BEFORE it is updated: alpha = clip(1 - lambda_f * (b - s), 0.1, 2)
+        The baseline is used BEFORE it is updated: alpha = clip(1 - lambda_f * (b - s), 0.1, alpha_max)
         then b <- m * b + (1 - m) * s. On the first call b := s, so alpha is exactly 1.
         """
         # Copy so that an in-place all-reduce cannot alter the caller's tensor.
         s = self._sync(align.detach().to(torch.float32, copy=True)).to(self.feat_baseline.device)
         b = torch.where(self.feat_ready, self.feat_baseline, s)
-        alpha = (1.0 - self.lambda_feat * (b - s)).clamp(0.1, 2.0)
+        alpha = (1.0 - self.lambda_feat * (b - s)).clamp(0.1, self.alpha_max)
         # lerp: b + (1 - m) * (s - b) == m * b + (1 - m) * s, exact when b == s.
         self.feat_baseline.copy_(torch.lerp(b, s, 1.0 - self.momentum))
         self.feat_ready.fill_(True)
@@ -89,5 +93,5 @@ class MEMA(nn.Module):
         sync = "" if self.sync is None else f", sync={getattr(self.sync, '__name__', type(self.sync).__name__)}"
         return (
             f"num_stages={self.num_stages}, momentum={self.momentum}, "
-            f"lambda_feat={self.lambda_feat}, lambda_out={self.lambda_out}{sync}"
+            f"lambda_feat={self.lambda_feat}, lambda_out={self.lambda_out}, alpha_max={self.alpha_max}{sync}"
         )

@@ -174,7 +174,8 @@ def test_paired_statistics_on_a_hand_computed_example() -> None:
 def test_parse_methods_and_rates() -> None:
     assert cmp.parse_methods("none, kd,KD,spofa") == ["none", "kd", "spofa"]
     assert cmp.parse_methods("spofa-noln") == ["ofa"]
-    assert cmp.parse_methods("none", ablations=True) == ["none", "spofa", "spofa-nomema", "spofa-nobeta", "ofa"]
+    assert cmp.parse_methods("none", ablations=True) == ["none", "spofa", "spofa-nomema", "spofa-nobeta", "spofa-damp",
+                                                         "spofa-m0.9", "ofa"]
     with pytest.raises(UserError, match="unknown method"):
         cmp.parse_methods("none,fancy")
     assert cmp.parse_lrs("0.002,0.01, 0.05") == (0.002, 0.01, 0.05)
@@ -186,6 +187,9 @@ def test_parse_methods_and_rates() -> None:
     assert cmp._loss_config(cfg, "spofa-nomema").mema is False and cmp._loss_config(cfg, "spofa-nomema").sample_weights
     assert cmp._loss_config(cfg, "spofa-nobeta").sample_weights is False and cmp._loss_config(cfg, "spofa-nobeta").mema
     assert cmp._loss_config(cfg, "spofa-nomema").method == "spofa" and cmp._loss_config(cfg, "ofa").method == "ofa"
+    damp, fast, paper = (cmp._loss_config(cfg, m) for m in ("spofa-damp", "spofa-m0.9", "spofa"))
+    assert (damp.alpha_max, damp.momentum, fast.alpha_max, fast.momentum) == (1.0, 0.99, 2.0, 0.9)
+    assert (paper.alpha_max, paper.momentum) == (2.0, 0.99)  # the paper's formula stays the default
 
 
 def test_eta_from_finished_runs() -> None:
@@ -444,7 +448,8 @@ def test_cli_options_reach_the_config(monkeypatch, tmp_path: Path) -> None:
                   "--out", str(tmp_path / "c")])
     assert r.exit_code == 0, r.output
     cfg, resume = seen[-1]
-    assert not resume and cfg.methods == ("none", "kd", "spofa", "spofa-nomema", "spofa-nobeta", "ofa")
+    assert not resume and cfg.methods == ("none", "kd", "spofa", "spofa-nomema", "spofa-nobeta", "spofa-damp",
+                                          "spofa-m0.9", "ofa")
     assert (cfg.seeds, cfg.lrs, cfg.train_fraction, cfg.epochs, cfg.teacher, cfg.student) == (2, (0.1, 0.2), 0.2, 3, "vit_s", "resnet18")
     assert (cfg.batch_size, cfg.img_size, cfg.device, cfg.workers, cfg.out) == (16, 24, "cpu", 0, str(tmp_path / "c"))
     # --resume: the saved settings, not the defaults, for everything not given.

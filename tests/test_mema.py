@@ -30,6 +30,26 @@ def test_stage_weights_sequence() -> None:
     _exact(m.feat_baseline, _t(-0.125, 0.6875))
 
 
+def test_damp_only_variant_caps_alpha_at_one_same_update_order() -> None:
+    """alpha_max=1 (the damp-only ablation): the same sequence as the paper's formula, clipped at 1 from above."""
+    paper, damp = MEMA(2, momentum=0.5, lambda_feat=2.0), MEMA(2, momentum=0.5, lambda_feat=2.0, alpha_max=1.0)
+    for s in (_t(0.5, 0.25), _t(0.25, 0.5), _t(-0.625, 1.0)):
+        a, d = paper.stage_weights(s), damp.stage_weights(s)
+        _exact(d, a.clamp(max=1.0))  # step 2: (0.5, 1.5) -> (0.5, 1.0); step 3: (0.1, 2.0) -> (0.1, 1.0)
+        _exact(damp.feat_baseline, paper.feat_baseline)  # the baseline is used first, then updated, as before
+        assert float(d.min()) >= 0.1 and float(d.max()) <= 1.0
+    assert "alpha_max=1.0" in repr(damp)
+
+
+def test_faster_baseline_variant_follows_the_momentum() -> None:
+    """momentum 0.9: b <- 0.9 b + 0.1 s after alpha is computed from the old b."""
+    m = MEMA(1, momentum=0.9, lambda_feat=5.0)
+    m.stage_weights(_t(0.5))
+    alpha = m.stage_weights(_t(0.375))
+    torch.testing.assert_close(alpha, _t(1.0 - 5.0 * (0.5 - 0.375)))
+    torch.testing.assert_close(m.feat_baseline, _t(0.9 * 0.5 + 0.1 * 0.375))
+
+
 def test_stage_weights_first_step_default_momentum() -> None:
     m = MEMA(num_stages=4)
     s = torch.rand(4, generator=torch.Generator().manual_seed(0))
