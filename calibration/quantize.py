@@ -20,6 +20,14 @@ kernels (test_resnet 85.5 -> 91.4, mobilenetv3_small_050 78.3 -> 83.6), so `keep
 is the default. MinMax, Entropy and Percentile calibration gave the same top-1 within one
 image, and `quant_pre_process` changed nothing, so neither is used.
 
+ModelOpt (`--quantizer modelopt`, which `auto` picks where installed) places its own Q/DQ and
+calibrates with entropy, but reads the images through the same `calibration_reader` as ORT:
+its own `calibration_data=` split crashes a fixed-batch graph unless N is a multiple of the
+batch, and runs a dynamic graph at batch 1 (here 7.7x slower than batch 32, same top-1 within
+one image). On a KD-trained mobilenetv3_small_050 (digits, fp32 80.78, seeds 0-2, ORT 1.24.4,
+ModelOpt 0.47.0, ends kept) ModelOpt scored 80.50 and ORT 79.02; with the ends quantized both
+80.04 (`benchmarks/int8_quantizers.py`; seed-to-seed spread is 1-3 points).
+
 Why "Q/DQ as written" (ORT_ENABLE_BASIC, no int8 kernel fusion): on CPUs without VNNI (this machine: AVX2 only), ORT fuses Q/DQ into
 u8s8 int8 kernels whose int16 intermediate sums saturate, which cost test_resnet 11 points here
 (`reduce_range` avoids it at the price of 7-bit weights, which TensorRT does not need).
@@ -29,7 +37,10 @@ TensorRT accumulates in int32, so the Q/DQ arithmetic as written is what predict
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
+import inspect
+import io
 import logging
 import re
 from dataclasses import asdict, dataclass, field
@@ -43,6 +54,8 @@ from spofa_deploy.errors import MissingDependency, UserError
 QUANTIZERS = ("auto", "ort", "modelopt")
 INPUT_NAME = "images"
 _LINEAR_OPS = ("Conv", "Gemm", "MatMul")
+CALIB_BATCH = 32  # calibration batch for a dynamic-batch graph
+MODELOPT_METHOD = "entropy"  # ModelOpt's own default for int8
 
 
 @dataclass
@@ -95,43 +108,75 @@ def _fixed_batch(model) -> int | None:
 
 
 class ArrayReader(CalibrationDataReader):
-    """ORT `CalibrationDataReader` over an in-memory array, in batches the graph accepts."""
+    """ORT `CalibrationDataReader` over an in-memory array, in batches the graph accepts.
+
+    Serves both quantizers: ONNX Runtime calls `get_next`/`rewind`, ModelOpt also `get_first`.
+    """
 
     def __init__(self, images: np.ndarray, batch: int, fixed: bool = False):
         self.images, self.batch, self.fixed, self.i = images, batch, fixed, 0
 
-    def get_next(self) -> dict | None:
-        x = self.images[self.i:self.i + self.batch]
+    @property
+    def samples(self) -> int:
+        """Images the reader yields in all (a fixed batch drops the partial last one)."""
+        return len(self.images) // self.batch * self.batch if self.fixed else len(self.images)
+
+    def _batch_at(self, i: int) -> dict | None:
+        x = self.images[i:i + self.batch]
         if len(x) == 0 or (self.fixed and len(x) < self.batch):  # a fixed-batch graph takes only full batches
             return None
-        self.i += self.batch
         return {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
+
+    def get_next(self) -> dict | None:
+        x = self._batch_at(self.i)
+        if x is not None:
+            self.i += self.batch
+        return x
+
+    def get_first(self) -> dict | None:
+        """The first batch, without advancing (ModelOpt runs it once to learn tensor shapes)."""
+        return self._batch_at(0)
 
     def rewind(self) -> None:
         self.i = 0
 
 
-@contextlib.contextmanager
-def _quiet_root_logger():
-    # ORT quantization logs "consider pre-processing" on the root logger on every call.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
+def calibration_reader(src: Path, images: np.ndarray) -> ArrayReader:
+    """A reader in the batches `src` accepts: its fixed batch (partial last batch dropped), else CALIB_BATCH.
 
-
-def _quantize_ort(src: Path, dst: Path, images: np.ndarray, exclude: list[str]) -> None:
+    Raises:
+        UserError: fewer images than one fixed batch.
+    """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     fixed = _fixed_batch(onnx.load(str(src), load_external_data=False))
     if fixed and len(images) < fixed:
         raise UserError(f"{len(images)} calibration images do not fill one batch of {fixed}: raise --calib-samples")
-    reader = ArrayReader(images, fixed or 32, fixed=bool(fixed))
-    with _quiet_root_logger():
+    return ArrayReader(images, fixed or CALIB_BATCH, fixed=bool(fixed))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the quantizers' chatter; errors still raise.
+
+    ORT quantization logs "consider pre-processing" (and ModelOpt's pass "Expected bias ... to be
+    an initializer") on the root logger on every call, and ORT's histogram calibrator prints a
+    line per calibration batch to stdout (512 lines for a fixed batch of 1).
+    """
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _quantize_ort(src: Path, dst: Path, reader: ArrayReader, exclude: list[str]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    with _quiet():
         quantize_static(
             str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
@@ -141,19 +186,54 @@ def _quantize_ort(src: Path, dst: Path, images: np.ndarray, exclude: list[str]) 
                            "QuantizeBias": False})
 
 
-def _quantize_modelopt(src: Path, dst: Path, images: np.ndarray, exclude: list[str]) -> None:
+@contextlib.contextmanager
+def _restore_ort_quantization():
+    """Undo, on exit, whatever ModelOpt patches in ONNX Runtime's quantization modules.
+
+    ModelOpt (0.47 `ort_patching.patch_ort_modules`) replaces methods of ORT's calibrators and
+    quantizers process-wide, for its own conventions (e.g. node names passed as op types). A
+    later plain `quantize_static` in the same process then calibrates nothing and fails
+    ("Quantization parameters are not specified for param images").
+    """
+    from onnxruntime.quantization import base_quantizer, calibrate, onnx_quantizer, qdq_quantizer
+
+    modules = (calibrate, base_quantizer, onnx_quantizer, qdq_quantizer)
+    classes = [v for m in modules for v in vars(m).values() if isinstance(v, type) and v.__module__ == m.__name__]
+    saved = [(owner, dict(vars(owner))) for owner in (*modules, *classes)]
+    try:
+        yield
+    finally:
+        for owner, before in saved:
+            for key, value in before.items():
+                if vars(owner).get(key) is not value:
+                    setattr(owner, key, value)
+
+
+def _quantize_modelopt(src: Path, dst: Path, reader: ArrayReader, exclude: list[str]) -> None:
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError as e:
         raise MissingDependency("--quantizer modelopt needs NVIDIA ModelOpt: pip install 'spofa-deploy[modelopt]'") from e
-    quantize(
-        onnx_path=str(src), quantize_mode="int8", calibration_data={INPUT_NAME: images},
-        # Node names are regular expressions for ModelOpt: match ours literally.
-        nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude] or None,
-        output_path=str(dst),
-        # Excluded layers stay fp32 like the ORT path (ModelOpt's default would cast the rest to fp16).
-        high_precision_dtype="fp32",
-        calibration_eps=["cpu"], log_level="WARNING")
+    if "calibration_data_reader" not in inspect.signature(quantize).parameters:  # 0.47 has it, older ones may not
+        raise MissingDependency(f"--quantizer modelopt needs a ModelOpt whose quantize() takes calibration_data_reader; "
+                                f"nvidia-modelopt {importlib.metadata.version('nvidia-modelopt')} has none: "
+                                "pip install -U 'spofa-deploy[modelopt]' (or use --quantizer ort)")
+    # Our reader, not `calibration_data=`: ModelOpt splits an array into int(N / B) chunks, which gives
+    # chunks of B + 1 on a fixed-batch graph whenever N % B != 0, and raises when N < B.
+    chw = "x".join(str(d) for d in reader.images.shape[1:])
+    with _quiet(), _restore_ort_quantization():
+        quantize(
+            onnx_path=str(src), quantize_mode="int8", calibration_method=MODELOPT_METHOD,
+            calibration_data_reader=reader,
+            # The shape of one calibration step: ModelOpt's GEMV/small-GEMM check then uses shape
+            # inference at the batch we calibrate with, instead of an extra ORT session.
+            calibration_shapes=f"{INPUT_NAME}:{reader.batch}x{chw}",
+            # Node names are regular expressions for ModelOpt: match ours literally.
+            nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude] or None,
+            output_path=str(dst),
+            # Excluded layers stay fp32 like the ORT path (ModelOpt's default would cast the rest to fp16).
+            high_precision_dtype="fp32",
+            calibration_eps=["cpu"], log_level="WARNING")
 
 
 def quantize_int8(src: Path, dst: Path, images: np.ndarray, *, quantizer: str = "auto",
@@ -169,18 +249,20 @@ def quantize_int8(src: Path, dst: Path, images: np.ndarray, *, quantizer: str = 
         calib_data: the data spec the images came from (recorded only).
 
     Raises:
-        UserError: the result is not a Q/DQ graph TensorRT accepts.
+        UserError: fewer images than one batch of a fixed-batch `src`, or the result is not a Q/DQ
+            graph TensorRT accepts.
     """
     import onnx
 
     name = resolve_quantizer(quantizer)
     exclude = boundary_nodes(onnx.load(str(src), load_external_data=False)) if keep_ends else []
-    (_quantize_modelopt if name == "modelopt" else _quantize_ort)(src, dst, images, exclude)
+    reader = calibration_reader(src, images)
+    (_quantize_modelopt if name == "modelopt" else _quantize_ort)(src, dst, reader, exclude)
     problems = check_trt_qdq(onnx.load(str(dst)))
     if problems:
         raise UserError(f"the {name} INT8 model is not TensorRT-compatible: {'; '.join(problems[:3])}")
-    return QuantizeInfo(quantizer=name, excluded_nodes=exclude, calib_samples=len(images), calib_data=calib_data,
-                        method="minmax" if name == "ort" else "modelopt-default")
+    return QuantizeInfo(quantizer=name, excluded_nodes=exclude, calib_samples=reader.samples, calib_data=calib_data,
+                        method="minmax" if name == "ort" else MODELOPT_METHOD)
 
 
 def qdq_constants(model) -> list[tuple[str, str, np.ndarray]]:

@@ -1,11 +1,17 @@
 """ONNX -> TensorRT engine (TensorRT 10 and 11) and `TrtRunner` for built engines.
 
-The version-dependent part is one decision, made once (`trt_major()`):
-- TensorRT 10.x: weakly typed network; reduced precision from builder flags (FP16, BF16;
-  INT8 = the Q/DQ ONNX plus the INT8 flag).
+The version-dependent part is one decision, `strongly_typed(precision)`:
 - TensorRT >= 11: networks are always strongly typed (the builder precision flags are gone):
   precision comes from the ONNX itself (FP16/BF16 via ModelOpt AutoCast, INT8 via Q/DQ).
-  `onnx_precision_for` tells the exporter which ONNX to feed.
+  No network flag is passed: STRONGLY_TYPED is "deprecated in 11.0 ... retained for API
+  compatibility but ignored".
+- TensorRT 10.12 .. 10.x, where the precision builder flags are deprecated ("superseded by strong
+  typing"): the same strongly typed route (STRONGLY_TYPED network flag, no precision flags) for
+  fp32 and int8 (the Q/DQ ONNX carries its precision), and for fp16/bf16 when ModelOpt AutoCast
+  is installed to write that ONNX; without it fp16/bf16 keep the (deprecated, working) flags.
+- TensorRT < 10.12: weakly typed network, reduced precision from builder flags (FP16, BF16;
+  INT8 = the Q/DQ ONNX plus the INT8 flag).
+`onnx_precision_for` tells the exporter which ONNX to feed; the sidecar records `strongly_typed`.
 
 `import tensorrt` happens only inside the functions that need it, so this module imports
 everywhere; where TensorRT or a GPU is missing they raise `MissingDependency`.
@@ -21,19 +27,21 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from spofa_deploy.artifacts import atomic_path, read_json, sidecar_path
 from spofa_deploy.errors import MissingDependency, UserError
 
-from .onnx import BatchProfile
+from .onnx import BatchProfile, require_autocast
 
 _log = logging.getLogger(__name__)
 
 TRT_MISSING = "TensorRT is not installed: pip install 'spofa-deploy[trt]' on a machine with an NVIDIA GPU"
 NO_GPU = "no CUDA GPU is visible: TensorRT builds and runs engines on an NVIDIA GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
 DEFAULT_WORKSPACE_GIB = 4.0
-_BUILDER_FLAGS = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8"}  # TensorRT 10 only
+_BUILDER_FLAGS = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8"}  # weakly typed TensorRT 10 only
+STRONG_TYPING_FROM = (10, 12)  # the precision builder flags are deprecated from here on
 
 
 def import_tensorrt():
@@ -46,14 +54,39 @@ def import_tensorrt():
 
 
 @functools.lru_cache(maxsize=None)
+def trt_version() -> tuple[int, int]:
+    """(major, minor) of the installed TensorRT (detected once per process)."""
+    parts = str(import_tensorrt().__version__).split(".")
+    return int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+
 def trt_major() -> int:
-    """Major version of the installed TensorRT (detected once per process)."""
-    return int(str(import_tensorrt().__version__).split(".")[0])
+    """Major version of the installed TensorRT."""
+    return trt_version()[0]
 
 
-def strongly_typed() -> bool:
-    """True where precision must come from the ONNX (TensorRT >= 11)."""
-    return trt_major() >= 11
+@functools.lru_cache(maxsize=None)
+def _autocast_available() -> bool:
+    try:
+        require_autocast("")
+    except MissingDependency:
+        return False
+    return True
+
+
+def strongly_typed(precision: str = "fp32") -> bool:
+    """True where an engine of `precision` takes its precision from the ONNX (see module doc).
+
+    Args:
+        precision: fp32 | fp16 | bf16 | int8.
+    """
+    version = trt_version()
+    if version[0] >= 11:
+        return True
+    if version < STRONG_TYPING_FROM:
+        return False
+    # 10.12+: the flags still work; strong typing for fp16/bf16 needs an AutoCast ONNX.
+    return precision in ("fp32", "int8") or _autocast_available()
 
 
 def require_gpu() -> None:
@@ -71,8 +104,8 @@ def onnx_precision_for(precision: str) -> str:
     """Precision the ONNX fed to TensorRT must carry for an engine of `precision`."""
     if precision == "int8":
         return "int8"  # Q/DQ graph on every version
-    if precision in ("fp16", "bf16") and strongly_typed():
-        return precision  # AutoCast graph: TensorRT 11 has no FP16/BF16 builder flags
+    if precision in ("fp16", "bf16") and strongly_typed(precision):
+        return precision  # AutoCast graph: no FP16/BF16 builder flags (11.x) or deprecated ones (10.12+)
     return "fp32"
 
 
@@ -93,34 +126,71 @@ def _parser_error(err) -> str:
     return f"{' '.join(where)}: {desc}" if where else desc
 
 
-def _network_flags(trt) -> int:
-    if trt_major() < 11:
-        return 0  # weakly typed; precision from builder flags
-    # Always strongly typed on 11; the flag is accepted (and ignored) for compatibility.
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    return 0 if flag is None else 1 << int(flag)
+def _network_flags(trt, precision: str) -> int:
+    """`create_network` flags: STRONGLY_TYPED on a strongly typed 10.x build, nothing otherwise."""
+    if trt_major() >= 11 or not strongly_typed(precision):
+        return 0  # 11.x: always strongly typed, the flag is deprecated and ignored; else weakly typed
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
-def _attach_timing_cache(config, path: Path | None) -> None:
-    if path is None:
-        return
-    data = path.read_bytes() if path.is_file() else b""
+def _builder_flag(trt, precision: str):
+    """The precision `BuilderFlag` of a weakly typed build, or None."""
+    if strongly_typed(precision) or precision not in _BUILDER_FLAGS:
+        return None
+    return getattr(trt.BuilderFlag, _BUILDER_FLAGS[precision])
+
+
+def _timing_cache_from(config, data: bytes):
+    """An ITimingCache from `data`, or None: on a bad buffer TensorRT may raise, or log and return None."""
     try:
-        cache = config.create_timing_cache(data)
-    except Exception:  # a cache from another TensorRT version or a damaged file: start afresh
-        _log.warning("ignoring unreadable TensorRT timing cache %s", path)
-        cache = config.create_timing_cache(b"")
-    if not config.set_timing_cache(cache, ignore_mismatch=False):  # built on another GPU or TensorRT
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+        return config.create_timing_cache(data)
+    except Exception:  # noqa: BLE001 - whatever the binding raises, the build goes on without this cache
+        return None
+
+
+def _use_timing_cache(config, cache) -> bool:
+    """Attach `cache`; False when it is None or refused (another GPU or TensorRT version)."""
+    if cache is None:
+        return False
+    try:
+        return bool(config.set_timing_cache(cache, ignore_mismatch=False))
+    except Exception:  # noqa: BLE001 - e.g. a TypeError from the binding
+        return False
+
+
+def _attach_timing_cache(config, path: Path | None) -> list[str]:
+    """Attach the timing cache stored at `path`, or an empty one; returns warnings for the sidecar.
+
+    A damaged or foreign cache never stops the build: an empty cache takes its place (and is
+    saved over it after the build); if TensorRT cannot even create that, the build runs without.
+    """
+    if path is None:
+        return []
+    warnings = []
+    try:
+        data = path.read_bytes() if path.is_file() else b""
+    except OSError as e:
+        data = b""
+        warnings.append(f"cannot read the TensorRT timing cache {path} ({e})")
+    if not _use_timing_cache(config, _timing_cache_from(config, data)):
+        if data and _use_timing_cache(config, _timing_cache_from(config, b"")):
+            warnings.append(f"ignored the TensorRT timing cache {path} (damaged, or written by another TensorRT "
+                            "version or GPU): started an empty one")
+        else:
+            warnings.append(f"TensorRT could not create a timing cache: built without one ({path} left as it was)")
+    for w in warnings:
+        _log.warning(w)
+    return warnings
 
 
 def _save_timing_cache(config, path: Path | None) -> str | None:
-    if path is None:
+    cache = config.get_timing_cache() if path is not None else None
+    if cache is None:  # no path, or the build ran without a cache
         return None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            f.write(config.get_timing_cache().serialize())
+            f.write(cache.serialize())
     except (OSError, UserError) as e:
         return f"could not save the TensorRT timing cache {path}: {e}"
     return None
@@ -131,7 +201,8 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, batch: Batc
     """Build a serialized engine from an ONNX file with the TensorRT Python API.
 
     Args:
-        onnx_path: the ONNX (fp32; Q/DQ for int8; AutoCast fp16/bf16 on TensorRT >= 11).
+        onnx_path: the ONNX of `onnx_precision_for(precision)` (fp32; Q/DQ for int8; AutoCast
+            fp16/bf16 where strongly typed).
         engine_path: where to write the plan (the caller makes it atomic).
         precision: fp32 | fp16 | bf16 | int8.
         batch: the optimisation profile for a dynamic-batch ONNX (min/opt/max).
@@ -152,7 +223,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, batch: Batc
         raise UserError(f"bf16 needs compute capability >= 8.0; {info['gpu']} has {info['compute_capability']}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(_network_flags(trt))
+    network = builder.create_network(_network_flags(trt, precision))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or ["(no parser message)"]
@@ -160,8 +231,9 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, batch: Batc
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if trt_major() < 11 and precision in _BUILDER_FLAGS:
-        config.set_flag(getattr(trt.BuilderFlag, _BUILDER_FLAGS[precision]))
+    flag = _builder_flag(trt, precision)
+    if flag is not None:
+        config.set_flag(flag)
 
     inp = network.get_input(0)
     shape = tuple(inp.shape)
@@ -172,7 +244,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, batch: Batc
         config.add_optimization_profile(profile)
     elif batch.dynamic:
         raise UserError(f"{onnx_path.name} has a fixed batch of {shape[0]}: export it with --dynamic-batch")
-    _attach_timing_cache(config, timing_cache)
+    warnings = _attach_timing_cache(config, timing_cache)
 
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
@@ -182,10 +254,10 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, batch: Batc
     with open(engine_path, "wb") as f:
         f.write(plan)
     warning = _save_timing_cache(config, timing_cache)
-    return {"tensorrt": str(trt.__version__), **info, "strongly_typed": trt_major() >= 11,
+    return {"tensorrt": str(trt.__version__), **info, "strongly_typed": strongly_typed(precision),
             "workspace_gib": workspace_gib, "build_seconds": round(time.perf_counter() - start, 2),
             "timing_cache": str(timing_cache) if timing_cache else None,
-            "warnings": [warning] if warning else []}
+            "warnings": warnings + ([warning] if warning else [])}
 
 
 # ---------------------------------------------------------------------------------- runtime
@@ -236,9 +308,16 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
 class TrtRunner:
     """Run a TensorRT engine on torch CUDA tensors (`execute_async_v3`, `set_tensor_address`).
 
+    The I/O binding is cached: `bind` sets the input shape and the output addresses only when
+    the batch size changes (one output buffer per batch size, reused), and the input address
+    only when the input tensor changes, so repeated `enqueue` calls do no other host work.
+    Outputs are the cached buffers: a call's result is overwritten by the next call of the
+    same batch size.
+
     Attributes:
         batch: the optimisation profile's {"min", "opt", "max"} batch (all equal for a fixed batch).
         input_name, output_name: I/O tensor names (`images`, `logits` for spofa exports).
+        input_dtype: the torch dtype the engine's input binding takes.
         meta: the engine's sidecar ({} when loaded with trust=True and none exists).
     """
 
@@ -273,6 +352,7 @@ class TrtRunner:
         self.input_name = inputs[0]
         self.output_name = "logits" if "logits" in self.output_names else self.output_names[0]
         self._dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
+        self.input_dtype = self._dtypes[self.input_name]
         shape = tuple(self.engine.get_tensor_shape(self.input_name))
         self.input_shape = shape[1:]
         if shape[0] == -1:
@@ -280,6 +360,9 @@ class TrtRunner:
             self.batch = {"min": lo[0], "opt": opt[0], "max": hi[0]}
         else:
             self.batch = {"min": shape[0], "opt": shape[0], "max": shape[0]}
+        self._outputs: dict[int, dict[str, torch.Tensor]] = {}  # per batch size
+        self._shape_batch: int | None = None  # the batch size the context's input shape is set to
+        self.input_ptr: int | None = None  # the device address bound as the input
 
     @property
     def min_batch(self) -> int:
@@ -289,8 +372,44 @@ class TrtRunner:
     def max_batch(self) -> int:
         return self.batch["max"]
 
+    def bind(self, x: torch.Tensor) -> torch.Tensor:
+        """Make `x` the engine's input; returns the output tensor the next `enqueue` writes.
+
+        Args:
+            x: contiguous (N, C, H, W) tensor of `input_dtype` on the engine's device, with N in
+                the profile (checked by `__call__`, not here). It must stay alive while bound.
+
+        Raises:
+            UserError: TensorRT rejects the input shape.
+        """
+        n = int(x.shape[0])
+        if n != self._shape_batch:
+            if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+                raise UserError(f"TensorRT rejected input shape {tuple(x.shape)}")
+            outs = self._outputs.get(n)
+            if outs is None:
+                outs = self._outputs[n] = {
+                    name: torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self._dtypes[name],
+                                      device=x.device)
+                    for name in self.output_names}
+            for name, out in outs.items():
+                self.context.set_tensor_address(name, out.data_ptr())
+            self._shape_batch = n
+        ptr = x.data_ptr()
+        if ptr != self.input_ptr:
+            self.context.set_tensor_address(self.input_name, ptr)
+            self.input_ptr = ptr
+        return self._outputs[n][self.output_name]
+
+    def enqueue(self, stream: int) -> None:
+        """Run the engine on the bound tensors, on the CUDA stream handle `stream` (no sync)."""
+        if not self.context.execute_async_v3(stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for a batch (N, C, H, W), enqueued on the current CUDA stream (no sync).
+
+        The result is the cached output buffer of this batch size (see the class doc).
 
         Raises:
             UserError: batch size outside the engine's profile, or wrong image shape.
@@ -301,16 +420,51 @@ class TrtRunner:
                             f"(opt {self.batch['opt']}): re-export with --dynamic-batch MIN:OPT:MAX")
         if tuple(images.shape[1:]) != tuple(self.input_shape):
             raise UserError(f"the engine takes images of shape {tuple(self.input_shape)}, got {tuple(images.shape[1:])}")
-        x = images.to(self.device, self._dtypes[self.input_name]).contiguous()
-        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
-            raise UserError(f"TensorRT rejected input shape {tuple(x.shape)}")
-        self.context.set_tensor_address(self.input_name, x.data_ptr())
-        outputs = {}
-        for name in self.output_names:
-            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self._dtypes[name], device=self.device)
-            self.context.set_tensor_address(name, out.data_ptr())
-            outputs[name] = out
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-        return outputs[self.output_name]
+        x = images.to(self.device, self.input_dtype).contiguous()
+        out = self.bind(x)
+        self.enqueue(torch.cuda.current_stream(self.device).cuda_stream)
+        return out
+
+    def release(self) -> None:
+        """Drop the cached output buffers (the next call re-binds)."""
+        self._outputs.clear()
+        self._shape_batch = self.input_ptr = None
+
+
+def _chunks(images: np.ndarray, lo: int, hi: int, size: int):
+    """(chunk, n_real) pairs of at most min(hi, size) images, padded up to `lo` by repeating the first."""
+    step = max(lo, min(hi, size))
+    for i in range(0, len(images), step):
+        x = images[i:i + step]
+        n = len(x)
+        if n < lo:
+            x = np.concatenate([x, np.repeat(x[:1], lo - n, axis=0)])
+        yield np.ascontiguousarray(x, dtype=np.float32), n
+
+
+def engine_logits(engine_path: Path, images: np.ndarray, *, trust: bool = False, chunk: int = 64) -> np.ndarray:
+    """Float32 logits of a built engine for `images`, computed on the GPU (for parity checks).
+
+    Args:
+        engine_path: the `.engine` (plan) file.
+        images: float32 (N, C, H, W), preprocessed like the model's input.
+        trust: load it without a sidecar (an engine this process has just built).
+        chunk: images per call, within the engine's profile; a chunk below the profile's minimum
+            (a fixed batch, or the last chunk) is padded and the padding dropped.
+
+    Returns:
+        (N, num_classes) float32 logits.
+
+    Raises:
+        MissingDependency: no TensorRT or no GPU.
+        UserError: the engine cannot be loaded here, or the images do not fit it.
+    """
+    if len(images) == 0:
+        raise ValueError("engine_logits needs at least one image")
+    runner = TrtRunner(engine_path, trust=trust)
+    outs = []
+    stream = torch.cuda.Stream(runner.device)
+    with torch.cuda.stream(stream):
+        for x, n in _chunks(images, runner.min_batch, runner.max_batch, chunk):
+            outs.append(runner(torch.from_numpy(x))[:n].float().cpu())  # .cpu() waits for this stream
+    return torch.cat(outs).numpy()

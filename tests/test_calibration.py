@@ -170,6 +170,31 @@ def test_trt_check_catches_asymmetric_and_unquantized_graphs(trained_student, tm
     assert any("int32" in p for p in problems)
 
 
+def test_calibration_reader_batches(tmp_path):
+    from calibration.quantize import CALIB_BATCH, ArrayReader, calibration_reader
+    from export.onnx import BatchProfile, export_onnx
+
+    images = np.arange(7 * 3 * 2 * 2, dtype=np.float32).reshape(7, 3, 2, 2)
+    fixed = ArrayReader(images, 3, fixed=True)
+    assert fixed.get_first()["images"].shape == (3, 3, 2, 2)
+    assert [len(b["images"]) for b in iter(fixed.get_next, None)] == [3, 3]  # the partial batch of 1 is dropped
+    assert fixed.samples == 6 and fixed.get_first() is not None  # get_first does not advance or exhaust
+    fixed.rewind()
+    np.testing.assert_array_equal(fixed.get_next()["images"], images[:3])
+    assert [len(b["images"]) for b in iter(ArrayReader(images, 3).get_next, None)] == [3, 3, 1]
+
+    model = create_model("test_resnet", 10, img_size=SIZE).eval()
+    for name, profile in (("b4", BatchProfile.fixed(4)), ("dyn", BatchProfile.dynamic_range(1, 8, 64))):
+        export_onnx(model, tmp_path / f"{name}.onnx", img_size=SIZE, batch=profile)
+    x = np.zeros((10, 3, SIZE, SIZE), np.float32)
+    r = calibration_reader(tmp_path / "b4.onnx", x)
+    assert (r.batch, r.fixed, r.samples) == (4, True, 8)
+    r = calibration_reader(tmp_path / "dyn.onnx", x)
+    assert (r.batch, r.fixed, r.samples) == (CALIB_BATCH, False, 10)
+    with pytest.raises(UserError, match="^3 calibration images do not fill one batch of 4: raise --calib-samples$"):
+        calibration_reader(tmp_path / "b4.onnx", x[:3])
+
+
 def test_quantizer_choice():
     with pytest.raises(UserError, match="unknown --quantizer"):
         resolve_quantizer("tensorrt")
