@@ -1,16 +1,25 @@
-"""Data specs (`digits`, `cifar10[:DIR]`, `cifar100[:DIR]`, `imagefolder:DIR`) -> datasets and loaders."""
+"""Data specs (`digits`, `cifar10[:DIR]`, `cifar100[:DIR]`, `imagefolder:DIR`) -> datasets and loaders.
+
+Training images of an image folder can also be decoded and augmented on the GPU
+(`load_splits(..., decode_device="cuda")`): the loader workers then only read the file
+bytes and draw each sample's crop and flip, and the main process decodes the batch with
+nvJPEG and applies them there (`DeviceAugment`).
+"""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .errors import UserError
 
@@ -80,15 +89,19 @@ class FileDataset(Dataset):
     counted in `self.corrupt`; otherwise it raises a `UserError` naming the file.
     """
 
-    def __init__(self, paths: list[Path], labels: np.ndarray, transform=None, skip_corrupt: bool = False):
+    def __init__(self, paths: list[Path], labels: np.ndarray, transform=None, skip_corrupt: bool = False,
+                 encoded: bool = False):
         self.paths, self.labels, self.transform = list(paths), np.asarray(labels, np.int64), transform
         self.skip_corrupt = skip_corrupt
+        self.encoded = encoded  # hand `EncodedImage`s (file bytes) to the transform instead of PIL images
         self.corrupt: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _open(self, i: int) -> Image.Image:
+    def _open(self, i: int) -> Image.Image | EncodedImage:
+        if self.encoded:
+            return read_encoded(self.paths[i])
         with Image.open(self.paths[i]) as im:
             return im.convert("RGB")
 
@@ -109,7 +122,8 @@ class FileDataset(Dataset):
         return (self.transform(img) if self.transform else img), int(self.labels[k])
 
     def subset(self, idx: np.ndarray) -> "FileDataset":
-        return FileDataset([self.paths[i] for i in idx], self.labels[idx], self.transform, self.skip_corrupt)
+        return FileDataset([self.paths[i] for i in idx], self.labels[idx], self.transform, self.skip_corrupt,
+                           self.encoded)
 
 
 @dataclass
@@ -293,7 +307,7 @@ def build_transforms(img_size: int, mean, std, interpolation: str = "bilinear", 
 
 def load_splits(spec: str | DataSpec, img_size: int, mean, std, interpolation: str = "bilinear",
                 crop_pct: float = 0.875, train_aug: bool = True, download: bool = False, seed: int = 0,
-                train_fraction: float = 1.0, skip_corrupt: bool = False) -> Splits:
+                train_fraction: float = 1.0, skip_corrupt: bool = False, decode_device: str | None = None) -> Splits:
     """Build the train and val datasets of a data spec with their transforms.
 
     Args:
@@ -305,8 +319,14 @@ def load_splits(spec: str | DataSpec, img_size: int, mean, std, interpolation: s
         seed: seed of the imagefolder split (when there is no val/) and of `train_fraction`.
         train_fraction: keep this stratified fraction of the training split (low-data studies).
         skip_corrupt: skip unreadable image files with a warning instead of failing.
+        decode_device: decode and augment the training images of an image folder on this
+            device ("cuda": nvJPEG; "cpu": torchvision's decoder in the main process) instead
+            of with PIL in the loader workers; same augmentation statistics (`DeviceAugment`).
+            The validation split keeps the PIL path.
     """
     spec = parse_data_spec(spec) if isinstance(spec, str) else spec
+    if decode_device is not None:
+        _check_decode_device(spec, img_size, decode_device)
     if spec.kind == "digits":
         train, val, classes = _digits()
     elif spec.kind.startswith("cifar"):
@@ -324,7 +344,23 @@ def load_splits(spec: str | DataSpec, img_size: int, mean, std, interpolation: s
         raise UserError(f"data {spec} has an empty validation split")
     train.transform = build_transforms(img_size, mean, std, interpolation, crop_pct, train=train_aug, flips=spec.flips)
     val.transform = build_transforms(img_size, mean, std, interpolation, crop_pct, train=False, flips=spec.flips)
+    if decode_device is not None and train_aug:
+        train.encoded = True
+        train.transform = DeviceAugment(train.transform, decode_device, skip_corrupt)
     return Splits(train, val, classes, spec, {"train_size": len(train), "val_size": len(val)})
+
+
+def _check_decode_device(spec: DataSpec, img_size: int, device: str) -> None:
+    if spec.kind != "imagefolder":
+        raise UserError(f"--gpu-decode decodes image files: it needs --data imagefolder:DIR, not {spec}")
+    if img_size < 64:
+        raise UserError(f"--gpu-decode needs --img-size >= 64 (random-resized-crop); {img_size} px augments on the CPU")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"unknown decode device '{device}': {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--gpu-decode needs a CUDA GPU, and torch sees none")
 
 
 def default_workers() -> int:
@@ -334,7 +370,10 @@ def default_workers() -> int:
 
 def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, workers: int | None = None,
                 pin_memory: bool = False, sampler=None) -> DataLoader:
-    """A DataLoader with seeded shuffling, pinned memory on GPU and persistent workers."""
+    """A DataLoader with seeded shuffling, pinned memory on GPU and persistent workers.
+
+    Batches of a `DeviceAugment` dataset come out decoded and augmented on its device.
+    """
     workers = default_workers() if workers is None else workers
     gen = torch.Generator().manual_seed(seed)
     # A last training batch of one sample breaks BatchNorm ("Expected more than 1 value per channel"): drop it.
@@ -342,7 +381,7 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, worker
     return _Loader(
         ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, drop_last=drop_last,
         num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0, generator=gen,
-        worker_init_fn=_seed_worker,
+        worker_init_fn=_seed_worker, collate_fn=_collate,
     )
 
 
@@ -351,17 +390,41 @@ class _Loader(DataLoader):
 
     torch re-raises an error of a worker process as `type(e)("Caught ... Original Traceback ...")`;
     a user error (an unreadable image) must stay one clear line, so it is unwrapped here.
+    It also finishes batches of encoded images (`EncodedBatch`) on their device.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Files the device decoder could not read (warned once each), counted with the dataset's own.
+        self.corrupt: set[str] = _corrupt_set(self.dataset)
 
     def __iter__(self):
         try:
-            yield from super().__iter__()
+            for batch in super().__iter__():
+                if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], EncodedBatch):
+                    batch = batch[0].aug.apply(batch[0], batch[1], self.corrupt)
+                yield batch
         except UserError as e:
             text = str(e)
             marker = f"{type(e).__module__}.{type(e).__qualname__}: "
             if "Original Traceback" not in text or marker not in text:
                 raise
             raise type(e)(text[text.rindex(marker) + len(marker):].strip()) from None
+
+
+def _corrupt_set(ds) -> set[str]:
+    """The `corrupt` set of the `FileDataset` under wrappers (`AugSeeded`, `Subset`), else a new one."""
+    while ds is not None:
+        if isinstance(getattr(ds, "corrupt", None), set):
+            return ds.corrupt
+        ds = getattr(ds, "ds", getattr(ds, "dataset", None))
+    return set()
+
+
+def _collate(batch: list):
+    if batch and isinstance(batch[0][0], EncodedSample):
+        return EncodedBatch.collate([x for x, _ in batch]), torch.tensor([y for _, y in batch], dtype=torch.int64)
+    return default_collate(batch)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -371,3 +434,240 @@ def _seed_worker(worker_id: int) -> None:
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
+
+
+# ---------------------------------------------------------------- seeded augmentation
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample: a function of (run seed, epoch, sample index) only."""
+    return hash((seed, epoch, index)) % 2**63  # a tuple of ints hashes the same in every process
+
+
+class AugSeeded(Dataset):
+    """Seeds the augmentation of each sample from (seed, epoch, index).
+
+    So the same seed gives the same augmented images whatever the number of loader
+    workers, and a resumed run sees exactly the images the uninterrupted one would.
+    torchvision's transforms draw from torch's global CPU generator, so it is seeded for
+    the sample and restored afterwards: loading leaves the caller's RNG state (torch CPU
+    and CUDA, `random`, numpy) as it was, which matters with zero workers, where samples
+    load in the training process itself.
+    """
+
+    def __init__(self, ds, seed: int):
+        self.ds, self.seed = ds, seed
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, item):
+        index, epoch = item
+        with torch.random.fork_rng(devices=[]):
+            # Not torch.manual_seed: that would also reseed every CUDA generator (dropout in the step).
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.ds[index]
+
+
+# ---------------------------------------------------------------- decoding and augmenting on the device
+
+
+@dataclass
+class EncodedImage:
+    """An image as a loader worker hands it over without decoding it.
+
+    `data` is the JPEG file's bytes, or, for a file the device decoder does not take
+    (PNG and other formats, CMYK or grayscale JPEG), its RGB pixels (3, H, W) uint8
+    decoded with PIL in the worker, exactly as the CPU path decodes it.
+    """
+
+    data: bytes | torch.Tensor
+    height: int
+    width: int
+    path: str
+
+
+def read_encoded(path: Path) -> EncodedImage:
+    """Read an image file's bytes and size (the header only, no decoding) for `DeviceAugment`."""
+    raw = Path(path).read_bytes()
+    with Image.open(io.BytesIO(raw)) as im:  # parses the header; pixels stay undecoded
+        if im.format == "JPEG" and im.mode == "RGB":  # 3-channel JPEG: nvJPEG decodes it to RGB
+            return EncodedImage(raw, im.height, im.width, str(path))
+        pixels = np.array(im.convert("RGB"))
+    return EncodedImage(torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), pixels.shape[0], pixels.shape[1],
+                        str(path))
+
+
+@dataclass
+class EncodedSample:
+    """One training sample's undecoded image and the crop (top, left, height, width) and flip drawn for it."""
+
+    image: EncodedImage
+    box: tuple[int, int, int, int]
+    flip: bool
+    aug: DeviceAugment
+
+
+@dataclass
+class EncodedBatch:
+    """A batch of `EncodedSample`s as it crosses from a loader worker to the main process.
+
+    The JPEG bytes travel as one tensor (one shared-memory block per batch, not one per image).
+    """
+
+    jpeg: torch.Tensor  # every JPEG file of the batch, concatenated
+    lengths: list[int]  # bytes of each sample in `jpeg` (0 where the sample has pixels)
+    pixels: dict[int, torch.Tensor]  # sample -> (3, H, W) uint8 pixels decoded in the worker
+    boxes: list[tuple[int, int, int, int]]
+    flips: list[bool]
+    paths: list[str]
+    aug: DeviceAugment
+
+    @classmethod
+    def collate(cls, samples: list[EncodedSample]) -> "EncodedBatch":
+        files = [s.image.data if isinstance(s.image.data, bytes) else b"" for s in samples]
+        jpeg = torch.empty(sum(map(len, files)), dtype=torch.uint8)
+        view, at = jpeg.numpy(), 0
+        for f in files:
+            view[at:at + len(f)] = np.frombuffer(f, np.uint8)
+            at += len(f)
+        pixels = {k: s.image.data for k, s in enumerate(samples) if not isinstance(s.image.data, bytes)}
+        return cls(jpeg, [len(f) for f in files], pixels, [s.box for s in samples], [s.flip for s in samples],
+                   [s.image.path for s in samples], samples[0].aug)
+
+
+class DeviceAugment:
+    """The training transform split in two: parameters drawn in the loader workers, pixels made on a device.
+
+    Built from the CPU training transform (`build_transforms`: random-resized-crop, optional
+    horizontal flip, normalise), so both paths share the crop scale and ratio ranges, output
+    size, interpolation, antialias, flip probability and mean/std. The worker side draws the
+    crop with `RandomResizedCrop.get_params` and the flip with `torch.rand`, in the order and
+    from the generator the CPU transform uses, so under `AugSeeded` a sample gets the same
+    crop and flip on either path (exact resume holds). The device side decodes the batch's
+    JPEGs at once (nvJPEG on CUDA) and applies torchvision's own tensor `resized_crop` and
+    `hflip`; only the resize kernel differs from PIL's (see tests/test_gpu_decode.py).
+    """
+
+    def __init__(self, transform, device: str, skip_corrupt: bool = False):
+        """
+        Args:
+            transform: the CPU training transform (`build_transforms(..., train=True)`, >= 64 px).
+            device: where to decode and augment ("cuda": nvJPEG, "cpu": libjpeg-turbo).
+            skip_corrupt: replace an undecodable image instead of failing (the `--skip-corrupt` policy).
+        """
+        from torchvision import transforms as T
+
+        parts = {type(t): t for t in transform.transforms}
+        crop, norm = parts.get(T.RandomResizedCrop), parts.get(T.Normalize)
+        if crop is None or norm is None or T.ToTensor not in parts:
+            raise ValueError(f"DeviceAugment needs a random-resized-crop train transform, got {transform}")
+        flip = parts.get(T.RandomHorizontalFlip)
+        self.crop, self.flip_p = crop, (flip.p if flip is not None else None)
+        self.mean, self.std = list(norm.mean), list(norm.std)
+        self.device, self.skip_corrupt = device, skip_corrupt
+        # A description for cache keys (teacher_cache): the same draws, but other pixels than the PIL path.
+        self._repr = f"DeviceAugment(decode={device}, {transform!r})"
+
+    def __repr__(self) -> str:
+        return self._repr
+
+    def __call__(self, img: EncodedImage) -> EncodedSample:
+        """Worker side: draw this sample's crop and flip (from torch's global generator, as the CPU path does)."""
+        # get_params reads only the image size: a zero-stride stand-in of that shape, no pixels.
+        size_only = torch.empty((), dtype=torch.uint8).expand(3, img.height, img.width)
+        box = tuple(self.crop.get_params(size_only, self.crop.scale, self.crop.ratio))
+        flip = self.flip_p is not None and bool(torch.rand(1) < self.flip_p)  # RandomHorizontalFlip's draw
+        return EncodedSample(img, box, flip, self)
+
+    def apply(self, batch: EncodedBatch, labels: torch.Tensor, seen: set[str] | None = None):
+        """Main-process side: decode the batch on the device, crop, resize, flip and normalise.
+
+        An image the decoder cannot read raises a `UserError` naming the file, or with
+        `skip_corrupt` is replaced by the next readable sample of the batch (image, crop and
+        label) with a warning once per file (`seen`).
+
+        Returns:
+            (images (B, 3, S, S) float32 on the device, labels)
+        """
+        from torchvision.transforms import functional as F
+
+        device = torch.device(self.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU under torchrun
+        images, errors = _decode_batch(batch, device)
+        order = self._readable_order(batch, errors, seen if seen is not None else set())
+        size = list(self.crop.size)
+        out = []
+        for k in order:
+            x = F.resized_crop(images[k], *batch.boxes[k], size, self.crop.interpolation, antialias=self.crop.antialias)
+            out.append(F.hflip(x) if batch.flips[k] else x)
+        # ToTensor + Normalize, as on the CPU path, once for the whole batch.
+        x = F.normalize(torch.stack(out).float().div_(255), self.mean, self.std, inplace=True)
+        return x, (labels[torch.tensor(order)] if errors else labels)
+
+    def _readable_order(self, batch: EncodedBatch, errors: dict[int, str], seen: set[str]) -> list[int]:
+        """Sample k's source: itself, or where unreadable (skip_corrupt) the next readable sample."""
+        n = len(batch.paths)
+        for k, err in errors.items():
+            path = batch.paths[k]
+            if not self.skip_corrupt:
+                raise UserError(f"cannot read image {path}: {err} (use --skip-corrupt to skip such files)")
+            if path not in seen:
+                _log.warning("skipping unreadable image %s", path)
+            seen.add(path)
+        if len(errors) == n:
+            raise UserError(f"no readable image in a batch of {n} (e.g. {batch.paths[0]})")
+        return [next((k + j) % n for j in range(n) if (k + j) % n not in errors) for k in range(n)]
+
+
+def _decode_batch(batch: EncodedBatch, device: torch.device) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+    """Decode a batch's JPEGs in one call on `device` (and move worker-decoded pixels there).
+
+    Returns the (3, H, W) uint8 images, None where unreadable, and the error of each unreadable one.
+    """
+    images: list[torch.Tensor | None] = [None] * len(batch.paths)
+    for k, px in batch.pixels.items():
+        images[k] = px.to(device, non_blocking=True)
+    jpeg = [k for k, n in enumerate(batch.lengths) if n]
+    files = batch.jpeg.split(batch.lengths)
+    errors: dict[int, str] = {}
+    if jpeg:
+        try:
+            decoded = _decode_jpegs([files[k] for k in jpeg], device)
+        except RuntimeError:  # one bad file fails the whole call: decode one by one to find it
+            decoded = []
+            for k in jpeg:
+                img, err = _decode_one(files[k], device)
+                decoded.append(img)
+                if img is None:
+                    errors[k] = err
+        for k, img in zip(jpeg, decoded):
+            images[k] = img
+    return images, errors
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, str]:
+    """One JPEG on `device`, else with libjpeg-turbo on the CPU (a JPEG flavour nvJPEG lacks); else (None, why)."""
+    err = ""
+    for where in (device, torch.device("cpu")):
+        try:
+            return _decode_jpegs([data], where)[0].to(device), ""
+        except RuntimeError as e:
+            err = _decoder_message(e)
+    return None, err
+
+
+def _decode_jpegs(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec (warned on every call).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+
+
+def _decoder_message(e: Exception) -> str:
+    # torchvision prefixes the C++ source location ("decode_jpeg, /path/decode_jpeg.cpp:171, ...").
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return re.sub(r"^[\w.]+, \S+:\d+, ", "", first)

@@ -134,9 +134,12 @@ def soft_target_entropy(model: torch.nn.Module, train_set, temperature: float, *
 
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(train_set), generator=g)[:n].tolist()
+    from .data import make_loader
+
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        images = torch.stack([train_set[i][0] for i in idx])
+        torch.default_generator.manual_seed(seed)  # (torch.manual_seed would also reseed CUDA, which fork_rng(devices=[]) leaves)
+        # Through the loader: with GPU decoding the items are undecoded bytes that the loader decodes.
+        images = next(iter(make_loader(torch.utils.data.Subset(train_set, idx), len(idx), train=False, workers=0)))[0].cpu()
     model = model.eval().float()
     logits = torch.cat([model(images[i:i + 128]).float() for i in range(0, len(images), 128)])
     logp = torch.log_softmax(logits / temperature, dim=1)

@@ -22,7 +22,7 @@ from torch import nn
 from .artifacts import atomic_path, write_json
 from .console import console, progress
 from . import distributed
-from .data import Splits, make_loader
+from .data import AugSeeded, Splits, make_loader
 from .distillers import TrainTask
 from .errors import TrainingDiverged, UserError
 
@@ -144,25 +144,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
     c1, c5, ls, n = distributed.all_reduce_sum(totals).tolist()
     n = max(n, 1)
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": ls / n}
-
-
-class AugSeeded(torch.utils.data.Dataset):
-    """Seeds the augmentation of each sample from (seed, epoch, index).
-
-    So the same seed gives the same augmented images whatever the number of loader
-    workers, and a resumed run sees exactly the images the uninterrupted one would.
-    """
-
-    def __init__(self, ds, seed: int):
-        self.ds, self.seed = ds, seed
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, item):
-        index, epoch = item
-        torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
-        return self.ds[index]
 
 
 class EpochSampler(torch.utils.data.Sampler):

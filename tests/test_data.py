@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,14 @@ import torch
 from PIL import Image
 
 from spofa_deploy.data import (
+    AugSeeded,
     DataSpec,
     FileDataset,
     build_transforms,
     load_splits,
     make_loader,
     parse_data_spec,
+    sample_seed,
 )
 from spofa_deploy.errors import UserError
 
@@ -394,3 +397,47 @@ def test_load_splits_transforms() -> None:
     s = _splits("digits", size=32, train_aug=False)  # calibration: eval transform on the train split
     assert not any(n.startswith("Random") for n in _transform_types(s.train.transform))
     assert torch.equal(s.train[5][0], s.train[5][0])
+
+
+# ---------------------------------------------------------------- seeded augmentation (AugSeeded)
+
+
+def _global_rng() -> tuple:
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def _same_rng(a: tuple, b: tuple) -> bool:
+    return torch.equal(a[0], b[0]) and a[1] == b[1] and all(np.array_equal(x, y) for x, y in zip(a[2], b[2]))
+
+
+def _textured_folder(root: Path) -> str:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 1)):
+        for c in ("a", "b"):
+            for i in range(n):
+                path = root / split / c / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+    return f"imagefolder:{root}"
+
+
+@pytest.mark.parametrize("kind, size", [("digits", 32), ("imagefolder", 64)])  # pad-and-crop; random-resized-crop
+def test_loading_a_sample_leaves_the_global_rng_alone(kind: str, size: int, tmp_path: Path) -> None:
+    """Issue 17: with zero workers, samples load in the training process; they must not reseed its RNGs."""
+    spec = "digits" if kind == "digits" else _textured_folder(tmp_path)
+    train = _splits(spec, size=size).train
+    ds = AugSeeded(train, seed=3)
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    before = _global_rng()
+    x = ds[(4, 2)][0]
+    assert _same_rng(before, _global_rng())
+    for _ in make_loader(ds, 4, train=True, workers=0, sampler=[(i, 0) for i in range(9)]):
+        pass
+    assert _same_rng(before, _global_rng())
+    assert torch.equal(x, ds[(4, 2)][0])  # the same (seed, epoch, sample): the same tensor
+    assert not torch.equal(x, ds[(4, 3)][0]) and not torch.equal(x, AugSeeded(train, seed=4)[(4, 2)][0])
+    # The same images as seeding torch's global generator (the runs checkpointed before this fix).
+    torch.manual_seed(sample_seed(3, 2, 4))
+    assert torch.equal(x, train[4][0])
