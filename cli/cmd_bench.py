@@ -32,10 +32,10 @@ def parse_batches(value: str) -> list[int]:
 
 
 def bench(
-    artifact: Annotated[Path, typer.Argument(help="student.engine, student.onnx, student.safetensors, or a run folder.")],
+    artifact: Annotated[Path, typer.Argument(help="student.engine, student.onnx, student.pt2, student.safetensors, or a run folder.")],
     teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher to compare with (.safetensors, .onnx or .engine); default: the run's teacher_file.")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Data spec for accuracy (default: the one in the metadata).")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="auto | trt | ort-cuda | ort-cpu | torch-eager | torch-compile | torch-cudagraph (comma list allowed).")] = "auto",
+    backend: Annotated[str, typer.Option("--backend", help="auto | trt | ort-cuda | ort-cpu | aoti | torch-eager | torch-compile | torch-cudagraph (comma list allowed).")] = "auto",
     batch: Annotated[Optional[str], typer.Option("--batch", show_default=False, help=(
         "Batch sizes, comma separated [default: 1 and a large batch the artifact accepts: 256 on a GPU, 64 on CPU]."))] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 | bf16 | fp16 for PyTorch backends (comma list); ONNX/engines keep their export precision.")] = None,
@@ -50,7 +50,7 @@ def bench(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure and the machine to this JSON file.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write an accuracy-vs-latency PNG.")] = None,
     device: o.Device = "auto",
-    trust: Annotated[bool, typer.Option("--trust", help="Run a TensorRT engine that has no sidecar (only engines you built).")] = False,
+    trust: Annotated[bool, typer.Option("--trust", help="Run a TensorRT engine or .pt2 package that has no sidecar (only ones you built).")] = False,
 ) -> None:
     """Latency (GPU compute and host) and accuracy of a student beside its teacher."""
     from export.benchmark import run_bench

@@ -10,7 +10,7 @@ import typer
 def export(
     student: Annotated[Optional[Path], typer.Argument(
         help="Model .safetensors or run folder (default: the student of runs/latest).", show_default=False)] = None,
-    format: Annotated[str, typer.Option("--format", help="onnx | trt")] = ...,  # noqa: A002 (the option's name)
+    format: Annotated[str, typer.Option("--format", help="onnx | trt | pt2")] = ...,  # noqa: A002 (the option's name)
     precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | bf16 | int8 (what the format allows)")] = "fp32",
     calib_data: Annotated[Optional[str], typer.Option("--calib-data", metavar="SPEC",
                           help="INT8 calibration data spec (default: the model's own data).")] = None,
@@ -30,13 +30,14 @@ def export(
     slim: Annotated[Optional[bool], typer.Option("--slim/--no-slim",
                     help="Simplify the ONNX with onnxslim (default: when installed).", show_default=False)] = None,
     workspace: Annotated[float, typer.Option("--workspace", help="TensorRT builder workspace, GiB.")] = 4.0,
+    device: Annotated[str, typer.Option("--device", help="pt2: the device the package is compiled for (cpu | cuda).")] = "cpu",
 ) -> None:
-    """Export a trained model to ONNX or a TensorRT engine, with a JSON sidecar."""
+    """Export a trained model to ONNX, a TensorRT engine or a .pt2 package, with a JSON sidecar."""
     from export.exporter import export_model
 
     r = export_model(student, format, precision, batch=batch, dynamic_batch=dynamic_batch, opset=opset, out=out,
                      force=force, calib_data=calib_data, calib_samples=calib_samples, teacher=teacher,
-                     quantizer=quantizer, keep_ends=keep_ends, slim=slim, workspace_gib=workspace)
+                     quantizer=quantizer, keep_ends=keep_ends, slim=slim, workspace_gib=workspace, device=device)
     _print_result(r)
 
 
@@ -53,7 +54,8 @@ def _print_result(r) -> None:
         t.add_row("built from", str(r.onnx_path))
     b = r.batch
     t.add_row("batch", f"{b['min']}:{b['opt']}:{b['max']}" if b["dynamic"] else str(b["opt"]))
-    t.add_row("opset", str(r.opset))
+    if r.opset is not None:
+        t.add_row("opset", str(r.opset))
     for p in (r.parity, r.parity_engine):
         if p is not None:
             t.add_row(f"parity ({p.checked_on} vs PyTorch)", p.describe())

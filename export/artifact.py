@@ -8,14 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.formats import FORMATS, format_for_path
 from spofa_deploy.artifacts import read_model_meta, sidecar_path
 from spofa_deploy.errors import UserError
-
-FORMAT_NAMES = {"torch": "a PyTorch model (.safetensors)", "onnx": "an ONNX model", "trt": "a TensorRT engine"}
-_SUFFIX_FORMAT = {".safetensors": "torch", ".onnx": "onnx", ".engine": "trt"}
-_FORMAT_ALIASES = {"torch": "torch", "pytorch": "torch", "safetensors": "torch", "onnx": "onnx",
-                   "trt": "trt", "tensorrt": "trt", "engine": "trt"}
-
 
 @dataclass(frozen=True)
 class OnnxInfo:
@@ -35,7 +30,7 @@ class Artifact:
     """A model file to bench, with its checked metadata."""
 
     path: Path
-    format: str  # torch | onnx | trt
+    format: str  # a key of export.formats.FORMATS: torch | onnx | trt | pt2
     meta: dict
     precision: str | None  # the artifact's own precision (None for PyTorch weights: chosen at run time)
     size_bytes: int
@@ -59,23 +54,6 @@ class Artifact:
     def input_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one input image."""
         return self.in_chans, self.img_size, self.img_size
-
-
-def _format_of(path: Path) -> str:
-    """`torch` / `onnx` / `trt` from the file name, through `export.formats` where present."""
-    try:
-        from export.formats import format_for_path
-    except ImportError:  # the formats table may not be there yet; the suffixes are the contract
-        format_for_path = None
-    if format_for_path is not None:
-        fmt = format_for_path(path)
-        name = _FORMAT_ALIASES.get(str(getattr(fmt, "name", fmt)).lower())
-        if name:
-            return name
-    name = _SUFFIX_FORMAT.get(path.suffix.lower())
-    if name is None:
-        raise UserError(f"cannot bench {path.name}: expected a .engine, .onnx or .safetensors file, or a run folder")
-    return name
 
 
 def _onnx_info(path: Path) -> OnnxInfo:
@@ -136,6 +114,16 @@ def _trusted_engine(path: Path) -> Artifact:
                     batch_range=(r.min_batch, r.max_batch))
 
 
+def _trusted_pt2(path: Path, trust: bool) -> Artifact:
+    """A package without its sidecar: refused unless trusted, then described by the facts inside it."""
+    from export.pt2 import read_pt2_meta
+
+    meta = read_pt2_meta(path, trust)  # UserError naming --trust when not trusted
+    b = meta["batch"]
+    return Artifact(path=path, format="pt2", meta=meta, precision=meta.get("precision", "fp32"),
+                    size_bytes=path.stat().st_size, batch_range=(int(b["min"]), int(b["max"])))
+
+
 def resolve_artifact(path: str | Path, role: str = "student", trust: bool = False) -> Artifact:
     """Find and check the artifact: file kind, sidecar, and that the two belong together.
 
@@ -154,16 +142,18 @@ def resolve_artifact(path: str | Path, role: str = "student", trust: bool = Fals
         raise UserError(f"artifact not found: {path}")
     if not path.is_file():
         raise UserError(f"not a file: {path}")
-    fmt = _format_of(path)
+    fmt = format_for_path(path).name
     side = sidecar_path(path)
     if fmt == "trt" and trust and not side.is_file():
         return _trusted_engine(path)
+    if fmt == "pt2" and not side.is_file():
+        return _trusted_pt2(path, trust)
     meta = read_model_meta(path) if fmt == "torch" else read_model_meta(path, written_by="spofa export")
     declared = meta.get("format")
     if declared is None and fmt != "torch":
         raise UserError(f"{side} has no 'format' entry: it was not written for {path.name}")
-    if declared is not None and _FORMAT_ALIASES.get(str(declared).lower()) != fmt:
-        raise UserError(f"sidecar {side.name} describes a '{declared}' artifact but {path.name} is {FORMAT_NAMES[fmt]}: "
+    if declared is not None and str(declared).lower() != fmt:
+        raise UserError(f"sidecar {side.name} describes a '{declared}' artifact but {path.name} is {FORMATS[fmt].title}: "
                         f"the sidecar does not belong to this file (re-export it)")
     try:
         img = int(meta["img_size"])

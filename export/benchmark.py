@@ -161,7 +161,8 @@ def bench_runners(candidates: list[Candidate], *, batch_sizes: Sequence[int], wa
                     prog.advance(t_time)
             for i, ps in parts.items():
                 if live[i].result.status == "ok":
-                    live[i].result.batches.append(BatchResult(batch=b, latency=LatencyStats.pool(ps)))
+                    compile_s = getattr(live[i].runner, "compile_seconds", {}).get(b)  # never inside the latency
+                    live[i].result.batches.append(BatchResult(batch=b, latency=LatencyStats.pool(ps), compile_s=compile_s))
             steps.clear()
             for c in live:
                 c.runner.release()
@@ -407,6 +408,9 @@ def _run_bench(artifact, *, teacher, data, backends, batch_sizes, precisions, wa
         notes.append(f"{art.path.name} has no sidecar (--trust): no preprocessing metadata, accuracy not measured")
         accuracy = False
     tart = teacher_artifact(art, teacher, notes, like_student=teacher_backend is None)
+    for a in (art, tart):
+        if a is not None and a.format == "pt2" and a.meta.get("compile_seconds") is not None:
+            notes.append(f"{a.path.name}: compiled once, at export, in {a.meta['compile_seconds']:.0f} s (not in the latency)")
     arts = [art] + ([tart] if tart else [])
     for a in arts:
         if a.batch_range and batch_sizes:  # checked before any runtime loads: holds where TensorRT is missing too

@@ -1,4 +1,4 @@
-"""`export_model`: the one library entry point of `spofa export`.
+"""`export_model`: the one library entry point of `spofa export` (ONNX, TensorRT, .pt2).
 
 student.safetensors + student.json
   -> fp32 ONNX (checker, onnxslim, ORT parity on real val images; fails beyond
@@ -33,6 +33,7 @@ from spofa_deploy.artifacts import atomic_path, latest_run, load_model, read_mod
 from spofa_deploy.errors import MissingDependency, UserError
 
 from . import onnx as onnx_export
+from . import pt2 as pt2_export
 from . import tensorrt as trt_export
 from .formats import FORMATS, Format, artifact_name, format_for_path, get_format
 from .onnx import BatchProfile, Parity
@@ -127,8 +128,12 @@ def _batch_profile(batch: int | None, dynamic_batch) -> BatchProfile:
     return BatchProfile.dynamic_range(lo, opt, hi)
 
 
-def _check_dependencies(fmt: Format, precision: str, slim: bool | None, quantizer: str) -> None:
+def _check_dependencies(fmt: Format, precision: str, slim: bool | None, quantizer: str, device: str) -> None:
     """Fail before any work when something the export needs is missing."""
+    if fmt.name == "pt2":
+        pt2_export.require_toolchain(device)
+        pt2_export.check_precision(precision, device)
+        return
     if fmt.name == "trt":
         fmt.require()
         trt_export.require_gpu()
@@ -158,7 +163,8 @@ def _sidecar(meta: dict, *, fmt: str, precision: str, opset: int, batch: BatchPr
              artifact: Path, **extra) -> dict:
     base = {k: v for k, v in meta.items() if k not in ("versions", "saved_at")}
     src = source.name if source.resolve().parent == artifact.resolve().parent else str(source.resolve())
-    return {**base, "format": fmt, "precision": precision, "opset": opset, "batch": batch.to_dict(),
+    return {**base, "format": fmt, "precision": precision, **({"opset": opset} if opset is not None else {}),
+            "batch": batch.to_dict(),
             "input": onnx_export.INPUT_NAME, "output": onnx_export.OUTPUT_NAME, "source": src,
             "exported": datetime.now().isoformat(timespec="seconds"),
             "versions": _tool_versions("onnxslim", "nvidia-modelopt"), "source_versions": meta.get("versions"),
@@ -244,6 +250,28 @@ def _engine(onnx_file: Path, dest: Path, work: Path, side: dict, extra: dict, re
                                   parity_engine=result.parity_engine.to_dict(), **engine, **extra))
 
 
+def _pt2(model, meta: dict, src: Path, dest: Path, profile: BatchProfile, device: str, result: ExportResult, *,
+         parity_samples: int, seed: int, tolerance: dict) -> None:
+    """Compile the .pt2 in a temp folder, check it against PyTorch, publish it with its sidecar."""
+    check = _ParityCheck(model, meta, parity_samples, seed, result.warnings, None, tolerance)
+    with tempfile.TemporaryDirectory(prefix=".spofa-export-", dir=dest.parent) as work:
+        pkg = Path(work) / "model.pt2"
+        facts = pt2_export.export_pt2(model, pkg, img_size=int(meta["img_size"]), batch=profile,
+                                      precision=result.precision, device=device, in_chans=int(meta.get("in_chans", 3)))
+        result.warnings.extend(facts.pop("warnings"))
+        for k in ("precision", "batch", "input", "output"):  # `_sidecar` writes these itself
+            facts.pop(k)
+        result.parity = check.pt2(pkg, profile, device)
+        if result.precision == "fp32" and not result.parity.passed:
+            raise UserError(f"the .pt2 package differs from PyTorch beyond tolerance: {result.parity.describe()}"
+                            f"{_flips(result.parity)}: nothing written")
+        if result.parity.top1_agreement < 99.0:
+            result.warnings.append(f".pt2 top-1 agrees with PyTorch on {result.parity.top1_agreement:.1f}% "
+                                   f"of {result.parity.n} images only")
+        _publish(pkg, dest, _sidecar(meta, fmt="pt2", precision=result.precision, opset=None, batch=profile,
+                                     source=src, artifact=dest, parity=result.parity.to_dict(), **facts))
+
+
 class _ParityCheck:
     """The exported model against PyTorch on the same images: in ONNX Runtime CPU, or on a built engine."""
 
@@ -256,6 +284,10 @@ class _ParityCheck:
     def onnx(self, path: Path, fused: bool = True) -> Parity:
         return onnx_export.parity(self.reference, onnx_export.ort_session(path, fused=fused), self.images,
                                   self.fixed, self.kind, **self.tolerance)
+
+    def pt2(self, path: Path, batch: BatchProfile, device: str) -> Parity:
+        return pt2_export.parity_pt2(self.reference, path, self.images, batch, self.kind, device=device,
+                                     **self.tolerance)
 
     def engine(self, path: Path, where: str) -> Parity:
         # The plan has no sidecar yet (it is published after this check): built here a moment ago, so trusted.
@@ -290,6 +322,7 @@ def export_model(
     workspace_gib: float = 4.0,
     timing_cache: Path | None | bool = True,
     exporter: str = "torchscript",
+    device: str = "cpu",
     seed: int = 0,
 ) -> ExportResult:
     """Export a student (or its teacher) to ONNX or a TensorRT engine, with a JSON sidecar.
@@ -317,6 +350,7 @@ def export_model(
         workspace_gib: TensorRT builder workspace.
         timing_cache: TensorRT timing cache file (True: `~/.cache/spofa/trt-timing.cache`; None/False: off).
         exporter: "torchscript" (default) or "dynamo", see `export/onnx.py`.
+        device: the device a `.pt2` package is compiled for (cpu | cuda); other formats ignore it.
         seed: seed of every image draw.
 
     Raises:
@@ -330,7 +364,7 @@ def export_model(
     if opset < onnx_export.MIN_OPSET:
         raise UserError(f"--opset {opset} is too old: use >= {onnx_export.MIN_OPSET} (LayerNorm as one node)")
     profile = _batch_profile(batch, dynamic_batch)
-    _check_dependencies(f, precision, slim, quantizer)
+    _check_dependencies(f, precision, slim, quantizer, device)
     src = resolve_source(source, teacher)
     dest = _output_path(out, src, f, precision, force)
     model, meta = load_model(src, exportable=True)
@@ -339,6 +373,12 @@ def export_model(
     result = ExportResult(path=dest, sidecar=sidecar_path(dest), format=f.name, precision=precision, size_bytes=0,
                           opset=opset, batch=profile.to_dict(), source=src, warnings=warnings)
 
+    if f.name == "pt2":
+        result.opset = None
+        _pt2(model, meta, src, dest, profile, device, result, parity_samples=parity_samples, seed=seed,
+             tolerance=tolerance)
+        result.size_bytes, result.seconds = dest.stat().st_size, time.perf_counter() - start
+        return result
     with tempfile.TemporaryDirectory(prefix=".spofa-export-", dir=dest.parent) as work:
         work = Path(work)
         fp32 = work / "fp32.onnx"

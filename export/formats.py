@@ -36,6 +36,7 @@ class Format:
         backends: runtimes that run it (`spofa bench` picks one).
         exportable: whether `spofa export` produces it.
         note: one line for help texts.
+        title: what a file of this format is, for messages ("an ONNX model").
     """
 
     name: str
@@ -46,6 +47,7 @@ class Format:
     backends: tuple[str, ...] = ()
     exportable: bool = True
     note: str = ""
+    title: str = ""
 
     def modules_for(self, precision: str | None = None) -> tuple[str, ...]:
         """Modules needed for this format (and precision, if given)."""
@@ -80,17 +82,22 @@ class Format:
 FORMATS: dict[str, Format] = {
     "torch": Format(
         "torch", ".safetensors", ("fp32", "fp16", "bf16"), needs=("torch", "timm", "safetensors"),
-        backends=("torch",), exportable=False, note="the trained timm model (source of every export)"),
+        backends=("torch",), exportable=False, note="the trained timm model (source of every export)",
+        title="a PyTorch model (.safetensors)"),
     "onnx": Format(
         "onnx", ".onnx", ("fp32", "fp16", "int8"), needs=("onnx", "onnxruntime"),
         # fp16 is an AutoCast mixed-precision graph; int8 is a Q/DQ graph (ORT quantize_static or ModelOpt).
         precision_needs=(("fp16", ("modelopt",)),),
         backends=("onnxruntime-cpu", "onnxruntime-cuda"),
-        note="fp32; int8 = Q/DQ ONNX; fp16 via ModelOpt AutoCast"),
+        note="fp32; int8 = Q/DQ ONNX; fp16 via ModelOpt AutoCast", title="an ONNX model"),
+    "pt2": Format(
+        "pt2", ".pt2", ("fp32", "bf16", "fp16"), needs=("torch",), backends=("aoti",),
+        note="torch.export + AOTInductor package, for the torch release and device (CPU ISA / GPU) that built it",
+        title="a PyTorch AOTInductor package (.pt2)"),
     "trt": Format(
         "trt", ".engine", ("fp32", "fp16", "bf16", "int8"), needs=("tensorrt",),
         backends=("tensorrt",),
-        note="TensorRT engine for the GPU and TensorRT version that built it"),
+        note="TensorRT engine for the GPU and TensorRT version that built it", title="a TensorRT engine"),
 }
 
 

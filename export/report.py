@@ -47,10 +47,12 @@ class BatchResult:
     speedup_vs_teacher: float | None = None
     teacher_median_ms: float | None = None
     speedup_like_for_like: bool | None = None  # False: teacher on another backend/precision/device
+    compile_s: float | None = None  # compile (or graph capture) at this batch, measured apart from the latency
 
     def to_dict(self) -> dict:
         return {**self.latency.to_dict(), "speedup_vs_teacher": self.speedup_vs_teacher,
-                "teacher_median_ms": self.teacher_median_ms, "speedup_like_for_like": self.speedup_like_for_like}
+                "teacher_median_ms": self.teacher_median_ms, "speedup_like_for_like": self.speedup_like_for_like,
+                "compile_s": self.compile_s}
 
 
 @dataclass
@@ -140,7 +142,9 @@ def render_table(report: BenchReport):
     t.add_column("role", no_wrap=True)
     t.add_column("backend", min_width=9, overflow="fold")
     t.add_column("prec", no_wrap=True)
-    for col in ("batch", "median ms", "p99 ms", "img/s", "top-1", "agree", "size", "speed-up"):
+    compiled = any(b.compile_s is not None for r in report.results for b in r.batches)
+    cols = ("batch", "median ms", "p99 ms", "img/s", "top-1", "agree", "size", "speed-up") + (("compile s",) if compiled else ())
+    for col in cols:
         t.add_column(col, justify="right", no_wrap=True)
     for r in sorted(report.results, key=lambda r: (r.role != "student", r.key)):
         top1 = f"{r.accuracy.top1:.2f}%" if r.accuracy else "-"
@@ -148,8 +152,9 @@ def render_table(report: BenchReport):
         backend = r.backend + (f" {r.device}" if r.backend in ("torch-eager", "torch-compile") else "")
         backend += " (auto)" if r.backend_requested == "auto" else ""
         head = [r.model, r.role, backend, r.precision]
+        extra = ("-",) if compiled else ()
         if not r.batches:
-            t.add_row(*head, "-", f"[yellow]{r.status}[/]", "-", "-", top1, agree, _fmt_size(r.size_bytes), "-")
+            t.add_row(*head, "-", f"[yellow]{r.status}[/]", "-", "-", top1, agree, _fmt_size(r.size_bytes), "-", *extra)
             continue
         for i, br in enumerate(r.batches):
             lat = br.latency
@@ -158,9 +163,10 @@ def render_table(report: BenchReport):
             first = i == 0
             t.add_row(*(head if first else [""] * 4), str(br.batch), _fmt_ms(lat.median_ms), _fmt_ms(lat.p99_ms),
                       f"{lat.throughput_ips:,.0f}", top1 if first else "", agree if first else "",
-                      _fmt_size(r.size_bytes) if first else "", sp)
+                      _fmt_size(r.size_bytes) if first else "", sp,
+                      *((f"{br.compile_s:.1f}" if br.compile_s is not None else "-",) if compiled else ()))
         if r.status != "ok":
-            t.add_row("", "", "", "", "", f"[yellow]{r.status}[/]", "", "", "", "", "", "")
+            t.add_row("", "", "", "", "", f"[yellow]{r.status}[/]", "", "", "", "", "", "", *extra)
     return t
 
 

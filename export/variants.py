@@ -16,15 +16,16 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from export.artifact import FORMAT_NAMES, Artifact, resolve_artifact
+from export.artifact import Artifact, resolve_artifact
+from export.formats import FORMATS
 from export.report import VariantResult
 from export.runtimes import BackendUnavailable, EngineRunner, OrtRunner, ort_cuda_reason
 from spofa_deploy.bench import TORCH_BACKENDS, TORCH_PRECISIONS, Runner, TorchRunner, cuda_skip_reason, state_dict_bytes
 from spofa_deploy.errors import UserError
 from spofa_deploy.train import resolve_device
 
-BACKENDS = ("auto", "trt", "ort-cuda", "ort-cpu", *TORCH_BACKENDS)
-FORMAT_BACKENDS = {"torch": TORCH_BACKENDS, "onnx": ("ort-cuda", "ort-cpu"), "trt": ("trt",)}
+BACKENDS = ("auto", "trt", "ort-cuda", "ort-cpu", "aoti", *TORCH_BACKENDS)
+FORMAT_BACKENDS = {"torch": TORCH_BACKENDS, "onnx": ("ort-cuda", "ort-cpu"), "trt": ("trt",), "pt2": ("aoti",)}
 
 
 @dataclass
@@ -94,7 +95,7 @@ def artifact_candidate(art: Artifact, *, role: str, backend: str, requested: str
                        threads: int | None = None) -> Candidate:
     """A model file on `backend`; safetensors loaded once (`model_cache`) and deep-copied for later backends."""
     if backend not in FORMAT_BACKENDS[art.format]:
-        raise UserError(f"backend {backend} cannot run {art.path.name} ({FORMAT_NAMES[art.format]}); "
+        raise UserError(f"backend {backend} cannot run {art.path.name} ({FORMATS[art.format].title}); "
                         f"use {' or '.join(FORMAT_BACKENDS[art.format])}"
                         + (" or export it with `spofa export`" if art.format == "torch" else ""))
     if art.format == "torch":
@@ -116,12 +117,19 @@ def artifact_candidate(art: Artifact, *, role: str, backend: str, requested: str
     if precision is not None and precision != prec:
         raise UserError(f"{art.path.name} was exported at {prec}; --precision {precision} needs its own export "
                         f"(`spofa export --precision {precision}`)")
-    dev = "cpu" if backend == "ort-cpu" else "cuda"
+    dev = {"ort-cpu": "cpu", "aoti": art.meta.get("device", "cpu")}.get(backend, "cuda")
     res = VariantResult(key=variant_key(role, backend, prec, dev), role=role, model=art.model, backend=backend,
                         backend_requested=requested, precision=prec, device=dev, artifact=str(art.path),
                         size_bytes=art.size_bytes)
     try:
-        runner = OrtRunner(art, dev, threads) if backend.startswith("ort-") else EngineRunner(art, trust=trust_engine)
+        if backend.startswith("ort-"):
+            runner = OrtRunner(art, dev, threads)
+        elif backend == "aoti":  # (a package for another torch, device or CPU is refused: UserError, exit 2)
+            from export.pt2 import Pt2Runner
+
+            runner = Pt2Runner(art, device=dev)
+        else:
+            runner = EngineRunner(art, trust=trust_engine)
     except BackendUnavailable as e:
         res.status, res.reason = "skipped", str(e)
         return Candidate(res)
@@ -133,6 +141,8 @@ def _auto_backend(art: Artifact, device_opt: str, device: str, notes: list[str],
         choice, why = "torch-eager", "PyTorch weights"
     elif art.format == "trt":
         choice, why = "trt", "TensorRT engine"
+    elif art.format == "pt2":
+        choice, why = "aoti", f"PyTorch AOTInductor package ({art.meta.get('device', 'cpu')})"
     else:
         if device == "cuda":
             reason = ort_cuda_reason()
@@ -143,9 +153,10 @@ def _auto_backend(art: Artifact, device_opt: str, device: str, notes: list[str],
     return choice
 
 
-def _backend_device(backend: str, device_opt: str, device: str) -> str:
+def _backend_device(backend: str, device_opt: str, device: str, art: Artifact | None = None) -> str:
     """The device a backend runs on; a contradiction with an explicit --device is the user's error."""
-    fixed = {"ort-cpu": "cpu", "ort-cuda": "cuda", "trt": "cuda", "torch-cudagraph": "cuda"}.get(backend)
+    fixed = {"ort-cpu": "cpu", "ort-cuda": "cuda", "trt": "cuda", "torch-cudagraph": "cuda",
+             "aoti": art.meta.get("device", "cpu") if art is not None else None}.get(backend)
     if fixed is None:
         return device
     if device_opt.strip().lower() != "auto" and fixed != device:
@@ -193,8 +204,10 @@ def _export_options(student: Artifact) -> dict:
     m = student.meta
     lo, opt, hi, dynamic = _profile(m) or (1, 1, 1, False)
     batch = dict(dynamic_batch=(lo, opt, hi)) if dynamic else dict(batch=opt)
-    opts = dict(precision=student.precision or "fp32", opset=int(m.get("opset", 17)), slim=m.get("slim"),
+    opts = dict(precision=student.precision or "fp32", opset=int(m.get("opset") or 17), slim=m.get("slim"),
                 exporter=m.get("exporter", "torchscript"), **batch)
+    if student.format == "pt2":
+        opts["device"] = m.get("device", "cpu")
     if "int8" in m:
         q = m["int8"]
         opts.update(quantizer=q.get("quantizer", "auto"), calib_samples=int(q.get("calib_samples") or 512),
@@ -206,7 +219,8 @@ def _reusable(cached: Artifact, source: Path, student: Artifact) -> bool:
     """A teacher exported earlier from this very teacher file, like this student, and not older than it."""
     return (cached.source is not None and cached.source.resolve() == source.resolve()
             and cached.precision == student.precision and _profile(cached.meta) == _profile(student.meta)
-            and cached.path.stat().st_mtime >= source.stat().st_mtime)
+            and cached.path.stat().st_mtime >= source.stat().st_mtime
+            and all(cached.meta.get(k) == student.meta.get(k) for k in ("device", "torch", "tensorrt", "gpu")))
 
 
 def teacher_like(student: Artifact, source: Path, notes: list[str]) -> Artifact | None:
@@ -256,7 +270,7 @@ def _teacher_backend(tart: Artifact, student_backend: str, student_device: str, 
         return student_backend if student_backend in TORCH_BACKENDS else "torch-eager"
     if tart.format == "onnx":
         return "ort-cuda" if student_device == "cuda" else "ort-cpu"
-    return "trt"
+    return FORMATS[tart.format].backends[0]  # trt, aoti
 
 
 def artifact_candidates(art: Artifact, tart: Artifact | None, *, backends: Sequence[str],
@@ -273,7 +287,7 @@ def artifact_candidates(art: Artifact, tart: Artifact | None, *, backends: Seque
     teachers: dict[str, Candidate] = {}
     for requested in backends:
         backend = _auto_backend(art, device_opt, device, notes, "student") if requested == "auto" else requested
-        bdev = _backend_device(backend, device_opt, device)
+        bdev = _backend_device(backend, device_opt, device, art)
         for prec in precisions:
             c = artifact_candidate(art, role="student", backend=backend, requested=requested, precision=prec,
                                    device=bdev, trust_engine=trust_engine, model_cache=model_cache,
@@ -285,8 +299,8 @@ def artifact_candidates(art: Artifact, tart: Artifact | None, *, backends: Seque
                 continue
             tb = _teacher_backend(tart, backend, bdev, teacher_backend)
             if tb not in FORMAT_BACKENDS[tart.format]:
-                raise UserError(f"teacher backend {tb} cannot run {tart.path.name} ({FORMAT_NAMES[tart.format]})")
-            tdev = _backend_device(tb, "auto", bdev)
+                raise UserError(f"teacher backend {tb} cannot run {tart.path.name} ({FORMATS[tart.format].title})")
+            tdev = _backend_device(tb, "auto", bdev, tart)
             tprec = c.result.precision if (tart.format == "torch" and c.result.precision in TORCH_PRECISIONS) else None
             if tart.format == "torch" and tprec is None:
                 tprec = default_precision(tdev)

@@ -29,10 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import UserError
+
 PERCENTILES = (50, 90, 95, 99)
 TORCH_BACKENDS = ("torch-eager", "torch-compile", "torch-cudagraph")
 TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch-compile's mode where none is given: CUDA graphs on a GPU (launch-bound at small batch), plain inductor on CPU.
+DEFAULT_COMPILE_MODE = {"cuda": "reduce-overhead", "cpu": "default"}
 
 
 # --------------------------------------------------------------------------- statistics
@@ -314,11 +318,40 @@ def random_input(shape: tuple, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
+# Inductor settings patched in while torch-compile traces and compiles (never left on): frozen
+# weights become constants of the graph, so BatchNorm folds into the convolutions, weight casts
+# fold away and CPU weights are prepacked for oneDNN. Dynamo reads `freezing` while tracing,
+# so it must be the global config at that moment: `torch.compile(options=...)` is too late.
+COMPILE_CONFIG = {"freezing": True}
+
+
+def check_compile_mode(mode: str | None, device: str) -> str:
+    """The `torch.compile` mode to use: `mode`, or the device's default (`DEFAULT_COMPILE_MODE`).
+
+    Raises:
+        UserError: an unknown mode.
+    """
+    from torch._inductor import list_mode_options
+
+    mode = mode or DEFAULT_COMPILE_MODE[device]
+    if mode not in list_mode_options():
+        raise UserError(f"unknown compile mode '{mode}': choose one of {', '.join(list_mode_options())}")
+    return mode
+
+
 class TorchRunner:
     """A PyTorch model run eagerly, through `torch.compile`, or by CUDA-graph replay.
 
     On GPU the model and inputs are channels_last (faster convolutions, see the anchors);
     reduced precision is autocast (`bf16`/`fp16`) with fp32 weights, as users run it.
+    torch-compile is compiled as deployed: inference mode, frozen weights (BatchNorm folded,
+    `COMPILE_CONFIG`), static shapes, CUDA graphs on a GPU ("reduce-overhead") unless
+    `compile_mode` says otherwise.
+
+    Attributes:
+        compile_seconds: per batch size, the wall time of the first call (compile + one run) for
+            torch-compile, or of the graph capture for torch-cudagraph; kept out of the latency
+            (`prepare` makes that call before `measure` starts its clock).
     """
 
     fixed_shapes: bool
@@ -343,9 +376,11 @@ class TorchRunner:
         self._memory_format = torch.channels_last if device == "cuda" else torch.contiguous_format
         self.model = model.eval().to(device=device, memory_format=self._memory_format)
         self._fn: Callable[[torch.Tensor], torch.Tensor] = self.model
+        self.compile_mode = check_compile_mode(compile_mode, device) if backend == "torch-compile" else None
+        self.compile_seconds: dict[int, float] = {}
         if backend == "torch-compile":
             # Static shapes: one specialised graph per batch size (dynamic=False), as deployed.
-            self._fn = torch.compile(self.model, mode=compile_mode, dynamic=False)
+            self._fn = torch.compile(self.model, mode=self.compile_mode, dynamic=False)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     # -- helpers
@@ -358,13 +393,32 @@ class TorchRunner:
                               cache_enabled=self.backend != "torch-cudagraph")
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "torch-compile" and self.device == "cuda":
+            # Each call is a new inference step for CUDA-graph trees (its outputs may be overwritten).
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.inference_mode(), self._autocast():
             return self._fn(x)
+
+    def _first_call(self, batch: int, run: Callable[[], object]) -> object:
+        """`run()`; the first torch-compile call at a batch size (the one that compiles) runs with
+        `COMPILE_CONFIG` patched in and is timed into `compile_seconds`."""
+        if self.backend != "torch-compile" or batch in self.compile_seconds:
+            return run()
+        from torch._inductor import config as inductor_config
+
+        t0 = time.perf_counter()
+        with inductor_config.patch(COMPILE_CONFIG):
+            out = run()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.compile_seconds[batch] = time.perf_counter() - t0
+        return out
 
     def _graph(self, batch: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         """Capture (once per batch size) a CUDA graph of the forward on a static input buffer."""
         if batch in self._graphs:
             return self._graphs[batch]
+        t0 = time.perf_counter()
         static_in = torch.zeros((batch, *self.input_shape), device=self.device).contiguous(
             memory_format=self._memory_format)
         # Warm up on a side stream so lazy initialisation (cuBLAS handles, cuDNN plans)
@@ -379,6 +433,7 @@ class TorchRunner:
         with torch.cuda.graph(graph):
             static_out = self._forward(static_in)
         torch.cuda.synchronize()
+        self.compile_seconds[batch] = time.perf_counter() - t0
         self._graphs[batch] = (graph, static_in, static_out)
         return self._graphs[batch]
 
@@ -396,7 +451,7 @@ class TorchRunner:
             def compute() -> None:
                 slot.out = self._forward(x)
 
-            compute()  # compile / first-call costs stay out of the warm-up clock
+            self._first_call(batch, compute)  # compile / first-call costs stay out of the warm-up clock
             return TimedStep(compute=compute)
 
         # Pinned host buffer in the device buffer's layout, so the H2D copy is one plain DMA.
@@ -413,7 +468,7 @@ class TorchRunner:
             def compute() -> None:
                 slot.out = self._forward(x_dev)
 
-            compute()
+            self._first_call(batch, compute)
             torch.cuda.synchronize()
         return cuda_step(compute, slot, x_host, x_dev, sync=torch.cuda.synchronize)
 
@@ -425,7 +480,7 @@ class TorchRunner:
             graph.replay()
             return static_out.float().cpu()
         x = x.to(self.device).contiguous(memory_format=self._memory_format)
-        return self._forward(x).float().cpu()
+        return self._first_call(x.shape[0], lambda: self._forward(x)).float().cpu()
 
     def release(self) -> None:
         """Drop captured graphs (their memory pools) between batch sizes."""

@@ -81,3 +81,18 @@ def test_distill_export_bench_trt_chain_with_defaults(session_dir, monkeypatch):
     spofa("bench", "runs/latest/student.engine", *QUICK_TIMING, "--json", "bench-trt.json")
     batches, _ = _bench_batches(Path("bench-trt.json"))
     assert batches == {"student": [1, 256], "teacher": [1, 256]}
+
+
+def test_distill_export_bench_pt2_chain(session_dir, monkeypatch):
+    """The PyTorch deployment artifact: `spofa export --format pt2`, then bench it; the teacher is compiled the same way."""
+    monkeypatch.chdir(session_dir)
+    spofa("export", "--format", "pt2")
+    side = json.loads(Path("runs/latest/student.pt2.json").read_text())
+    assert side["format"] == "pt2" and side["parity"]["passed"] and side["device"] == "cpu"
+    spofa("bench", "runs/latest/student.pt2", *QUICK_TIMING, "--json", "bench-pt2.json")
+    batches, data = _bench_batches(Path("bench-pt2.json"))
+    assert batches == {"student": [1, 64], "teacher": [1, 64]}
+    s, t = (next(r for r in data["results"] if r["role"] == role) for role in ("student", "teacher"))
+    assert s["backend"] == t["backend"] == "aoti" and Path(t["artifact"]).name == "teacher.pt2"
+    assert all(b["speedup_like_for_like"] for b in s["batches"])
+    assert any("compiled once, at export" in n for n in data["notes"])
