@@ -46,7 +46,7 @@ def bench(
     max_val: Annotated[Optional[int], typer.Option("--max-val", help="Evaluate on a stratified subset of N validation images.")] = None,
     no_accuracy: Annotated[bool, typer.Option("--no-accuracy", help="Latency only.")] = False,
     teacher_backend: Annotated[Optional[str], typer.Option("--teacher-backend", help="Backend of the teacher (default: the student's; an exported student's teacher is exported the same way, cached beside it).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for PyTorch and ONNX Runtime (default: theirs).")] = None,
+    threads: o.Threads = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure and the machine to this JSON file.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write an accuracy-vs-latency PNG.")] = None,
     device: o.Device = "auto",

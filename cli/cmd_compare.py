@@ -37,12 +37,14 @@ def compare(
     out: Annotated[Optional[Path], typer.Option("--out", help="Compare folder (default runs/compare-<student>-<time>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the compare in --out (default: the latest one under runs/), skipping finished runs.")] = False,
     download: o.Download = False,
+    threads: o.Threads = None,
 ) -> None:
     """Train none / kd / ofa / spofa (and ablations) the same way and report accuracy and stability side by side."""
     from rich.console import Console
 
     from spofa_deploy.compare import CompareConfig, parse_lrs, parse_methods, resume_config, run_compare, summary_table
 
+    o.use_threads(threads)  # the runs train in this process
     given = {"teacher": teacher, "student": student, "data": data, "seeds": seeds, "epochs": epochs,
              "methods": tuple(parse_methods(methods)) if methods else None,
              "lrs": parse_lrs(lr_sweep) if lr_sweep else None, "train_fraction": train_fraction, "img_size": img_size,

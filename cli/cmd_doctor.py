@@ -15,12 +15,14 @@ def doctor(
     from rich.markup import escape
     from rich.table import Table
 
-    from spofa_deploy.doctor import diagnose
+    from spofa_deploy.doctor import CPU_COMPONENT, diagnose
 
     checks = diagnose()
     if json_out:
         typer.echo(json.dumps([c.to_dict() for c in checks], indent=2))
         return
+    cpu = [c for c in checks if c.component == CPU_COMPONENT]  # printed on its own line, below the table
+    checks = [c for c in checks if c.component != CPU_COMPONENT]
     t = Table(title="spofa doctor")
     t.add_column("component")
     t.add_column("installed")
@@ -32,6 +34,8 @@ def doctor(
         t.add_row(escape(c.component), "yes" if c.installed else "no", escape(c.version or "-"), usable, escape(c.detail))
     console = Console()
     console.print(t)
+    for c in cpu:
+        console.print(f"{'' if c.usable else '[yellow]warning:[/] '}CPU: {escape(c.detail)}")
     lost = [c for c in checks if not c.usable and c.disables]
     if lost:
         console.print("[bold]not usable here, and what that disables:[/]")

@@ -1,6 +1,9 @@
 """The `spofa` command line. Each command parses options, calls one library function, prints.
 
-Errors the user can fix print one line and exit 2; anything else exits 1 with a hint.
+Error policy (`main`), for every exception: one line on stderr. A problem the user can fix
+(`UserError`, a bad flag or value) prints `error: ...` and exits 2; anything else prints
+`internal error: ...` with the `--debug` hint and exits 1; `spofa --debug ...` adds the
+traceback; Ctrl-C exits 130.
 """
 from __future__ import annotations
 
@@ -42,9 +45,12 @@ def teacher(
     seed: o.Seed = 0, workers: o.Workers = None, download: o.Download = False, on_nan: o.OnNan = "stop",
     clip_grad: o.ClipGrad = None,
     skip_corrupt: Annotated[bool, typer.Option(help="Skip unreadable images (with a warning) instead of failing.")] = False,
+    threads: o.Threads = None,
 ) -> None:
     """Train / fine-tune the teacher on the data (teacher.safetensors + teacher.json)."""
     from spofa_deploy.pipeline import TeacherOptions, train_teacher
+
+    o.use_threads(threads)
 
     opts = TeacherOptions(name=teacher, weights=str(teacher_weights) if teacher_weights else None, pretrained=pretrained)
     opts.train = _train_config(opts.train, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=opt, device=device,
@@ -85,6 +91,7 @@ def distill(
     train_fraction: Annotated[float, typer.Option(help="Train on this stratified fraction of the training split.")] = 1.0,
     skip_corrupt: Annotated[bool, typer.Option(help="Skip unreadable images (with a warning) instead of failing.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this node: re-launches through torchrun.")] = 1,
+    threads: o.Threads = None,
 ) -> None:
     """Distil the teacher into the student (runs the teacher stage first if needed)."""
     import os
@@ -100,6 +107,7 @@ def distill(
     from spofa_deploy.pipeline import TeacherOptions, distill as run_distill
     from spofa_deploy.train import TrainConfig
 
+    o.use_threads(threads)
     try:
         seps = tuple(float(v) for v in stage_eps.split(","))
     except ValueError:
@@ -151,38 +159,69 @@ _register_optional()
 
 
 def main() -> None:
-    """Console-script entry point with the error policy: user errors exit 2, others 1."""
-    from spofa_deploy.errors import UserError
-
-    debug = "--debug" in sys.argv
+    """Console-script entry point: run the command, then apply the error policy to whatever it raised."""
+    _state["debug"] = False  # set by the root callback (main may run more than once in a process: tests)
     try:
-        app(standalone_mode=False)
-    except UserError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        rv = app(standalone_mode=False)
     except SystemExit:
         raise
-    except Exception as e:
-        import click
+    except BaseException as e:  # noqa: BLE001 - every exception gets the policy, Ctrl-C included
+        sys.exit(_exit_code(e))
+    # Without standalone mode click returns the code of an `Exit` (--help: 0); typer >= 0.20 also
+    # turns Ctrl-C into Exit(130) here. A command itself returns None.
+    if isinstance(rv, int) and not isinstance(rv, bool):
+        if rv == 130:
+            print("interrupted", file=sys.stderr)
+        sys.exit(rv)
 
-        try:  # typer >= 0.20 vendors click as typer._click: its exceptions are not click's
-            from typer._click import exceptions as typer_click
-        except ImportError:
-            typer_click = click.exceptions
-        if isinstance(e, (click.exceptions.ClickException, typer_click.ClickException)):
-            print(f"error: {e.format_message()}", file=sys.stderr)
-            sys.exit(2)
-        if isinstance(e, (click.exceptions.Abort, typer_click.Abort)):
-            sys.exit(130)
-        if debug:
-            raise
-        print(f"internal error: {type(e).__name__}: {e}\n(rerun with --debug for the traceback and report it)", file=sys.stderr)
-        sys.exit(1)
+
+def _is_click(e: BaseException, name: str) -> bool:
+    """`e` is click's (or typer's vendored click's) exception class `name`, or a subclass of it.
+
+    By name, not by import: typer >= 0.20 vendors click as `typer._click` with exception classes
+    of its own (and `Exit`/`Abort` in `typer.exceptions`), older typer uses click's.
+    """
+    return any(c.__name__ == name and c.__module__.split(".")[0] in ("click", "typer") for c in type(e).__mro__)
+
+
+def _one_line(text: str, limit: int | None = None) -> str:
+    line = " ".join(str(text).split())
+    return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _exit_code(e: BaseException) -> int:
+    """Print what `e` means on stderr (one line; the traceback too with --debug) and return the exit code.
+
+    2: a problem the user can fix (UserError, a bad flag or value); 1: anything else (a bug);
+    130: interrupted (Ctrl-C).
+    """
+    import traceback
+
+    from spofa_deploy.errors import UserError
+
+    debug = _state["debug"] or "--debug" in sys.argv[1:]
+    if isinstance(e, KeyboardInterrupt) or _is_click(e, "Abort"):
+        print("interrupted", file=sys.stderr)
+        return 130
+    if _is_click(e, "Exit"):
+        return int(getattr(e, "exit_code", 0) or 0)
+    if _is_click(e, "NoArgsIsHelpError"):  # plain `spofa`: the help, as click shows it
+        e.show()
+        return int(getattr(e, "exit_code", 2))
+    if _is_click(e, "ClickException"):  # bad flag or value: click's message, on one line
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None and _is_click(e, "UsageError") else ""
+        print(f"error: {_one_line(e.format_message())}{hint}", file=sys.stderr)
+        return 2
+    if debug:
+        traceback.print_exception(type(e), e, e.__traceback__)
+    if isinstance(e, UserError):
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    what = _one_line(e, 300)
+    hint = "report it with the traceback above" if debug else "rerun as `spofa --debug ...` for the traceback and report it"
+    print(f"internal error: {type(e).__name__}{': ' + what if what else ''} (a bug: {hint})", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared Typer option aliases (Annotated), so each command declares them in one line."""
+"""Shared Typer option aliases (Annotated), so each command declares them in one line, and what `--threads` does."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,3 +23,21 @@ Download = Annotated[bool, typer.Option("--download", help="Let torchvision down
 Optim = Annotated[Optional[str], typer.Option("--opt", help="sgd | adamw (default: sgd for the student, adamw for the teacher)")]
 OnNan = Annotated[str, typer.Option("--on-nan", help="stop | skip (skip non-finite steps; stop after 5 in a row)")]
 ClipGrad = Annotated[Optional[float], typer.Option("--clip-grad", help="Clip the gradient norm to this value.")]
+# The same meaning everywhere: CPU threads of this process's PyTorch (and ONNX Runtime, where a command runs it).
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, help="CPU threads of PyTorch (and ONNX Runtime, where used); default: one per core. "
+                             "1 on a busy machine (see `spofa doctor`).")]
+
+
+def use_threads(n: int | None) -> None:
+    """Apply `--threads` (PyTorch's CPU threads); without it, warn once when other processes crowd the cores."""
+    import os
+
+    from rich.markup import escape
+
+    from spofa_deploy.console import console
+    from spofa_deploy.machine import apply_threads
+
+    advice = apply_threads(n)
+    if advice and os.environ.get("RANK", "0") == "0":  # once, not per torchrun rank
+        console.print(f"[yellow]warning:[/] {escape(advice)}")

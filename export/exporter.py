@@ -172,10 +172,14 @@ def _sidecar(meta: dict, *, fmt: str, precision: str, opset: int, batch: BatchPr
 
 
 def _publish(tmp_file: Path, dest: Path, sidecar: dict) -> None:
-    """Move a finished file into place atomically, then write its sidecar."""
+    """Write the sidecar, then move the finished file into place atomically.
+
+    In this order a kill in between leaves a sidecar without its artifact (a rerun simply
+    writes both), never an artifact without a sidecar (which a rerun would refuse to replace).
+    """
+    write_json(sidecar_path(dest), sidecar)
     with atomic_path(dest) as tmp:
         os.replace(tmp_file, tmp)
-    write_json(sidecar_path(dest), sidecar)
 
 
 def _parity_images(meta: dict, n: int, seed: int, warnings: list[str]) -> tuple[np.ndarray, str]:

@@ -12,6 +12,7 @@ import importlib
 import importlib.metadata
 import io
 import os
+import re
 from dataclasses import asdict, dataclass
 
 
@@ -192,15 +193,7 @@ def diagnose() -> list[Check]:
                   else "weakly typed networks (builder precision flags)")
     checks.append(c)
 
-    c, mo = _package("ModelOpt", "modelopt", ("nvidia-modelopt",),
-                     "--quantizer modelopt (INT8 falls back to ONNX Runtime's quantizer), fp16/bf16 engines on "
-                     "TensorRT >= 11 (AutoCast)")
-    if mo is not None:
-        missing = [m for m in ("modelopt.onnx.autocast", "modelopt.onnx.quantization") if _import(m)[0] is None]
-        if missing:
-            c = Check("ModelOpt", True, c.version, False, f"installed, but {', '.join(missing)} does not import",
-                      c.disables)
-    checks.append(c)
+    checks.append(_modelopt_check())
 
     c, skl = _package("scikit-learn", "sklearn.datasets", ("scikit-learn",),
                       "--data digits (the default, offline data set); use cifar10:DIR or imagefolder:DIR")
@@ -213,9 +206,61 @@ def diagnose() -> list[Check]:
     with _headless():
         checks.append(_package("matplotlib", "matplotlib.pyplot", ("matplotlib",),
                                "trace.png, bench --plot, spofa compare figures (the numbers are still written)")[0])
+    checks.append(_cpu_check(torch))
     if torch is None:  # keep a stable order: torch rows first even when torch is missing
         checks.sort(key=lambda c: c.component != "torch")
     return checks
+
+
+MODELOPT_MIN = (0, 33)  # AutoCast's entry point `convert_to_mixed_precision` appears in 0.33 (0.31 calls it `convert`)
+
+
+def _older_than(version: str, minimum: tuple[int, int]) -> bool:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return m is not None and (int(m[1]), int(m[2])) < minimum
+
+
+def _modelopt_check() -> Check:
+    """ModelOpt is usable when its AutoCast entry point and INT8 quantizer import, at a version >= 0.33."""
+    disables = ("--quantizer modelopt (INT8 falls back to ONNX Runtime's quantizer), fp16/bf16 engines on "
+                "TensorRT >= 11 (AutoCast)")
+    c, mo = _package("ModelOpt", "modelopt", ("nvidia-modelopt",), disables)
+    if mo is None:
+        return c
+    version = _dist_version("nvidia-modelopt") or c.version
+    name = f"nvidia-modelopt {version or '(unknown version)'}"
+    need = ".".join(map(str, MODELOPT_MIN))
+
+    def unusable(why: str) -> Check:
+        return Check("ModelOpt", True, version, False, f"{name} {why}", disables)
+
+    autocast, err = _import("modelopt.onnx.autocast")
+    if autocast is None:
+        return unusable(f"installed, but {err}")
+    if not callable(getattr(autocast, "convert_to_mixed_precision", None)):
+        return unusable(f"has no modelopt.onnx.autocast.convert_to_mixed_precision (needs >= {need})")
+    if version and _older_than(version, MODELOPT_MIN):
+        return unusable(f"is older than {need}")
+    if _import("modelopt.onnx.quantization")[0] is None:
+        return unusable("installed, but modelopt.onnx.quantization does not import")
+    return Check("ModelOpt", True, version, True, f"{name}: AutoCast convert_to_mixed_precision and INT8 quantizer")
+
+
+CPU_COMPONENT = "CPU threads"
+
+
+def _cpu_check(torch) -> Check:
+    """The load average against the cores and PyTorch's default threads (see `machine.py`)."""
+    from .machine import cpu_load, usable_cores
+
+    try:
+        threads = torch.get_num_threads()
+    except Exception:  # noqa: BLE001 - no (usable) torch: its default, one thread per core
+        threads = usable_cores()
+    load = cpu_load(threads)
+    return Check(CPU_COMPONENT, True, None, not load.oversubscribed, load.line(),
+                 f"full training speed with PyTorch's default threads (pass --threads {load.suggested_threads})"
+                 if load.oversubscribed else "")
 
 
 @contextlib.contextmanager

@@ -194,9 +194,11 @@ def bad(work: Path, one_class: Path) -> dict[str, tuple[Result, Path, str]]:
 
 
 @pytest.mark.parametrize("command, options", [
-    ("teacher", ["--teacher", "--data", "--epochs", "--img-size", "--teacher-weights", "--resume", "--device"]),
+    ("teacher", ["--teacher", "--data", "--epochs", "--img-size", "--teacher-weights", "--resume", "--device",
+                 "--threads"]),
     ("distill", ["--teacher", "--student", "--data", "--method", "--epochs", "--batch-size", "--lr", "--device",
-                 "--amp", "--out", "--resume", "--seed", "--teacher-ckpt"]),
+                 "--amp", "--out", "--resume", "--seed", "--teacher-ckpt", "--threads"]),
+    ("compare", ["--methods", "--seeds", "--epochs", "--out", "--resume", "--threads"]),
 ])
 def test_help(command: str, options: list[str], work: Path) -> None:
     r = Cli([command, "--help"], work, timeout=120).result()

@@ -2,10 +2,12 @@
 
 The jobs the collected fault tests use (`@pytest.mark.uses(...)`) are queued when the first of
 them starts, long training runs first, so they run while earlier tests wait on theirs.
-Set SPOFA_FAULTS_KEEP=1 to keep the temp folder (its path is printed at the end).
+Set SPOFA_FAULTS_KEEP=1 to keep the temp folder (its path is printed at the end); SPOFA_SOAK_REPORT=FILE
+writes the crash soak's figures (test_soak.py) as JSON.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -50,7 +52,14 @@ def pytest_runtest_setup(item) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """With SPOFA_FAULTS_REPORT=1: every process the suite ran, its exit code, time and error line."""
+    """The crash soak's figures when it ran; with SPOFA_FAULTS_REPORT=1 every process the suite ran."""
+    soak = faultkit.soak_report(faultkit.SOAK_SUMMARY)
+    if soak:
+        terminalreporter.section("crash soak")
+        for line in soak:
+            terminalreporter.write_line(line)
+        if os.environ.get("SPOFA_SOAK_REPORT"):
+            Path(os.environ["SPOFA_SOAK_REPORT"]).write_text(json.dumps(faultkit.SOAK_SUMMARY, indent=2, default=str))
     jobs = _session.get("jobs")
     if jobs is None or not os.environ.get("SPOFA_FAULTS_REPORT"):
         return

@@ -76,29 +76,35 @@ FRESH = bool(os.environ.get("SPOFA_FAULTS_FRESH"))
 
 
 def spofa(args: list, *, cwd: Path = REPO, fault: dict | None = None, timeout: float = TIMEOUT,
-          fresh: bool = False) -> Result:
+          fresh: bool = False, kill_after: float | None = None) -> Result:
     """Run `spofa ARGS` as a subprocess (with `fault` injected) and wait for it.
 
     By default the process is forked from the preloaded fork server (see inject.py); with
     `fresh` (or SPOFA_FAULTS_FRESH=1) it is a new `python -m cli.main` (inject.py with a fault).
+    `kill_after`: SIGKILL it from the outside that many seconds after it started (if still running).
     """
     args = [os.fsdecode(a) if isinstance(a, bytes) else os.fspath(a) if not isinstance(a, str) else a for a in args]
     start = time.perf_counter()
     if fresh or FRESH or _server is None:
-        rc, out, err = _run_fresh(args, cwd, fault, timeout)
+        rc, out, err = _run_fresh(args, cwd, fault, timeout, kill_after)
     else:
-        rc, out, err = _server.run(args, cwd, fault, timeout)
+        rc, out, err = _server.run(args, cwd, fault, timeout, kill_after)
     return Result(args, rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
                   time.perf_counter() - start, fault)
 
 
-def _run_fresh(args: list[str], cwd: Path, fault: dict | None, timeout: float) -> tuple[int, bytes, bytes]:
+def _run_fresh(args: list[str], cwd: Path, fault: dict | None, timeout: float,
+               kill_after: float | None = None) -> tuple[int, bytes, bytes]:
     cmd = [sys.executable, str(INJECT)] if fault else [sys.executable, "-m", "cli.main"]
     env = {**ENV, **({"SPOFA_FAULT": json.dumps(fault)} if fault else {})}
     proc = subprocess.Popen(cmd + [os.fsencode(a) for a in args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     with _procs_lock:
         _procs.add(proc)
+    timer = threading.Timer(kill_after if kill_after is not None else TIMEOUT, proc.kill)
+    if kill_after is not None:
+        timer.daemon = True
+        timer.start()
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -106,6 +112,7 @@ def _run_fresh(args: list[str], cwd: Path, fault: dict | None, timeout: float) -
         out, err = proc.communicate()
         err += f"\n[fault suite: killed after {timeout}s]".encode()
     finally:
+        timer.cancel()
         with _procs_lock:
             _procs.discard(proc)
     return proc.returncode, out, err
@@ -143,7 +150,8 @@ class ForkServer:
 
     dead = False
 
-    def run(self, args: list[str], cwd: Path, fault: dict | None, timeout: float) -> tuple[int, bytes, bytes]:
+    def run(self, args: list[str], cwd: Path, fault: dict | None, timeout: float,
+            kill_after: float | None = None) -> tuple[int, bytes, bytes]:
         self.ready.wait()
         if self.dead:
             raise RuntimeError(f"fork server died: {(self.io_dir / 'server.err').read_text()[-2000:]}")
@@ -156,6 +164,8 @@ class ForkServer:
             self.proc.stdin.write((json.dumps(req) + "\n").encode())
             self.proc.stdin.flush()
         note = b""
+        if kill_after is not None:
+            self._kill_later(rid, kill_after)
         with self.cv:
             if not self.cv.wait_for(lambda: "rc" in self.pending.get(rid, {}) or self.dead, timeout):
                 pid = self.pending.get(rid, {}).get("pid")
@@ -167,6 +177,22 @@ class ForkServer:
         if "rc" not in msg:
             raise RuntimeError(f"fork server lost case {rid}: {(self.io_dir / 'server.err').read_text()[-2000:]}")
         return msg["rc"], out.read_bytes(), err.read_bytes() + note
+
+    def _kill_later(self, rid: int, delay: float) -> None:
+        """SIGKILL case `rid` `delay` seconds after its fork (unless it has exited by then)."""
+        with self.cv:
+            self.cv.wait_for(lambda: "pid" in self.pending.get(rid, {}) or self.dead, 60)
+            pid = self.pending.get(rid, {}).get("pid")
+
+        def kill() -> None:
+            with self.cv:  # only a case that has not reported its exit (its pid is still its own)
+                case = self.pending.get(rid)
+                if pid and case is not None and "rc" not in case:
+                    os.kill(pid, 9)
+
+        timer = threading.Timer(delay, kill)
+        timer.daemon = True
+        timer.start()
 
     def close(self) -> None:
         try:
@@ -319,6 +345,39 @@ class Scheduler:
         kill_all()
         for t in self.threads:
             t.join(timeout=30)
+
+
+# The crash soak's figures (test_soak.py fills it; conftest prints it at the end of the run).
+SOAK_SUMMARY: dict = {}
+
+
+def soak_report(summary: dict) -> list[str]:
+    """The soak's figures as lines: per campaign, then the totals."""
+    camps = summary.get("campaigns", {})
+    if not camps:
+        return []
+    lines = [f"seed {summary['seed']}, {summary['kills']} kills planned "
+             f"(reproduce: SPOFA_SOAK_SEED={summary['seed']} SPOFA_SOAK_KILLS={summary['kills']})"]
+    kinds: dict[str, int] = {}
+    for i, c in sorted(camps.items()):
+        for k in c["kills"]:
+            kinds[k.split()[0]] = kinds.get(k.split()[0], 0) + 1
+        flags = [f for f in ("orphan_teacher", "orphan_artifact", "known_bug") if c.get(f)]
+        lines.append(f"  c{i} {c['family']:8} {'+'.join(c['kinds']):32} landed {c['landed']}/{c['tried']}, "
+                     f"resumed {c['resumed']}, corrupt {c['corrupt']}, temp files seen {len(c['temps'])} "
+                     f"(left {len(c['temps_left'])}), "
+                     f"{c['seconds']:.0f}s{' ' + ' '.join(flags) if flags else ''}"
+                     f"{' ERROR: ' + c['error'].splitlines()[0] if c['error'] else ''}")
+        lines += [f"      {k}" for k in c["kills"]]
+
+    def total(key: str) -> float:
+        return sum(c[key] for c in camps.values())
+
+    lines.append(f"kills tried {total('tried')}, landed {total('landed')} "
+                 f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))}); processes resumed/rerun "
+                 f"{total('resumed')}; corrupt files found {total('corrupt')}; campaigns failed "
+                 f"{sum(bool(c['error']) for c in camps.values())}; campaign time {total('seconds'):.0f}s")
+    return lines
 
 
 # ------------------------------------------------------------------------------------ fixtures' data

@@ -16,9 +16,15 @@ this process (a resumed run starts counting again at its first step):
     nan_grad: [N, ...]        set one gradient to NaN after backward (the loss stays finite)
     scale_loss: {"N": f}      multiply the loss of step N by f (an exploding loss)
     fake_trt: "10.3.0"        pretend TensorRT <version> and an H100 (sm 9.0) are present
+    half_write: {"fn": "torch:save", "n": N, "match": "teachers"}
+                              the N-th call of that writer whose target path contains `match`
+                              writes half its bytes (fsynced), then SIGKILL
+    kill_call: {"fn": "export.exporter:_publish", "n": N, "match": ""}
+                              SIGKILL as the N-th call of that function whose arguments contain
+                              `match` (in their str) begins
 
-The patches replace module attributes (`spofa_deploy.train.train_step`, `.evaluate`, `torch.save`)
-that the training loop looks up at call time.
+The patches replace module attributes (`spofa_deploy.train.train_step`, `.evaluate`, `torch.save`,
+the `fn` named) that the code looks up at call time.
 
 `python tests/faults/inject.py --serve` is the fork server the suite uses by default: it imports
 torch, timm, scikit-learn, ONNX (Runtime), matplotlib and the CLI once, then for each request
@@ -31,7 +37,6 @@ imports) to ~2 s. SPOFA_FAULTS_FRESH=1 makes the suite start `python -m cli.main
 from __future__ import annotations
 
 import errno
-import io
 import itertools
 import json
 import os
@@ -57,7 +62,7 @@ def _patch_steps(spec: dict) -> None:
     orig = train.train_step
     calls = {"n": 0}
 
-    def train_step(task, images, labels, optimizer, scaler, amp, clip_grad=None, before_update=None):
+    def train_step(task, images, labels, optimizer, scaler, amp, clip_grad=None, before_update=None, **kw):
         i = calls["n"]
         calls["n"] += 1
         factor = None
@@ -82,14 +87,14 @@ def _patch_steps(spec: dict) -> None:
         if factor is not None:
             base = task.forward
 
-            def forward(images, labels):
-                out = base(images, labels)
+            def forward(images, labels, *args):
+                out = base(images, labels, *args)
                 out.loss = out.loss * factor
                 return out
 
             task.forward = forward
         try:
-            return orig(task, images, labels, optimizer, scaler, amp, clip_grad, before_update=hook if hooks else None)
+            return orig(task, images, labels, optimizer, scaler, amp, clip_grad, before_update=hook if hooks else None, **kw)
         finally:
             if factor is not None:
                 del task.forward
@@ -97,42 +102,54 @@ def _patch_steps(spec: dict) -> None:
     train.train_step = train_step
 
 
-def _on_call(n: int, real, fault):
-    """`real`, except that its n-th call (counting from 0) runs `fault` with the same arguments instead."""
+def _kill_mid_eval(real, model, loader, *args, **kwargs):
+    def killing():
+        for j, batch in enumerate(loader):
+            if j == 2:
+                _kill()
+            yield batch
+
+    return real(model, killing(), *args, **kwargs)
+
+
+def _resolve(fn: str):
+    """`"module.path:attr"` -> (module, attr name)."""
+    import importlib
+
+    module, attr = fn.split(":")
+    return importlib.import_module(module), attr
+
+
+def _on_match(fn: str, n: int, match: str, fault) -> None:
+    """Replace `fn`: its n-th call (from 0) with a path argument containing `match` runs `fault(real, *args)`."""
+    module, attr = _resolve(fn)
+    real = getattr(module, attr)
     calls = itertools.count()
 
+    def mentions(args) -> bool:
+        return not match or any(match in os.fspath(a) for a in args if isinstance(a, (str, os.PathLike)))
+
     def wrapper(*args, **kwargs):
-        return (fault if next(calls) == n else real)(*args, **kwargs)
+        if mentions([*args, *kwargs.values()]) and next(calls) == n:
+            return fault(real, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    return wrapper
-
-
-def _patch_eval(n: int) -> None:
-    from spofa_deploy import train
-
-    orig = train.evaluate
-
-    def kill_mid_eval(model, loader, *args, **kwargs):
-        def killing():
-            for j, batch in enumerate(loader):
-                if j == 2:
-                    _kill()
-                yield batch
-
-        return orig(model, killing(), *args, **kwargs)
-
-    train.evaluate = _on_call(n, orig, kill_mid_eval)
+    setattr(module, attr, wrapper)
 
 
-def _patch_save(mode: str, at: int) -> None:
-    import torch
+def _half_write(mode: str):
+    """A writer `real(obj, path, ...)` that writes half the bytes `real` would into `path`, then dies."""
+    import tempfile
 
-    real = torch.save
-
-    def half_write(obj, f, *args, **kwargs):
-        buf = io.BytesIO()
-        real(obj, buf, *args, **kwargs)
-        data = buf.getvalue()
+    def fault(real, obj, f, *args, **kwargs):
+        fd, scratch = tempfile.mkstemp(suffix=".half")
+        os.close(fd)
+        try:
+            real(obj, scratch, *args, **kwargs)
+            with open(scratch, "rb") as fh:
+                data = fh.read()
+        finally:
+            os.unlink(scratch)
         with open(f, "wb") as fh:
             fh.write(data[: len(data) // 2])
             fh.flush()
@@ -141,7 +158,7 @@ def _patch_save(mode: str, at: int) -> None:
             _kill()
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
 
-    torch.save = _on_call(at, real, half_write)
+    return fault
 
 
 def _fake_trt(version: str) -> None:
@@ -159,9 +176,15 @@ def install(spec: dict) -> None:
     if any(k in spec for k in ("kill_step", "nan_loss", "nan_loss_from", "nan_grad", "scale_loss")):
         _patch_steps(spec)
     if "kill_eval" in spec:
-        _patch_eval(int(spec["kill_eval"]))
+        _on_match("spofa_deploy.train:evaluate", int(spec["kill_eval"]), "", _kill_mid_eval)
     if "ckpt_fault" in spec:
-        _patch_save(spec["ckpt_fault"], int(spec.get("ckpt_call", 0)))
+        _on_match("torch:save", int(spec.get("ckpt_call", 0)), "", _half_write(spec["ckpt_fault"]))
+    if "half_write" in spec:
+        h = spec["half_write"]
+        _on_match(h["fn"], int(h.get("n", 0)), h.get("match", ""), _half_write("kill"))
+    if "kill_call" in spec:
+        k = spec["kill_call"]
+        _on_match(k["fn"], int(k.get("n", 0)), k.get("match", ""), lambda real, *a, **kw: _kill())
     if "fake_trt" in spec:
         _fake_trt(str(spec["fake_trt"]))
 

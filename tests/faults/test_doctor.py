@@ -13,7 +13,7 @@ from spofa_deploy import doctor as d
 
 COMPONENTS = ["torch", "CUDA", "bf16 on the GPU", "timm", "ONNX", "ONNX Runtime", "ONNX Runtime: CPU provider",
               "ONNX Runtime: CUDA provider", "ONNX Runtime: TensorRT provider", "onnxslim", "TensorRT", "ModelOpt",
-              "scikit-learn", "matplotlib"]
+              "scikit-learn", "matplotlib", "CPU threads"]
 
 
 def _by_name(checks) -> dict:
@@ -53,6 +53,53 @@ def test_missing_and_broken_libraries(monkeypatch) -> None:
     mo = got["ModelOpt"]
     assert mo.installed and mo.version == "0.33.0" and not mo.usable
     assert "libcudart" in mo.detail and "--quantizer modelopt" in mo.disables
+
+
+def _fake_modelopt(monkeypatch, version: str, autocast) -> None:
+    """ModelOpt `version` whose `modelopt.onnx.autocast` is `autocast` (the rest of the environment is real)."""
+    from types import SimpleNamespace
+
+    fakes = {"modelopt": SimpleNamespace(), "modelopt.onnx.autocast": autocast,
+             "modelopt.onnx.quantization": SimpleNamespace()}
+    real, real_version = d._import, d._dist_version
+    monkeypatch.setattr(d, "_import", lambda m: (fakes[m], None) if m in fakes else real(m))
+    monkeypatch.setattr(d, "_dist_version", lambda *names: version if "nvidia-modelopt" in names else real_version(*names))
+
+
+def test_modelopt_needs_the_autocast_entry_point_of_0_33(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    def entry(*a, **k):
+        return None
+
+    _fake_modelopt(monkeypatch, "0.31.0", SimpleNamespace(convert=entry))  # 0.31 calls it `convert`
+    mo = _by_name(d.diagnose())["ModelOpt"]
+    assert mo.installed and not mo.usable and mo.version == "0.31.0"
+    assert "nvidia-modelopt 0.31.0" in mo.detail and "convert_to_mixed_precision" in mo.detail and "0.33" in mo.detail
+    assert "--quantizer modelopt" in mo.disables
+    _fake_modelopt(monkeypatch, "0.32.1", SimpleNamespace(convert_to_mixed_precision=entry))
+    mo = _by_name(d.diagnose())["ModelOpt"]
+    assert not mo.usable and "nvidia-modelopt 0.32.1 is older than 0.33" in mo.detail
+    _fake_modelopt(monkeypatch, "0.33.0", SimpleNamespace(convert_to_mixed_precision=entry))
+    mo = _by_name(d.diagnose())["ModelOpt"]
+    assert mo.usable and "nvidia-modelopt 0.33.0" in mo.detail
+
+
+def test_the_installed_modelopt() -> None:
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("nvidia-modelopt")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("nvidia-modelopt is not installed")
+    mo = _by_name(d.diagnose())["ModelOpt"]
+    assert mo.version == version and f"nvidia-modelopt {version}" in mo.detail
+    try:
+        from modelopt.onnx.autocast import convert_to_mixed_precision  # noqa: F401
+        importable = True
+    except Exception:  # noqa: BLE001 - a broken install: the doctor must say so
+        importable = False
+    assert mo.usable == importable, mo
 
 
 def test_a_gpu_machine(monkeypatch) -> None:
