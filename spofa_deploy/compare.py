@@ -41,6 +41,7 @@ from .train import CHECKPOINT, METRICS, TRACE, TrainConfig
 
 DONE = "done.json"
 COMPARE = "compare.json"
+TEACHER_CACHE = "teacher-cache"
 
 # Method name -> (pipeline method, DistillConfig overrides). The ablations of SPOFA:
 # without MEMA (LayerNorm heads, alpha = beta = 1), without the output-level weights
@@ -101,6 +102,9 @@ class CompareConfig:
     workers: int | None = None
     download: bool = False
     out: str | None = None
+    # Teacher outputs computed once per seed and read back by every method and rate (<out>/teacher-cache):
+    # exact fp32 records, so the results are bitwise those of a compare without it (on CPU).
+    teacher_cache: bool = True
 
     def seed_list(self) -> list[int]:
         return list(range(self.seeds))
@@ -328,7 +332,8 @@ def run_compare(cfg: CompareConfig, resume: bool = False) -> CompareResult:
         try:
             distill(cfg.student, teacher, cfg.data, VARIANTS[m][0], img_size, loss=_loss_config(cfg, m),
                     train=_train_config(cfg, lr, s), out=run_dir, resume=resumed, download=cfg.download,
-                    train_fraction=cfg.train_fraction, latest=False)
+                    train_fraction=cfg.train_fraction, latest=False,
+                    teacher_cache=out / TEACHER_CACHE if cfg.teacher_cache else None, teacher_cache_format="fp32")
         except TrainingDiverged as e:  # a result, not a failure of the compare
             stopped, error = True, str(e)
             console.print(f"[red]{name} diverged:[/] {e}")

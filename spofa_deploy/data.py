@@ -402,7 +402,7 @@ class _Loader(DataLoader):
         try:
             for batch in super().__iter__():
                 if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], EncodedBatch):
-                    batch = batch[0].aug.apply(batch[0], batch[1], self.corrupt)
+                    batch = (*batch[0].aug.apply(batch[0], batch[1], self.corrupt), *batch[2:])
                 yield batch
         except UserError as e:
             text = str(e)
@@ -423,7 +423,8 @@ def _corrupt_set(ds) -> set[str]:
 
 def _collate(batch: list):
     if batch and isinstance(batch[0][0], EncodedSample):
-        return EncodedBatch.collate([x for x, _ in batch]), torch.tensor([y for _, y in batch], dtype=torch.int64)
+        rest = [default_collate([b[i] for b in batch]) for i in range(2, len(batch[0]))]  # (sample indices)
+        return EncodedBatch.collate([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.int64), *rest
     return default_collate(batch)
 
 
@@ -455,8 +456,8 @@ class AugSeeded(Dataset):
     load in the training process itself.
     """
 
-    def __init__(self, ds, seed: int):
-        self.ds, self.seed = ds, seed
+    def __init__(self, ds, seed: int, with_index: bool = False):
+        self.ds, self.seed, self.with_index = ds, seed, with_index
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -466,7 +467,9 @@ class AugSeeded(Dataset):
         with torch.random.fork_rng(devices=[]):
             # Not torch.manual_seed: that would also reseed every CUDA generator (dropout in the step).
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.ds[index]
+            sample = self.ds[index]
+        # `with_index`: (image, label, index), so the loop can look the sample up in the teacher cache.
+        return (*sample, index) if self.with_index else sample
 
 
 # ---------------------------------------------------------------- decoding and augmenting on the device

@@ -72,7 +72,7 @@ class Supervised(TrainTask):
         self.net = net
         self.label_smoothing = label_smoothing
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits=None) -> StepOutput:
         logits = self.net(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         return StepOutput(loss, logits, {"loss_gt": loss.detach()})
@@ -93,8 +93,21 @@ class Distiller(TrainTask):
         return self
 
     @torch.no_grad()
-    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.teacher(images).float()
+    def teacher_logits(self, images: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's logits of `images`, or `t` when the caller has them already (the teacher cache)."""
+        return self.teacher(images).float() if t is None else t
+
+    @torch.no_grad()
+    def cached_teacher_logits(self, images: torch.Tensor, cache, epoch: int, indices: torch.Tensor) -> torch.Tensor:
+        """From the teacher cache (`spofa_deploy.teacher_cache`) where it has them, else run the teacher and store.
+
+        Outside `forward`, so the cache's host I/O never enters a compiled or captured step. The
+        logits returned are what a later read gives back, so cold and warm runs see the same targets.
+        """
+        t = cache.get(epoch, indices)
+        if t is not None:
+            return t.to(images.device, non_blocking=True)
+        return cache.put(epoch, indices, self.teacher_logits(images))
 
     def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
@@ -103,9 +116,9 @@ class Distiller(TrainTask):
 class KD(Distiller):
     """Hinton KD: CE + KL at a temperature on the final logits."""
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> StepOutput:
         c = self.cfg
-        t = self.teacher_logits(images)
+        t = self.teacher_logits(images, teacher_logits)
         z = self.net(images)
         loss_gt, loss_kd = self.ce(z, labels), kd_loss(z, t, c.kd_temperature)
         loss = c.gt_weight * loss_gt + c.kd_weight * loss_kd
@@ -141,9 +154,9 @@ class OFA(Distiller):
     def extra_state(self) -> nn.Module:
         return nn.ModuleDict({"heads": self.heads, **({"mema": self.mema} if self.mema is not None else {})})
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> StepOutput:
         c = self.cfg
-        t = self.teacher_logits(images)
+        t = self.teacher_logits(images, teacher_logits)
         z, feats = forward_with_stages(self.net, images, self.taps)
         stage_logits = [head(f) for head, f in zip(self.heads, feats)]
         hard = labels.argmax(-1) if labels.dim() == 2 else labels

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import distributed
@@ -25,7 +26,7 @@ from .data import Splits, load_splits, parse_data_spec
 from .distillers import METHODS, DistillConfig, Supervised, create_task
 from .errors import UserError
 from .models import count_params, create_model, create_teacher_pretrained, data_config, resolve_model_name
-from .train import CHECKPOINT, FitResult, Hooks, TrainConfig, fit, load_checkpoint, resolve_device
+from .train import CHECKPOINT, FitResult, Hooks, TrainConfig, fit, load_checkpoint, resolve_amp, resolve_device
 
 TEACHER_FILE = "teacher.safetensors"
 STUDENT_FILE = "student.safetensors"
@@ -166,7 +167,8 @@ def find_teacher(opts: TeacherOptions, data: str, img_size: int, *, download: bo
     state = load_checkpoint(ckpt) if ckpt.is_file() else None
     # teacher.safetensors appears at the stage's first best epoch: only a finished stage counts.
     unfinished = state is not None and state["epoch"] < state["config"]["epochs"]
-    if path.is_file() and not unfinished:
+    # No checkpoint beside it: the stage was killed before its first one (the file comes at the first best).
+    if path.is_file() and state is not None and not unfinished:
         console.print(f"using the teacher trained earlier for this data: {path}")
         return path
     what = f"resuming its unfinished stage ({state['epoch']}/{state['config']['epochs']} epochs)" if unfinished \
@@ -228,7 +230,7 @@ def _legacy_run_info(run: Path) -> dict | None:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    if src.resolve() == dst.resolve():
+    if dst.exists() and os.path.samefile(src, dst):  # (also a hard link made earlier: nothing to do)
         return
     tmp = dst.with_name(f".{dst.name}.tmp")
     tmp.unlink(missing_ok=True)
@@ -243,8 +245,13 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
             method: str = "spofa", img_size: int | None = None, loss: DistillConfig | None = None,
             train: TrainConfig | None = None, out: str | Path | None = None, resume: bool = False,
             download: bool = False, train_fraction: float = 1.0, skip_corrupt: bool = False,
-            latest: bool = True, hooks: Hooks | None = None) -> DistillResult:
-    """Distil `teacher` into `student` on `data` with `method`; see the module docstring for outputs."""
+            latest: bool = True, hooks: Hooks | None = None, teacher_cache: str | Path | None = None,
+            teacher_cache_max_gb: float | None = None, teacher_cache_format: str | None = None) -> DistillResult:
+    """Distil `teacher` into `student` on `data` with `method`; see the module docstring for outputs.
+
+    `teacher_cache` (a folder) stores the teacher's logits of every training view once and reads
+    them back in later runs and epochs with the same key (`spofa_deploy.teacher_cache`).
+    """
     teacher = teacher or TeacherOptions()
     loss = loss or DistillConfig(method=method)
     loss.method = method
@@ -312,8 +319,14 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
     if dist.is_main and latest:  # (`spofa compare` keeps its runs out of runs/latest)
         mark_latest(run)
     hooks = replace(hooks or Hooks(), on_best=save)
+    cache = None
+    if teacher_cache is not None and method != "none":
+        cache = _open_teacher_cache(teacher_cache, t_model=t_model, spec=spec, splits=splits, img_size=img_size,
+                                    prep=prep, train=train, train_fraction=train_fraction, skip_corrupt=skip_corrupt,
+                                    loss=loss, method=method, max_gb=teacher_cache_max_gb, fmt=teacher_cache_format,
+                                    resume_from=run / CHECKPOINT if resume else None)
     result = fit(task, splits, train, run, resume=resume, label=method, hooks=hooks,
-                 run_info={**run_info, "img_size": img_size})
+                 run_info={**run_info, "img_size": img_size}, teacher_cache=cache)
     if dist.is_main:
         _plot_trace(run)
         bad = sorted(set(getattr(splits.train, "corrupt", ())) | set(getattr(splits.val, "corrupt", ())))
@@ -321,6 +334,37 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
             console.print(f"[yellow]warning:[/] skipped {len(bad)} unreadable image(s) (--skip-corrupt), e.g. {bad[0]}")
     distributed.barrier()
     return DistillResult(run, spath, run_teacher, read_model_meta(spath), t_meta, result, head_params, s_params)
+
+
+def _open_teacher_cache(folder, *, t_model, spec, splits: Splits, img_size: int, prep: dict, train: TrainConfig,
+                        train_fraction: float, skip_corrupt: bool, loss: DistillConfig, method: str,
+                        max_gb: float | None, fmt: str | None, resume_from: Path | None):
+    """The teacher cache of this run's training views, keyed by everything the logits depend on."""
+    from .teacher_cache import CacheKey, TeacherCache, split_digest, weights_digest
+
+    if resume_from is not None:  # the loop trains with the checkpoint's settings: key the cache by them
+        train = TrainConfig(**{**train.__dict__, **load_checkpoint(resume_from)["config"]})
+    ds, dist = splits.train, distributed.info()
+    if isinstance(getattr(ds, "images", None), np.ndarray):
+        members = ds.images
+    else:  # image files: path, size and mtime, so a replaced file changes the key
+        members = [f"{p}|{st.st_size}|{st.st_mtime_ns}" for p, st in ((p, os.stat(p)) for p in ds.paths)]
+    device = resolve_device(train.device)
+    compute = (f"{device.type}/{resolve_amp(train.amp, device)}/batch{train.batch_size // dist.world}/"
+               f"rank{dist.rank}of{dist.world}/torch{torch.__version__}")
+    key = CacheKey(teacher=weights_digest(t_model.state_dict()), data=str(spec), split=split_digest(ds.labels, members),
+                   num_samples=len(ds), img_size=img_size, mean=tuple(prep["mean"]), std=tuple(prep["std"]),
+                   interpolation=prep["interpolation"], crop_pct=float(prep["crop_pct"]),
+                   augmentation=f"{ds.transform!r} skip_corrupt={skip_corrupt}", seed=train.seed,
+                   train_fraction=train_fraction, compute=compute)
+    temperature = loss.kd_temperature if method == "kd" else loss.temperature
+    cache = TeacherCache.open(folder, key, num_classes=splits.num_classes, fmt=fmt, temperature=temperature,
+                              max_gb=max_gb)
+    if dist.is_main:
+        if cache.note:
+            console.print(cache.note)
+        console.print(cache.describe(train.epochs))
+    return cache
 
 
 def _plot_trace(run: Path) -> None:

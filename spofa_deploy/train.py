@@ -242,6 +242,7 @@ class _Loop:
     label: str
     trace: "TraceWriter | None"
     run_info: dict = field(default_factory=dict)  # what the caller trained (method, loss settings): kept in checkpoints
+    teacher_cache: object | None = None  # a `teacher_cache.TeacherCache`: teacher logits read back, not recomputed
     start_epoch: int = 0
     step: int = 0
     history: list[dict] = field(default_factory=list)
@@ -253,7 +254,8 @@ class _Loop:
 
 
 def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, resume: bool = False,
-        label: str = "train", hooks: Hooks | None = None, run_info: dict | None = None) -> FitResult:
+        label: str = "train", hooks: Hooks | None = None, run_info: dict | None = None,
+        teacher_cache=None) -> FitResult:
     """Train `task` on `splits`, evaluating every epoch and checkpointing into `run_dir`.
 
     Args:
@@ -265,10 +267,12 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
         label: name shown on the progress bar.
         hooks: callbacks at the seams; `hooks.on_best` is where the caller writes the shipped model.
         run_info: plain data saved in every checkpoint under "run" (the caller checks it on resume).
+        teacher_cache: a `teacher_cache.TeacherCache` of this run's training views: the teacher's
+            logits are read from it where present, else computed and stored (one file per epoch).
     """
     hooks = hooks or Hooks()
     loop = _setup(task, splits, cfg, run_dir, resume, label)
-    loop.run_info = dict(run_info or {})
+    loop.run_info, loop.teacher_cache = dict(run_info or {}), teacher_cache
     t_start = time.perf_counter()
     with progress(disable=not distributed.info().is_main) as bar:
         job = bar.add_task(label, total=loop.total, completed=loop.step, info="")
@@ -318,7 +322,8 @@ def _setup(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, res
 
     # --batch-size is the global batch: each rank takes batch/world, the union of the ranks'
     # batches at step k is the single-process batch k, so the learning rate needs no scaling.
-    train_loader = make_loader(AugSeeded(splits.train, cfg.seed), cfg.batch_size // dist.world, train=True, seed=cfg.seed,
+    train_loader = make_loader(AugSeeded(splits.train, cfg.seed, with_index=True), cfg.batch_size // dist.world,
+                               train=True, seed=cfg.seed,
                                workers=cfg.workers, pin_memory=device.type == "cuda",
                                sampler=EpochSampler(torch.utils.data.distributed.DistributedSampler(
                                    splits.train, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed)))
@@ -351,7 +356,7 @@ def _train_one_epoch(loop: _Loop, epoch: int, hooks: Hooks, advance: Callable[[s
     loop.train_loader.sampler.set_epoch(epoch)
     task.train()
     t_epoch, n_epoch, loss_sum = time.perf_counter(), 0, 0.0
-    for images, labels in loop.train_loader:
+    for images, labels, indices in loop.train_loader:
         images = images.to(loop.device, non_blocking=True)
         labels = labels.to(loop.device, non_blocking=True)
         if loop.device.type == "cuda":
@@ -360,8 +365,9 @@ def _train_one_epoch(loop: _Loop, epoch: int, hooks: Hooks, advance: Callable[[s
             saved_buffers = [b.detach().clone() for b in task.buffers()]
         step = loop.step
         before = (lambda: hooks.before_update(step)) if hooks.before_update else None
+        teacher = (loop.teacher_cache, epoch, indices) if loop.teacher_cache is not None else None
         out, loss_value, finite = train_step(loop.model, images, labels, loop.optimizer, loop.scaler, loop.amp,
-                                             cfg.clip_grad, before_update=before)
+                                             cfg.clip_grad, before_update=before, teacher=teacher)
         # The schedule follows the step count, skipped steps included, so it ends where it should.
         with warnings.catch_warnings():  # (a skipped first step has no optimizer.step() before this: intended)
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
@@ -385,6 +391,10 @@ def _train_one_epoch(loop: _Loop, epoch: int, hooks: Hooks, advance: Callable[[s
             _trace_row(loop, epoch, loss_value, out.stats)
         rate = n_epoch / max(1e-9, time.perf_counter() - t_epoch)
         advance(f"epoch {epoch + 1}/{cfg.epochs} loss {loss_value:.3f} {rate:,.0f} img/s{loop.last_acc}")
+    if loop.teacher_cache is not None and distributed.info().is_main:
+        loop.teacher_cache.commit(epoch)  # atomic; never raises: a failed write only warns
+        for w in loop.teacher_cache.pop_warnings():
+            console.print(f"[yellow]warning:[/] {w}")
     return n_epoch, loss_sum
 
 
@@ -441,18 +451,21 @@ def _end_of_epoch(loop: _Loop, epoch: int, n_epoch: int, loss_sum: float, t_epoc
 
 def train_step(task: TrainTask, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, amp: torch.dtype | None, clip_grad: float | None = None,
-               before_update: Callable[[], None] | None = None):
+               before_update: Callable[[], None] | None = None, teacher: tuple | None = None):
     """One optimisation step with a NaN/Inf guard.
 
     The guard is the step's only host read: the loss and the global gradient norm come
     back together in one transfer, and a non-finite value skips the update, so a bad
     batch never reaches the weights. (With fp16 the GradScaler also skips inf steps.)
 
+    `teacher`: (cache, epoch, sample indices) to take the teacher's logits from the teacher cache.
+
     Returns:
         (StepOutput, loss value, finite)
     """
     with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        out = task(images, labels)  # `task` may be DDP-wrapped: its backward all-reduces the gradients
+        t = getattr(task, "module", task).cached_teacher_logits(images, *teacher) if teacher else None
+        out = task(images, labels, t) if t is not None else task(images, labels)  # (DDP: backward all-reduces)
     scaler.scale(out.loss).backward()
     if before_update:
         before_update()

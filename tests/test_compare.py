@@ -460,3 +460,19 @@ def test_cli_options_reach_the_config(monkeypatch, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     cfg, resume = seen[-1]
     assert resume and (cfg.student, cfg.epochs, cfg.device, cfg.out) == ("resnet18", 7, "cpu", str(saved))
+
+
+def test_compare_teacher_cache_is_shared_and_changes_nothing(tmp_path: Path, monkeypatch) -> None:
+    """Methods and rates of one seed read one set of teacher outputs; the students are bitwise those without it."""
+    monkeypatch.chdir(tmp_path)
+    base = dict(methods=("kd", "spofa"), lrs=(0.01, 0.02), epochs=1)
+    cached = cmp.run_compare(_tiny(tmp_path / "with", **base))
+    plain = cmp.run_compare(_tiny(tmp_path / "without", teacher_cache=False, **base))
+    manifests = list((tmp_path / "with" / cmp.TEACHER_CACHE).glob("*/manifest.json"))
+    assert len(manifests) == 1  # 4 distillation runs, one key: the teacher ran for the first only
+    assert not (tmp_path / "without" / cmp.TEACHER_CACHE).exists()
+    for r in cached.report["runs"]:
+        a = (Path(r["run_dir"]) / "student.safetensors").read_bytes()
+        b = (tmp_path / "without" / r["name"] / "student.safetensors").read_bytes()
+        assert a == b, r["name"]
+    assert [r["final_top1"] for r in cached.report["runs"]] == [r["final_top1"] for r in plain.report["runs"]]

@@ -518,3 +518,28 @@ def test_teacher_stage_has_no_label_smoothing_and_records_its_soft_target_entrop
     uniform = soft_target_entropy(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10)).requires_grad_(False).apply(
         lambda m: isinstance(m, torch.nn.Linear) and (m.weight.zero_(), m.bias.zero_())), splits.train, 4.0, n=8)
     assert uniform["entropy_nats"] == pytest.approx(math.log(10), abs=1e-4)  # constant logits: maximum entropy
+
+
+# ---------------------------------------------------------------- the teacher-output cache
+
+def test_exact_teacher_cache_gives_bitwise_the_same_student(tmp_path: Path, shrink_val, monkeypatch) -> None:
+    """With an exact (fp32) cache a CPU run trains bitwise the same student, cold or warm; warm, the teacher never runs."""
+    teacher = _teacher_file(tmp_path / "t" / "teacher.safetensors")
+    t = TeacherOptions(name="test_vit", checkpoint=str(teacher))
+    common = dict(data="digits", method="spofa", train_fraction=0.1, train=_cfg(epochs=2, batch_size=48, lr=3e-3))
+    plain = distill("test_resnet", t, out=tmp_path / "plain", **common)
+    cache = dict(teacher_cache=tmp_path / "cache", teacher_cache_format="fp32")
+    cold = distill("test_resnet", t, out=tmp_path / "cold", **cache, **common)
+    assert len(list((tmp_path / "cache").glob("*/epoch-*.bin"))) == 2  # one record per epoch
+    calls = []
+    real = OFA.teacher_logits
+    monkeypatch.setattr(OFA, "teacher_logits", lambda self, x, t=None: calls.append(t is None) or real(self, x, t))
+    warm = distill("test_resnet", t, out=tmp_path / "warm", **cache, **common)
+    assert not any(calls)  # every training view came from the cache (True would mean the teacher ran)
+    ref = (plain.run_dir / "student.safetensors").read_bytes()
+    assert (cold.run_dir / "student.safetensors").read_bytes() == ref
+    assert (warm.run_dir / "student.safetensors").read_bytes() == ref
+    # Another seed is another key: a miss, never a reuse.
+    other = distill("test_resnet", t, out=tmp_path / "seed1", **cache,
+                    **{**common, "train": _cfg(epochs=1, batch_size=48, lr=3e-3, seed=1)})
+    assert other.fit.epochs_run == 1 and len(list((tmp_path / "cache").glob("*/manifest.json"))) == 2
