@@ -17,8 +17,8 @@ def compare(
     teacher: Annotated[_Str, typer.Option("--teacher", help="Teacher: alias (vit_b, vit_s, deit_t, swin_t) or any timm name (default: vit_b).")] = None,
     student: Annotated[_Str, typer.Option("--student", help="Student: alias (mobilenetv3, mobilenetv2, resnet18) or any timm CNN (default: mobilenetv3).")] = None,
     data: Annotated[_Str, typer.Option("--data", help="digits | cifar10[:DIR] | cifar100[:DIR] | imagefolder:DIR (default: digits).")] = None,
-    methods: Annotated[_Str, typer.Option("--methods", help="Comma list of none, kd, ofa, spofa, spofa-nomema, spofa-nobeta (spofa-noln = ofa) (default: none,kd,ofa,spofa).")] = None,
-    ablations: Annotated[bool, typer.Option("--ablations", help="Add the SPOFA ablations: spofa-nomema, spofa-nobeta, ofa (= spofa without the LayerNorm).")] = False,
+    methods: Annotated[_Str, typer.Option("--methods", help="Comma list of none, kd, ofa, spofa, spofa-nomema, spofa-nobeta, spofa-damp, spofa-m0.9 (spofa-noln = ofa) (default: none,kd,ofa,spofa).")] = None,
+    ablations: Annotated[bool, typer.Option("--ablations", help="Add the SPOFA ablations: spofa-nomema, spofa-nobeta, spofa-damp (alpha <= 1), spofa-m0.9 (MEMA momentum 0.9), ofa (= spofa without the LayerNorm).")] = False,
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Number of seeds (0..N-1) per method and rate (default: 3).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs of every run (default: 25).")] = None,
     lr_sweep: Annotated[_Str, typer.Option("--lr-sweep", help="Peak learning rates, comma separated (default: 0.005,0.02,0.1 (SGD); the last one is fragile on purpose).")] = None,
@@ -26,7 +26,13 @@ def compare(
     img_size: o.ImgSize = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size (default: 16).")] = None,
     opt: Annotated[_Str, typer.Option("--opt", help="sgd | adamw (default: sgd, as spofa distill).")] = None,
-    feat_weight: Annotated[Optional[float], typer.Option("--feat-weight", help="l_ofa of ofa/spofa, the same for both (default: 1.0).")] = None,
+    weight_decay: o.WeightDecay = None,
+    gt_weight: o.GtWeight = None, kd_weight: o.KdWeight = None, feat_weight: o.FeatWeight = None, eps: o.Eps = None,
+    stage_eps: o.StageEps = None, temperature: o.Temperature = None, kd_temperature: o.KdTemperature = None,
+    label_smoothing: o.LabelSmoothing = None, mema: o.Mema = None, sample_weights: o.SampleWeights = None,
+    momentum: o.Momentum = None, lambda_feat: o.LambdaFeat = None, lambda_out: o.LambdaOut = None,
+    alpha_max: o.AlphaMax = None,
+    teacher_cache: Annotated[bool, typer.Option("--teacher-cache/--no-teacher-cache", help="Compute each teacher output once per seed and read it back in the other runs (exact: the same results).")] = True,
     clip_grad: o.ClipGrad = None,
     amp: Annotated[_Str, typer.Option("--amp", help="auto | bf16 | fp16 | off (default: auto).")] = None,
     teacher_ckpt: Annotated[Optional[Path], typer.Option("--teacher-ckpt", help="A teacher.safetensors to use (default: the teacher trained earlier for this data, else train it once).")] = None,
@@ -42,20 +48,28 @@ def compare(
     """Train none / kd / ofa / spofa (and ablations) the same way and report accuracy and stability side by side."""
     from rich.console import Console
 
-    from spofa_deploy.compare import CompareConfig, parse_lrs, parse_methods, resume_config, run_compare, summary_table
+    from spofa_deploy.compare import CompareConfig, parse_lrs, parse_methods, resume_config, run_compare
+
+    from dataclasses import replace
 
     o.use_threads(threads)  # the runs train in this process
+    loss = {"gt_weight": gt_weight, "kd_weight": kd_weight, "feat_weight": feat_weight, "eps": eps, "stage_eps": stage_eps,
+            "temperature": temperature, "kd_temperature": kd_temperature, "label_smoothing": label_smoothing,
+            "mema": mema, "sample_weights": sample_weights, "momentum": momentum, "lambda_feat": lambda_feat,
+            "lambda_out": lambda_out, "alpha_max": alpha_max}
+    loss_given = {k: v for k, v in vars(o.loss_config(**loss)).items() if loss.get(k) is not None}
     given = {"teacher": teacher, "student": student, "data": data, "seeds": seeds, "epochs": epochs,
              "methods": tuple(parse_methods(methods)) if methods else None,
              "lrs": parse_lrs(lr_sweep) if lr_sweep else None, "train_fraction": train_fraction, "img_size": img_size,
-             "batch_size": batch_size, "optimizer": opt, "feat_weight": feat_weight, "clip_grad": clip_grad, "amp": amp,
+             "batch_size": batch_size, "optimizer": opt, "weight_decay": weight_decay, "clip_grad": clip_grad, "amp": amp,
              "teacher_ckpt": str(teacher_ckpt) if teacher_ckpt else None, "teacher_epochs": teacher_epochs,
              "teacher_pretrained": None if pretrained else False, "device": device, "workers": workers,
-             "download": download or None}
-    if resume:
+             "download": download or None, "teacher_cache": None if teacher_cache else False}
+    if resume:  # the saved settings; a loss flag given that differs is refused by run_compare
         cfg = resume_config(out, **given)
     else:
         cfg = CompareConfig(**{k: v for k, v in given.items() if v is not None}, out=str(out) if out else None)
+    cfg.loss = replace(cfg.loss, **loss_given)
     if ablations:
         cfg.methods = tuple(parse_methods(cfg.methods, ablations=True))
     result = run_compare(cfg, resume=resume)
@@ -63,3 +77,28 @@ def compare(
     typer.echo(f"report: {result.out / 'report.md'} and report.json"
                + (f"; plots: {', '.join(p.name for p in result.plots)}" if result.plots else ""))
     typer.echo(f"{result.runs_done} runs trained now, {result.runs_skipped} finished earlier")
+
+
+
+def summary_table(report: dict):
+    """A compact rich table per (method, lr) that fits 80 columns: final top-1 as mean±std over seeds, the rest
+    as means (best epochs and the other figures are in report.md)."""
+    from rich import box
+    from rich.table import Table
+
+    from spofa_deploy.compare_report import fmt_num, fmt_pm
+
+    mean = lambda st, d=1: fmt_num(st["mean"], d)  # noqa: E731
+    t = Table(title=f"spofa compare: {report['title']}\n{len(report['seeds'])} seeds, {report['config']['epochs']} epochs, "
+                    f"{report['data']['train_images']} train images; top-1 %: mean±std over seeds, others: means",
+              box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("method", "lr", "div.", "top-1", "EMA", "CE spk", "CE peak", "cos"):
+        t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True, min_width=4)
+    for g in report["per_method_lr"]:
+        div = f"{g['diverged']}/{g['runs']}"
+        t.add_row(g["method"], f"{g['lr']:g}", f"[red]{div}[/]" if g["diverged"] else div,
+                  fmt_pm(g["final_top1"]).replace(" ± ", "±"), mean(g["final_ema_top1"]),
+                  mean(g["ce_spikes"]), mean(g["ce_peak_ratio"]), mean(g["grad_cos_mean"], 2))
+    t.caption = ("div.: diverged runs (NaN/Inf or collapse to chance); CE spk: CE spikes per run; CE peak: largest "
+                 "CE loss / first; cos: CE-vs-distillation gradient cosine")
+    return t

@@ -46,15 +46,19 @@ def teacher(
     clip_grad: o.ClipGrad = None,
     skip_corrupt: Annotated[bool, typer.Option(help="Skip unreadable images (with a warning) instead of failing.")] = False,
     threads: o.Threads = None,
+    weight_decay: o.WeightDecay = None,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of the teacher's CE (0: soft targets that teach).")] = 0.0,
 ) -> None:
     """Train / fine-tune the teacher on the data (teacher.safetensors + teacher.json)."""
     from spofa_deploy.pipeline import TeacherOptions, train_teacher
 
     o.use_threads(threads)
 
-    opts = TeacherOptions(name=teacher, weights=str(teacher_weights) if teacher_weights else None, pretrained=pretrained)
+    opts = TeacherOptions(name=teacher, weights=str(teacher_weights) if teacher_weights else None, pretrained=pretrained,
+                          label_smoothing=label_smoothing)
     opts.train = _train_config(opts.train, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=opt, device=device,
-                               amp=amp, seed=seed, workers=workers, on_nan=on_nan, clip_grad=clip_grad)
+                               amp=amp, seed=seed, workers=workers, on_nan=on_nan, clip_grad=clip_grad,
+                               weight_decay=weight_decay)
     path = train_teacher(opts, data, img_size, out=out, resume=resume, download=download, skip_corrupt=skip_corrupt)
     typer.echo(str(path))
 
@@ -75,19 +79,17 @@ def distill(
     device: o.Device = "auto", amp: o.Amp = "auto", out: o.Out = None, resume: o.Resume = False,
     seed: o.Seed = 0, workers: o.Workers = None, download: o.Download = False, on_nan: o.OnNan = "stop",
     clip_grad: o.ClipGrad = None,
-    gt_weight: Annotated[float, typer.Option(help="Weight of the CE loss (l_gt).")] = 1.0,
-    kd_weight: Annotated[float, typer.Option(help="Weight of the final-logit distillation loss (l_kd).")] = 1.0,
-    feat_weight: Annotated[float, typer.Option(help="Weight of the stage-head losses (l_ofa); 0.1 can steady MobileNets.")] = 1.0,
-    eps: Annotated[float, typer.Option(help="OFA target-enhancement exponent on the final logits.")] = 1.0,
-    stage_eps: Annotated[str, typer.Option(help="Per-stage eps, comma separated (4 values).")] = "1,1,1,1",
-    temperature: Annotated[float, typer.Option(help="OFA temperature tau.")] = 1.0,
-    kd_temperature: Annotated[float, typer.Option(help="Temperature of --method kd.")] = 4.0,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the CE term.")] = 0.0,
-    mema: Annotated[bool, typer.Option("--mema/--no-mema", help="MEMA dynamic scaler (spofa); --no-mema for the ablation.")] = True,
-    sample_weights: Annotated[bool, typer.Option("--sample-weights/--no-sample-weights", help="MEMA output-level weights beta_i.")] = True,
-    momentum: Annotated[float, typer.Option(help="MEMA momentum m.")] = 0.99,
-    lambda_feat: Annotated[float, typer.Option(help="MEMA feature-level scale lambda_f.")] = 5.0,
-    lambda_out: Annotated[float, typer.Option(help="MEMA output-level scale lambda_o.")] = 2.0,
+    weight_decay: o.WeightDecay = None,
+    gt_weight: o.GtWeight = None, kd_weight: o.KdWeight = None, feat_weight: o.FeatWeight = None, eps: o.Eps = None,
+    stage_eps: o.StageEps = None, temperature: o.Temperature = None, kd_temperature: o.KdTemperature = None,
+    label_smoothing: o.LabelSmoothing = None, mema: o.Mema = None, sample_weights: o.SampleWeights = None,
+    momentum: o.Momentum = None, lambda_feat: o.LambdaFeat = None, lambda_out: o.LambdaOut = None,
+    alpha_max: o.AlphaMax = None,
+    teacher_label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the teacher stage, if it runs (0: soft targets that teach).")] = 0.0,
+    teacher_cache: Annotated[Optional[Path], typer.Option("--teacher-cache", metavar="DIR", help="Store the teacher's logits of every training view here once; later runs with the same teacher, data, size and seed read them instead of running the teacher.")] = None,
+    teacher_cache_max_gb: Annotated[Optional[float], typer.Option("--teacher-cache-max-gb", help="Bound on the teacher cache folder (GB).")] = None,
+    teacher_cache_format: Annotated[Optional[str], typer.Option("--teacher-cache-format", help="fp32 (exact) | fp16 | topk [default: fp16, top-50 beyond 100 classes at temperature 1].")] = None,
+    gpu_decode: Annotated[bool, typer.Option("--gpu-decode", help="Decode and augment training JPEGs on the GPU (nvJPEG): for image folders whose loader cannot keep up (benchmarks/loader.py).")] = False,
     train_fraction: Annotated[float, typer.Option(help="Train on this stratified fraction of the training split.")] = 1.0,
     skip_corrupt: Annotated[bool, typer.Option(help="Skip unreadable images (with a warning) instead of failing.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this node: re-launches through torchrun.")] = 1,
@@ -102,26 +104,28 @@ def distill(
         argv = sys.argv[1:]
         i = argv.index("--nproc")
         raise SystemExit(relaunch_with_torchrun(nproc, argv[:i] + argv[i + 2:]))
-    from spofa_deploy.distillers import DistillConfig
     from spofa_deploy.errors import UserError
     from spofa_deploy.pipeline import TeacherOptions, distill as run_distill
     from spofa_deploy.train import TrainConfig
 
     o.use_threads(threads)
-    try:
-        seps = tuple(float(v) for v in stage_eps.split(","))
-    except ValueError:
-        raise UserError(f"--stage-eps must be comma-separated numbers, got '{stage_eps}'") from None
+    if gpu_decode and device.strip().lower() == "cpu":
+        raise UserError("--gpu-decode decodes on the GPU: it cannot run with --device cpu")
     topts = TeacherOptions(name=teacher, checkpoint=str(teacher_ckpt) if teacher_ckpt else None,
-                           weights=str(teacher_weights) if teacher_weights else None, pretrained=pretrained)
+                           weights=str(teacher_weights) if teacher_weights else None, pretrained=pretrained,
+                           label_smoothing=teacher_label_smoothing)
     common = dict(device=device, amp=amp, seed=seed, workers=workers, on_nan=on_nan, clip_grad=clip_grad)
     topts.train = _train_config(topts.train, epochs=teacher_epochs, batch_size=teacher_batch_size, **common)
-    tcfg = _train_config(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, optimizer=opt, **common)
-    lcfg = DistillConfig(method=method, gt_weight=gt_weight, kd_weight=kd_weight, feat_weight=feat_weight, eps=eps,
-                         stage_eps=seps, temperature=temperature, kd_temperature=kd_temperature,
-                         label_smoothing=label_smoothing, mema=mema, sample_weights=sample_weights,
-                         momentum=momentum, lambda_feat=lambda_feat, lambda_out=lambda_out)
-    r = run_distill(student, topts, data, method, img_size, lcfg, tcfg, out, resume, download, train_fraction, skip_corrupt)
+    tcfg = _train_config(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, optimizer=opt,
+                         weight_decay=weight_decay, **common)
+    lcfg = o.loss_config(method, gt_weight=gt_weight, kd_weight=kd_weight, feat_weight=feat_weight, eps=eps,
+                         stage_eps=stage_eps, temperature=temperature, kd_temperature=kd_temperature,
+                         label_smoothing=label_smoothing, mema=mema, sample_weights=sample_weights, momentum=momentum,
+                         lambda_feat=lambda_feat, lambda_out=lambda_out, alpha_max=alpha_max)
+    r = run_distill(student, topts, data=data, method=method, img_size=img_size, loss=lcfg, train=tcfg, out=out,
+                    resume=resume, download=download, train_fraction=train_fraction, skip_corrupt=skip_corrupt,
+                    teacher_cache=teacher_cache, teacher_cache_max_gb=teacher_cache_max_gb,
+                    teacher_cache_format=teacher_cache_format, gpu_decode=gpu_decode)
     from spofa_deploy.distributed import info
 
     if info().is_main:

@@ -41,3 +41,35 @@ def use_threads(n: int | None) -> None:
     advice = apply_threads(n)
     if advice and os.environ.get("RANK", "0") == "0":  # once, not per torchrun rank
         console.print(f"[yellow]warning:[/] {escape(advice)}")
+WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay of the optimizer (default: 0.05 student, 0.05 teacher).")]
+
+# Distillation settings (DistillConfig), declared once for `spofa distill` and `spofa compare`.
+GtWeight = Annotated[Optional[float], typer.Option("--gt-weight", help="Weight of the CE loss (l_gt) [default: 1].")]
+KdWeight = Annotated[Optional[float], typer.Option("--kd-weight", help="Weight of the final-logit distillation loss (l_kd) [default: 1].")]
+FeatWeight = Annotated[Optional[float], typer.Option("--feat-weight", help="Weight of the stage-head losses (l_ofa) [default: 1]; 0.1 can steady MobileNets.")]
+Eps = Annotated[Optional[float], typer.Option("--eps", help="OFA target-enhancement exponent on the final logits [default: 1].")]
+StageEps = Annotated[Optional[str], typer.Option("--stage-eps", help="Per-stage eps, comma separated (4 values) [default: 1,1,1,1].")]
+Temperature = Annotated[Optional[float], typer.Option("--temperature", help="OFA temperature tau [default: 1].")]
+KdTemperature = Annotated[Optional[float], typer.Option("--kd-temperature", help="Temperature of --method kd [default: 4].")]
+LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing of the student's CE term [default: 0].")]
+Mema = Annotated[Optional[bool], typer.Option("--mema/--no-mema", help="MEMA dynamic scaler (spofa); --no-mema for the ablation [default: on].", show_default=False)]
+SampleWeights = Annotated[Optional[bool], typer.Option("--sample-weights/--no-sample-weights", help="MEMA output-level weights beta_i [default: on].", show_default=False)]
+Momentum = Annotated[Optional[float], typer.Option("--momentum", help="MEMA momentum m [default: 0.99].")]
+LambdaFeat = Annotated[Optional[float], typer.Option("--lambda-feat", help="MEMA feature-level scale lambda_f [default: 5].")]
+LambdaOut = Annotated[Optional[float], typer.Option("--lambda-out", help="MEMA output-level scale lambda_o [default: 2].")]
+AlphaMax = Annotated[Optional[float], typer.Option("--alpha-max", help="Upper clip of MEMA's stage weights [default: 2, the paper's]; 1 damps only.")]
+
+
+def loss_config(method: str = "spofa", **given):
+    """A DistillConfig from the loss options the user gave (None: the default); `stage_eps` parsed from "1,1,1,1"."""
+    from spofa_deploy.distillers import DistillConfig
+    from spofa_deploy.errors import UserError
+
+    given = {k: v for k, v in given.items() if v is not None}
+    if "stage_eps" in given:
+        try:
+            given["stage_eps"] = tuple(float(v) for v in given["stage_eps"].split(","))
+        except ValueError:
+            raise UserError(f"--stage-eps must be comma-separated numbers, got '{given['stage_eps']}'") from None
+    return DistillConfig(method=method, **given)
+

@@ -34,7 +34,7 @@ from .console import console
 from .data import load_splits, parse_data_spec
 from .distillers import DistillConfig
 from .errors import TrainingDiverged, UserError
-from .compare_report import _fmt_secs, summary_table, write_report  # noqa: F401 (summary_table: the CLI's)
+from .compare_report import _fmt_secs, write_report
 from .pipeline import STUDENT_FILE, TeacherOptions, distill, find_teacher
 from .stability import accuracy_figures, read_metrics, read_trace, stability
 from .train import CHECKPOINT, METRICS, TRACE, TrainConfig
@@ -70,7 +70,7 @@ DEFAULT_LRS = (0.005, 0.02, 0.1)
 
 # Settings that change the numbers: a resumed compare must keep them.
 RESULT_FIELDS = ("teacher", "student", "data", "img_size", "epochs", "batch_size", "train_fraction", "optimizer",
-                 "weight_decay", "warmup_epochs", "feat_weight", "amp", "log_every", "on_nan", "clip_grad")
+                 "weight_decay", "warmup_epochs", "loss", "amp", "log_every", "on_nan", "clip_grad")
 
 
 @dataclass
@@ -90,7 +90,9 @@ class CompareConfig:
     optimizer: str = "sgd"
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
-    feat_weight: float = 1.0
+    # Distillation settings shared by every method (each variant changes only its own fields): the
+    # same DistillConfig `spofa distill` takes, so every distill flag has its compare twin.
+    loss: DistillConfig = field(default_factory=DistillConfig)
     amp: str = "auto"
     log_every: int = 1  # every step in the trace, so no spike is missed
     on_nan: str = "stop"
@@ -174,9 +176,11 @@ def latest_compare(root: str | Path = RUNS_DIR) -> Path:
 
 def load_config(out: str | Path) -> CompareConfig:
     """The settings a compare folder was started with."""
-    saved = read_json(Path(out) / COMPARE)["config"]
+    saved = dict(read_json(Path(out) / COMPARE)["config"])
     names = {f.name for f in fields(CompareConfig)}
+    loss = saved.pop("loss", None) or {"feat_weight": saved.get("feat_weight", 1.0)}  # (compares before 0.2)
     cfg = CompareConfig(**{k: v for k, v in saved.items() if k in names})
+    cfg.loss = DistillConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in loss.items()})
     cfg.methods, cfg.lrs = tuple(cfg.methods), tuple(cfg.lrs)
     return cfg
 
@@ -191,6 +195,13 @@ def resume_config(out: str | Path | None, **explicit) -> CompareConfig:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The compare
+
+def _plain(v):
+    """JSON's view of a value (tuples as lists), to compare saved settings with current ones."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
 
 def ensure_teacher(cfg: CompareConfig, img_size: int) -> Path:
     """The one teacher of the compare, through distill's resolver and with the teacher recipe."""
@@ -209,7 +220,7 @@ def _train_config(cfg: CompareConfig, lr: float, seed: int) -> TrainConfig:
 
 def _loss_config(cfg: CompareConfig, method: str) -> DistillConfig:
     base, overrides = VARIANTS[method]
-    return DistillConfig(method=base, feat_weight=cfg.feat_weight, **overrides)
+    return replace(cfg.loss, method=base, **overrides)
 
 
 def run_record(run_dir: Path, method: str, lr: float, seed: int, num_classes: int, *, stopped: bool = False,
@@ -279,8 +290,9 @@ def run_compare(cfg: CompareConfig, resume: bool = False) -> CompareResult:
     if resume and saved is None:
         raise UserError(f"--resume: {out} is not a compare folder (no {COMPARE})")
     if saved:
-        diff = [f"{k}: {saved['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in RESULT_FIELDS
-                if saved["config"].get(k) != getattr(cfg, k)]
+        now = asdict(cfg)
+        diff = [f"{k}: {saved['config'].get(k)!r} -> {now[k]!r}" for k in RESULT_FIELDS
+                if _plain(saved["config"].get(k)) != _plain(now[k])]
         if diff:
             raise UserError(f"--resume with other settings than {out / COMPARE} ({'; '.join(diff)}): "
                             "start a new compare with another --out")
@@ -330,7 +342,7 @@ def run_compare(cfg: CompareConfig, resume: bool = False) -> CompareResult:
         stopped, error, t_run = False, None, time.perf_counter()
         calls += 1
         try:
-            distill(cfg.student, teacher, cfg.data, VARIANTS[m][0], img_size, loss=_loss_config(cfg, m),
+            distill(cfg.student, teacher, data=cfg.data, method=VARIANTS[m][0], img_size=img_size, loss=_loss_config(cfg, m),
                     train=_train_config(cfg, lr, s), out=run_dir, resume=resumed, download=cfg.download,
                     train_fraction=cfg.train_fraction, latest=False,
                     teacher_cache=out / TEACHER_CACHE if cfg.teacher_cache else None, teacher_cache_format="fp32")

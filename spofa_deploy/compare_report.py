@@ -173,15 +173,15 @@ def paired_comparisons(runs: Sequence[dict], methods: Sequence[str], lrs: Sequen
 # ---------------------------------------------------------------------------------------------------------------------
 # Report
 
-def _num(x: float | None, digits: int = 1) -> str:
+def fmt_num(x: float | None, digits: int = 1) -> str:
     """Fixed point, or scientific for the huge loss ratios of runs that blew up."""
     return "-" if x is None else f"{x:.{digits}f}" if abs(x) < 1e5 else f"{x:.2e}"
 
 
-def _pm(s: dict, digits: int = 1) -> str:
+def fmt_pm(s: dict, digits: int = 1) -> str:
     if s["mean"] is None:
         return "-"
-    return _num(s["mean"], digits) + (f" ± {_num(s['std'], digits)}" if s["std"] is not None else "")
+    return fmt_num(s["mean"], digits) + (f" ± {fmt_num(s['std'], digits)}" if s["std"] is not None else "")
 
 
 def _div(g: dict) -> str:
@@ -236,14 +236,14 @@ def _md_table(cols: Sequence[tuple[str, Callable[[dict], str]]], rows: Iterable[
 # Columns of the report's tables: per method (pooled over rates), per method and rate, per run.
 _METHOD_COLS = [
     ("method", lambda g: g["method"]), ("runs", lambda g: str(g["runs"])), ("diverged (NaN/Inf, collapse)", _div),
-    ("final top-1", lambda g: _pm(g["final_top1"])), ("best top-1", lambda g: _pm(g["best_top1"])),
-    ("final EMA", lambda g: _pm(g["final_ema_top1"])), ("best EMA", lambda g: _pm(g["best_ema_top1"])),
+    ("final top-1", lambda g: fmt_pm(g["final_top1"])), ("best top-1", lambda g: fmt_pm(g["best_top1"])),
+    ("final EMA", lambda g: fmt_pm(g["final_ema_top1"])), ("best EMA", lambda g: fmt_pm(g["best_ema_top1"])),
     ("worst-rate top-1", lambda g: f"{_g(g['worst_lr_final_top1'], '.1f')} (lr {g['worst_lr']:g})"),
 ]
 _BEST_COLS = [
     ("method", lambda g: g["method"]), ("best lr", lambda g: f"{g['lr']:g}"), ("runs", lambda g: str(g["runs"])),
-    ("diverged (NaN/Inf, collapse)", _div), ("final top-1", lambda g: _pm(g["final_top1"])),
-    ("best top-1", lambda g: _pm(g["best_top1"])), ("final EMA", lambda g: _pm(g["final_ema_top1"])),
+    ("diverged (NaN/Inf, collapse)", _div), ("final top-1", lambda g: fmt_pm(g["final_top1"])),
+    ("best top-1", lambda g: fmt_pm(g["best_top1"])), ("final EMA", lambda g: fmt_pm(g["final_ema_top1"])),
 ]
 _PAIRED_COLS = [
     ("method", lambda p: p["method"]), ("vs", lambda p: p["baseline"]),
@@ -255,14 +255,14 @@ _PAIRED_COLS = [
 ]
 _METHOD_LR_COLS = [
     ("method", lambda g: g["method"]), ("lr", lambda g: f"{g['lr']:g}"), ("runs", lambda g: str(g["runs"])),
-    ("diverged (NaN/Inf, collapse)", _div), ("final top-1", lambda g: _pm(g["final_top1"])),
-    ("best top-1", lambda g: _pm(g["best_top1"])), ("final EMA", lambda g: _pm(g["final_ema_top1"])),
-    ("best EMA", lambda g: _pm(g["best_ema_top1"])), ("loss var (tail)", lambda g: _pm(g["loss_var_tail"], 4)),
+    ("diverged (NaN/Inf, collapse)", _div), ("final top-1", lambda g: fmt_pm(g["final_top1"])),
+    ("best top-1", lambda g: fmt_pm(g["best_top1"])), ("final EMA", lambda g: fmt_pm(g["final_ema_top1"])),
+    ("best EMA", lambda g: fmt_pm(g["best_ema_top1"])), ("loss var (tail)", lambda g: fmt_pm(g["loss_var_tail"], 4)),
 ]
 _GROUP_COLS = [
-    ("spikes/run", lambda g: _pm(g["loss_spikes"])), ("CE spikes/run", lambda g: _pm(g["ce_spikes"])),
-    ("CE peak/first", lambda g: _pm(g["ce_peak_ratio"])), ("CE var (tail)", lambda g: _pm(g["ce_var_tail"], 4)),
-    ("grad cos", lambda g: _pm(g["grad_cos_mean"], 2)), ("s/run", lambda g: _g(g["wall_s"]["mean"], ".0f")),
+    ("spikes/run", lambda g: fmt_pm(g["loss_spikes"])), ("CE spikes/run", lambda g: fmt_pm(g["ce_spikes"])),
+    ("CE peak/first", lambda g: fmt_pm(g["ce_peak_ratio"])), ("CE var (tail)", lambda g: fmt_pm(g["ce_var_tail"], 4)),
+    ("grad cos", lambda g: fmt_pm(g["grad_cos_mean"], 2)), ("s/run", lambda g: _g(g["wall_s"]["mean"], ".0f")),
     ("img/s", lambda g: _g(g["img_per_s"]["mean"], ",.0f")),
 ]
 _RUN_COLS = [
@@ -270,7 +270,7 @@ _RUN_COLS = [
     ("final top-1", lambda r: _g(r["final_top1"], ".2f")), ("best top-1", lambda r: _g(r["best_top1"], ".2f")),
     ("final EMA", lambda r: _g(r["final_ema_top1"], ".2f")), ("best EMA", lambda r: _g(r["best_ema_top1"], ".2f")),
     ("spikes", lambda r: str(r["stability"]["loss_spikes"])), ("CE spikes", lambda r: _g(r["stability"].get("ce_spikes"), "d")),
-    ("CE peak/first", lambda r: _num(r["stability"].get("ce_peak_ratio"))),
+    ("CE peak/first", lambda r: fmt_num(r["stability"].get("ce_peak_ratio"))),
     ("diverged", lambda r: ", ".join(r["stability"]["divergence"]) or "no"),
     ("loss var", lambda r: _g(r["stability"]["loss_var_tail"], ".3g")), ("CE var", lambda r: _g(r["stability"]["ce_var_tail"], ".3g")),
     ("grad cos", lambda r: _g(r["stability"]["grad_cos_mean"], ".2f")), ("wall s", lambda r: _g(r.get("wall_s"), ".0f")),
@@ -291,7 +291,7 @@ def render_markdown(report: dict) -> str:
         f"{d['val_images']} validation images, {d['num_classes']} classes (chance {100 / d['num_classes']:.1f}%)",
         f"- {c['epochs']} epochs, batch {c['batch_size']}, {c['optimizer']} (weight decay {c['weight_decay']:g}), "
         f"warm-up {c['warmup_epochs']:g} epoch then cosine, peak rates {', '.join(f'{x:g}' for x in c['lrs'])}, "
-        f"seeds {', '.join(map(str, report['seeds']))}, l_ofa {c['feat_weight']:g}, clip {c['clip_grad'] or 'none'}; "
+        f"seeds {', '.join(map(str, report['seeds']))}, l_ofa {c['loss']['feat_weight']:g}, KD T {c['loss']['kd_temperature']:g}, label smoothing {c['loss']['label_smoothing']:g}, clip {c['clip_grad'] or 'none'}; "
         "identical for every method",
         f"- machine: {m.get('gpu') or m['cpu']} ({m['device']}, {m['cpu_count']} cores), {m['platform']}; "
         f"total wall time {_fmt_secs(report['wall_s'])}",
@@ -366,29 +366,3 @@ def _machine(device: str) -> dict:
     if device != "cpu" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
-
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Terminal table
-
-def summary_table(report: dict):
-    """A compact rich table per (method, lr) that fits 80 columns: final top-1 as mean±std over seeds, the rest
-    as means (best epochs and the other figures are in report.md)."""
-    from rich import box
-    from rich.table import Table
-
-    mean = lambda st, d=1: _num(st["mean"], d)  # noqa: E731
-    t = Table(title=f"spofa compare: {report['title']}\n{len(report['seeds'])} seeds, {report['config']['epochs']} epochs, "
-                    f"{report['data']['train_images']} train images; top-1 %: mean±std over seeds, others: means",
-              box=box.SIMPLE_HEAD, padding=(0, 1))
-    for col in ("method", "lr", "div.", "top-1", "EMA", "CE spk", "CE peak", "cos"):
-        t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True, min_width=4)
-    for g in report["per_method_lr"]:
-        div = f"{g['diverged']}/{g['runs']}"
-        t.add_row(g["method"], f"{g['lr']:g}", f"[red]{div}[/]" if g["diverged"] else div,
-                  _pm(g["final_top1"]).replace(" ± ", "±"), mean(g["final_ema_top1"]),
-                  mean(g["ce_spikes"]), mean(g["ce_peak_ratio"]), mean(g["grad_cos_mean"], 2))
-    t.caption = ("div.: diverged runs (NaN/Inf or collapse to chance); CE spk: CE spikes per run; CE peak: largest "
-                 "CE loss / first; cos: CE-vs-distillation gradient cosine")
-    return t

@@ -73,9 +73,10 @@ def _model_meta(model, name: str, splits: Splits, img_size: int, cfg: dict, role
 
 
 def _splits(data: str, img_size: int, prep: dict, seed: int, download: bool, train_fraction: float = 1.0,
-            skip_corrupt: bool = False) -> Splits:
+            skip_corrupt: bool = False, decode_device: str | None = None) -> Splits:
     return load_splits(data, img_size, prep["mean"], prep["std"], prep["interpolation"], prep["crop_pct"],
-                       download=download, seed=seed, train_fraction=train_fraction, skip_corrupt=skip_corrupt)
+                       download=download, seed=seed, train_fraction=train_fraction, skip_corrupt=skip_corrupt,
+                       decode_device=decode_device)
 
 
 def train_teacher(opts: TeacherOptions, data: str = "digits", img_size: int | None = None,
@@ -241,12 +242,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None, data: str = "digits",
+def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None, *, data: str = "digits",
             method: str = "spofa", img_size: int | None = None, loss: DistillConfig | None = None,
             train: TrainConfig | None = None, out: str | Path | None = None, resume: bool = False,
             download: bool = False, train_fraction: float = 1.0, skip_corrupt: bool = False,
             latest: bool = True, hooks: Hooks | None = None, teacher_cache: str | Path | None = None,
-            teacher_cache_max_gb: float | None = None, teacher_cache_format: str | None = None) -> DistillResult:
+            teacher_cache_max_gb: float | None = None, teacher_cache_format: str | None = None,
+            gpu_decode: bool = False) -> DistillResult:
     """Distil `teacher` into `student` on `data` with `method`; see the module docstring for outputs.
 
     `teacher_cache` (a folder) stores the teacher's logits of every training view once and reads
@@ -290,7 +292,8 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
     if int(t_meta["img_size"]) != img_size:
         raise UserError(f"teacher {tpath} was trained at {t_meta['img_size']}px, not {img_size}px")
     prep = {k: t_meta[k] for k in ("mean", "std", "interpolation", "crop_pct")}
-    splits = _splits(data, img_size, prep, train.seed, download, train_fraction, skip_corrupt)
+    splits = _splits(data, img_size, prep, train.seed, download, train_fraction, skip_corrupt,
+                     decode_device=resolve_device(train.device).type if gpu_decode else None)
     if t_meta.get("classes") != splits.classes:
         raise UserError(f"teacher {tpath} has {t_meta['num_classes']} classes {t_meta.get('classes', [])[:5]}..., "
                         f"but {spec} has {splits.num_classes}: train a teacher on this data (`spofa teacher`)")

@@ -251,7 +251,7 @@ def test_tiny_compare_writes_the_report(tiny_compare) -> None:
     # Same schedule and seed for both methods; only the loss differs.
     trains = [c[1]["train"] for c in distill_calls.calls]
     assert trains[0] == trains[1] and trains[0].log_every == 1 and trains[0].lr == 0.01
-    assert [c[0][3] for c in distill_calls.calls] == ["none", "spofa"]
+    assert [c[1]["method"] for c in distill_calls.calls] == ["none", "spofa"]
     # Compare runs stay out of runs/latest (what `spofa export` and `spofa distill --resume` pick up).
     assert all(c[1]["latest"] is False for c in distill_calls.calls)
     assert not (root / "runs" / "latest").exists() and not (out / "latest").exists()
@@ -329,7 +329,7 @@ def test_resume_skips_finished_runs(tiny_compare, monkeypatch) -> None:
     third = cmp.run_compare(_tiny(out), resume=True)
     assert len(real.calls) == 1 and third.runs_done == 1 and third.runs_skipped == 1
     args, kwargs = real.calls[0]
-    assert args[3] == "spofa" and kwargs["resume"] is True and Path(kwargs["out"]).name == "spofa-lr0.01-seed0"
+    assert kwargs["method"] == "spofa" and kwargs["resume"] is True and Path(kwargs["out"]).name == "spofa-lr0.01-seed0"
     assert (out / "none-lr0.01-seed0" / cmp.DONE).stat().st_mtime_ns == mtime
     rec = json.loads((out / "spofa-lr0.01-seed0" / cmp.DONE).read_text())
     assert rec["resumed"] is True and rec["epochs_run"] == 1 and rec["status"] == "finished"
@@ -424,6 +424,7 @@ def test_cli_options_reach_the_config(monkeypatch, tmp_path: Path) -> None:
     import typer
     from typer.testing import CliRunner
 
+    from cli import cmd_compare
     from cli.cmd_compare import compare
     from spofa_deploy.artifacts import write_json
 
@@ -437,7 +438,7 @@ def test_cli_options_reach_the_config(monkeypatch, tmp_path: Path) -> None:
         return cmp.CompareResult(tmp_path, {}, 0, 0)
 
     monkeypatch.setattr(cmp, "run_compare", fake_run)
-    monkeypatch.setattr(cmp, "summary_table", lambda report: "table")
+    monkeypatch.setattr(cmd_compare, "summary_table", lambda report: "table")
     run = CliRunner().invoke
     r = run(app, ["compare"])
     assert r.exit_code == 0, r.output
