@@ -234,8 +234,20 @@ def run_record(run_dir: Path, method: str, lr: float, seed: int, num_classes: in
         saved = {"saved_top1": meta.get("top1"), "saved": meta.get("saved")}
     return {"name": run_dir.name, "method": method, "base_method": VARIANTS[method][0], "lr": lr, "seed": seed,
             "run_dir": str(run_dir), "status": "stopped" if stopped else "finished", "error": error,
-            "resumed": resumed, **acc, **saved, "wall_s": wall_s,
+            "resumed": resumed, **acc, **saved, "wall_s": wall_s, **_step_sizes(trace),
             "stability": stability(trace, metrics, num_classes, stopped=stopped)}
+
+
+def _step_sizes(trace: list[dict]) -> dict:
+    """Mean update norm and mean total / CE gradient-norm ratio over the measured steps: whether a method
+    wins or loses only by taking larger steps at the same nominal rate."""
+    def mean(key_fn):
+        v = [x for x in map(key_fn, trace) if x is not None and math.isfinite(x)]
+        return statistics.fmean(v) if v else None
+
+    return {"update_norm": mean(lambda r: r.get("update_norm")),
+            "grad_over_ce": mean(lambda r: r["gnorm_total"] / r["gnorm_ce"]
+                                 if r.get("gnorm_total") is not None and r.get("gnorm_ce") else None)}
 
 
 def _eta(done: dict[str, dict], remaining: list[tuple[str, float, int]]) -> float | None:

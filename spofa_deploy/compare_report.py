@@ -60,6 +60,8 @@ def _group(runs: Sequence[dict]) -> dict:
     for k in STAB_KEYS:
         out[k] = _stats(r["stability"].get(k) for r in (finished if k.endswith("_tail") else runs))
     out["loss_spikes_total"] = sum(r["stability"]["loss_spikes"] for r in runs)
+    out["update_norm"] = _stats(r.get("update_norm") for r in runs)
+    out["grad_over_ce"] = _stats(r.get("grad_over_ce") for r in runs)
     out["wall_s"] = _stats(r.get("wall_s") for r in runs)
     out["img_per_s"] = _stats(r.get("img_per_s") for r in runs)
     return out
@@ -101,6 +103,8 @@ DEFINITIONS = {
                   "to the end",
     "final_top1": "val top-1 of the model after the last epoch; best_top1: best epoch; ema: the EMA weights",
     "best rate": "per method, the rate of the sweep with the highest mean final top-1 over seeds",
+    "update norm": "mean over measured steps (every 10th) of the L2 norm of the student's parameter update; "
+                   "grad / CE grad: of the total gradient's norm on the student over the CE term's alone",
     "paired difference": "final top-1 of the method minus the baseline's on the same seed (same initialisation, "
                          "data subset and order); mean and a 95 % Student-t interval over seeds; significant when "
                          "the interval excludes zero (no correction for the number of comparisons)",
@@ -244,6 +248,7 @@ _BEST_COLS = [
     ("method", lambda g: g["method"]), ("best lr", lambda g: f"{g['lr']:g}"), ("runs", lambda g: str(g["runs"])),
     ("diverged (NaN/Inf, collapse)", _div), ("final top-1", lambda g: fmt_pm(g["final_top1"])),
     ("best top-1", lambda g: fmt_pm(g["best_top1"])), ("final EMA", lambda g: fmt_pm(g["final_ema_top1"])),
+    ("update norm", lambda g: fmt_pm(g["update_norm"], 3)), ("grad / CE grad", lambda g: fmt_pm(g["grad_over_ce"], 2)),
 ]
 _PAIRED_COLS = [
     ("method", lambda p: p["method"]), ("vs", lambda p: p["baseline"]),

@@ -46,9 +46,13 @@ class DistillConfig:
 
 @dataclass
 class StepOutput:
+    """What a task's forward returns. `terms` are the weighted loss terms that sum to `loss` (still in the
+    graph): the trainer measures each one's gradient norm on the student every few steps."""
+
     loss: torch.Tensor
     logits: torch.Tensor
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class TrainTask(nn.Module):
@@ -75,7 +79,7 @@ class Supervised(TrainTask):
     def forward(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits=None) -> StepOutput:
         logits = self.net(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-        return StepOutput(loss, logits, {"loss_gt": loss.detach()})
+        return StepOutput(loss, logits, {"loss_gt": loss.detach()}, {"ce": loss})
 
 
 class Distiller(TrainTask):
@@ -121,14 +125,15 @@ class KD(Distiller):
         t = self.teacher_logits(images, teacher_logits)
         z = self.net(images)
         loss_gt, loss_kd = self.ce(z, labels), kd_loss(z, t, c.kd_temperature)
-        loss = c.gt_weight * loss_gt + c.kd_weight * loss_kd
+        terms = {"ce": c.gt_weight * loss_gt, "kd": c.kd_weight * loss_kd}
+        loss = terms["ce"] + terms["kd"]
         # Diagnostic only: agreement of the CE and KD logit gradients (dKD/dz = T (q_s - q_t)).
         with torch.no_grad():
             zf = z.detach().float()
             g_gt = torch.softmax(zf, -1) - F.one_hot(labels, zf.shape[-1]).float()
             g_kd = torch.softmax(zf / c.kd_temperature, -1) - torch.softmax(t / c.kd_temperature, -1)
             cos = cosine_rows(g_gt, g_kd).mean()
-        return StepOutput(loss, z, {"loss_gt": loss_gt.detach(), "loss_kd": loss_kd.detach(), "grad_cos_mean": cos})
+        return StepOutput(loss, z, {"loss_gt": loss_gt.detach(), "loss_kd": loss_kd.detach(), "grad_cos_mean": cos}, terms)
 
 
 class OFA(Distiller):
@@ -181,13 +186,15 @@ class OFA(Distiller):
         stage_losses = torch.stack([ofa_loss(zk, t, hard, e, c.temperature) for zk, e in zip(stage_logits, c.stage_eps)])
         loss_feat = (alpha * stage_losses).sum()
 
+        terms = {"ce": c.gt_weight * loss_gt, "kd": c.kd_weight * loss_kd,
+                 **{f"stage{k}": c.feat_weight * alpha[k] * stage_losses[k] for k in range(len(stage_logits))}}
         loss = c.gt_weight * loss_gt + c.kd_weight * loss_kd + c.feat_weight * loss_feat
         stats.update(loss_gt=loss_gt.detach(), loss_kd=loss_kd.detach(), loss_feat=loss_feat.detach(),
                      grad_cos_mean=grad_cos.mean(), beta_mean=beta.mean(), beta_min=beta.min())
         for k in range(len(stage_logits)):
             stats[f"align_{k}"] = align[k]
             stats[f"alpha_{k}"] = alpha[k]
-        return StepOutput(loss, z, stats)
+        return StepOutput(loss, z, stats, terms)
 
 
 METHODS = ("spofa", "ofa", "kd", "none")

@@ -50,6 +50,9 @@ class TrainConfig:
     seed: int = 0
     workers: int | None = None
     log_every: int = 10  # trace rows (and host reads of the step statistics) every N steps
+    # Per-term gradient norms on the student (one extra backward per loss term) in the trace row
+    # every N steps; 0: off. Not under DDP (autograd.grad beside DDP's reducer).
+    grad_norms_every: int = 10
     on_nan: str = "stop"  # stop | skip
     max_nan_skips: int = 5  # consecutive skipped steps before giving up
     spike_factor: float = 100.0  # loss > factor x running mean is logged as a spike
@@ -203,6 +206,11 @@ class TraceWriter:
     def write(self, row: dict) -> None:
         new = self.fields is None
         self.fields = self.fields or list(row)
+        extra = [k for k in row if k not in self.fields]
+        if extra:  # a column that starts later (gradient norms every N logged steps): widen the file once
+            rows = list(csv.DictReader(io.StringIO(self.path.read_text()))) if self.path.exists() else []
+            self.fields += extra
+            self._rewrite(rows)
         with open(self.path, "a", newline="") as f:
             w = csv.DictWriter(f, self.fields, extrasaction="ignore")
             if new:
@@ -366,8 +374,10 @@ def _train_one_epoch(loop: _Loop, epoch: int, hooks: Hooks, advance: Callable[[s
         step = loop.step
         before = (lambda: hooks.before_update(step)) if hooks.before_update else None
         teacher = (loop.teacher_cache, epoch, indices) if loop.teacher_cache is not None else None
+        logged = loop.trace is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == loop.total)
+        norms = logged and cfg.grad_norms_every > 0 and (step + 1) % cfg.grad_norms_every == 0 and loop.model is task
         out, loss_value, finite = train_step(loop.model, images, labels, loop.optimizer, loop.scaler, loop.amp,
-                                             cfg.clip_grad, before_update=before, teacher=teacher)
+                                             cfg.clip_grad, before_update=before, teacher=teacher, grad_norms=norms)
         # The schedule follows the step count, skipped steps included, so it ends where it should.
         with warnings.catch_warnings():  # (a skipped first step has no optimizer.step() before this: intended)
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
@@ -451,7 +461,8 @@ def _end_of_epoch(loop: _Loop, epoch: int, n_epoch: int, loss_sum: float, t_epoc
 
 def train_step(task: TrainTask, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, amp: torch.dtype | None, clip_grad: float | None = None,
-               before_update: Callable[[], None] | None = None, teacher: tuple | None = None):
+               before_update: Callable[[], None] | None = None, teacher: tuple | None = None,
+               grad_norms: bool = False):
     """One optimisation step with a NaN/Inf guard.
 
     The guard is the step's only host read: the loss and the global gradient norm come
@@ -459,6 +470,9 @@ def train_step(task: TrainTask, images: torch.Tensor, labels: torch.Tensor, opti
     batch never reaches the weights. (With fp16 the GradScaler also skips inf steps.)
 
     `teacher`: (cache, epoch, sample indices) to take the teacher's logits from the teacher cache.
+    `grad_norms`: also put into `out.stats` the gradient norm on the student of each loss term
+    (`gnorm_<term>`, one extra backward each), of the total (`gnorm_total`) and the norm of the
+    student's parameter update (`update_norm`): device tensors, read with the trace row.
 
     Returns:
         (StepOutput, loss value, finite)
@@ -466,10 +480,16 @@ def train_step(task: TrainTask, images: torch.Tensor, labels: torch.Tensor, opti
     with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         t = getattr(task, "module", task).cached_teacher_logits(images, *teacher) if teacher else None
         out = task(images, labels, t) if t is not None else task(images, labels)  # (DDP: backward all-reduces)
+    student = [p for p in getattr(task, "module", task).net.parameters() if p.requires_grad] if grad_norms else []
+    if grad_norms:
+        out.stats.update(_term_grad_norms(out.terms, student))
     scaler.scale(out.loss).backward()
     if before_update:
         before_update()
     scaler.unscale_(optimizer)
+    if grad_norms:
+        out.stats["gnorm_total"] = _norm([p.grad for p in student if p.grad is not None])
+        weights_before = [p.detach().clone() for p in student]
     grads = [p.grad for p in getattr(task, "module", task).trainable() if p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else out.loss.new_zeros(())
     # Averaged over ranks, so a NaN on any rank makes every rank skip the same step.
@@ -481,8 +501,24 @@ def train_step(task: TrainTask, images: torch.Tensor, labels: torch.Tensor, opti
             torch._foreach_mul_(grads, min(1.0, clip_grad / (norm_value + 1e-6)))
         scaler.step(optimizer)
         scaler.update()
+        if grad_norms:
+            out.stats["update_norm"] = _norm(torch._foreach_sub([p.detach() for p in student], weights_before))
     optimizer.zero_grad(set_to_none=True)
     return out, loss_value, finite
+
+
+def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of a list of tensors, on their device (no host read)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))) if tensors else torch.zeros(())
+
+
+def _term_grad_norms(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`gnorm_<term>`: the norm of each weighted loss term's gradient as it reaches the student's weights."""
+    out = {}
+    for name, term in terms.items():
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        out[f"gnorm_{name}"] = _norm([g for g in grads if g is not None]).detach()
+    return out
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:

@@ -543,3 +543,48 @@ def test_exact_teacher_cache_gives_bitwise_the_same_student(tmp_path: Path, shri
     other = distill("test_resnet", t, out=tmp_path / "seed1", **cache,
                     **{**common, "train": _cfg(epochs=1, batch_size=48, lr=3e-3, seed=1)})
     assert other.fit.epochs_run == 1 and len(list((tmp_path / "cache").glob("*/manifest.json"))) == 2
+
+
+# ---------------------------------------------------------------- per-term gradient norms
+
+@pytest.mark.parametrize("method", ["kd", "spofa"])
+def test_term_gradient_norms_match_autograd(method: str) -> None:
+    """gnorm_<term> is each weighted term's gradient on the student, gnorm_total the whole, update_norm the step."""
+    from spofa_deploy.train import train_step
+
+    torch.manual_seed(0)
+    task = create_task(method, create_model("test_resnet", 10, 32), create_model("test_vit", 10, 32), DistillConfig(), 10)
+    task.train()
+    ref = copy.deepcopy(task)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    opt = torch.optim.SGD(task.trainable(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    out, _, finite = train_step(task, x, y, opt, scaler, None, grad_norms=True)
+    assert finite
+
+    student = [p for p in ref.net.parameters() if p.requires_grad]
+
+    def norm_of(loss) -> float:
+        ref.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in student if p.grad is not None])))
+
+    r = ref(x, y)
+    expected = {f"gnorm_{k}": norm_of(t) for k, t in r.terms.items()}
+    expected["gnorm_total"] = norm_of(r.loss)
+    assert set(expected) <= set(out.stats)
+    if method == "spofa":
+        assert {"gnorm_stage0", "gnorm_stage3"} <= set(expected)
+    for k, v in expected.items():
+        assert float(out.stats[k]) == pytest.approx(v, rel=1e-4, abs=1e-7), k
+    assert float(out.stats["update_norm"]) == pytest.approx(0.1 * expected["gnorm_total"], rel=1e-4)  # plain SGD
+
+
+def test_trace_gets_gradient_norm_columns(digits: Splits, tmp_path: Path) -> None:
+    task = _kd_task()
+    fit(task, _small(digits, 32, 20), _cfg(epochs=2, log_every=1, grad_norms_every=2), tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "trace.csv")))
+    assert {"gnorm_ce", "gnorm_kd", "gnorm_total", "update_norm"} <= set(rows[0])
+    measured = [r["step"] for r in rows if r["gnorm_total"]]
+    assert measured == [r["step"] for r in rows if int(r["step"]) % 2 == 0] and measured  # every 2nd logged step
+    assert all(float(r["gnorm_ce"]) > 0 for r in rows if r["gnorm_ce"])
