@@ -117,17 +117,17 @@ def artifact_candidate(art: Artifact, *, role: str, backend: str, requested: str
     if precision is not None and precision != prec:
         raise UserError(f"{art.path.name} was exported at {prec}; --precision {precision} needs its own export "
                         f"(`spofa export --precision {precision}`)")
-    dev = {"ort-cpu": "cpu", "aoti": art.meta.get("device", "cpu")}.get(backend, "cuda")
-    res = VariantResult(key=variant_key(role, backend, prec, dev), role=role, model=art.model, backend=backend,
-                        backend_requested=requested, precision=prec, device=dev, artifact=str(art.path),
+    # `device` is the backend's own (the caller resolved it with `_backend_device`).
+    res = VariantResult(key=variant_key(role, backend, prec, device), role=role, model=art.model, backend=backend,
+                        backend_requested=requested, precision=prec, device=device, artifact=str(art.path),
                         size_bytes=art.size_bytes)
     try:
         if backend.startswith("ort-"):
-            runner = OrtRunner(art, dev, threads)
+            runner = OrtRunner(art, device, threads)
         elif backend == "aoti":  # (a package for another torch, device or CPU is refused: UserError, exit 2)
             from export.pt2 import Pt2Runner
 
-            runner = Pt2Runner(art, device=dev)
+            runner = Pt2Runner(art, device=device)
         else:
             runner = EngineRunner(art, trust=trust_engine)
     except BackendUnavailable as e:
@@ -231,7 +231,7 @@ def teacher_like(student: Artifact, source: Path, notes: list[str]) -> Artifact 
     export fails, None with a note: the teacher then runs from its weights and the report
     marks the speed-ups as comparing different backends.
     """
-    from export.formats import FORMATS, artifact_name
+    from export.formats import artifact_name
     from spofa_deploy.console import console
 
     fmt = FORMATS[student.format]

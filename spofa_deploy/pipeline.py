@@ -275,8 +275,9 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
         raise UserError(f"--resume: no {CHECKPOINT} in {run}")
     run_info = {"student": resolve_model_name(student), "method": method, "loss": loss.to_dict(), "data": str(spec),
                 "img_size": img_size, "train_fraction": train_fraction}
-    if resume:  # an unreadable checkpoint, or one of other settings, is refused before runs/latest moves
-        _check_resume(load_checkpoint(run / CHECKPOINT).get("run") or _legacy_run_info(run), run_info)
+    saved = load_checkpoint(run / CHECKPOINT) if resume else None
+    if saved is not None:  # an unreadable checkpoint, or one of other settings, is refused before runs/latest moves
+        _check_resume(saved.get("run") or _legacy_run_info(run), run_info)
     if not resume and (run / CHECKPOINT).is_file():
         raise UserError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
 
@@ -327,7 +328,7 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
         cache = _open_teacher_cache(teacher_cache, t_model=t_model, spec=spec, splits=splits, img_size=img_size,
                                     prep=prep, train=train, train_fraction=train_fraction, skip_corrupt=skip_corrupt,
                                     loss=loss, method=method, max_gb=teacher_cache_max_gb, fmt=teacher_cache_format,
-                                    resume_from=run / CHECKPOINT if resume else None)
+                                    resumed_config=saved["config"] if saved is not None else None)
     result = fit(task, splits, train, run, resume=resume, label=method, hooks=hooks,
                  run_info={**run_info, "img_size": img_size}, teacher_cache=cache)
     if dist.is_main:
@@ -341,12 +342,12 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
 
 def _open_teacher_cache(folder, *, t_model, spec, splits: Splits, img_size: int, prep: dict, train: TrainConfig,
                         train_fraction: float, skip_corrupt: bool, loss: DistillConfig, method: str,
-                        max_gb: float | None, fmt: str | None, resume_from: Path | None):
+                        max_gb: float | None, fmt: str | None, resumed_config: dict | None):
     """The teacher cache of this run's training views, keyed by everything the logits depend on."""
     from .teacher_cache import CacheKey, TeacherCache, split_digest, weights_digest
 
-    if resume_from is not None:  # the loop trains with the checkpoint's settings: key the cache by them
-        train = TrainConfig(**{**train.__dict__, **load_checkpoint(resume_from)["config"]})
+    if resumed_config is not None:  # the loop trains with the checkpoint's settings: key the cache by them
+        train = TrainConfig(**{**train.__dict__, **resumed_config})
     ds, dist = splits.train, distributed.info()
     if isinstance(getattr(ds, "images", None), np.ndarray):
         members = ds.images

@@ -341,8 +341,9 @@ def _setup(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, res
     total = cfg.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total, int(cfg.warmup_epochs * len(train_loader))))
-    loop = _Loop(task=task, model=model, cfg=cfg, device=device, amp=resolve_amp(cfg.amp, device), optimizer=optimizer,
-                 scheduler=scheduler, scaler=torch.amp.GradScaler(device.type, enabled=resolve_amp(cfg.amp, device) == torch.float16),
+    amp = resolve_amp(cfg.amp, device)
+    loop = _Loop(task=task, model=model, cfg=cfg, device=device, amp=amp, optimizer=optimizer,
+                 scheduler=scheduler, scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
                  ema=ModelEmaV3(task.net, decay=cfg.ema_decay, use_warmup=True), train_loader=train_loader,
                  val_loader=val_loader, total=total, ckpt_path=ckpt_path, run_dir=run_dir, label=label, trace=None)
     if state is not None:
