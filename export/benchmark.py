@@ -32,7 +32,9 @@ from export.variants import (
     teacher_artifact,
     torch_candidate,
 )
-from spofa_deploy.bench import TORCH_BACKENDS, TORCH_PRECISIONS, LatencyStats, Runner, TimedStep, machine_info, measure_step
+from spofa_deploy.bench import TORCH_BACKENDS, TORCH_PRECISIONS, LatencyStats, Runner, TimedStep, measure_step
+from spofa_deploy.machine import machine_info
+from spofa_deploy.accuracy import topk_correct
 from spofa_deploy.errors import UserError
 
 
@@ -80,10 +82,9 @@ def evaluate(runner: Runner, dataset, batch_size: int, progress=None, task=None)
             x = torch.cat([x, x[-1:].expand(batch_size - b, *x.shape[1:])])
         logits = runner(x)[:b].float()
         k5 = min(5, logits.shape[1])
-        top = logits.topk(k5, dim=1).indices
-        correct1 += int((top[:, 0] == y).sum())
-        correct5 += int((top == y[:, None]).any(dim=1).sum())
-        preds.append(top[:, 0].numpy())
+        c1, c5 = topk_correct(logits, y)
+        correct1, correct5 = correct1 + int(c1), correct5 + int(c5)
+        preds.append(logits.topk(1, dim=1).indices[:, 0].numpy())
         n += b
         if progress is not None:
             progress.advance(task, b)

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 
 from calibration.dataset import batches, calibration_set, draw, load_images, load_split
 from calibration.quantize import quantize_int8, resolve_quantizer
 from spofa_deploy.artifacts import atomic_path, latest_run, load_model, read_model_meta, sidecar_path, versions, write_json
+from spofa_deploy.accuracy import topk_correct
 from spofa_deploy.errors import MissingDependency, UserError
 
 from . import onnx as onnx_export
@@ -199,7 +201,7 @@ def _compare_top1(meta: dict, fp32: Path, int8: Path, n: int, seed: int, fixed: 
     correct, total = np.zeros(3), 0
     for x, y in batches(ds, idx):
         for i, s in enumerate(sessions):
-            correct[i] += int((onnx_export.run_onnx(s, x, fixed).argmax(1) == y).sum())
+            correct[i] += int(topk_correct(torch.from_numpy(onnx_export.run_onnx(s, x, fixed)), torch.as_tensor(y), (1,))[0])
         total += len(y)
     fp, q, qk = (100.0 * correct / max(total, 1)).tolist()
     return fp, q, qk, total

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from export.artifact import Artifact
-from spofa_deploy.bench import OutputSlot, TimedStep, cuda_skip_reason, cuda_step, random_input
+from spofa_deploy.bench import OutputSlot, TimedStep, cuda_step, random_input
+from spofa_deploy.machine import cuda_skip_reason
 from spofa_deploy.errors import MissingDependency, UserError
 
 _ORT_TYPES = {"tensor(float)": (np.float32, torch.float32), "tensor(float16)": (np.float16, torch.float16)}

@@ -20,9 +20,9 @@ from export.artifact import Artifact, resolve_artifact
 from export.formats import FORMATS
 from export.report import VariantResult
 from export.runtimes import BackendUnavailable, EngineRunner, OrtRunner, ort_cuda_reason
-from spofa_deploy.bench import TORCH_BACKENDS, TORCH_PRECISIONS, Runner, TorchRunner, cuda_skip_reason, state_dict_bytes
+from spofa_deploy.bench import TORCH_BACKENDS, TORCH_PRECISIONS, Runner, TorchRunner, state_dict_bytes
 from spofa_deploy.errors import UserError
-from spofa_deploy.train import resolve_device
+from spofa_deploy.machine import cuda_skip_reason, resolve_device
 
 BACKENDS = ("auto", "trt", "ort-cuda", "ort-cpu", "aoti", *TORCH_BACKENDS)
 FORMAT_BACKENDS = {"torch": TORCH_BACKENDS, "onnx": ("ort-cuda", "ort-cpu"), "trt": ("trt",), "pt2": ("aoti",)}

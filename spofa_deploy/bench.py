@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, runtime_checkable
@@ -301,13 +298,6 @@ class Runner(Protocol):
     def release(self) -> None: ...
 
 
-def cuda_skip_reason() -> str | None:
-    """Why CUDA cannot be used here, or None when it can."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible to PyTorch"
-    return None
-
-
 def state_dict_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers (what a safetensors file would hold)."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -485,64 +475,3 @@ class TorchRunner:
     def release(self) -> None:
         """Drop captured graphs (their memory pools) between batch sizes."""
         self._graphs.clear()
-
-
-# --------------------------------------------------------------------------- machine
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _physical_cores() -> int | None:
-    cores = set()
-    with contextlib.suppress(OSError):
-        phys = None
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            key, _, val = line.partition(":")
-            key = key.strip()
-            if key == "physical id":
-                phys = val.strip()
-            elif key == "core id":
-                cores.add((phys, val.strip()))
-    return len(cores) or None
-
-
-def _driver_version() -> str | None:
-    with contextlib.suppress(Exception):
-        import pynvml  # nvidia-ml-py, when installed
-
-        pynvml.nvmlInit()
-        v = pynvml.nvmlSystemGetDriverVersion()
-        return v.decode() if isinstance(v, bytes) else str(v)
-    with contextlib.suppress(Exception):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=True)
-        return out.stdout.strip().splitlines()[0]
-    return None
-
-
-def machine_info() -> dict:
-    """CPU, GPU, driver, CUDA and library versions of this machine, for reports."""
-    from .artifacts import versions
-
-    info: dict = {
-        "hostname": platform.node(), "os": platform.platform(), "python": platform.python_version(),
-        "cpu": _cpu_model(), "cpu_logical_cores": os.cpu_count(), "cpu_physical_cores": _physical_cores(),
-        "torch_threads": torch.get_num_threads(), "libraries": {**versions(), "numpy": np.__version__},
-        "cuda": torch.version.cuda, "gpu": None,
-    }
-    with contextlib.suppress(Exception):
-        import onnxruntime as ort
-
-        info["onnxruntime_providers"] = list(ort.get_available_providers())
-    if torch.cuda.is_available():
-        idx = torch.cuda.current_device()
-        props = torch.cuda.get_device_properties(idx)
-        info["gpu"] = {"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
-                       "memory_gib": round(props.total_memory / 2**30, 1), "count": torch.cuda.device_count(),
-                       "driver": _driver_version(), "cudnn": torch.backends.cudnn.version()}
-    return info

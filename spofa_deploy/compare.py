@@ -27,9 +27,9 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable
 
-from .artifacts import RUNS_DIR, read_json, read_model_meta, versions, write_json
+from .artifacts import RUNS_DIR, read_json, read_model_meta, write_json
 from .console import console
 from .data import load_splits, parse_data_spec
 from .distillers import DistillConfig

@@ -1,4 +1,6 @@
-"""What this machine's CPU allows: PyTorch's thread count and whether other processes crowd the cores.
+"""What this machine is and allows: devices (CUDA), PyTorch's CPU threads, and a description for reports.
+
+One home for the device and capability probes that training, doctor and bench share.
 
 PyTorch runs one intra-op thread per core by default, and its OpenMP threads wait for each
 other at every operation. When other processes use some of the cores, one descheduled thread
@@ -8,10 +10,19 @@ load average; `--threads N` (`set_threads`) is the remedy.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
+import subprocess
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that need it, so `spofa doctor` can report a broken torch.
 
 
 def usable_cores() -> int:
@@ -104,3 +115,98 @@ def apply_threads(n: int | None) -> str | None:
         set_threads(n)
         return None
     return oversubscribed()
+
+
+# --------------------------------------------------------------------------- devices
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; `cuda:N` checked against the GPUs; cuda without a GPU refused."""
+    import torch
+
+    d = name.strip().lower()
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d == "cpu":
+        return torch.device("cpu")
+    if d != "cuda" and not d.startswith("cuda:"):
+        raise UserError(f"unknown --device '{name}': use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but no CUDA GPU is available (use --device cpu)")
+    try:
+        device = torch.device(d)
+    except RuntimeError:
+        raise UserError(f"--device {name}: expected cuda or cuda:N") from None
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def cuda_skip_reason() -> str | None:
+    """Why CUDA cannot be used here, or None when it can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to PyTorch"
+    return None
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _physical_cores() -> int | None:
+    cores = set()
+    with contextlib.suppress(OSError):
+        phys = None
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if key == "physical id":
+                phys = val.strip()
+            elif key == "core id":
+                cores.add((phys, val.strip()))
+    return len(cores) or None
+
+
+def _driver_version() -> str | None:
+    with contextlib.suppress(Exception):
+        import pynvml  # nvidia-ml-py, when installed
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip().splitlines()[0]
+    return None
+
+
+def machine_info() -> dict:
+    """CPU, GPU, driver, CUDA and library versions of this machine, for reports."""
+    import numpy as np
+    import torch
+
+    from .artifacts import versions
+
+    info: dict = {
+        "hostname": platform.node(), "os": platform.platform(), "python": platform.python_version(),
+        "cpu": _cpu_model(), "cpu_logical_cores": os.cpu_count(), "cpu_physical_cores": _physical_cores(),
+        "torch_threads": torch.get_num_threads(), "libraries": {**versions(), "numpy": np.__version__},
+        "cuda": torch.version.cuda, "gpu": None,
+    }
+    with contextlib.suppress(Exception):
+        import onnxruntime as ort
+
+        info["onnxruntime_providers"] = list(ort.get_available_providers())
+    if torch.cuda.is_available():
+        idx = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        info["gpu"] = {"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
+                       "memory_gib": round(props.total_memory / 2**30, 1), "count": torch.cuda.device_count(),
+                       "driver": _driver_version(), "cudnn": torch.backends.cudnn.version()}
+    return info

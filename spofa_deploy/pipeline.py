@@ -26,7 +26,8 @@ from .data import Splits, load_splits, parse_data_spec
 from .distillers import METHODS, DistillConfig, Supervised, create_task
 from .errors import UserError
 from .models import count_params, create_model, create_teacher_pretrained, data_config, resolve_model_name
-from .train import CHECKPOINT, FitResult, Hooks, TrainConfig, fit, load_checkpoint, resolve_amp, resolve_device
+from .train import CHECKPOINT, FitResult, Hooks, TrainConfig, fit, load_checkpoint, resolve_amp
+from .machine import resolve_device
 
 TEACHER_FILE = "teacher.safetensors"
 STUDENT_FILE = "student.safetensors"

@@ -19,12 +19,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .artifacts import atomic_path, write_json
+from .accuracy import topk_correct
+from .artifacts import atomic_path
 from .console import console, progress
 from . import distributed
 from .data import AugSeeded, Splits, make_loader
 from .distillers import TrainTask
 from .errors import TrainingDiverged, UserError
+from .machine import resolve_device
 
 CHECKPOINT = "checkpoint-last.pt"
 METRICS = "metrics.jsonl"
@@ -82,26 +84,6 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; `cuda:N` checked against the GPUs; cuda without a GPU refused."""
-    d = name.strip().lower()
-    if d == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if d == "cpu":
-        return torch.device("cpu")
-    if d != "cuda" and not d.startswith("cuda:"):
-        raise UserError(f"unknown --device '{name}': use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but no CUDA GPU is available (use --device cpu)")
-    try:
-        device = torch.device(d)
-    except RuntimeError:
-        raise UserError(f"--device {name}: expected cuda or cuda:N") from None
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return device
-
-
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """AMP dtype: bf16 where the GPU supports it, else fp16; none on CPU unless asked."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
@@ -137,9 +119,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(images).float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == labels).sum()
-        correct5 += (top == labels[:, None]).any(dim=1).sum()
+        c1, c5 = topk_correct(logits, labels)
+        correct1, correct5 = correct1 + c1, correct5 + c5
         n += labels.numel()
     model.train(was_training)
     totals = torch.stack([torch.as_tensor(v, device=device, dtype=torch.float64)

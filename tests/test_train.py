@@ -25,7 +25,8 @@ from spofa_deploy.distillers import OFA, DistillConfig, create_task
 from spofa_deploy.errors import TrainingDiverged, UserError
 from spofa_deploy.models import count_params, create_model, data_config
 from spofa_deploy.pipeline import TeacherOptions, distill
-from spofa_deploy.train import CHECKPOINT, Hooks, TrainConfig, evaluate, fit, resolve_device
+from spofa_deploy.train import CHECKPOINT, Hooks, TrainConfig, evaluate, fit
+from spofa_deploy.machine import resolve_device
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -588,3 +589,12 @@ def test_trace_gets_gradient_norm_columns(digits: Splits, tmp_path: Path) -> Non
     measured = [r["step"] for r in rows if r["gnorm_total"]]
     assert measured == [r["step"] for r in rows if int(r["step"]) % 2 == 0] and measured  # every 2nd logged step
     assert all(float(r["gnorm_ce"]) > 0 for r in rows if r["gnorm_ce"])
+
+
+def test_topk_correct_counts_by_hand() -> None:
+    from spofa_deploy.accuracy import topk_correct
+
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([1, 2, 0])  # row 0 top-1 hit; row 1 label is 2nd; row 2 label is last
+    c1, c2, c5 = topk_correct(logits, labels, (1, 2, 5))
+    assert (int(c1), int(c2), int(c5)) == (1, 2, 3)  # k=5 is capped at the 3 classes
