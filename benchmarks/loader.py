@@ -35,6 +35,7 @@ from spofa_deploy.data import AugSeeded, load_splits, make_loader
 from spofa_deploy.distillers import DistillConfig, create_task
 from spofa_deploy.models import create_model, data_config
 from spofa_deploy.train import resolve_amp, train_step
+from spofa_deploy.models import Preprocessing
 
 
 def synthetic_folder(n: int, classes: int, root: Path, seed: int = 0) -> Path:
@@ -213,8 +214,7 @@ def main() -> None:
     step = Step(a.method, teacher, student, classes, a.img_size, batch, dev)
     prep = step.prep
     paths = {"pil": None} | ({"device": decode_device} if decode_device else {})
-    data = {name: load_splits(f"imagefolder:{root}", a.img_size, prep["mean"], prep["std"], prep["interpolation"],
-                              prep["crop_pct"], decode_device=d).train for name, d in paths.items()}
+    data = {name: load_splits(f"imagefolder:{root}", Preprocessing.from_meta(prep, a.img_size), decode_device=d).train for name, d in paths.items()}
 
     rates: dict[tuple[str, int], list[float]] = {(p, w): [] for p in paths for w in workers}
     step_rates: list[float] = []

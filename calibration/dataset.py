@@ -14,6 +14,7 @@ import numpy as np
 
 from spofa_deploy.data import load_splits, stratified_subset
 from spofa_deploy.errors import UserError
+from spofa_deploy.models import Preprocessing
 
 SPLITS = ("train", "val")
 
@@ -38,9 +39,7 @@ def load_split(meta: dict, split: str, spec: str | None = None):
     spec = spec or meta.get("data")
     if not spec:
         raise UserError("the model metadata names no data set ('data'): pass --calib-data SPEC")
-    splits = load_splits(spec, int(meta["img_size"]), meta["mean"], meta["std"],
-                         str(meta.get("interpolation", "bilinear")), float(meta.get("crop_pct", 0.875)),
-                         train_aug=False)
+    splits = load_splits(spec, Preprocessing.from_meta(meta), train_aug=False)
     return getattr(splits, split), str(splits.spec)
 
 

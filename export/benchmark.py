@@ -36,6 +36,7 @@ from spofa_deploy.bench import TORCH_BACKENDS, TORCH_PRECISIONS, LatencyStats, R
 from spofa_deploy.machine import machine_info
 from spofa_deploy.accuracy import topk_correct
 from spofa_deploy.errors import UserError
+from spofa_deploy.models import Preprocessing
 
 
 # =========================================================================== timing and accuracy
@@ -287,11 +288,6 @@ def bench_models(teacher_model: nn.Module | None, student_model: nn.Module, *, i
     return BenchReport(results=results, settings=settings, machine=machine_info())
 
 
-def _preprocessing(a: Artifact) -> tuple:
-    """What makes two models' validation images differ: size, normalisation, resize and crop."""
-    m = a.meta
-    return (a.img_size, tuple(m["mean"]), tuple(m["std"]), m.get("interpolation", "bilinear"),
-            float(m.get("crop_pct", 0.875)))
 
 
 def _val_sets(spec: str, arts: list[Artifact], max_val: int | None) -> tuple[dict, dict]:
@@ -302,13 +298,11 @@ def _val_sets(spec: str, arts: list[Artifact], max_val: int | None) -> tuple[dic
     info: dict = {"spec": spec}
     idx = None
     for a in arts:
-        key = _preprocessing(a)
+        key = Preprocessing.from_meta(a.meta, a.img_size)  # what makes two models' validation images differ
         if key in sets:
             continue
-        img_size, _, _, interpolation, crop_pct = key
         m = a.meta
-        splits = load_splits(spec, img_size, m["mean"], m["std"], interpolation=interpolation, crop_pct=crop_pct,
-                             train_aug=False)
+        splits = load_splits(spec, key, train_aug=False)
         if splits.num_classes != int(m["num_classes"]):
             raise UserError(f"data {spec} has {splits.num_classes} classes but {a.path.name} has {m['num_classes']}: "
                             "pass the --data it was trained on")
@@ -319,7 +313,7 @@ def _val_sets(spec: str, arts: list[Artifact], max_val: int | None) -> tuple[dic
             val = val.subset(idx)
         info["val_size"] = len(val)
         sets[key] = val
-    return {a.path: sets[_preprocessing(a)] for a in arts}, info
+    return {a.path: sets[Preprocessing.from_meta(a.meta, a.img_size)] for a in arts}, info
 
 
 # The large batch of the default (1 and this): throughput where the hardware allows it, minutes not hours on a CPU.

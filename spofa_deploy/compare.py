@@ -32,6 +32,7 @@ from typing import Iterable
 from .artifacts import RUNS_DIR, read_json, read_model_meta, write_json
 from .console import console
 from .data import load_splits, parse_data_spec
+from .models import Preprocessing
 from .distillers import DistillConfig
 from .errors import TrainingDiverged, UserError
 from .compare_report import _fmt_secs, write_report
@@ -267,8 +268,7 @@ def _data_info(cfg: CompareConfig, img_size: int, t_meta: dict) -> dict:
     """Split sizes the student sees (seed 0's subset; every seed draws the same class counts)."""
     import numpy as np
 
-    splits = load_splits(cfg.data, img_size, t_meta["mean"], t_meta["std"], t_meta.get("interpolation", "bilinear"),
-                         t_meta.get("crop_pct", 0.875), seed=0, train_fraction=cfg.train_fraction)
+    splits = load_splits(cfg.data, Preprocessing.from_meta(t_meta, img_size), seed=0, train_fraction=cfg.train_fraction)
     counts = np.bincount(splits.train.labels, minlength=splits.num_classes)
     return {"num_classes": splits.num_classes, "train_images": len(splits.train), "val_images": len(splits.val),
             "train_per_class_min": int(counts.min()), "train_per_class_max": int(counts.max())}

@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .errors import UserError
+from .models import Preprocessing
 
 _log = logging.getLogger(__name__)
 
@@ -281,8 +282,7 @@ def _imagefolder(root: Path, seed: int, skip_corrupt: bool) -> tuple[FileDataset
     return train.subset(tr), train.subset(va), classes
 
 
-def build_transforms(img_size: int, mean, std, interpolation: str = "bilinear", crop_pct: float = 0.875,
-                     train: bool = True, flips: bool = True):
+def build_transforms(prep: Preprocessing, *, train: bool = True, flips: bool = True):
     """Train / eval transforms suited to the resolution.
 
     >= 64 px: random-resized-crop + flip for training, resize + center crop for eval.
@@ -291,13 +291,14 @@ def build_transforms(img_size: int, mean, std, interpolation: str = "bilinear", 
     """
     from torchvision import transforms as T
 
+    img_size, interpolation = prep.img_size, prep.interpolation
     interp = T.InterpolationMode(interpolation) if interpolation in ("bilinear", "bicubic", "nearest") else T.InterpolationMode.BILINEAR
-    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    norm = [T.ToTensor(), T.Normalize(prep.mean, prep.std)]
     if img_size >= 64:
         if train:
             aug = [T.RandomResizedCrop(img_size, interpolation=interp)] + ([T.RandomHorizontalFlip()] if flips else [])
             return T.Compose(aug + norm)
-        return T.Compose([T.Resize(int(img_size / crop_pct), interpolation=interp), T.CenterCrop(img_size)] + norm)
+        return T.Compose([T.Resize(int(img_size / prep.crop_pct), interpolation=interp), T.CenterCrop(img_size)] + norm)
     base = [T.Resize((img_size, img_size), interpolation=interp)]
     if train:
         base += [T.RandomCrop(img_size, padding=max(1, img_size // 8), padding_mode="edge")]
@@ -305,15 +306,14 @@ def build_transforms(img_size: int, mean, std, interpolation: str = "bilinear", 
     return T.Compose(base + norm)
 
 
-def load_splits(spec: str | DataSpec, img_size: int, mean, std, interpolation: str = "bilinear",
-                crop_pct: float = 0.875, train_aug: bool = True, download: bool = False, seed: int = 0,
-                train_fraction: float = 1.0, skip_corrupt: bool = False, decode_device: str | None = None) -> Splits:
+def load_splits(spec: str | DataSpec, prep: Preprocessing, *, train_aug: bool = True, download: bool = False,
+                seed: int = 0, train_fraction: float = 1.0, skip_corrupt: bool = False,
+                decode_device: str | None = None) -> Splits:
     """Build the train and val datasets of a data spec with their transforms.
 
     Args:
         spec: a data spec string or parsed `DataSpec`.
-        img_size: model input size.
-        mean, std, interpolation, crop_pct: preprocessing (from the teacher's timm config).
+        prep: the model's preprocessing (size and timm's data config, usually the teacher's).
         train_aug: augment the training split (False gives the eval transform, e.g. for calibration).
         download: let torchvision fetch CIFAR where a network exists.
         seed: seed of the imagefolder split (when there is no val/) and of `train_fraction`.
@@ -326,7 +326,7 @@ def load_splits(spec: str | DataSpec, img_size: int, mean, std, interpolation: s
     """
     spec = parse_data_spec(spec) if isinstance(spec, str) else spec
     if decode_device is not None:
-        _check_decode_device(spec, img_size, decode_device)
+        _check_decode_device(spec, prep.img_size, decode_device)
     if spec.kind == "digits":
         train, val, classes = _digits()
     elif spec.kind.startswith("cifar"):
@@ -342,8 +342,8 @@ def load_splits(spec: str | DataSpec, img_size: int, mean, std, interpolation: s
         train = train.subset(stratified_subset(train.labels, n, seed))
     if len(val) == 0:
         raise UserError(f"data {spec} has an empty validation split")
-    train.transform = build_transforms(img_size, mean, std, interpolation, crop_pct, train=train_aug, flips=spec.flips)
-    val.transform = build_transforms(img_size, mean, std, interpolation, crop_pct, train=False, flips=spec.flips)
+    train.transform = build_transforms(prep, train=train_aug, flips=spec.flips)
+    val.transform = build_transforms(prep, train=False, flips=spec.flips)
     if decode_device is not None and train_aug:
         train.encoded = True
         train.transform = DeviceAugment(train.transform, decode_device, skip_corrupt)

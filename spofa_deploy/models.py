@@ -136,6 +136,33 @@ def _takes_img_size(full_name: str) -> bool:
     return any(k in full_name for k in ("vit", "deit", "swin", "mixer", "eva", "beit", "cait", "xcit", "levit"))
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are prepared for a model: input size, normalisation, resize interpolation, eval crop.
+
+    The one object the data path, calibration, export and bench pass around; built from timm's
+    data config (`data_config`) or from a model's metadata (`from_meta`), where the same keys live.
+    """
+
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+
+    @classmethod
+    def from_meta(cls, meta: dict, img_size: int | None = None) -> "Preprocessing":
+        """From a model's metadata (teacher.json, student.json, a sidecar); `img_size` overrides its size."""
+        return cls(int(img_size if img_size is not None else meta["img_size"]),
+                   tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"]),
+                   str(meta.get("interpolation", "bilinear")), float(meta.get("crop_pct", 0.875)))
+
+    def meta(self) -> dict:
+        """The metadata keys (without the size): what `data_config` returns and model files record."""
+        return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
+                "crop_pct": self.crop_pct}
+
+
 def data_config(model: nn.Module) -> dict:
     """Normalisation and preprocessing that timm declares for the model."""
     import timm.data

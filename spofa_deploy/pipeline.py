@@ -25,7 +25,7 @@ from .console import console
 from .data import Splits, load_splits, parse_data_spec
 from .distillers import METHODS, DistillConfig, Supervised, create_task
 from .errors import UserError
-from .models import count_params, create_model, create_teacher_pretrained, data_config, resolve_model_name
+from .models import Preprocessing, count_params, create_model, create_teacher_pretrained, data_config, resolve_model_name
 from .train import CHECKPOINT, FitResult, Hooks, TrainConfig, fit, load_checkpoint, resolve_amp
 from .machine import resolve_device
 
@@ -73,11 +73,10 @@ def _model_meta(model, name: str, splits: Splits, img_size: int, cfg: dict, role
             "params": count_params(model), **extra}
 
 
-def _splits(data: str, img_size: int, prep: dict, seed: int, download: bool, train_fraction: float = 1.0,
+def _splits(data: str, prep: Preprocessing, seed: int, download: bool, train_fraction: float = 1.0,
             skip_corrupt: bool = False, decode_device: str | None = None) -> Splits:
-    return load_splits(data, img_size, prep["mean"], prep["std"], prep["interpolation"], prep["crop_pct"],
-                       download=download, seed=seed, train_fraction=train_fraction, skip_corrupt=skip_corrupt,
-                       decode_device=decode_device)
+    return load_splits(data, prep, download=download, seed=seed, train_fraction=train_fraction,
+                       skip_corrupt=skip_corrupt, decode_device=decode_device)
 
 
 def train_teacher(opts: TeacherOptions, data: str = "digits", img_size: int | None = None,
@@ -91,8 +90,8 @@ def train_teacher(opts: TeacherOptions, data: str = "digits", img_size: int | No
     distributed.init_from_env(opts.train.device)
     run = new_run_dir(out or default_teacher_dir(opts.name, str(spec), img_size), "teacher")
     probe = create_model(opts.name, 2, img_size)  # classes are unknown until the data is read
-    prep = data_config(probe)
-    splits = _splits(data, img_size, prep, opts.train.seed, download, skip_corrupt=skip_corrupt)
+    prep = Preprocessing.from_meta(data_config(probe), img_size)
+    splits = _splits(data, prep, opts.train.seed, download, skip_corrupt=skip_corrupt)
     torch.manual_seed(opts.train.seed)
     if opts.weights:
         model, source = create_model(opts.name, splits.num_classes, img_size, weights=opts.weights), f"weights file {opts.weights}"
@@ -107,7 +106,7 @@ def train_teacher(opts: TeacherOptions, data: str = "digits", img_size: int | No
     path = run / TEACHER_FILE
 
     def save(net, best):
-        save_model(path, net, _model_meta(net, opts.name, splits, img_size, prep, "teacher", source=source,
+        save_model(path, net, _model_meta(net, opts.name, splits, img_size, prep.meta(), "teacher", source=source,
                                           top1=best["top1"], top5=best["ema_top5" if best["source"] == "ema" else "model_top5"],
                                           saved=best["source"], teacher_stage=True))
 
@@ -191,7 +190,7 @@ def _check_settings(*cfgs: TrainConfig) -> None:
 
 def _check_data(spec, download: bool, skip_corrupt: bool) -> None:
     """Read the data spec once (cheap: no transforms run) so a bad --data fails before any work."""
-    load_splits(spec, 32, (0.0,) * 3, (1.0,) * 3, download=download, skip_corrupt=skip_corrupt)
+    load_splits(spec, Preprocessing(32, (0.0,) * 3, (1.0,) * 3), download=download, skip_corrupt=skip_corrupt)
 
 
 def _flag(key: str, value) -> str:
@@ -293,8 +292,8 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
     img_size = img_size or int(t_meta["img_size"])
     if int(t_meta["img_size"]) != img_size:
         raise UserError(f"teacher {tpath} was trained at {t_meta['img_size']}px, not {img_size}px")
-    prep = {k: t_meta[k] for k in ("mean", "std", "interpolation", "crop_pct")}
-    splits = _splits(data, img_size, prep, train.seed, download, train_fraction, skip_corrupt,
+    prep = Preprocessing.from_meta(t_meta, img_size)
+    splits = _splits(data, prep, train.seed, download, train_fraction, skip_corrupt,
                      decode_device=resolve_device(train.device).type if gpu_decode else None)
     if t_meta.get("classes") != splits.classes:
         raise UserError(f"teacher {tpath} has {t_meta['num_classes']} classes {t_meta.get('classes', [])[:5]}..., "
@@ -312,7 +311,7 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
     console.print(f"[bold]distill:[/] {resolve_model_name(student)} <- {t_meta['model']} ({method}) on {spec}, "
                   f"{img_size}px, {len(splits.train)} train / {len(splits.val)} val -> {run}")
     spath = run / STUDENT_FILE
-    meta = _model_meta(s_model, student, splits, img_size, prep, "student", method=method, teacher=t_meta["model"],
+    meta = _model_meta(s_model, student, splits, img_size, prep.meta(), "student", method=method, teacher=t_meta["model"],
                        teacher_file=TEACHER_FILE, teacher_top1=t_meta.get("top1"), loss=loss.to_dict(),
                        train=dict(train.__dict__), train_fraction=train_fraction)
 
@@ -341,7 +340,7 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
     return DistillResult(run, spath, run_teacher, read_model_meta(spath), t_meta, result, head_params, s_params)
 
 
-def _open_teacher_cache(folder, *, t_model, spec, splits: Splits, img_size: int, prep: dict, train: TrainConfig,
+def _open_teacher_cache(folder, *, t_model, spec, splits: Splits, img_size: int, prep: Preprocessing, train: TrainConfig,
                         train_fraction: float, skip_corrupt: bool, loss: DistillConfig, method: str,
                         max_gb: float | None, fmt: str | None, resumed_config: dict | None):
     """The teacher cache of this run's training views, keyed by everything the logits depend on."""
@@ -358,8 +357,8 @@ def _open_teacher_cache(folder, *, t_model, spec, splits: Splits, img_size: int,
     compute = (f"{device.type}/{resolve_amp(train.amp, device)}/batch{train.batch_size // dist.world}/"
                f"rank{dist.rank}of{dist.world}/torch{torch.__version__}")
     key = CacheKey(teacher=weights_digest(t_model.state_dict()), data=str(spec), split=split_digest(ds.labels, members),
-                   num_samples=len(ds), img_size=img_size, mean=tuple(prep["mean"]), std=tuple(prep["std"]),
-                   interpolation=prep["interpolation"], crop_pct=float(prep["crop_pct"]),
+                   num_samples=len(ds), img_size=img_size, mean=prep.mean, std=prep.std,
+                   interpolation=prep.interpolation, crop_pct=prep.crop_pct,
                    augmentation=f"{ds.transform!r} skip_corrupt={skip_corrupt}", seed=train.seed,
                    train_fraction=train_fraction, compute=compute)
     temperature = loss.kd_temperature if method == "kd" else loss.temperature

@@ -20,6 +20,7 @@ from spofa_deploy.data import load_splits
 from spofa_deploy.distillers import DistillConfig, create_task
 from spofa_deploy.models import create_model, data_config
 from spofa_deploy.train import Hooks, TrainConfig, fit
+from spofa_deploy.models import Preprocessing
 
 
 def main(out: str, epochs: int, stop_at_step: int, resume: bool) -> None:
@@ -29,7 +30,7 @@ def main(out: str, epochs: int, stop_at_step: int, resume: bool) -> None:
     teacher = create_model("test_vit", 10, 32).eval()
     student = timm.create_model("test_resnet", num_classes=10, norm_layer=GroupNorm1)
     prep = data_config(teacher)
-    splits = load_splits("digits", 32, prep["mean"], prep["std"], train_fraction=0.1, seed=0)
+    splits = load_splits("digits", Preprocessing.from_meta(prep, 32), train_fraction=0.1, seed=0)
     task = create_task("spofa", student, teacher, DistillConfig(), 10,
                        sync=distributed.all_reduce_mean if dist.enabled else None)
     _batchnorm_to_groupnorm(task.heads)  # the projector heads have BatchNorm too

@@ -22,6 +22,7 @@ from export.benchmark import BenchReport, resolve_artifact, run_bench
 from spofa_deploy.artifacts import read_json, save_model, sidecar_path, write_json
 from spofa_deploy.bench import LatencyStats, Summary, measure, percentile
 from spofa_deploy.errors import UserError
+from spofa_deploy.models import Preprocessing
 
 # device="cpu": the accuracy checks compare with CPU fp32 loops, also on a machine that has a GPU.
 FAST = dict(batch_sizes=[1, 8], warmup_s=0.05, min_s=0.2, min_iters=5, rounds=2, threads=1, progress=False,
@@ -46,8 +47,7 @@ def _meta(model, name: str, role: str) -> dict:
 def _val_tensors(meta: dict):
     from spofa_deploy.data import load_splits
 
-    val = load_splits("digits", 32, meta["mean"], meta["std"], meta["interpolation"], meta["crop_pct"],
-                      train_aug=False).val
+    val = load_splits("digits", Preprocessing.from_meta(meta, 32), train_aug=False).val
     xs, ys = zip(*(val[i] for i in range(len(val))))
     return torch.stack(xs), torch.tensor(ys)
 

@@ -18,6 +18,7 @@ from export.onnx import ort_session
 from spofa_deploy.artifacts import save_model
 from spofa_deploy.errors import MissingDependency, UserError
 from spofa_deploy.models import create_model, data_config
+from spofa_deploy.models import Preprocessing
 
 SIZE = 32
 
@@ -36,7 +37,7 @@ def trained_student(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = create_model("test_resnet", 10, img_size=SIZE)
     cfg = data_config(model)
-    splits = load_splits("digits", SIZE, cfg["mean"], cfg["std"], cfg["interpolation"], cfg["crop_pct"], train_aug=False)
+    splits = load_splits("digits", Preprocessing.from_meta(cfg, SIZE), train_aug=False)
 
     def tensors(ds):
         xs, ys = zip(*(ds[i] for i in range(len(ds))))

@@ -22,12 +22,13 @@ from spofa_deploy.data import (
     sample_seed,
 )
 from spofa_deploy.errors import UserError
+from spofa_deploy.models import Preprocessing
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 def _splits(spec, size=32, **kw):
-    return load_splits(spec, size, MEAN, STD, "bilinear", 0.875, **kw)
+    return load_splits(spec, Preprocessing(size, MEAN, STD, "bilinear", 0.875), **kw)
 
 
 def _transform_types(t) -> list[str]:
@@ -372,23 +373,23 @@ def test_corrupt_image_through_loader_worker_is_one_line(tmp_path: Path) -> None
 
 
 def test_transforms_suit_the_resolution() -> None:
-    big = _transform_types(build_transforms(64, MEAN, STD, "bicubic", 0.9, train=True))
+    big = _transform_types(build_transforms(Preprocessing(64, MEAN, STD, "bicubic", 0.9), train=True))
     assert big[0] == "RandomResizedCrop" and "RandomHorizontalFlip" in big
-    assert "RandomResizedCrop" not in _transform_types(build_transforms(63, MEAN, STD, train=True))
-    small = _transform_types(build_transforms(32, MEAN, STD, train=True))
+    assert "RandomResizedCrop" not in _transform_types(build_transforms(Preprocessing(63, MEAN, STD), train=True))
+    small = _transform_types(build_transforms(Preprocessing(32, MEAN, STD), train=True))
     assert "RandomResizedCrop" not in small and "RandomCrop" in small and "RandomHorizontalFlip" in small
-    assert "RandomHorizontalFlip" not in _transform_types(build_transforms(32, MEAN, STD, train=True, flips=False))
-    ev = build_transforms(224, MEAN, STD, "bicubic", 0.875, train=False)
+    assert "RandomHorizontalFlip" not in _transform_types(build_transforms(Preprocessing(32, MEAN, STD), train=True, flips=False))
+    ev = build_transforms(Preprocessing(224, MEAN, STD, "bicubic", 0.875), train=False)
     assert _transform_types(ev)[:2] == ["Resize", "CenterCrop"]
     assert ev.transforms[0].size == 256 and ev.transforms[1].size == (224, 224)
     assert str(ev.transforms[0].interpolation.value) == "bicubic"
-    assert not any(n.startswith("Random") for n in _transform_types(build_transforms(32, MEAN, STD, train=False)))
+    assert not any(n.startswith("Random") for n in _transform_types(build_transforms(Preprocessing(32, MEAN, STD), train=False)))
     norm = ev.transforms[-1]
     assert tuple(norm.mean) == MEAN and tuple(norm.std) == STD
 
 
 def test_load_splits_transforms() -> None:
-    s = load_splits("digits", 64, (0.1, 0.2, 0.3), (0.5, 0.5, 0.5), "bilinear", 0.875)
+    s = load_splits("digits", Preprocessing(64, (0.1, 0.2, 0.3), (0.5, 0.5, 0.5), "bilinear", 0.875))
     assert "RandomResizedCrop" in _transform_types(s.train.transform)
     assert "RandomHorizontalFlip" not in _transform_types(s.train.transform)  # a mirrored digit is another symbol
     assert "RandomResizedCrop" not in _transform_types(s.val.transform)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from spofa_deploy.data import AugSeeded, DeviceAugment, EncodedSample, load_splits, make_loader, read_encoded
 from spofa_deploy.errors import UserError
+from spofa_deploy.models import Preprocessing
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE = 64
@@ -55,7 +56,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def _splits(root: Path, decode_device: str | None = None, interpolation: str = "bilinear", **kw):
-    return load_splits(f"imagefolder:{root}", SIZE, MEAN, STD, interpolation, seed=0, decode_device=decode_device, **kw)
+    return load_splits(f"imagefolder:{root}", Preprocessing(SIZE, MEAN, STD, interpolation), seed=0, decode_device=decode_device, **kw)
 
 
 def _epochs(ds, epochs=(0, 1, 2)) -> list[tuple[int, int]]:
@@ -291,9 +292,9 @@ def test_same_sample_same_tensor_and_global_rng_untouched(folder: Path) -> None:
 
 def test_device_decode_refused_where_it_cannot_work(folder: Path) -> None:
     with pytest.raises(UserError, match="imagefolder"):
-        load_splits("digits", SIZE, MEAN, STD, decode_device="cpu")
+        load_splits("digits", Preprocessing(SIZE, MEAN, STD), decode_device="cpu")
     with pytest.raises(UserError, match="img-size"):
-        load_splits(f"imagefolder:{folder}", 32, MEAN, STD, decode_device="cpu")
+        load_splits(f"imagefolder:{folder}", Preprocessing(32, MEAN, STD), decode_device="cpu")
     with pytest.raises(UserError, match="decode device"):
         _splits(folder, "tpu9")
     if not torch.cuda.is_available():

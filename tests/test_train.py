@@ -27,6 +27,7 @@ from spofa_deploy.models import count_params, create_model, data_config
 from spofa_deploy.pipeline import TeacherOptions, distill
 from spofa_deploy.train import CHECKPOINT, Hooks, TrainConfig, evaluate, fit
 from spofa_deploy.machine import resolve_device
+from spofa_deploy.models import Preprocessing
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -41,7 +42,7 @@ def _cfg(**kw) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def digits() -> Splits:
-    return load_splits("digits", 32, [0.5] * 3, [0.5] * 3, "bicubic", 0.95)
+    return load_splits("digits", Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.95))
 
 
 def _small(s: Splits, n_train: int, n_val: int) -> Splits:
@@ -511,7 +512,7 @@ def test_teacher_stage_has_no_label_smoothing_and_records_its_soft_target_entrop
     assert 0.0 < soft["entropy_nats"] <= soft["max_nats"] == pytest.approx(math.log(10), abs=1e-4)
     # The measurement uses a private RNG: global state untouched, and the same value twice.
     model, _ = pipeline.load_model(path)
-    splits = load_splits("digits", 16, meta["mean"], meta["std"], meta["interpolation"], meta["crop_pct"])
+    splits = load_splits("digits", Preprocessing.from_meta(meta, 16))
     torch_state, py_state = torch.get_rng_state(), random.getstate()
     again = soft_target_entropy(model, splits.train, 4.0)
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
