@@ -72,9 +72,9 @@ class ProjectorHead(nn.Module):
         self.in_chs, self.reduction, self.dim, self.num_classes = in_chs, reduction, dim, num_classes
 
         if num_blocks == 0:
-            # Already at the final stride: a 1x1 projection, with BN+ReLU like the blocks so
-            # every stage reaches the pooled embedding through the same kind of activation.
-            body: list[nn.Module] = _conv_bn_relu(nn.Conv2d(in_chs, dim, 1, bias=False), out_chs=dim)
+            # Already at the final stride: a plain 1x1 projection with bias, as in the reference
+            # (OFA-KD); the LayerNorm after pooling does the normalising (issue 17).
+            body: list[nn.Module] = [nn.Conv2d(in_chs, dim, 1)]
         else:
             body, chs = [], in_chs
             for i in range(num_blocks):

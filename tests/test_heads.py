@@ -74,10 +74,10 @@ def test_head_structure() -> None:
     assert blocks[0][4].stride == (1, 1) and blocks[0][4].groups == 24
     assert len(ProjectorHead(40, 8, 960, 100).body) == 2
     assert len(ProjectorHead(112, 16, 960, 100).body) == 1
-    # Already at /32: a 1x1 conv to D, then BN + ReLU.
+    # Already at /32: a plain 1x1 conv (with bias) to D, as in the reference: no BatchNorm, no activation.
     last = ProjectorHead(960, 32, 768, 100).body
-    assert isinstance(last[0], nn.Conv2d) and last[0].kernel_size == (1, 1) and last[0].out_channels == 768
-    assert isinstance(last[1], nn.BatchNorm2d) and isinstance(last[2], nn.ReLU)
+    assert len(last) == 1 and isinstance(last[0], nn.Conv2d) and last[0].kernel_size == (1, 1)
+    assert last[0].out_channels == 768 and last[0].bias is not None
     # The logits come from a spatial size 1 map as well (16 px input at /4 is 4x4, /32 is 1x1).
     out = ProjectorHead(24, 4, 64, 10)(torch.randn(3, 24, 1, 1))
     assert out.shape == (3, 10)
