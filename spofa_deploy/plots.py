@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +15,16 @@ PLOT_TOP1 = "plot_val_top1.png"
 PLOT_LOSS = "plot_train_loss.png"
 PLOT_MEMA = "plot_mema_weights.png"
 PLOT_PAIRED = "plot_paired_differences.png"
+
+
+def _save(fig, png: Path) -> Path:
+    """Lay out, write and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
 
 
 def plot_trace(trace_csv: Path, png: Path) -> Path:
@@ -41,10 +52,7 @@ def plot_trace(trace_csv: Path, png: Path) -> Path:
         ax.legend(fontsize=7, ncol=4)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return _save(fig, png)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -79,38 +87,57 @@ def _legend(ax, **kw) -> None:
 
 
 def plot_compare(out: Path, report: dict) -> list[Path]:
-    """Val top-1 over epochs per method, training loss over steps, MEMA weights of `spofa`: one column per rate."""
+    """Val top-1 over epochs per method, training loss over steps, MEMA weights of `spofa`, paired
+    differences: one PNG each, one column per rate."""
     import matplotlib
 
     matplotlib.use("Agg")
+    runs, methods = report["runs"], report["config"]["methods"]
+    view = _CompareView(runs, report["config"]["lrs"], {m: f"C{i}" for i, m in enumerate(methods)}, methods)
+    paths = [_plot_top1(out / PLOT_TOP1, view, report), _plot_loss(out / PLOT_LOSS, view)]
+    if any(r["method"] == "spofa" for r in runs):
+        paths.append(_plot_mema(out / PLOT_MEMA, view))
+    if report.get("paired"):
+        paths.append(plot_paired(out / PLOT_PAIRED, report["paired"], report["title"]))
+    return paths
+
+
+@dataclass(frozen=True)
+class _CompareView:
+    """What every compare figure draws from: the runs, the rates (one column each), a colour per method."""
+
+    runs: list[dict]
+    lrs: list[float]
+    colors: dict[str, str]
+    methods: list[str]
+
+    def sel(self, method: str, lr: float) -> list[dict]:
+        return [r for r in self.runs if r["method"] == method and r["lr"] == lr]
+
+
+def _top1_series(run: dict, epochs: int, ax, color: str) -> dict[float, float]:
+    """Val top-1 by epoch of one run; a stopped run holds what it left (as in the tables), x marks the stop."""
+    s = {float(e["epoch"]): float(e["val_top1"]) for e in read_metrics(Path(run["run_dir"]) / METRICS)
+         if "val_top1" in e}
+    if run["status"] == "stopped" and s:
+        last = max(s)
+        ax.plot([last], [s[last]], "x", ms=7, mew=1.5, color=color)
+        s.update({float(e): s[last] for e in range(int(last) + 1, epochs + 1)})
+    return s
+
+
+def _plot_top1(png: Path, view: _CompareView, report: dict) -> Path:
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator
 
-    runs, lrs, methods = report["runs"], report["config"]["lrs"], report["config"]["methods"]
-    epochs = int(report["config"]["epochs"])
-    colors = {m: f"C{i}" for i, m in enumerate(methods)}
-    chance = 100.0 / report["data"]["num_classes"]
-    sel = lambda m, lr: [r for r in runs if r["method"] == m and r["lr"] == lr]  # noqa: E731
-    n = len(lrs)
-    paths = []
-
+    epochs, n = int(report["config"]["epochs"]), len(view.lrs)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False, sharey=True)
-    for ax, lr in zip(axes[0], lrs):
-        for m in methods:
-            series = []
-            for r in sel(m, lr):
-                s = {float(e["epoch"]): float(e["val_top1"]) for e in read_metrics(Path(r["run_dir"]) / METRICS)
-                     if "val_top1" in e}
-                if r["status"] == "stopped" and s:  # it holds what it left, as in the tables; x marks the stop
-                    last = max(s)
-                    ax.plot([last], [s[last]], "x", ms=7, mew=1.5, color=colors[m])
-                    s.update({float(e): s[last] for e in range(int(last) + 1, epochs + 1)})
-                series.append(s)
-            x, mean, lo, hi = _mean_curve(series)
+    for ax, lr in zip(axes[0], view.lrs):
+        for m in view.methods:
+            x, mean, lo, hi = _mean_curve([_top1_series(r, epochs, ax, view.colors[m]) for r in view.sel(m, lr)])
             if x:
-                ax.plot(x, mean, "o-", ms=3, lw=1.4, color=colors[m], label=m)
-                ax.fill_between(x, lo, hi, color=colors[m], alpha=0.15)
-        ax.axhline(chance, color="grey", ls=":", lw=1)
+                ax.plot(x, mean, "o-", ms=3, lw=1.4, color=view.colors[m], label=m)
+                ax.fill_between(x, lo, hi, color=view.colors[m], alpha=0.15)
+        ax.axhline(100.0 / report["data"]["num_classes"], color="grey", ls=":", lw=1)  # chance
         ax.set_title(f"lr {lr:g}", fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -118,56 +145,59 @@ def plot_compare(out: Path, report: dict) -> list[Path]:
     _legend(axes[0, 0], fontsize=7)
     fig.suptitle(f"validation top-1: {report['title']}\n(x: a run stopped on NaN/Inf; it counts with its last "
                  "evaluated top-1 from there on)", fontsize=10)
-    fig.tight_layout()
-    paths.append(out / PLOT_TOP1)
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return _save(fig, png)
 
+
+def _log_axis(ax) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.tick_params(axis="y", which="minor", labelsize=6)
+
+
+def _plot_loss(png: Path, view: _CompareView) -> Path:
+    import matplotlib.pyplot as plt
+
+    n = len(view.lrs)
     fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 5.6), squeeze=False, sharex="col")
-    for j, lr in enumerate(lrs):
+    for j, lr in enumerate(view.lrs):
         for row, (key, title) in enumerate((("loss", "total training loss"), ("loss_gt", "cross-entropy term"))):
             ax = axes[row, j]
-            for m in methods:
-                x, mean, _, _ = _mean_curve(_trace_series(sel(m, lr), key))
+            for m in view.methods:
+                x, mean, _, _ = _mean_curve(_trace_series(view.sel(m, lr), key))
                 if x:
-                    ax.plot(x, mean, lw=1.0, color=colors[m], label=m)
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
-            ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
-            ax.tick_params(axis="y", which="minor", labelsize=6)
+                    ax.plot(x, mean, lw=1.0, color=view.colors[m], label=m)
+            _log_axis(ax)
             ax.set_title(f"{title}, lr {lr:g}", fontsize=9)
             ax.grid(alpha=0.3)
         axes[1, j].set_xlabel("step")
     _legend(axes[0, 0], fontsize=7)
     fig.suptitle("training loss over steps (mean over seeds)", fontsize=10)
-    fig.tight_layout()
-    paths.append(out / PLOT_LOSS)
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return _save(fig, png)
 
-    spofa = [r for r in runs if r["method"] == "spofa"]
-    if spofa:
-        fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False, sharey=True)
-        for ax, lr in zip(axes[0], lrs):
-            rows = read_trace(Path(sel("spofa", lr)[0]["run_dir"]) / TRACE) if sel("spofa", lr) else []
-            keys = [k for k in (rows[0] if rows else {}) if k.startswith("alpha_")] + \
-                   [k for k in ("beta_mean", "beta_min") if rows and k in rows[0]]
-            for k in keys:
-                x, mean, _, _ = _mean_curve(_trace_series(sel("spofa", lr), k))
-                ax.plot(x, mean, lw=1.0, ls="--" if k.startswith("beta") else "-", label=k)
-            ax.set_title(f"spofa MEMA weights, lr {lr:g}", fontsize=9)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-        axes[0, 0].set_ylabel("weight (mean over seeds)")
-        _legend(axes[0, 0], fontsize=7, ncol=2)
-        fig.tight_layout()
-        paths.append(out / PLOT_MEMA)
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    if report.get("paired"):
-        paths.append(plot_paired(out / PLOT_PAIRED, report["paired"], report["title"]))
-    return paths
+
+def _plot_mema(png: Path, view: _CompareView) -> Path:
+    import matplotlib.pyplot as plt
+
+    n = len(view.lrs)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False, sharey=True)
+    for ax, lr in zip(axes[0], view.lrs):
+        runs = view.sel("spofa", lr)
+        rows = read_trace(Path(runs[0]["run_dir"]) / TRACE) if runs else []
+        keys = [k for k in (rows[0] if rows else {}) if k.startswith("alpha_")] + \
+               [k for k in ("beta_mean", "beta_min") if rows and k in rows[0]]
+        for k in keys:
+            x, mean, _, _ = _mean_curve(_trace_series(runs, k))
+            ax.plot(x, mean, lw=1.0, ls="--" if k.startswith("beta") else "-", label=k)
+        ax.set_title(f"spofa MEMA weights, lr {lr:g}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("weight (mean over seeds)")
+    _legend(axes[0, 0], fontsize=7, ncol=2)
+    return _save(fig, png)
 
 
 def plot_paired(png: Path, paired: Sequence[dict], title: str) -> Path:
@@ -200,7 +230,4 @@ def plot_paired(png: Path, paired: Sequence[dict], title: str) -> Path:
         ax.set_ylabel(f"top-1 minus {base} (points)")
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"paired differences by seed (bars: mean, 95 % t-interval; thick: excludes 0)\n{title}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return _save(fig, png)
