@@ -8,8 +8,10 @@ import argparse
 
 import timm
 
-from export.benchmark import bench_models
-from export.report import print_report, write_report_json
+from cli.bench_table import print_report
+from export.bench.report import write_report_json
+from export.bench.run import bench_models
+from export.bench.timing import TimingOptions
 from spofa_deploy.models import resolve_model_name
 
 
@@ -31,7 +33,8 @@ def main() -> None:
     teacher, student = timm.create_model(t_name), timm.create_model(s_name)
     rep = bench_models(teacher, student, img_size=a.img_size, backends=a.backends.split(","),
                        batch_sizes=[int(b) for b in a.batch.split(",")], precision=a.precision, device=a.device,
-                       min_s=a.min_s, warmup_s=a.warmup_s, rounds=a.rounds, student_name=s_name, teacher_name=t_name)
+                       timing=TimingOptions(min_s=a.min_s, warmup_s=a.warmup_s, rounds=a.rounds), student_name=s_name,
+                       teacher_name=t_name)
     print_report(rep)
     if a.json:
         write_report_json(rep, a.json)

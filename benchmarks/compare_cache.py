@@ -38,9 +38,9 @@ import time
 from pathlib import Path
 
 from spofa_deploy import compare as cmp
-from spofa_deploy.data import parse_data_spec
+from spofa_deploy.datasets import parse_data_spec
 from spofa_deploy.machine import cpu_load, set_threads
-from spofa_deploy.pipeline import STUDENT_FILE
+from spofa_deploy.run_files import STUDENT_FILE
 
 DEFAULT = cmp.CompareConfig()  # the default compare, for the estimate
 

@@ -35,7 +35,8 @@ import torch
 from spofa_deploy.distillers import DistillConfig, create_task
 from spofa_deploy.machine import cpu_load, set_threads
 from spofa_deploy.models import create_model
-from spofa_deploy.teacher_cache import FORMATS, CacheKey, TeacherCache
+from spofa_deploy.teacher_cache import TeacherCache
+from spofa_deploy.teacher_cache_key import CacheKey, FORMATS
 from spofa_deploy.train import resolve_amp, train_step
 
 CACHED = " cached"  # row-name suffix of a method timed with a warm teacher cache

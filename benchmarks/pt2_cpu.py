@@ -5,7 +5,7 @@
 Random weights (latency does not depend on them). Each backend is built once (the `.pt2`
 with a dynamic batch 1..256, as `spofa export` does by default; the ONNX with a dynamic
 batch), checked against eager on the same images, then timed in rounds A B C D A B C D ...
-per batch size with `spofa_deploy.bench.measure_step`; the rounds are pooled. Reported per
+per batch size with `export.bench.timing.measure`; the rounds are pooled. Reported per
 backend and batch: median host latency, p10..p90 of all samples, the spread of the per-round
 medians, img/s and the ratio to eager. Compile/export seconds are printed apart, never in
 the latency. On a shared machine, quote the ratios (all backends see the same load).
@@ -21,11 +21,11 @@ from pathlib import Path
 import timm
 import torch
 
-from export.artifact import Artifact
 from export.onnx import BatchProfile, export_onnx
-from export.pt2 import Pt2Runner, export_pt2
-from export.runtimes import OrtRunner
-from spofa_deploy.bench import LatencyStats, TorchRunner, measure_step, percentile, random_input
+from export.bench.runners import OrtRunner, Pt2Runner, TorchRunner
+from export.bench.target import Artifact
+from export.bench.timing import LatencyStats, TimingOptions, measure, percentile, random_input
+from export.pt2 import export_pt2
 
 BACKENDS = ("eager", "compile", "pt2", "ort")
 
@@ -85,8 +85,8 @@ def bench(runners: dict, batches: list[int], rounds: int, min_s: float, warmup_s
             err[b] = float((r(x) - ref).abs().max())
         for i in range(rounds):
             for b in live:
-                parts[b].append(measure_step(steps[b], batch=batch, warmup_s=warmup_s if i == 0 else 0.1,
-                                             min_s=min_s, min_iters=10))
+                timing = TimingOptions(warmup_s=warmup_s if i == 0 else 0.1, min_s=min_s, min_iters=10)
+                parts[b].append(measure(steps[b], batch=batch, timing=timing))
         out[batch] = {}
         for b in live:
             st = LatencyStats.pool(parts[b])
@@ -122,7 +122,7 @@ def main() -> None:
         batches = [int(b) for b in a.batch.split(",")]
         runners, build_s = build(model, a.model, backends, a.img_size, a.threads, Path(work), batches, a.pt2_batch)
         results = bench(runners, batches, a.rounds, a.min_s, a.warmup_s)
-    compile_s = getattr(runners.get("compile"), "compile_seconds", {})
+    compile_s = runners["compile"].compile_seconds if "compile" in runners else {}
     print(f"{a.model} {a.img_size}px fp32, {a.threads} thread(s), torch {torch.__version__}; "
           f"build seconds: {', '.join(f'{b} {s:.1f}' for b, s in build_s.items())}"
           + (f"; torch-compile first call per batch: {', '.join(f'b{k} {v:.1f}' for k, v in compile_s.items())}"

@@ -4,7 +4,7 @@ A realistic teacher is a trained one: an MLP is trained on CIFAR-like synthetic 
 in superclasses, so the teacher's tail has structure: near-miss classes of the same
 superclass), and its logits on noisy "augmented" training views are the cached targets; a
 weaker, briefly trained linear student gives the student logits. For each k the logits go
-through the cache's own codec (`teacher_cache._Codec`, exactly what get() returns) and we
+through the cache's own codec (`teacher_cache_record.Codec`, exactly what get() returns) and we
 report, against the exact fp32 logits:
 
     KD T=4, KD T=1, OFA (tau=1): |loss_hat - loss| / loss and ||grad_hat - grad|| / ||grad||
@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spofa_deploy import teacher_cache as tc
+from spofa_deploy import teacher_cache_key as tc
+from spofa_deploy.teacher_cache_record import Codec
 from spofa_deploy.losses import cosine_rows, kd_loss, ofa_loss
 
 
@@ -95,7 +96,7 @@ def decode(t: torch.Tensor, fmt: str, k: int | None, temperature: float, tails: 
     record = tc.RecordFormat.make(t.shape[1], fmt, k, temperature)
     if tails is not None:
         record = tc.RecordFormat(record.fmt, record.num_classes, record.k, tails)
-    codec = tc._Codec(record, temperature)
+    codec = Codec(record, temperature)
     return codec.decode(codec.encode(t)), codec.bytes_per_sample()
 
 

@@ -12,7 +12,8 @@ from typing import Iterator
 
 import numpy as np
 
-from spofa_deploy.data import load_splits, stratified_subset
+from spofa_deploy.data import load_splits
+from spofa_deploy.datasets import stratified_subset
 from spofa_deploy.errors import UserError
 from spofa_deploy.models import Preprocessing
 

@@ -46,21 +46,22 @@ def compare(
     threads: o.Threads = None,
 ) -> None:
     """Train none / kd / ofa / spofa (and ablations) the same way and report accuracy and stability side by side."""
-    from rich.console import Console
-
-    from spofa_deploy.compare import CompareConfig, parse_lrs, parse_methods, resume_config, run_compare
-
+    options = dict(locals())  # the loss options are read from it by name (cli.options.loss_fields)
     from dataclasses import replace
 
+    from rich.console import Console
+
+    from spofa_deploy.compare import METHOD_ALIASES, VARIANTS, CompareConfig, parse_methods, resume_config, run_compare
+
     o.use_threads(threads)  # the runs train in this process
-    loss = {"gt_weight": gt_weight, "kd_weight": kd_weight, "feat_weight": feat_weight, "eps": eps, "stage_eps": stage_eps,
-            "temperature": temperature, "kd_temperature": kd_temperature, "label_smoothing": label_smoothing,
-            "mema": mema, "sample_weights": sample_weights, "momentum": momentum, "lambda_feat": lambda_feat,
-            "lambda_out": lambda_out, "alpha_max": alpha_max}
-    loss_given = {k: v for k, v in vars(o.loss_config(**loss)).items() if loss.get(k) is not None}
+    loss_given = o.loss_fields(options)
+    if methods:
+        methods = parse_methods(o.comma_list(methods, "--methods", choices=[*VARIANTS, *METHOD_ALIASES], noun="method"))
+    opt, amp = o.train_choice("optimizer", opt), o.train_choice("amp", amp)
     given = {"teacher": teacher, "student": student, "data": data, "seeds": seeds, "epochs": epochs,
-             "methods": tuple(parse_methods(methods)) if methods else None,
-             "lrs": parse_lrs(lr_sweep) if lr_sweep else None, "train_fraction": train_fraction, "img_size": img_size,
+             "methods": tuple(methods) if methods else None,
+             "lrs": tuple(o.comma_list(lr_sweep, "--lr-sweep", of=float, positive=True)) if lr_sweep else None,
+             "train_fraction": train_fraction, "img_size": img_size,
              "batch_size": batch_size, "optimizer": opt, "weight_decay": weight_decay, "clip_grad": clip_grad, "amp": amp,
              "teacher_ckpt": str(teacher_ckpt) if teacher_ckpt else None, "teacher_epochs": teacher_epochs,
              "teacher_pretrained": None if pretrained else False, "device": device, "workers": workers,

@@ -6,6 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from cli import options as o
+
+ROLES = ("student", "teacher")  # the two models of a run
+
 
 def export(
     student: Annotated[Optional[Path], typer.Argument(
@@ -23,7 +27,9 @@ def export(
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 17,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output file or folder (default: beside the model).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
-    teacher: Annotated[bool, typer.Option("--teacher", help="Export the run's teacher instead of the student.")] = False,
+    role: Annotated[Optional[str], typer.Option("--role", metavar="student|teacher", show_default=False, help=(
+        "Which model of the run to export: its student (the default) or the teacher it was distilled from."))] = None,
+    old_teacher: Annotated[bool, typer.Option("--teacher", hidden=True, help="Deprecated: --role teacher.")] = False,
     quantizer: Annotated[str, typer.Option("--quantizer", help="INT8 quantizer: auto (ModelOpt if installed) | ort | modelopt")] = "auto",
     keep_ends: Annotated[bool, typer.Option("--keep-ends/--quantize-ends",
                          help="INT8: keep the first conv and the classifier in fp32.")] = True,
@@ -34,11 +40,28 @@ def export(
 ) -> None:
     """Export a trained model to ONNX, a TensorRT engine or a .pt2 package, with a JSON sidecar."""
     from export.exporter import export_model
+    from export.formats import FORMATS, PRECISIONS
 
+    format = o.choice(format, "--format", [k for k, f in FORMATS.items() if f.exportable], noun="export format")  # noqa: A001
+    precision = o.choice(precision, "--precision", PRECISIONS, noun="precision")
+    role = _role(role, old_teacher)
     r = export_model(student, format, precision, batch=batch, dynamic_batch=dynamic_batch, opset=opset, out=out,
-                     force=force, calib_data=calib_data, calib_samples=calib_samples, teacher=teacher,
+                     force=force, calib_data=calib_data, calib_samples=calib_samples, teacher=role == "teacher",
                      quantizer=quantizer, keep_ends=keep_ends, slim=slim, workspace_gib=workspace, device=device)
     _print_result(r)
+
+
+def _role(role: str | None, old_teacher: bool) -> str:
+    """`--role`, or the deprecated `--teacher` (kept for one release: it says so on stderr)."""
+    from spofa_deploy.errors import UserError
+
+    role = o.choice(role, "--role", ROLES) if role is not None else None
+    if old_teacher:
+        typer.echo("warning: `spofa export --teacher` is deprecated and will be removed: use --role teacher", err=True)
+        if role == "student":
+            raise UserError("--teacher (deprecated: --role teacher) contradicts --role student")
+        return "teacher"
+    return role or "student"
 
 
 def _print_result(r) -> None:

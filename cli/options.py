@@ -1,8 +1,16 @@
-"""Shared Typer option aliases (Annotated), so each command declares them in one line, and what `--threads` does."""
+"""Shared Typer options, declared once; the one parser of option values (choices, comma lists); the option
+groups (library dataclasses) built from a command's parsed options; and what `--threads` does.
+
+A command captures its options first (`given = dict(locals())`) and builds each group from them
+(`data_options(given)`, ...): the parameter `teacher_cache_max_gb` fills `TeacherCacheOptions.max_gb`.
+So a new option of a group is two lines: its Typer parameter and its dataclass field.
+"""
 from __future__ import annotations
 
+import math
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Iterable, Mapping, Optional
 
 import typer
 
@@ -20,28 +28,15 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --ou
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader workers (default: cores - 1).")]
 Download = Annotated[bool, typer.Option("--download", help="Let torchvision download CIFAR (needs a network).")]
+SkipCorrupt = Annotated[bool, typer.Option("--skip-corrupt", help="Skip unreadable images (with a warning) instead of failing.")]
 Optim = Annotated[Optional[str], typer.Option("--opt", help="sgd | adamw (default: sgd for the student, adamw for the teacher)")]
 OnNan = Annotated[str, typer.Option("--on-nan", help="stop | skip (skip non-finite steps; stop after 5 in a row)")]
 ClipGrad = Annotated[Optional[float], typer.Option("--clip-grad", help="Clip the gradient norm to this value.")]
+WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay of the optimizer (default: 0.05 student, 0.05 teacher).")]
 # The same meaning everywhere: CPU threads of this process's PyTorch (and ONNX Runtime, where a command runs it).
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", min=1, help="CPU threads of PyTorch (and ONNX Runtime, where used); default: one per core. "
                              "1 on a busy machine (see `spofa doctor`).")]
-
-
-def use_threads(n: int | None) -> None:
-    """Apply `--threads` (PyTorch's CPU threads); without it, warn once when other processes crowd the cores."""
-    import os
-
-    from rich.markup import escape
-
-    from spofa_deploy.console import console
-    from spofa_deploy.machine import apply_threads
-
-    advice = apply_threads(n)
-    if advice and os.environ.get("RANK", "0") == "0":  # once, not per torchrun rank
-        console.print(f"[yellow]warning:[/] {escape(advice)}")
-WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay of the optimizer (default: 0.05 student, 0.05 teacher).")]
 
 # Distillation settings (DistillConfig), declared once for `spofa distill` and `spofa compare`.
 GtWeight = Annotated[Optional[float], typer.Option("--gt-weight", help="Weight of the CE loss (l_gt) [default: 1].")]
@@ -59,17 +54,131 @@ LambdaFeat = Annotated[Optional[float], typer.Option("--lambda-feat", help="MEMA
 LambdaOut = Annotated[Optional[float], typer.Option("--lambda-out", help="MEMA output-level scale lambda_o [default: 2].")]
 AlphaMax = Annotated[Optional[float], typer.Option("--alpha-max", help="Upper clip of MEMA's stage weights [default: 2, the paper's]; 1 damps only.")]
 
+# Choices of the training options, as TrainConfig.validate accepts them: (flag, what it names, choices) per field.
+TRAIN_CHOICES = {"optimizer": ("--opt", "optimizer", ("sgd", "adamw")),
+                 "amp": ("--amp", "AMP mode", ("auto", "bf16", "fp16", "off")),
+                 "on_nan": ("--on-nan", "on-NaN policy", ("stop", "skip"))}
+# What `spofa distill` gives its teacher stage besides --teacher-epochs and --teacher-batch-size.
+SHARED_TRAIN = ("device", "amp", "seed", "workers", "on_nan", "clip_grad")
 
-def loss_config(method: str = "spofa", **given):
-    """A DistillConfig from the loss options the user gave (None: the default); `stage_eps` parsed from "1,1,1,1"."""
-    from spofa_deploy.distillers import DistillConfig
+
+# ---------------------------------------------------------------- the one parser of option values
+
+
+def choice(value: str, flag: str, choices: Iterable[str], *, noun: str | None = None) -> str:
+    """`value` stripped and in lower case, when it is one of `choices` (else the one UserError style,
+    `spofa_deploy.errors.check_choice`, that the library uses too)."""
+    from spofa_deploy.errors import check_choice
+
+    return check_choice(value, choices, flag, noun=noun)
+
+
+def comma_list(value: str, flag: str, *, of: type = str, choices: Iterable[str] | None = None,
+               noun: str | None = None, positive: bool = False) -> list:
+    """`"a, b"` -> ["a", "b"]: each item checked by `choice` (with `choices`) or converted with `of` (int, float).
+
+    Raises:
+        UserError naming `flag`: an empty list, an unknown choice, an item that is no number, or
+        (`positive`) a number that is not > 0 and finite.
+    """
     from spofa_deploy.errors import UserError
 
-    given = {k: v for k, v in given.items() if v is not None}
-    if "stage_eps" in given:
-        try:
-            given["stage_eps"] = tuple(float(v) for v in given["stage_eps"].split(","))
-        except ValueError:
-            raise UserError(f"--stage-eps must be comma-separated numbers, got '{given['stage_eps']}'") from None
-    return DistillConfig(method=method, **given)
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise UserError(f"{flag} is empty")
+    if choices is not None:
+        return [choice(v, flag, choices, noun=noun) for v in items]
+    try:
+        out = [of(v) for v in items]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated {'integers' if of is int else 'numbers'}, got '{value}'") from None
+    if positive and not all(v > 0 and math.isfinite(v) for v in out):
+        raise UserError(f"{flag} needs positive values, got '{value}'")
+    return out
 
+
+# ---------------------------------------------------------------- option groups from a command's options
+
+
+def group_fields(cls, given: Mapping[str, Any], *, prefix: str = "", **names: str) -> dict:
+    """The fields of dataclass `cls` that a command's options set: field `f` takes option `names[f]`, else
+    `prefix + f`; an option that is absent or None leaves the field to its default."""
+    out = {}
+    for f in fields(cls):
+        key = names.get(f.name, prefix + f.name)
+        if given.get(key) is not None:
+            out[f.name] = given[key]
+    return out
+
+
+def train_config(given: Mapping[str, Any], base=None, *, prefix: str = ""):
+    """A TrainConfig (or `base` with changes) from a command's options, `--opt`, `--amp` and `--on-nan` checked.
+
+    With `prefix` (distill's `teacher_` for its teacher stage) only the prefixed options and the
+    shared ones (`SHARED_TRAIN`) count.
+    """
+    from spofa_deploy.train import TrainConfig
+
+    names = {"optimizer": prefix + "opt", **({f: f for f in SHARED_TRAIN} if prefix else {})}
+    cfg = replace(base or TrainConfig(), **group_fields(TrainConfig, given, prefix=prefix, **names))
+    return replace(cfg, **{field: train_choice(field, getattr(cfg, field)) for field in TRAIN_CHOICES})
+
+
+def train_choice(field: str, value: str | None) -> str | None:
+    """The value of a training option with choices (TrainConfig's `optimizer`, `amp`, `on_nan`) checked; None stays."""
+    if value is None:
+        return None
+    flag, noun, options = TRAIN_CHOICES[field]
+    return choice(value, flag, options, noun=noun)
+
+
+def loss_fields(given: Mapping[str, Any]) -> dict:
+    """The DistillConfig settings a command's options give (None: the default); `--stage-eps "1,1,1,1"` parsed."""
+    from spofa_deploy.distillers import DistillConfig
+
+    out = group_fields(DistillConfig, given)
+    out.pop("method", None)  # (distill: --method; compare: --methods)
+    if "stage_eps" in out:
+        out["stage_eps"] = tuple(comma_list(out["stage_eps"], "--stage-eps", of=float))
+    return out
+
+
+def loss_config(given: Mapping[str, Any]):
+    """The DistillConfig of `spofa distill`: `--method` checked, the loss options it gives."""
+    from spofa_deploy.distillers import METHODS, DistillConfig
+
+    return DistillConfig(method=choice(given["method"], "--method", METHODS), **loss_fields(given))
+
+
+def data_options(given: Mapping[str, Any]):
+    """The DataOptions of a training command (`--data` is its `spec`)."""
+    from spofa_deploy.pipeline import DataOptions
+
+    return DataOptions(**group_fields(DataOptions, given, spec="data"))
+
+
+def cache_options(given: Mapping[str, Any]):
+    """The TeacherCacheOptions of `spofa distill` (`--teacher-cache DIR`, `--teacher-cache-*`), None without a folder."""
+    from spofa_deploy.pipeline import TeacherCacheOptions
+    from spofa_deploy.teacher_cache_key import FORMATS
+
+    if given.get("teacher_cache") is None:
+        return None
+    opts = TeacherCacheOptions(**group_fields(TeacherCacheOptions, given, prefix="teacher_cache_", folder="teacher_cache"))
+    if opts.format is not None:
+        opts.format = choice(opts.format, "--teacher-cache-format", FORMATS, noun="teacher cache format")
+    return opts
+
+
+def use_threads(n: int | None) -> None:
+    """Apply `--threads` (PyTorch's CPU threads); without it, warn once when other processes crowd the cores."""
+    import os
+
+    from rich.markup import escape
+
+    from spofa_deploy.console import console
+    from spofa_deploy.machine import apply_threads
+
+    advice = apply_threads(n)
+    if advice and os.environ.get("RANK", "0") == "0":  # once, not per torchrun rank
+        console.print(f"[yellow]warning:[/] {escape(advice)}")

@@ -33,6 +33,7 @@ from calibration.quantize import quantize_int8, resolve_quantizer
 from spofa_deploy.artifacts import atomic_path, latest_run, load_model, read_model_meta, sidecar_path, versions, write_json
 from spofa_deploy.accuracy import topk_correct
 from spofa_deploy.errors import MissingDependency, UserError
+from spofa_deploy.run_files import STUDENT_FILE, TEACHER_FILE
 
 from . import onnx as onnx_export
 from . import pt2 as pt2_export
@@ -78,9 +79,9 @@ def resolve_source(source: str | Path | None, teacher: bool = False) -> Path:
         source: a model file, a run folder, or None (the latest run).
         teacher: export the teacher of that run (`teacher_file` in the student's metadata).
     """
-    path = latest_run() / "student.safetensors" if source is None else Path(source)
+    path = latest_run() / STUDENT_FILE if source is None else Path(source)
     if path.is_dir():
-        path = path / "student.safetensors"
+        path = path / STUDENT_FILE
     if path.suffix != ".safetensors":
         try:
             kind = format_for_path(path).name
@@ -95,7 +96,7 @@ def resolve_source(source: str | Path | None, teacher: bool = False) -> Path:
     meta = read_model_meta(path)
     if meta.get("role") == "teacher":
         return path
-    tfile = meta.get("teacher_file") or "teacher.safetensors"
+    tfile = meta.get("teacher_file") or TEACHER_FILE
     tpath = path.parent / tfile
     if not tpath.is_file():
         raise UserError(f"--teacher: {tpath} not found beside {path.name} (name the teacher .safetensors instead)")
@@ -140,7 +141,7 @@ def _check_dependencies(fmt: Format, precision: str, slim: bool | None, quantize
         fmt.require()
         trt_export.require_gpu()
         if trt_export.onnx_precision_for(precision) in ("fp16", "bf16"):
-            onnx_export.require_autocast(f"{precision} on TensorRT {trt_export.trt_major()} (strongly typed)")
+            onnx_export.require_autocast(f"{precision} on TensorRT {trt_export.trt_version()[0]} (strongly typed)")
     else:
         fmt.require(precision)
         if precision in ("fp16", "bf16"):
@@ -207,16 +208,27 @@ def _compare_top1(meta: dict, fp32: Path, int8: Path, n: int, seed: int, fixed: 
     return fp, q, qk, total
 
 
-def _int8_onnx(fp32: Path, dest: Path, meta: dict, result: ExportResult, *, calib_data: str | None,
-               calib_samples: int, quantizer: str, keep_ends: bool, eval_samples: int, seed: int,
-               fixed: int | None) -> dict:
+@dataclass(frozen=True)
+class _Int8Options:
+    """How an INT8 ONNX is calibrated and judged (the `export_model` keywords of the same names)."""
+
+    calib_data: str | None
+    calib_samples: int
+    quantizer: str
+    keep_ends: bool
+    eval_samples: int
+    seed: int
+
+
+def _int8_onnx(fp32: Path, dest: Path, meta: dict, result: ExportResult, opts: _Int8Options, fixed: int | None) -> dict:
     """Calibrate and quantize `fp32` into `dest`, then put int8 vs fp32 val top-1 into `result`."""
-    calib = calibration_set(meta, calib_data, calib_samples, seed)
-    info = quantize_int8(fp32, dest, calib.images, quantizer=quantizer, keep_ends=keep_ends, calib_data=calib.spec)
+    calib = calibration_set(meta, opts.calib_data, opts.calib_samples, opts.seed)
+    info = quantize_int8(fp32, dest, calib.images, quantizer=opts.quantizer, keep_ends=opts.keep_ends,
+                         calib_data=calib.spec)
     onnx_export.check_onnx(dest)
     result.quantization = info.to_dict()
     try:
-        fp, q, qk, n = _compare_top1(meta, fp32, dest, eval_samples, seed, fixed)
+        fp, q, qk, n = _compare_top1(meta, fp32, dest, opts.eval_samples, opts.seed, fixed)
     except UserError as e:
         result.warnings.append(f"int8 accuracy not measured: validation images unavailable ({e})")
     else:
@@ -256,10 +268,9 @@ def _engine(onnx_file: Path, dest: Path, work: Path, side: dict, extra: dict, re
                                   parity_engine=result.parity_engine.to_dict(), **engine, **extra))
 
 
-def _pt2(model, meta: dict, src: Path, dest: Path, profile: BatchProfile, device: str, result: ExportResult, *,
-         parity_samples: int, seed: int, tolerance: dict) -> None:
+def _pt2(model, meta: dict, src: Path, dest: Path, profile: BatchProfile, device: str, result: ExportResult,
+         check: _ParityCheck) -> None:
     """Compile the .pt2 in a temp folder, check it against PyTorch, publish it with its sidecar."""
-    check = _ParityCheck(model, meta, parity_samples, seed, result.warnings, None, tolerance)
     with tempfile.TemporaryDirectory(prefix=".spofa-export-", dir=dest.parent) as work:
         pkg = Path(work) / "model.pt2"
         facts = pt2_export.export_pt2(model, pkg, img_size=int(meta["img_size"]), batch=profile,
@@ -305,32 +316,76 @@ def _flips(p: Parity) -> str:
     return f"; {p.decisive_disagreements} decisive top-1 flip(s)" if p.decisive_disagreements else ""
 
 
-def export_model(
-    source: Path | str | None,
-    fmt: str,
-    precision: str = "fp32",
-    *,
-    batch: int | None = None,
-    dynamic_batch: tuple[int, int, int] | str | None = None,
-    opset: int = onnx_export.MIN_OPSET,
-    out: Path | str | None = None,
-    force: bool = False,
-    calib_data: str | None = None,
-    calib_samples: int = 512,
-    teacher: bool = False,
-    quantizer: str = "auto",
-    keep_ends: bool = True,
-    slim: bool | None = None,
-    parity_samples: int = 64,
-    parity_atol: float = onnx_export.PARITY_ATOL,
-    parity_rtol: float = onnx_export.PARITY_RTOL,
-    eval_samples: int = 1000,
-    workspace_gib: float = 4.0,
-    timing_cache: Path | None | bool = True,
-    exporter: str = "torchscript",
-    device: str = "cpu",
-    seed: int = 0,
-) -> ExportResult:
+def _fp32_onnx(model, meta: dict, path: Path, profile: BatchProfile, check: _ParityCheck, *, opset: int,
+               exporter: str, slim: bool) -> tuple[Parity, dict]:
+    """Export, check and optionally slim the fp32 ONNX at `path`, then check it against PyTorch.
+
+    Returns:
+        Its parity, and the sidecar entries of how it was made (slim, slim_nodes, exporter).
+    """
+    onnx_export.export_onnx(model, path, img_size=int(meta["img_size"]), batch=profile, opset=opset,
+                            exporter=exporter, in_chans=int(meta.get("in_chans", 3)))
+    onnx_export.check_onnx(path)
+    nodes = onnx_export.slim_onnx(path) if slim else None
+    onnx_export.check_onnx(path)
+    parity = check.onnx(path)
+    if not parity.passed:
+        raise UserError(f"ONNX Runtime output differs from PyTorch beyond tolerance: {parity.describe()}"
+                        f"{_flips(parity)}: nothing written (try --no-slim or another --opset)")
+    return parity, {"slim": nodes is not None, "slim_nodes": list(nodes) if nodes else None, "exporter": exporter}
+
+
+def _reduced_onnx(fp32: Path, onnx_prec: str, meta: dict, result: ExportResult, check: _ParityCheck,
+                  int8: _Int8Options, extra: dict) -> Path:
+    """The ONNX of `onnx_prec` made from `fp32` (Q/DQ, AutoCast, or `fp32` itself); its parity into `result`."""
+    if onnx_prec == "int8":
+        final = fp32.with_name("int8.onnx")
+        extra["int8"] = _int8_onnx(fp32, final, meta, result, int8, check.fixed)
+        result.parity = check.onnx(final, fused=False)
+        return final
+    if onnx_prec in ("fp16", "bf16"):
+        final = fp32.with_name(f"{onnx_prec}.onnx")
+        onnx_export.autocast(fp32, final, onnx_prec)
+        onnx_export.check_onnx(final)
+        # ORT's CPU provider has no bf16 Conv kernel: such a graph is checked on its engine only.
+        result.parity = check.onnx(final) if onnx_export.ort_runs(onnx_prec) else None
+        return final
+    return fp32
+
+
+def _onnx_artifact(model, meta: dict, src: Path, dest: Path, fmt: Format, profile: BatchProfile,
+                   result: ExportResult, check: _ParityCheck, *, opset: int, exporter: str, slim: bool,
+                   int8: _Int8Options, workspace_gib: float, timing_cache) -> None:
+    """fp32 ONNX -> [INT8 / AutoCast] -> the `.onnx`, or the engine built from it; published with sidecars."""
+    with tempfile.TemporaryDirectory(prefix=".spofa-export-", dir=dest.parent) as work:
+        fp32 = Path(work) / "fp32.onnx"
+        fp32_parity, extra = _fp32_onnx(model, meta, fp32, profile, check, opset=opset, exporter=exporter, slim=slim)
+        # The ONNX the artifact is (format onnx) or is built from (format trt).
+        onnx_prec = trt_export.onnx_precision_for(result.precision) if fmt.name == "trt" else result.precision
+        result.parity = fp32_parity
+        final = _reduced_onnx(fp32, onnx_prec, meta, result, check, int8, extra)
+        if final != fp32:
+            extra["parity_fp32"] = fp32_parity.to_dict()
+        result.opset = onnx_export.model_opset(onnx.load(str(final), load_external_data=False))
+        extra["parity"] = result.parity.to_dict() if result.parity else None
+        if result.parity is None:
+            extra["parity_note"] = f"{onnx_prec} ONNX not run by ONNX Runtime CPU (no kernels): checked on the engine"
+        side = dict(meta=meta, opset=result.opset, batch=profile, source=src)
+        if fmt.name == "onnx":
+            _publish(final, dest, _sidecar(**side, fmt="onnx", precision=result.precision, artifact=dest, **extra))
+        else:
+            _engine(final, dest, Path(work), side, extra, result, check, onnx_prec=onnx_prec,
+                    workspace_gib=workspace_gib, timing_cache=timing_cache)
+
+
+def export_model(source: Path | str | None, fmt: str, precision: str = "fp32", *, batch: int | None = None,
+                 dynamic_batch: tuple[int, int, int] | str | None = None, opset: int = onnx_export.MIN_OPSET,
+                 out: Path | str | None = None, force: bool = False, calib_data: str | None = None,
+                 calib_samples: int = 512, teacher: bool = False, quantizer: str = "auto", keep_ends: bool = True,
+                 slim: bool | None = None, parity_samples: int = 64, parity_atol: float = onnx_export.PARITY_ATOL,
+                 parity_rtol: float = onnx_export.PARITY_RTOL, eval_samples: int = 1000, workspace_gib: float = 4.0,
+                 timing_cache: Path | None | bool = True, exporter: str = "torchscript", device: str = "cpu",
+                 seed: int = 0) -> ExportResult:
     """Export a student (or its teacher) to ONNX or a TensorRT engine, with a JSON sidecar.
 
     Args:
@@ -364,7 +419,6 @@ def export_model(
         MissingDependency: TensorRT, a GPU, ModelOpt or onnxslim is needed and missing.
     """
     start = time.perf_counter()
-    tolerance = {"atol": parity_atol, "rtol": parity_rtol}
     f = get_format(fmt)
     precision = f.check_precision(precision)
     if opset < onnx_export.MIN_OPSET:
@@ -374,61 +428,16 @@ def export_model(
     src = resolve_source(source, teacher)
     dest = _output_path(out, src, f, precision, force)
     model, meta = load_model(src, exportable=True)
-    slim = onnx_export.slim_available() if slim is None else slim
-    warnings: list[str] = []
     result = ExportResult(path=dest, sidecar=sidecar_path(dest), format=f.name, precision=precision, size_bytes=0,
-                          opset=opset, batch=profile.to_dict(), source=src, warnings=warnings)
-
+                          opset=None if f.name == "pt2" else opset, batch=profile.to_dict(), source=src)
+    check = _ParityCheck(model, meta, parity_samples, seed, result.warnings, None if profile.dynamic else profile.opt,
+                         {"atol": parity_atol, "rtol": parity_rtol})
     if f.name == "pt2":
-        result.opset = None
-        _pt2(model, meta, src, dest, profile, device, result, parity_samples=parity_samples, seed=seed,
-             tolerance=tolerance)
-        result.size_bytes, result.seconds = dest.stat().st_size, time.perf_counter() - start
-        return result
-    with tempfile.TemporaryDirectory(prefix=".spofa-export-", dir=dest.parent) as work:
-        work = Path(work)
-        fp32 = work / "fp32.onnx"
-        result.opset = onnx_export.export_onnx(model, fp32, img_size=int(meta["img_size"]), batch=profile,
-                                               opset=opset, exporter=exporter, in_chans=int(meta.get("in_chans", 3)))
-        onnx_export.check_onnx(fp32)
-        nodes = onnx_export.slim_onnx(fp32) if slim else None
-        onnx_export.check_onnx(fp32)
-        fixed = None if profile.dynamic else profile.opt
-        check = _ParityCheck(model, meta, parity_samples, seed, warnings, fixed, tolerance)
-        fp32_parity = check.onnx(fp32)
-        if not fp32_parity.passed:
-            raise UserError(f"ONNX Runtime output differs from PyTorch beyond tolerance: {fp32_parity.describe()}"
-                            f"{_flips(fp32_parity)}: nothing written (try --no-slim or another --opset)")
-
-        # The ONNX the artifact is (format onnx) or is built from (format trt).
-        onnx_prec = trt_export.onnx_precision_for(precision) if f.name == "trt" else precision
-        extra = {"slim": nodes is not None, "slim_nodes": list(nodes) if nodes else None, "exporter": exporter}
-        final, result.parity = fp32, fp32_parity
-        if onnx_prec == "int8":
-            final = work / "int8.onnx"
-            extra["int8"] = _int8_onnx(fp32, final, meta, result, calib_data=calib_data, calib_samples=calib_samples,
-                                       quantizer=quantizer, keep_ends=keep_ends, eval_samples=eval_samples,
-                                       seed=seed, fixed=fixed)
-            result.parity = check.onnx(final, fused=False)
-        elif onnx_prec in ("fp16", "bf16"):
-            final = work / f"{onnx_prec}.onnx"
-            onnx_export.autocast(fp32, final, onnx_prec)
-            onnx_export.check_onnx(final)
-            # ORT's CPU provider has no bf16 Conv kernel: such a graph is checked on its engine only.
-            result.parity = check.onnx(final) if onnx_export.ort_runs(onnx_prec) else None
-        if final != fp32:
-            extra["parity_fp32"] = fp32_parity.to_dict()
-        result.opset = onnx_export.model_opset(onnx.load(str(final), load_external_data=False))
-        extra["parity"] = result.parity.to_dict() if result.parity else None
-        if result.parity is None:
-            extra["parity_note"] = f"{onnx_prec} ONNX not run by ONNX Runtime CPU (no kernels): checked on the engine"
-        side = dict(meta=meta, opset=result.opset, batch=profile, source=src)
-
-        if f.name == "onnx":
-            _publish(final, dest, _sidecar(**side, fmt="onnx", precision=precision, artifact=dest, **extra))
-        else:
-            _engine(final, dest, work, side, extra, result, check, onnx_prec=onnx_prec, workspace_gib=workspace_gib,
-                    timing_cache=timing_cache)
-    result.size_bytes = dest.stat().st_size
-    result.seconds = time.perf_counter() - start
+        _pt2(model, meta, src, dest, profile, device, result, check)
+    else:
+        _onnx_artifact(model, meta, src, dest, f, profile, result, check, opset=opset, exporter=exporter,
+                       slim=onnx_export.slim_available() if slim is None else slim,
+                       int8=_Int8Options(calib_data, calib_samples, quantizer, keep_ends, eval_samples, seed),
+                       workspace_gib=workspace_gib, timing_cache=timing_cache)
+    result.size_bytes, result.seconds = dest.stat().st_size, time.perf_counter() - start
     return result

@@ -1,16 +1,16 @@
 """The one table of model formats: suffix, precisions, what each needs, what runs it.
 
-`spofa export` validates `--format` / `--precision` against it and `spofa bench` picks a
-backend runner from it (`format_for_path`). Adding a format means adding one row here.
+`spofa export` validates `--format` / `--precision` against it; `spofa bench` finds a file's
+format from its suffix (`format_for_path`) and the backends that can run it here (`BACKENDS` is
+their union). Adding a format means adding one row here (and a runner for a new backend).
 """
 from __future__ import annotations
 
-import difflib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from spofa_deploy.errors import MissingDependency, UserError
+from spofa_deploy.errors import MissingDependency, UserError, check_choice
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
@@ -33,7 +33,7 @@ class Format:
         precisions: precisions this format can hold.
         needs: top-level modules needed to produce and run it.
         precision_needs: extra modules a precision needs, as (precision, modules) pairs.
-        backends: runtimes that run it (`spofa bench` picks one).
+        backends: the `spofa bench` backends that run it (`--backend`), the preferred first.
         exportable: whether `spofa export` produces it.
         note: one line for help texts.
         title: what a file of this format is, for messages ("an ONNX model").
@@ -60,10 +60,7 @@ class Format:
 
     def check_precision(self, precision: str) -> str:
         """Return `precision` normalised, or raise a UserError naming what is allowed."""
-        p = precision.strip().lower()
-        if p not in PRECISIONS:
-            raise UserError(f"unknown precision '{precision}'{_suggest(p, PRECISIONS)}; "
-                            f"choose one of {', '.join(PRECISIONS)}")
+        p = check_choice(precision, PRECISIONS, "--precision", noun="precision")
         if p not in self.precisions:
             raise UserError(f"format '{self.name}' does not support {p}: use one of {', '.join(self.precisions)}")
         return p
@@ -81,14 +78,14 @@ class Format:
 
 FORMATS: dict[str, Format] = {
     "torch": Format(
-        "torch", ".safetensors", ("fp32", "fp16", "bf16"), needs=("torch", "timm", "safetensors"),
-        backends=("torch",), exportable=False, note="the trained timm model (source of every export)",
-        title="a PyTorch model (.safetensors)"),
+        "torch", ".safetensors", ("fp32", "bf16", "fp16"), needs=("torch", "timm", "safetensors"),
+        backends=("torch-eager", "torch-compile", "torch-cudagraph"), exportable=False,
+        note="the trained timm model (source of every export)", title="a PyTorch model (.safetensors)"),
     "onnx": Format(
         "onnx", ".onnx", ("fp32", "fp16", "int8"), needs=("onnx", "onnxruntime"),
         # fp16 is an AutoCast mixed-precision graph; int8 is a Q/DQ graph (ORT quantize_static or ModelOpt).
         precision_needs=(("fp16", ("modelopt",)),),
-        backends=("onnxruntime-cpu", "onnxruntime-cuda"),
+        backends=("ort-cuda", "ort-cpu"),
         note="fp32; int8 = Q/DQ ONNX; fp16 via ModelOpt AutoCast", title="an ONNX model"),
     "pt2": Format(
         "pt2", ".pt2", ("fp32", "bf16", "fp16"), needs=("torch",), backends=("aoti",),
@@ -96,24 +93,18 @@ FORMATS: dict[str, Format] = {
         title="a PyTorch AOTInductor package (.pt2)"),
     "trt": Format(
         "trt", ".engine", ("fp32", "fp16", "bf16", "int8"), needs=("tensorrt",),
-        backends=("tensorrt",),
+        backends=("trt",),
         note="TensorRT engine for the GPU and TensorRT version that built it", title="a TensorRT engine"),
 }
 
 
-def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+# Every `spofa bench --backend` value but "auto", in table order.
+BACKENDS: tuple[str, ...] = tuple(dict.fromkeys(b for f in FORMATS.values() for b in f.backends))
 
 
 def get_format(name: str) -> Format:
     """The exportable format called `name`, with a suggestion on a typo."""
-    key = name.strip().lower()
-    fmt = FORMATS.get(key)
-    if fmt is None or not fmt.exportable:
-        choices = [k for k, f in FORMATS.items() if f.exportable]
-        raise UserError(f"unknown export format '{name}'{_suggest(key, choices)}; choose one of {', '.join(choices)}")
-    return fmt
+    return FORMATS[check_choice(name, [k for k, f in FORMATS.items() if f.exportable], "--format", noun="export format")]
 
 
 def format_for_path(path: str | Path) -> Format:

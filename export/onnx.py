@@ -229,14 +229,20 @@ def fixed_batch_of(model) -> int | None:
     return d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
 
 
-def ort_session(path: Path, *, fused: bool = True, threads: int | None = None):
-    """A CPU ONNX Runtime session.
+def ort_session(path: Path, *, fused: bool = True, threads: int | None = None, provider: str = "cpu",
+                device_id: int = 0, cuda_stream: int | None = None, spin: bool = False):
+    """An ONNX Runtime session: the one place sessions are built (export parity, INT8 evaluation, bench).
 
     Args:
         fused: ORT's full graph optimisation (default). `fused=False` keeps Q/DQ nodes as
             written (ORT_ENABLE_BASIC), so an INT8 model is evaluated with its Q/DQ
             arithmetic rather than ORT's fused int8 CPU kernels (see calibration/quantize.py).
         threads: intra-op threads (None: ORT's default).
+        provider: "cpu", or "cuda" (the CUDA provider on GPU `device_id`, the CPU one behind it;
+            the caller checks that CUDA was taken).
+        cuda_stream: the CUDA stream handle ORT computes on (`user_compute_stream`), for "cuda".
+        spin: let idle intra-op threads spin, as ORT does by default (benchmarks). Off for checks
+            and evaluations: sleeping threads do not starve other work on small shared machines.
     """
     import onnxruntime as ort
 
@@ -244,27 +250,40 @@ def ort_session(path: Path, *, fused: bool = True, threads: int | None = None):
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fused
                                    else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     so.log_severity_level = 3  # errors only
-    # Checks and evaluations, not benchmarks: idle threads sleep instead of spinning, which keeps
-    # them from starving other work on small shared machines.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
+    providers: list = ["CPUExecutionProvider"]
+    if provider == "cuda":
+        options = {"device_id": device_id, **({"user_compute_stream": str(cuda_stream)} if cuda_stream else {})}
+        providers.insert(0, ("CUDAExecutionProvider", options))
+    elif provider != "cpu":
+        raise ValueError(f"unknown ONNX Runtime provider {provider}")
     try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-        raise UserError(f"ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"ONNX Runtime cannot load {Path(path).name}: {str(e).splitlines()[0]}") from e
+
+
+def padded_chunks(images: np.ndarray, lo: int, hi: int, size: int):
+    """(chunk, n_real) pairs of at most min(hi, size) images, padded up to `lo` by repeating the first.
+
+    How a model with a batch range (a fixed batch: lo == hi) runs any number of images.
+    """
+    step = max(lo, min(hi, size))
+    for i in range(0, len(images), step):
+        x = images[i:i + step]
+        n = len(x)
+        if n < lo:
+            x = np.concatenate([x, np.repeat(x[:1], lo - n, axis=0)])
+        yield np.ascontiguousarray(x, dtype=np.float32), n
 
 
 def run_onnx(session, images: np.ndarray, fixed_batch: int | None = None, chunk: int = 64) -> np.ndarray:
     """Logits for `images` (N, C, H, W float32), in chunks; a fixed-batch graph gets padded chunks."""
-    step = fixed_batch or chunk
-    outs = []
-    for i in range(0, len(images), step):
-        x = images[i:i + step]
-        n = len(x)
-        if fixed_batch and n < fixed_batch:  # pad the last chunk by repeating its first image
-            x = np.concatenate([x, np.repeat(x[:1], fixed_batch - n, axis=0)])
-        outs.append(session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0][:n])
+    lo, hi = (fixed_batch, fixed_batch) if fixed_batch else (1, chunk)
+    outs = [session.run([OUTPUT_NAME], {INPUT_NAME: x})[0][:n] for x, n in padded_chunks(images, lo, hi, chunk)]
     return np.concatenate(outs).astype(np.float32)
 
 
@@ -325,7 +344,7 @@ def autocast(src: Path, dst: Path, precision: str) -> None:
     require_autocast(f"{precision} ONNX")
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
-    # keep_io_types: callers (TrtRunner, ORT) feed float32 images and read float32 logits.
+    # keep_io_types: callers (TensorRT, ORT) feed float32 images and read float32 logits.
     with _quiet_logs():  # its INFO lines (opset conversion, node counts) go to stdout
         model = convert_to_mixed_precision(onnx_path=str(src), low_precision_type=precision, keep_io_types=True)
     onnx.save(model, str(dst))

@@ -32,16 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.artifact import Artifact
-from export.onnx import INPUT_NAME, OUTPUT_NAME, BatchProfile, Parity, compare_logits
-from export.runtimes import _ArtifactRunner
-from export.tensorrt import _chunks
+from export.onnx import INPUT_NAME, OUTPUT_NAME, BatchProfile, Parity, compare_logits, padded_chunks
 from spofa_deploy.artifacts import read_json, sidecar_path
-from spofa_deploy.bench import OutputSlot, TimedStep, cuda_step, random_input
 from spofa_deploy.errors import MissingDependency, UserError
 
 SUFFIX = ".pt2"
-BACKEND = "aoti"
 DEVICES = ("cpu", "cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Inductor settings of every package: weights become constants, so BatchNorm folds into the
@@ -119,7 +114,7 @@ def _example_batch(batch: BatchProfile) -> tuple[int, bool]:
     return min(max(batch.opt, 2), batch.max), True
 
 
-def _machine_facts(device: str) -> dict:
+def machine_facts(device: str) -> dict:
     """What a package built here is bound to (also this machine's side of `check_pt2_meta`)."""
     facts = {"torch": torch.__version__, "device": device, "machine": platform.machine()}
     if device == "cuda" and torch.cuda.is_available():
@@ -168,7 +163,7 @@ def export_pt2(model: nn.Module, path: str | Path, *, img_size: int, batch: Batc
             raise UserError(f"torch.export cannot capture this model: {_first_line(e)}") from e
         t1 = time.perf_counter()
         classes = int(net(example).shape[-1])
-        facts = {**_machine_facts(device), "precision": precision, "batch": batch.to_dict(), "dynamic": dynamic,
+        facts = {**machine_facts(device), "precision": precision, "batch": batch.to_dict(), "dynamic": dynamic,
                  "img_size": img_size, "in_chans": in_chans, "num_classes": classes}
         configs = {**INDUCTOR_CONFIGS, "aot_inductor.metadata": _embedded(facts)}
         try:
@@ -306,12 +301,12 @@ def check_pt2_meta(meta: dict, path: str | Path, here: dict | None = None) -> No
     Args:
         meta: the package's sidecar (or `trusted_meta`): torch, device, gpu, compute_capability, cpu_isa.
         path: the package, for messages.
-        here: this machine's side (default: `_machine_facts` of the device the package wants),
+        here: this machine's side (default: `machine_facts` of the device the package wants),
             plus `device`, the device it is asked to run on.
     """
     name = Path(path).name
     device = str(meta.get("device") or "cpu")
-    here = here or _machine_facts(device)
+    here = here or machine_facts(device)
     built = meta.get("torch")
     if built and _torch_key(built, device) != _torch_key(here["torch"], device):
         raise UserError(f"{name} was built with torch {built} but torch {here['torch']} is installed: a .pt2 runs "
@@ -357,6 +352,32 @@ def load_pt2(path: str | Path, device: str = "cpu") -> Callable[[torch.Tensor], 
         raise UserError(f"torch {torch.__version__} cannot load {path.name}: {_first_line(e)}") from e
 
 
+def load_checked(path: str | Path, meta: dict, device: str | None = None) -> tuple[Callable, str]:
+    """A package checked against its sidecar `meta` and this machine, then loaded.
+
+    Args:
+        path: the `.pt2` file.
+        meta: its sidecar (or `trusted_meta`).
+        device: where to run (default: the device the package was built for).
+
+    Returns:
+        (the loaded callable, the device it runs on).
+
+    Raises:
+        UserError: built by another torch, for another device/GPU/CPU, corrupt, or a sidecar
+            that does not belong to the package.
+    """
+    path = Path(path)
+    built_for = package_facts(path)["device"]
+    side_device = meta.get("device", built_for)
+    if side_device != built_for:
+        raise UserError(f"{path.name} is a {built_for} package but its sidecar says {side_device}: "
+                        "the sidecar does not belong to this file")
+    device = device or built_for
+    check_pt2_meta(meta, path, here=machine_facts(device))
+    return load_pt2(path, device), device
+
+
 def pt2_logits(path: str | Path, images: np.ndarray, batch: BatchProfile, *, device: str = "cpu",
                chunk: int = 64) -> np.ndarray:
     """Float32 logits of a package for `images` (N, C, H, W float32), for parity checks.
@@ -367,7 +388,7 @@ def pt2_logits(path: str | Path, images: np.ndarray, batch: BatchProfile, *, dev
     fn = load_pt2(path, device)
     outs = []
     with torch.inference_mode():
-        for x, n in _chunks(images, batch.min, batch.max, chunk):
+        for x, n in padded_chunks(images, batch.min, batch.max, chunk):
             outs.append(fn(torch.from_numpy(x).to(device))[:n].float().cpu())
     return torch.cat(outs).numpy()
 
@@ -387,84 +408,3 @@ def parity_pt2(reference: np.ndarray, path: str | Path, images: np.ndarray, batc
     """
     out = pt2_logits(path, images, batch, device=device)
     return compare_logits(reference, out, source, checked_on=f"aoti-{device} (torch {torch.__version__})", **tolerance)
-
-
-class Pt2Runner(_ArtifactRunner):
-    """A `.pt2` package through AOTInductor's runtime (the `Runner` of `spofa_deploy.bench`).
-
-    CPU: host timing of the call. CUDA: the call is issued on a stream we own (AOTInductor
-    runs on the current stream), so the CUDA events bracket only its compute.
-
-    Attributes:
-        load_seconds: time to load the package (its compile time is in the sidecar,
-            `compile_seconds`, measured at export).
-    """
-
-    backend = BACKEND
-
-    def __init__(self, art: Artifact, *, device: str | None = None):
-        """Check the package against this machine and load it.
-
-        Args:
-            art: the resolved artifact (sidecar in `art.meta`).
-            device: where to run (default: the device the package was built for).
-
-        Raises:
-            UserError: built by another torch, for another device/GPU/CPU, corrupt, or a sidecar
-                that does not belong to the package.
-        """
-        self._describe(art)
-        built_for = package_facts(art.path)["device"]
-        side_device = art.meta.get("device", built_for)
-        if side_device != built_for:
-            raise UserError(f"{art.path.name} is a {built_for} package but its sidecar says {side_device}: "
-                            "the sidecar does not belong to this file")
-        self.device = device or built_for
-        check_pt2_meta(art.meta, art.path, here=_machine_facts(self.device))
-        t0 = time.perf_counter()
-        self._fn = load_pt2(art.path, self.device)
-        self.load_seconds = time.perf_counter() - t0
-        self._stream = torch.cuda.Stream() if self.device == "cuda" else None
-
-    def _check(self, x: torch.Tensor) -> None:
-        # AOTInductor does not check shapes at run time: a wrong one reads out of bounds.
-        if not self.batch_sizes_supported(int(x.shape[0])):
-            lo, hi = self.batch_range
-            raise UserError(f"batch {x.shape[0]} is outside {self.name}'s .pt2 range {lo}..{hi} "
-                            "(re-export with --dynamic-batch MIN:OPT:MAX)")
-        if tuple(x.shape[1:]) != tuple(self.input_shape):
-            raise UserError(f"the .pt2 takes images of shape {tuple(self.input_shape)}, got {tuple(x.shape[1:])}")
-
-    def prepare(self, batch: int) -> TimedStep:
-        x_cpu = random_input((batch, *self.input_shape), seed=batch)
-        self._check(x_cpu)
-        slot = OutputSlot()
-        if self.device == "cpu":
-
-            def compute() -> None:
-                slot.out = self._fn(x_cpu)
-
-            compute()
-            return TimedStep(compute=compute)
-        x_host = x_cpu.pin_memory()
-        x_dev = torch.empty_like(x_host, device="cuda")
-        s = self._stream
-        with torch.cuda.stream(s):
-            x_dev.copy_(x_host)
-            slot.out = self._fn(x_dev)
-        s.synchronize()
-
-        def compute() -> None:
-            slot.out = self._fn(x_dev)
-
-        return cuda_step(compute, slot, x_host, x_dev, sync=s.synchronize, stream=s)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (float32, CPU) for a CPU batch."""
-        self._check(x)
-        if self.device == "cpu":
-            return self._fn(x.float().contiguous()).float()
-        with torch.cuda.stream(self._stream):
-            out = self._fn(x.to("cuda", torch.float32).contiguous()).float().cpu()
-        self._stream.synchronize()
-        return out

@@ -1,4 +1,4 @@
-"""ONNX -> TensorRT engine (TensorRT 10 and 11) and `TrtRunner` for built engines.
+"""ONNX -> TensorRT engine (TensorRT 10 and 11) and `TrtEngine` for built engines.
 
 The version-dependent part is one decision, `strongly_typed(precision)`:
 - TensorRT >= 11: networks are always strongly typed (the builder precision flags are gone):
@@ -15,7 +15,7 @@ The version-dependent part is one decision, `strongly_typed(precision)`:
 
 `import tensorrt` happens only inside the functions that need it, so this module imports
 everywhere; where TensorRT or a GPU is missing they raise `MissingDependency`.
-An engine is GPU code: `TrtRunner` refuses an engine without its sidecar unless trust=True,
+An engine is GPU code: `TrtEngine` refuses an engine without its sidecar unless trust=True,
 and refuses one built by another TensorRT version or for another GPU.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 from spofa_deploy.artifacts import atomic_path, read_json, sidecar_path
 from spofa_deploy.errors import MissingDependency, UserError
 
-from .onnx import BatchProfile, require_autocast
+from .onnx import BatchProfile, padded_chunks, require_autocast
 
 _log = logging.getLogger(__name__)
 
@@ -58,11 +58,6 @@ def trt_version() -> tuple[int, int]:
     """(major, minor) of the installed TensorRT (detected once per process)."""
     parts = str(import_tensorrt().__version__).split(".")
     return int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-
-
-def trt_major() -> int:
-    """Major version of the installed TensorRT."""
-    return trt_version()[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,7 +123,7 @@ def _parser_error(err) -> str:
 
 def _network_flags(trt, precision: str) -> int:
     """`create_network` flags: STRONGLY_TYPED on a strongly typed 10.x build, nothing otherwise."""
-    if trt_major() >= 11 or not strongly_typed(precision):
+    if trt_version()[0] >= 11 or not strongly_typed(precision):
         return 0  # 11.x: always strongly typed, the flag is deprecated and ignored; else weakly typed
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
@@ -140,21 +135,16 @@ def _builder_flag(trt, precision: str):
     return getattr(trt.BuilderFlag, _BUILDER_FLAGS[precision])
 
 
-def _timing_cache_from(config, data: bytes):
-    """An ITimingCache from `data`, or None: on a bad buffer TensorRT may raise, or log and return None."""
+def _use_timing_cache(config, data: bytes) -> bool:
+    """Create a timing cache from `data` and attach it; False where TensorRT refuses either step.
+
+    On a bad buffer TensorRT may raise, or log and return None; a cache of another GPU or
+    TensorRT version is not attached (`set_timing_cache` returns False).
+    """
     try:
-        return config.create_timing_cache(data)
+        cache = config.create_timing_cache(data)
+        return cache is not None and bool(config.set_timing_cache(cache, ignore_mismatch=False))
     except Exception:  # noqa: BLE001 - whatever the binding raises, the build goes on without this cache
-        return None
-
-
-def _use_timing_cache(config, cache) -> bool:
-    """Attach `cache`; False when it is None or refused (another GPU or TensorRT version)."""
-    if cache is None:
-        return False
-    try:
-        return bool(config.set_timing_cache(cache, ignore_mismatch=False))
-    except Exception:  # noqa: BLE001 - e.g. a TypeError from the binding
         return False
 
 
@@ -172,8 +162,8 @@ def _attach_timing_cache(config, path: Path | None) -> list[str]:
     except OSError as e:
         data = b""
         warnings.append(f"cannot read the TensorRT timing cache {path} ({e})")
-    if not _use_timing_cache(config, _timing_cache_from(config, data)):
-        if data and _use_timing_cache(config, _timing_cache_from(config, b"")):
+    if not _use_timing_cache(config, data):
+        if data and _use_timing_cache(config, b""):
             warnings.append(f"ignored the TensorRT timing cache {path} (damaged, or written by another TensorRT "
                             "version or GPU): started an empty one")
         else:
@@ -305,7 +295,7 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
     raise UserError(f"engine I/O type {dtype} has no torch equivalent")
 
 
-class TrtRunner:
+class TrtEngine:
     """Run a TensorRT engine on torch CUDA tensors (`execute_async_v3`, `set_tensor_address`).
 
     The I/O binding is cached: `bind` sets the input shape and the output addresses only when
@@ -355,11 +345,8 @@ class TrtRunner:
         self.input_dtype = self._dtypes[self.input_name]
         shape = tuple(self.engine.get_tensor_shape(self.input_name))
         self.input_shape = shape[1:]
-        if shape[0] == -1:
-            lo, opt, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
-            self.batch = {"min": lo[0], "opt": opt[0], "max": hi[0]}
-        else:
-            self.batch = {"min": shape[0], "opt": shape[0], "max": shape[0]}
+        profile = self.engine.get_tensor_profile_shape(self.input_name, 0) if shape[0] == -1 else [shape] * 3
+        self.batch = dict(zip(("min", "opt", "max"), (int(s[0]) for s in profile)))
         self._outputs: dict[int, dict[str, torch.Tensor]] = {}  # per batch size
         self._shape_batch: int | None = None  # the batch size the context's input shape is set to
         self.input_ptr: int | None = None  # the device address bound as the input
@@ -431,17 +418,6 @@ class TrtRunner:
         self._shape_batch = self.input_ptr = None
 
 
-def _chunks(images: np.ndarray, lo: int, hi: int, size: int):
-    """(chunk, n_real) pairs of at most min(hi, size) images, padded up to `lo` by repeating the first."""
-    step = max(lo, min(hi, size))
-    for i in range(0, len(images), step):
-        x = images[i:i + step]
-        n = len(x)
-        if n < lo:
-            x = np.concatenate([x, np.repeat(x[:1], lo - n, axis=0)])
-        yield np.ascontiguousarray(x, dtype=np.float32), n
-
-
 def engine_logits(engine_path: Path, images: np.ndarray, *, trust: bool = False, chunk: int = 64) -> np.ndarray:
     """Float32 logits of a built engine for `images`, computed on the GPU (for parity checks).
 
@@ -461,10 +437,10 @@ def engine_logits(engine_path: Path, images: np.ndarray, *, trust: bool = False,
     """
     if len(images) == 0:
         raise ValueError("engine_logits needs at least one image")
-    runner = TrtRunner(engine_path, trust=trust)
+    engine = TrtEngine(engine_path, trust=trust)
     outs = []
-    stream = torch.cuda.Stream(runner.device)
+    stream = torch.cuda.Stream(engine.device)
     with torch.cuda.stream(stream):
-        for x, n in _chunks(images, runner.min_batch, runner.max_batch, chunk):
-            outs.append(runner(torch.from_numpy(x))[:n].float().cpu())  # .cpu() waits for this stream
+        for x, n in padded_chunks(images, engine.min_batch, engine.max_batch, chunk):
+            outs.append(engine(torch.from_numpy(x))[:n].float().cpu())  # .cpu() waits for this stream
     return torch.cat(outs).numpy()

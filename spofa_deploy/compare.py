@@ -31,17 +31,17 @@ from typing import Iterable
 
 from .artifacts import RUNS_DIR, read_json, read_model_meta, write_json
 from .console import console
-from .data import load_splits, parse_data_spec
+from .data import load_splits
+from .datasets import parse_data_spec
 from .models import Preprocessing
 from .distillers import DistillConfig
 from .errors import TrainingDiverged, UserError
 from .compare_report import _fmt_secs, write_report
-from .pipeline import STUDENT_FILE, TeacherOptions, distill, find_teacher
+from .pipeline import DataOptions, TeacherCacheOptions, TeacherOptions, distill, find_teacher
 from .stability import accuracy_figures, read_metrics, read_trace, stability
-from .train import CHECKPOINT, METRICS, TRACE, TrainConfig
+from .run_files import CHECKPOINT, COMPARE, DONE, METRICS, STUDENT_FILE, TRACE
+from .train import TrainConfig
 
-DONE = "done.json"
-COMPARE = "compare.json"
 TEACHER_CACHE = "teacher-cache"
 
 # Method name -> (pipeline method, DistillConfig overrides). The ablations of SPOFA:
@@ -209,7 +209,7 @@ def ensure_teacher(cfg: CompareConfig, img_size: int) -> Path:
     opts = TeacherOptions(name=cfg.teacher, checkpoint=cfg.teacher_ckpt, pretrained=cfg.teacher_pretrained)
     # The teacher recipe (AdamW, batch 32, lr 5e-4): the folder is shared with later `spofa distill` runs.
     opts.train = replace(opts.train, epochs=cfg.teacher_epochs, device=cfg.device, amp=cfg.amp, workers=cfg.workers)
-    return find_teacher(opts, str(parse_data_spec(cfg.data)), img_size, download=cfg.download)
+    return find_teacher(teacher=opts, data=DataOptions(cfg.data, img_size, download=cfg.download))
 
 
 def _train_config(cfg: CompareConfig, lr: float, seed: int) -> TrainConfig:
@@ -293,6 +293,56 @@ def run_compare(cfg: CompareConfig, resume: bool = False) -> CompareResult:
     cfg.validate()
     spec = parse_data_spec(cfg.data)
     img_size = cfg.img_size or spec.natural_size
+    out, saved = _open_compare(cfg, resume)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    teacher_path = ensure_teacher(cfg, img_size)
+    t_meta = read_model_meta(teacher_path)
+    if int(t_meta["img_size"]) != img_size:
+        raise UserError(f"teacher {teacher_path} was trained at {t_meta['img_size']}px, not {img_size}px")
+    num_classes = int(t_meta["num_classes"])
+    started = saved["started"] if saved else datetime.now().isoformat(timespec="seconds")
+    header = {"config": {**asdict(cfg), "out": str(out)}, "img_size": img_size, "teacher_path": str(teacher_path),
+              "started": started, "previous_wall_s": (saved or {}).get("previous_wall_s", 0.0)}
+    write_json(out / COMPARE, header)
+    data_info = _data_info(cfg, img_size, t_meta)
+
+    plan = [(m, lr, s) for s in cfg.seed_list() for lr in cfg.lrs for m in cfg.methods]
+    records = _read_finished(out, plan, num_classes)
+    skipped = len(records)
+    console.print(f"[bold]compare:[/] {len(plan)} runs ({len(cfg.methods)} methods x {len(cfg.lrs)} rates x "
+                  f"{cfg.seeds} seeds) of {cfg.student} <- {t_meta['model']} on {spec}, "
+                  f"{data_info['train_images']} train images (~{data_info['train_images'] // num_classes}/class), "
+                  f"{cfg.epochs} epochs -> {out}" + (f"; {skipped} finished earlier" if skipped else ""))
+
+    calls = 0
+    teacher = TeacherOptions(name=cfg.teacher, checkpoint=str(teacher_path))
+    for i, (m, lr, s) in enumerate(plan, 1):
+        name = run_name(m, lr, s)
+        if name in records:
+            continue
+        remaining = [p for p in plan if run_name(*p) not in records]
+        console.rule(f"[bold]run {i}/{len(plan)}[/] {name} | {len(records)} done, {len(remaining)} to go, "
+                     f"ETA {_fmt_secs(_eta(records, remaining))}")
+        calls += 1
+        rec = _run_one(cfg, out / name, (m, lr, s), teacher, img_size, num_classes, cache=out / TEACHER_CACHE)
+        records[name] = rec
+        wall = header["previous_wall_s"] + time.perf_counter() - t0
+        write_json(out / COMPARE, {**header, "previous_wall_s": wall})  # an interrupted session still counts
+        write_report(out, cfg, header, data_info, t_meta, [records[run_name(*p)] for p in plan if run_name(*p) in records],
+                     wall_s=wall, plots=False)
+
+    runs = [records[run_name(*p)] for p in plan]
+    wall = header["previous_wall_s"] + time.perf_counter() - t0
+    report, plots = write_report(out, cfg, header, data_info, t_meta, runs, wall_s=wall, plots=True)
+    write_json(out / COMPARE, {**header, "previous_wall_s": wall})
+    return CompareResult(out, report, calls, skipped, plots)
+
+
+def _open_compare(cfg: CompareConfig, resume: bool) -> tuple[Path, dict | None]:
+    """The compare folder and, when it holds one, its saved header; a new compare over an old one, a
+    resume of nothing and a resume with other settings are refused (the teacher of the saved compare is kept)."""
     if resume and cfg.out is None:
         cfg.out = str(latest_compare())
     out = Path(cfg.out or RUNS_DIR / f"compare-{cfg.student}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
@@ -311,67 +361,43 @@ def run_compare(cfg: CompareConfig, resume: bool = False) -> CompareResult:
         if cfg.teacher_ckpt and saved.get("teacher_path") and Path(cfg.teacher_ckpt) != Path(saved["teacher_path"]):
             raise UserError(f"--resume with another teacher than {saved['teacher_path']}: start a new compare")
         cfg.teacher_ckpt = cfg.teacher_ckpt or saved.get("teacher_path")
-    out.mkdir(parents=True, exist_ok=True)
+    return out, saved
 
-    t0 = time.perf_counter()
-    teacher_path = ensure_teacher(cfg, img_size)
-    t_meta = read_model_meta(teacher_path)
-    if int(t_meta["img_size"]) != img_size:
-        raise UserError(f"teacher {teacher_path} was trained at {t_meta['img_size']}px, not {img_size}px")
-    num_classes = int(t_meta["num_classes"])
-    started = saved["started"] if saved else datetime.now().isoformat(timespec="seconds")
-    header = {"config": {**asdict(cfg), "out": str(out)}, "img_size": img_size, "teacher_path": str(teacher_path),
-              "started": started, "previous_wall_s": (saved or {}).get("previous_wall_s", 0.0)}
-    write_json(out / COMPARE, header)
-    data_info = _data_info(cfg, img_size, t_meta)
 
-    plan = [(m, lr, s) for s in cfg.seed_list() for lr in cfg.lrs for m in cfg.methods]
-    records: dict[str, dict] = {}
+def _read_finished(out: Path, plan: list[tuple], num_classes: int) -> dict[str, dict]:
+    """The records of the runs of `plan` that finished earlier (those with a DONE file), by run name.
+
+    Their figures are re-read from the run folders, so they follow this code's definitions.
+    """
+    records = {}
     for m, lr, s in plan:
         done = out / run_name(m, lr, s) / DONE
-        if done.is_file():  # finished earlier: figures re-read from its folder, so they follow this code's definitions
+        if done.is_file():
             old = read_json(done)
             records[run_name(m, lr, s)] = run_record(
                 done.parent, m, lr, s, num_classes, stopped=old.get("status") == "stopped", error=old.get("error"),
                 wall_s=old.get("wall_s"), resumed=bool(old.get("resumed")))
-    skipped = len(records)
-    console.print(f"[bold]compare:[/] {len(plan)} runs ({len(cfg.methods)} methods x {len(cfg.lrs)} rates x "
-                  f"{cfg.seeds} seeds) of {cfg.student} <- {t_meta['model']} on {spec}, "
-                  f"{data_info['train_images']} train images (~{data_info['train_images'] // num_classes}/class), "
-                  f"{cfg.epochs} epochs -> {out}" + (f"; {skipped} finished earlier" if skipped else ""))
+    return records
 
-    calls = 0
-    teacher = TeacherOptions(name=cfg.teacher, checkpoint=str(teacher_path))
-    for i, (m, lr, s) in enumerate(plan, 1):
-        name = run_name(m, lr, s)
-        if name in records:
-            continue
-        remaining = [p for p in plan if run_name(*p) not in records]
-        console.rule(f"[bold]run {i}/{len(plan)}[/] {name} | {len(records)} done, {len(remaining)} to go, "
-                     f"ETA {_fmt_secs(_eta(records, remaining))}")
-        run_dir = out / name
-        resumed = (run_dir / CHECKPOINT).is_file()
-        stopped, error, t_run = False, None, time.perf_counter()
-        calls += 1
-        try:
-            distill(cfg.student, teacher, data=cfg.data, method=VARIANTS[m][0], img_size=img_size, loss=_loss_config(cfg, m),
-                    train=_train_config(cfg, lr, s), out=run_dir, resume=resumed, download=cfg.download,
-                    train_fraction=cfg.train_fraction, latest=False,
-                    teacher_cache=out / TEACHER_CACHE if cfg.teacher_cache else None, teacher_cache_format="fp32")
-        except TrainingDiverged as e:  # a result, not a failure of the compare
-            stopped, error = True, str(e)
-            console.print(f"[red]{name} diverged:[/] {e}")
-        rec = run_record(run_dir, m, lr, s, num_classes, stopped=stopped, error=error,
-                         wall_s=time.perf_counter() - t_run, resumed=resumed)
-        write_json(run_dir / DONE, rec)
-        records[name] = rec
-        wall = header["previous_wall_s"] + time.perf_counter() - t0
-        write_json(out / COMPARE, {**header, "previous_wall_s": wall})  # an interrupted session still counts
-        write_report(out, cfg, header, data_info, t_meta, [records[run_name(*p)] for p in plan if run_name(*p) in records],
-                     wall_s=wall, plots=False)
 
-    runs = [records[run_name(*p)] for p in plan]
-    wall = header["previous_wall_s"] + time.perf_counter() - t0
-    report, plots = write_report(out, cfg, header, data_info, t_meta, runs, wall_s=wall, plots=True)
-    write_json(out / COMPARE, {**header, "previous_wall_s": wall})
-    return CompareResult(out, report, calls, skipped, plots)
+def _run_one(cfg: CompareConfig, run_dir: Path, point: tuple[str, float, int], teacher: TeacherOptions,
+             img_size: int, num_classes: int, *, cache: Path) -> dict:
+    """Train one (method, rate, seed) of the plan (resuming its checkpoint if one is there); its DONE record.
+
+    A diverged run is a result (status "stopped"), not a failure of the compare.
+    """
+    m, lr, s = point
+    resumed = (run_dir / CHECKPOINT).is_file()
+    stopped, error, t_run = False, None, time.perf_counter()
+    try:
+        distill(student=cfg.student, teacher=teacher, method=VARIANTS[m][0],
+                data=DataOptions(cfg.data, img_size, train_fraction=cfg.train_fraction, download=cfg.download),
+                loss=_loss_config(cfg, m), train=_train_config(cfg, lr, s), out=run_dir, resume=resumed,
+                latest=False, cache=TeacherCacheOptions(cache, format="fp32") if cfg.teacher_cache else None)
+    except TrainingDiverged as e:
+        stopped, error = True, str(e)
+        console.print(f"[red]{run_dir.name} diverged:[/] {e}")
+    rec = run_record(run_dir, m, lr, s, num_classes, stopped=stopped, error=error,
+                     wall_s=time.perf_counter() - t_run, resumed=resumed)
+    write_json(run_dir / DONE, rec)
+    return rec

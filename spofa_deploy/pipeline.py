@@ -22,15 +22,16 @@ from . import distributed
 from .artifacts import (RUNS_DIR, latest_run, load_model, mark_latest, new_run_dir, read_model_meta, save_model,
                         sidecar_path, write_json)
 from .console import console
-from .data import Splits, load_splits, parse_data_spec
+from .data import load_splits
+from .datasets import Splits, parse_data_spec
 from .distillers import METHODS, DistillConfig, Supervised, create_task
 from .errors import UserError
 from .models import Preprocessing, count_params, create_model, create_teacher_pretrained, data_config, resolve_model_name
-from .train import CHECKPOINT, FitResult, Hooks, TrainConfig, fit, load_checkpoint, resolve_amp
+from .hooks import Hooks
+from .run_files import CHECKPOINT, STUDENT_FILE, TEACHER_FILE, TRACE, TRACE_PLOT, load_checkpoint
+from .train import FitResult, TrainConfig, fit, resolve_amp
 from .machine import resolve_device
 
-TEACHER_FILE = "teacher.safetensors"
-STUDENT_FILE = "student.safetensors"
 
 
 @dataclass
@@ -47,6 +48,27 @@ class TeacherOptions:
     # uniform (entropy 2.21 of 2.30 nats on digits with 0.1), and such teachers distil poorly
     # (Muller et al., NeurIPS 2019). teacher.json records the entropy the teacher ends with.
     label_smoothing: float = 0.0
+
+
+@dataclass
+class DataOptions:
+    """What a stage trains on and how it is read: the `--data` options of `spofa teacher` and `spofa distill`."""
+
+    spec: str = "digits"  # digits | cifar10[:DIR] | cifar100[:DIR] | imagefolder:DIR
+    img_size: int | None = None  # None: the teacher's size (distill), else the data's natural size
+    train_fraction: float = 1.0  # train on this stratified fraction of the training split
+    skip_corrupt: bool = False  # skip unreadable images with a warning instead of failing
+    download: bool = False  # let torchvision fetch CIFAR (needs a network)
+    gpu_decode: bool = False  # decode and augment training images on the training device (nvJPEG on a GPU)
+
+
+@dataclass
+class TeacherCacheOptions:
+    """The teacher-output cache of a distillation (`spofa_deploy.teacher_cache`)."""
+
+    folder: str | Path  # the teacher's logits of every training view, stored once, read by later runs and epochs
+    max_gb: float | None = None  # bound on the folder
+    format: str | None = None  # fp32 (exact) | fp16 | topk; None: fp16, top-k beyond 100 classes at temperature 1
 
 
 @dataclass
@@ -73,50 +95,54 @@ def _model_meta(model, name: str, splits: Splits, img_size: int, cfg: dict, role
             "params": count_params(model), **extra}
 
 
-def _splits(data: str, prep: Preprocessing, seed: int, download: bool, train_fraction: float = 1.0,
-            skip_corrupt: bool = False, decode_device: str | None = None) -> Splits:
-    return load_splits(data, prep, download=download, seed=seed, train_fraction=train_fraction,
-                       skip_corrupt=skip_corrupt, decode_device=decode_device)
+def _splits(data: DataOptions, prep: Preprocessing, train: TrainConfig) -> Splits:
+    """The splits of `data` with a model's preprocessing (`gpu_decode`: training images decode on `train.device`)."""
+    return load_splits(data.spec, prep, download=data.download, seed=train.seed, train_fraction=data.train_fraction,
+                       skip_corrupt=data.skip_corrupt,
+                       decode_device=resolve_device(train.device).type if data.gpu_decode else None)
 
 
-def train_teacher(opts: TeacherOptions, data: str = "digits", img_size: int | None = None,
-                  out: str | Path | None = None, resume: bool = False, download: bool = False,
-                  skip_corrupt: bool = False) -> Path:
-    """Fine-tune (or train from scratch) the teacher on `data`; returns its `teacher.safetensors`."""
-    spec = parse_data_spec(data)
-    img_size = img_size or spec.natural_size
-    _check_settings(opts.train)
-    resolve_model_name(opts.name)
-    distributed.init_from_env(opts.train.device)
-    run = new_run_dir(out or default_teacher_dir(opts.name, str(spec), img_size), "teacher")
-    probe = create_model(opts.name, 2, img_size)  # classes are unknown until the data is read
+def train_teacher(*, teacher: TeacherOptions, data: DataOptions, out: str | Path | None = None,
+                  resume: bool = False) -> Path:
+    """Fine-tune (or train from scratch) the teacher on `data`; returns its `teacher.safetensors`.
+
+    Writes `teacher.safetensors` + `teacher.json` into `out` (default: `default_teacher_dir`).
+    """
+    spec = parse_data_spec(data.spec)
+    img_size = data.img_size or spec.natural_size
+    _check_settings(teacher.train)
+    resolve_model_name(teacher.name)
+    distributed.init_from_env(teacher.train.device)
+    run = new_run_dir(out or default_teacher_dir(teacher.name, str(spec), img_size), "teacher")
+    probe = create_model(teacher.name, 2, img_size)  # classes are unknown until the data is read
     prep = Preprocessing.from_meta(data_config(probe), img_size)
-    splits = _splits(data, prep, opts.train.seed, download, skip_corrupt=skip_corrupt)
-    torch.manual_seed(opts.train.seed)
-    if opts.weights:
-        model, source = create_model(opts.name, splits.num_classes, img_size, weights=opts.weights), f"weights file {opts.weights}"
-    elif opts.pretrained and (m := create_teacher_pretrained(opts.name, splits.num_classes, img_size))[1]:
+    splits = _splits(data, prep, teacher.train)
+    torch.manual_seed(teacher.train.seed)
+    if teacher.weights:
+        model = create_model(teacher.name, splits.num_classes, img_size, weights=teacher.weights)
+        source = f"weights file {teacher.weights}"
+    elif teacher.pretrained and (m := create_teacher_pretrained(teacher.name, splits.num_classes, img_size))[1]:
         model, source = m[0], "timm pretrained weights"
     else:
-        model, source = create_model(opts.name, splits.num_classes, img_size), "random init"
-        console.print(f"[yellow]warning:[/] no pretrained weights for {resolve_model_name(opts.name)} could be "
+        model, source = create_model(teacher.name, splits.num_classes, img_size), "random init"
+        console.print(f"[yellow]warning:[/] no pretrained weights for {resolve_model_name(teacher.name)} could be "
                       f"loaded (offline?): the teacher is trained from scratch on {spec}.")
-    console.print(f"[bold]teacher stage:[/] {resolve_model_name(opts.name)} from {source} on {spec} "
+    console.print(f"[bold]teacher stage:[/] {resolve_model_name(teacher.name)} from {source} on {spec} "
                   f"({len(splits.train)} train / {len(splits.val)} val images, {img_size}px) -> {run}")
     path = run / TEACHER_FILE
 
     def save(net, best):
-        save_model(path, net, _model_meta(net, opts.name, splits, img_size, prep.meta(), "teacher", source=source,
+        save_model(path, net, _model_meta(net, teacher.name, splits, img_size, prep.meta(), "teacher", source=source,
                                           top1=best["top1"], top5=best["ema_top5" if best["source"] == "ema" else "model_top5"],
                                           saved=best["source"], teacher_stage=True))
 
-    result = fit(Supervised(model, opts.label_smoothing), splits, opts.train, run, resume=resume, label="teacher",
-                 hooks=Hooks(on_best=save), run_info={"label_smoothing": opts.label_smoothing})
+    result = fit(Supervised(model, teacher.label_smoothing), splits, teacher.train, run, resume=resume, label="teacher",
+                 hooks=Hooks(on_best=save), run_info={"label_smoothing": teacher.label_smoothing})
     console.print(f"teacher val top-1 {result.best_top1:.2f}% ({result.best_source}), {result.seconds:.0f}s")
     if distributed.info().is_main:
         soft = soft_target_entropy(load_model(path)[0], splits.train, DistillConfig().kd_temperature,
-                                   seed=opts.train.seed)
-        write_json(sidecar_path(path), {**read_model_meta(path), "label_smoothing": opts.label_smoothing,
+                                   seed=teacher.train.seed)
+        write_json(sidecar_path(path), {**read_model_meta(path), "label_smoothing": teacher.label_smoothing,
                                         "soft_targets": soft})
         console.print(f"teacher soft targets at T={soft['temperature']:g}: entropy {soft['entropy_nats']:.2f} of "
                       f"at most {soft['max_nats']:.2f} nats ({soft['images']} training views)")
@@ -136,7 +162,7 @@ def soft_target_entropy(model: torch.nn.Module, train_set, temperature: float, *
 
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(train_set), generator=g)[:n].tolist()
-    from .data import make_loader
+    from .loaders import make_loader
 
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # (torch.manual_seed would also reseed CUDA, which fork_rng(devices=[]) leaves)
@@ -150,20 +176,22 @@ def soft_target_entropy(model: torch.nn.Module, train_set, temperature: float, *
             "max_nats": round(math.log(logits.shape[1]), 4), "images": len(idx)}
 
 
-def find_teacher(opts: TeacherOptions, data: str, img_size: int, *, download: bool = False,
-                 skip_corrupt: bool = False) -> Path:
+def find_teacher(*, teacher: TeacherOptions, data: DataOptions) -> Path:
     """The one "find or train the teacher" of distill and compare; returns its `teacher.safetensors`.
 
-    In order: an explicit checkpoint (`opts.checkpoint`); the teacher trained earlier for
-    (model, data, size) when its stage finished; else the teacher stage with `opts.train`
-    (the teacher recipe), resuming an unfinished stage.
+    In order: an explicit checkpoint (`teacher.checkpoint`); the teacher trained earlier for
+    (model, data, size) when its stage finished; else the teacher stage with `teacher.train`
+    (the teacher recipe), resuming an unfinished stage. The stage's folder is shared by every
+    run on this data and size: it trains on the whole training split, decoded on the CPU.
     """
-    if opts.checkpoint:
-        path = Path(opts.checkpoint)
+    spec = parse_data_spec(data.spec)
+    img_size = data.img_size or spec.natural_size
+    if teacher.checkpoint:
+        path = Path(teacher.checkpoint)
         if not path.is_file():
             raise UserError(f"teacher checkpoint not found: {path}")
         return path
-    path = default_teacher_dir(opts.name, data, img_size) / TEACHER_FILE
+    path = default_teacher_dir(teacher.name, str(spec), img_size) / TEACHER_FILE
     ckpt = path.parent / CHECKPOINT
     state = load_checkpoint(ckpt) if ckpt.is_file() else None
     # teacher.safetensors appears at the stage's first best epoch: only a finished stage counts.
@@ -174,10 +202,10 @@ def find_teacher(opts: TeacherOptions, data: str, img_size: int, *, download: bo
         return path
     what = f"resuming its unfinished stage ({state['epoch']}/{state['config']['epochs']} epochs)" if unfinished \
         else "running the teacher stage first"
-    console.print(f"[bold]no finished teacher for {resolve_model_name(opts.name)} on {data} at {img_size}px yet: "
+    console.print(f"[bold]no finished teacher for {resolve_model_name(teacher.name)} on {spec} at {img_size}px yet: "
                   f"{what}[/]")
-    path = train_teacher(opts, data, img_size, out=path.parent, resume=state is not None, download=download,
-                         skip_corrupt=skip_corrupt)
+    stage_data = replace(data, img_size=img_size, train_fraction=1.0, gpu_decode=False)
+    path = train_teacher(teacher=teacher, data=stage_data, out=path.parent, resume=state is not None)
     distributed.barrier()  # rank 0 wrote the teacher file; the others read it next
     return path
 
@@ -188,9 +216,17 @@ def _check_settings(*cfgs: TrainConfig) -> None:
         resolve_device(cfg.device)
 
 
-def _check_data(spec, download: bool, skip_corrupt: bool) -> None:
-    """Read the data spec once (cheap: no transforms run) so a bad --data fails before any work."""
-    load_splits(spec, Preprocessing(32, (0.0,) * 3, (1.0,) * 3), download=download, skip_corrupt=skip_corrupt)
+def _check_inputs(student: str, teacher: TeacherOptions, method: str, data: DataOptions, train: TrainConfig):
+    """Everything cheap to check, before any folder is made or any training starts; returns the parsed data spec."""
+    if method not in METHODS:
+        raise UserError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
+    resolve_model_name(student)
+    resolve_model_name(teacher.name)
+    _check_settings(train, teacher.train)
+    spec = parse_data_spec(data.spec)
+    # Read the data once (cheap: no transforms run) so a bad --data fails before any work.
+    load_splits(spec, Preprocessing(32, (0.0,) * 3, (1.0,) * 3), download=data.download, skip_corrupt=data.skip_corrupt)
+    return spec
 
 
 def _flag(key: str, value) -> str:
@@ -242,64 +278,36 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None, *, data: str = "digits",
-            method: str = "spofa", img_size: int | None = None, loss: DistillConfig | None = None,
-            train: TrainConfig | None = None, out: str | Path | None = None, resume: bool = False,
-            download: bool = False, train_fraction: float = 1.0, skip_corrupt: bool = False,
-            latest: bool = True, hooks: Hooks | None = None, teacher_cache: str | Path | None = None,
-            teacher_cache_max_gb: float | None = None, teacher_cache_format: str | None = None,
-            gpu_decode: bool = False) -> DistillResult:
+def distill(*, student: str = "mobilenetv3", teacher: TeacherOptions | None = None, method: str = "spofa",
+            data: DataOptions | None = None, loss: DistillConfig | None = None, train: TrainConfig | None = None,
+            cache: TeacherCacheOptions | None = None, out: str | Path | None = None, resume: bool = False,
+            latest: bool = True, hooks: Hooks | None = None) -> DistillResult:
     """Distil `teacher` into `student` on `data` with `method`; see the module docstring for outputs.
 
-    `teacher_cache` (a folder) stores the teacher's logits of every training view once and reads
-    them back in later runs and epochs with the same key (`spofa_deploy.teacher_cache`).
+    Args:
+        student: timm name or alias of the student CNN.
+        teacher: where the teacher comes from (and its stage's recipe, if it must be trained).
+        method: spofa | ofa | kd | none.
+        data, loss, train: the data options, loss settings and optimisation settings (defaults if None).
+        cache: the teacher-output cache (None: the teacher runs on every training view).
+        out, resume: the run folder (default `runs/<name>-<time>`; with `resume`, `runs/latest`), and whether
+            to continue it from its checkpoint (refused when the run was trained with other settings).
+        latest: point `runs/latest` at this run (`spofa compare` keeps its runs out of it).
+        hooks: the training loop's hooks (`on_best` is distill's own).
     """
-    teacher = teacher or TeacherOptions()
-    loss = loss or DistillConfig(method=method)
-    loss.method = method
-    train = train or TrainConfig()
-    if method not in METHODS:
-        raise UserError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
-    # Everything cheap to check is checked before any folder is made or any training starts.
-    resolve_model_name(student)
-    resolve_model_name(teacher.name)
-    _check_settings(train, teacher.train)
-    spec = parse_data_spec(data)
-    _check_data(spec, download, skip_corrupt)
+    teacher, data, train = teacher or TeacherOptions(), data or DataOptions(), train or TrainConfig()
+    loss = replace(loss or DistillConfig(), method=method)
+    spec = _check_inputs(student, teacher, method, data, train)
     dist = distributed.init_from_env(train.device)
-    if resume and out is None:
-        out = latest_run()
-    # Every rank must write to (and read from) the folder rank 0 named.
-    run = distributed.broadcast_object(new_run_dir(out, f"{resolve_model_name(student)}-{method}") if dist.is_main else None)
-    if resume and not (run / CHECKPOINT).is_file():
-        raise UserError(f"--resume: no {CHECKPOINT} in {run}")
     run_info = {"student": resolve_model_name(student), "method": method, "loss": loss.to_dict(), "data": str(spec),
-                "img_size": img_size, "train_fraction": train_fraction}
-    saved = load_checkpoint(run / CHECKPOINT) if resume else None
-    if saved is not None:  # an unreadable checkpoint, or one of other settings, is refused before runs/latest moves
-        _check_resume(saved.get("run") or _legacy_run_info(run), run_info)
-    if not resume and (run / CHECKPOINT).is_file():
-        raise UserError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
-
-    # Teacher: reuse the run's own copy on resume, else find or train one for this data.
-    run_teacher = run / TEACHER_FILE
-    if resume and run_teacher.is_file():
-        tpath = run_teacher
-    else:
-        tpath = find_teacher(teacher, str(spec), img_size or spec.natural_size, download=download,
-                             skip_corrupt=skip_corrupt)
-    t_model, t_meta = load_model(tpath)
-    img_size = img_size or int(t_meta["img_size"])
-    if int(t_meta["img_size"]) != img_size:
-        raise UserError(f"teacher {tpath} was trained at {t_meta['img_size']}px, not {img_size}px")
+                "img_size": data.img_size, "train_fraction": data.train_fraction}
+    run, saved = _open_run(out, resume, run_info, is_main=dist.is_main)
+    tpath, t_model, t_meta = _resolve_teacher(run, teacher, data, resume=resume)
+    img_size = int(t_meta["img_size"])
     prep = Preprocessing.from_meta(t_meta, img_size)
-    splits = _splits(data, prep, train.seed, download, train_fraction, skip_corrupt,
-                     decode_device=resolve_device(train.device).type if gpu_decode else None)
-    if t_meta.get("classes") != splits.classes:
-        raise UserError(f"teacher {tpath} has {t_meta['num_classes']} classes {t_meta.get('classes', [])[:5]}..., "
-                        f"but {spec} has {splits.num_classes}: train a teacher on this data (`spofa teacher`)")
-    if dist.is_main and tpath != run_teacher:
-        _link_or_copy(tpath, run_teacher)
+    splits = _load_data(data, prep, train, tpath, t_meta)
+    if dist.is_main and tpath != run / TEACHER_FILE:
+        _link_or_copy(tpath, run / TEACHER_FILE)
         write_json(run / "teacher.json", {**t_meta, "copied_from": str(tpath)})
 
     torch.manual_seed(train.seed)
@@ -307,44 +315,91 @@ def distill(student: str = "mobilenetv3", teacher: TeacherOptions | None = None,
     task = create_task(method, s_model, t_model, loss, splits.num_classes,
                        sync=distributed.all_reduce_mean if dist.enabled else None)
     head_params = count_params(task.extra_state()) if task.extra_state() is not None else 0
-    s_params = count_params(s_model)
     console.print(f"[bold]distill:[/] {resolve_model_name(student)} <- {t_meta['model']} ({method}) on {spec}, "
                   f"{img_size}px, {len(splits.train)} train / {len(splits.val)} val -> {run}")
     spath = run / STUDENT_FILE
     meta = _model_meta(s_model, student, splits, img_size, prep.meta(), "student", method=method, teacher=t_meta["model"],
                        teacher_file=TEACHER_FILE, teacher_top1=t_meta.get("top1"), loss=loss.to_dict(),
-                       train=dict(train.__dict__), train_fraction=train_fraction)
-
-    def save(net, best):
-        save_model(spath, net, {**meta, "top1": best["top1"], "top5": best["ema_top5" if best["source"] == "ema" else "model_top5"],
-                                "model_top1": best["model_top1"], "ema_top1": best["ema_top1"], "saved": best["source"],
-                                "epoch": best["epoch"]})
-
+                       train=dict(train.__dict__), train_fraction=data.train_fraction)
     if dist.is_main and latest:  # (`spofa compare` keeps its runs out of runs/latest)
         mark_latest(run)
-    hooks = replace(hooks or Hooks(), on_best=save)
-    cache = None
-    if teacher_cache is not None and method != "none":
-        cache = _open_teacher_cache(teacher_cache, t_model=t_model, spec=spec, splits=splits, img_size=img_size,
-                                    prep=prep, train=train, train_fraction=train_fraction, skip_corrupt=skip_corrupt,
-                                    loss=loss, method=method, max_gb=teacher_cache_max_gb, fmt=teacher_cache_format,
-                                    resumed_config=saved["config"] if saved is not None else None)
-    result = fit(task, splits, train, run, resume=resume, label=method, hooks=hooks,
-                 run_info={**run_info, "img_size": img_size}, teacher_cache=cache)
-    if dist.is_main:
+    tcache = None
+    if cache is not None and method != "none":
+        tcache = _open_teacher_cache(cache, t_model=t_model, data=data, splits=splits, img_size=img_size, prep=prep,
+                                     train=train, loss=loss, resumed_config=saved["config"] if saved is not None else None)
+    result = fit(task, splits, train, run, resume=resume, label=method,
+                 hooks=replace(hooks or Hooks(), on_best=_save_student(spath, meta)),
+                 run_info={**run_info, "img_size": img_size}, teacher_cache=tcache)
+    _finish(run, splits, is_main=dist.is_main)
+    return DistillResult(run, spath, run / TEACHER_FILE, read_model_meta(spath), t_meta, result, head_params,
+                         count_params(s_model))
+
+
+def _open_run(out: str | Path | None, resume: bool, run_info: dict, *, is_main: bool) -> tuple[Path, dict | None]:
+    """The run folder (rank 0 names it, every rank uses it) and, with `resume`, its checkpoint.
+
+    A resume of a run trained with other settings, and a new run over an existing one, are refused
+    before anything is written.
+    """
+    if resume and out is None:
+        out = latest_run()
+    run = distributed.broadcast_object(new_run_dir(out, f"{run_info['student']}-{run_info['method']}") if is_main else None)
+    if resume and not (run / CHECKPOINT).is_file():
+        raise UserError(f"--resume: no {CHECKPOINT} in {run}")
+    saved = load_checkpoint(run / CHECKPOINT) if resume else None
+    if saved is not None:  # an unreadable checkpoint, or one of other settings, is refused before runs/latest moves
+        _check_resume(saved.get("run") or _legacy_run_info(run), run_info)
+    if not resume and (run / CHECKPOINT).is_file():
+        raise UserError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
+    return run, saved
+
+
+def _resolve_teacher(run: Path, teacher: TeacherOptions, data: DataOptions, *, resume: bool):
+    """The run's teacher (path, model, metadata): its own copy on resume, else found or trained for this data."""
+    tpath = run / TEACHER_FILE
+    if not (resume and tpath.is_file()):
+        tpath = find_teacher(teacher=teacher, data=data)
+    t_model, t_meta = load_model(tpath)
+    if data.img_size and int(t_meta["img_size"]) != data.img_size:
+        raise UserError(f"teacher {tpath} was trained at {t_meta['img_size']}px, not {data.img_size}px")
+    return tpath, t_model, t_meta
+
+
+def _load_data(data: DataOptions, prep: Preprocessing, train: TrainConfig, tpath: Path, t_meta: dict) -> Splits:
+    """The splits with the teacher's preprocessing; refused when the teacher knows other classes."""
+    splits = _splits(data, prep, train)
+    if t_meta.get("classes") != splits.classes:
+        raise UserError(f"teacher {tpath} has {t_meta['num_classes']} classes {t_meta.get('classes', [])[:5]}..., "
+                        f"but {splits.spec} has {splits.num_classes}: train a teacher on this data (`spofa teacher`)")
+    return splits
+
+
+def _save_student(path: Path, meta: dict):
+    """The `on_best` hook of a distillation: the best of model and EMA, with its figures."""
+
+    def save(net, best):
+        save_model(path, net, {**meta, "top1": best["top1"], "top5": best["ema_top5" if best["source"] == "ema" else "model_top5"],
+                               "model_top1": best["model_top1"], "ema_top1": best["ema_top1"], "saved": best["source"],
+                               "epoch": best["epoch"]})
+
+    return save
+
+
+def _finish(run: Path, splits: Splits, *, is_main: bool) -> None:
+    """After training: the trace plot and the count of skipped unreadable images (rank 0), then every rank waits."""
+    if is_main:
         _plot_trace(run)
         bad = sorted(set(getattr(splits.train, "corrupt", ())) | set(getattr(splits.val, "corrupt", ())))
         if bad:  # (counted in this process: with --workers > 0 the loader workers hold their own counts)
             console.print(f"[yellow]warning:[/] skipped {len(bad)} unreadable image(s) (--skip-corrupt), e.g. {bad[0]}")
     distributed.barrier()
-    return DistillResult(run, spath, run_teacher, read_model_meta(spath), t_meta, result, head_params, s_params)
 
 
-def _open_teacher_cache(folder, *, t_model, spec, splits: Splits, img_size: int, prep: Preprocessing, train: TrainConfig,
-                        train_fraction: float, skip_corrupt: bool, loss: DistillConfig, method: str,
-                        max_gb: float | None, fmt: str | None, resumed_config: dict | None):
+def _open_teacher_cache(cache: TeacherCacheOptions, *, t_model, data: DataOptions, splits: Splits, img_size: int,
+                        prep: Preprocessing, train: TrainConfig, loss: DistillConfig, resumed_config: dict | None):
     """The teacher cache of this run's training views, keyed by everything the logits depend on."""
-    from .teacher_cache import CacheKey, TeacherCache, split_digest, weights_digest
+    from .teacher_cache import TeacherCache
+    from .teacher_cache_key import CacheKey, split_digest, weights_digest
 
     if resumed_config is not None:  # the loop trains with the checkpoint's settings: key the cache by them
         train = TrainConfig(**{**train.__dict__, **resumed_config})
@@ -356,25 +411,25 @@ def _open_teacher_cache(folder, *, t_model, spec, splits: Splits, img_size: int,
     device = resolve_device(train.device)
     compute = (f"{device.type}/{resolve_amp(train.amp, device)}/batch{train.batch_size // dist.world}/"
                f"rank{dist.rank}of{dist.world}/torch{torch.__version__}")
-    key = CacheKey(teacher=weights_digest(t_model.state_dict()), data=str(spec), split=split_digest(ds.labels, members),
-                   num_samples=len(ds), img_size=img_size, mean=prep.mean, std=prep.std,
-                   interpolation=prep.interpolation, crop_pct=prep.crop_pct,
-                   augmentation=f"{ds.transform!r} skip_corrupt={skip_corrupt}", seed=train.seed,
-                   train_fraction=train_fraction, compute=compute)
-    temperature = loss.kd_temperature if method == "kd" else loss.temperature
-    cache = TeacherCache.open(folder, key, num_classes=splits.num_classes, fmt=fmt, temperature=temperature,
-                              max_gb=max_gb)
+    key = CacheKey(teacher=weights_digest(t_model.state_dict()), data=str(splits.spec),
+                   split=split_digest(ds.labels, members), num_samples=len(ds), img_size=img_size, mean=prep.mean,
+                   std=prep.std, interpolation=prep.interpolation, crop_pct=prep.crop_pct,
+                   augmentation=f"{ds.transform!r} skip_corrupt={data.skip_corrupt}", seed=train.seed,
+                   train_fraction=data.train_fraction, compute=compute)
+    temperature = loss.kd_temperature if loss.method == "kd" else loss.temperature
+    tcache = TeacherCache.open(cache.folder, key, num_classes=splits.num_classes, fmt=cache.format,
+                               temperature=temperature, max_gb=cache.max_gb)
     if dist.is_main:
-        if cache.note:
-            console.print(cache.note)
-        console.print(cache.describe(train.epochs))
-    return cache
+        if tcache.note:
+            console.print(tcache.note)
+        console.print(tcache.describe(train.epochs))
+    return tcache
 
 
 def _plot_trace(run: Path) -> None:
     from .plots import plot_trace
 
     try:
-        plot_trace(run / "trace.csv", run / "trace.png")
+        plot_trace(run / TRACE, run / TRACE_PLOT)
     except Exception as e:  # a missing plot must never fail a finished training run
         console.print(f"[yellow]warning:[/] could not plot the trace: {e}")

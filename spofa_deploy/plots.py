@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .stability import read_metrics, read_trace
-from .train import METRICS, TRACE
+from .run_files import METRICS, TRACE
 
 PLOT_TOP1 = "plot_val_top1.png"
 PLOT_LOSS = "plot_train_loss.png"

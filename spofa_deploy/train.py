@@ -1,14 +1,12 @@
 """The training loop shared by the teacher stage and every distillation method.
 
 Reads top to bottom: set up (device, AMP, optimizer, schedule, EMA), maybe resume,
-then per epoch: train steps -> evaluate -> checkpoint. Checkpoints are plain dicts of
-tensors and numbers, written atomically and loaded with `weights_only=True`.
+then per epoch: train steps -> evaluate -> checkpoint. The run's files are written by
+`run_files` (checkpoint, metrics, trace); the seams where callers and extensions hook in
+are `hooks.Hooks` (a run's own, plus those installed process-wide with `add_hooks`).
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import time
 import warnings
@@ -19,18 +17,18 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import distributed, run_files
 from .accuracy import topk_correct
-from .artifacts import atomic_path
 from .console import console, progress
-from . import distributed
-from .data import AugSeeded, Splits, make_loader
+from .datasets import Splits
 from .distillers import TrainTask
 from .errors import TrainingDiverged, UserError
+from .hooks import Hooks, active_hooks
+from .loaders import AugSeeded, EpochSampler, make_loader
 from .machine import resolve_device
+from .run_files import CHECKPOINT, TRACE, TraceWriter, load_checkpoint
 
-CHECKPOINT = "checkpoint-last.pt"
-METRICS = "metrics.jsonl"
-TRACE = "trace.csv"
+# Importable from here as before the split (pipeline, compare, plots, tests).
 
 
 @dataclass
@@ -130,86 +128,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": ls / n}
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """Wraps a sampler with `set_epoch` (e.g. DistributedSampler) to hand out (index, epoch)."""
-
-    def __init__(self, base):
-        self.base, self.epoch = base, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.base.set_epoch(epoch)
-
-    def __iter__(self):
-        return ((i, self.epoch) for i in self.base)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-
-def _checkpoint(path: Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load a training checkpoint safely (`weights_only=True`: tensors and plain data only)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise UserError(f"no checkpoint to resume from: {path}") from e
-    except Exception as e:  # truncated zip, a PNG, a pickle with code in it: never execute, just refuse
-        raise UserError(f"{path} is not a readable spofa checkpoint ({str(e).splitlines()[0][:120]})") from e
-
-
-class TraceWriter:
-    """Appends rows to trace.csv; on resume keeps only rows up to the checkpoint's step."""
-
-    def __init__(self, path: Path, keep_until_step: int | None):
-        self.path, self.fields = path, None
-        if keep_until_step is None:
-            path.unlink(missing_ok=True)
-        elif path.exists():
-            rows = list(csv.DictReader(io.StringIO(path.read_text())))
-            kept = [r for r in rows if int(r["step"]) <= keep_until_step]
-            if kept:
-                self.fields = list(kept[0])
-                self._rewrite(kept)
-            else:
-                path.unlink()
-
-    def _rewrite(self, rows: list[dict]) -> None:
-        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, self.fields)
-            w.writeheader()
-            w.writerows(rows)
-
-    def write(self, row: dict) -> None:
-        new = self.fields is None
-        self.fields = self.fields or list(row)
-        extra = [k for k in row if k not in self.fields]
-        if extra:  # a column that starts later (gradient norms every N logged steps): widen the file once
-            rows = list(csv.DictReader(io.StringIO(self.path.read_text()))) if self.path.exists() else []
-            self.fields += extra
-            self._rewrite(rows)
-        with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, self.fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
-
-
-@dataclass
-class Hooks:
-    """Callbacks at the loop's seams. `on_best` writes the shipped artifact; the others are
-    where the fault suite injects SIGKILLs and non-finite values (each gets the global step)."""
-
-    before_update: Callable[[int], None] | None = None  # after backward, before the optimizer step
-    on_eval: Callable[[int], None] | None = None  # before each end-of-epoch evaluation
-    on_checkpoint: Callable[[int], None] | None = None  # before each checkpoint write
-    on_best: Callable[[nn.Module, dict], None] | None = None  # (model, record) when val top-1 improves
-
-
 @dataclass
 class _Loop:
     """Everything `fit` sets up once, and the state its seams advance."""
@@ -255,11 +173,12 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
         resume: continue from `checkpoint-last.pt` (same settings, exact same result).
         label: name shown on the progress bar.
         hooks: callbacks at the seams; `hooks.on_best` is where the caller writes the shipped model.
+            Hooks installed with `add_hooks` when the run starts are called after these.
         run_info: plain data saved in every checkpoint under "run" (the caller checks it on resume).
         teacher_cache: a `teacher_cache.TeacherCache` of this run's training views: the teacher's
             logits are read from it where present, else computed and stored (one file per epoch).
     """
-    hooks = hooks or Hooks()
+    hooks = active_hooks(hooks)
     loop = _setup(task, splits, cfg, run_dir, resume, label)
     loop.run_info, loop.teacher_cache = dict(run_info or {}), teacher_cache
     t_start = time.perf_counter()
@@ -355,11 +274,13 @@ def _train_one_epoch(loop: _Loop, epoch: int, hooks: Hooks, advance: Callable[[s
             saved_buffers = [b.detach().clone() for b in task.buffers()]
         step = loop.step
         before = (lambda: hooks.before_update(step)) if hooks.before_update else None
+        on_loss = (lambda loss: hooks.on_loss(step, loss)) if hooks.on_loss else None
         teacher = (loop.teacher_cache, epoch, indices) if loop.teacher_cache is not None else None
         logged = loop.trace is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == loop.total)
         norms = logged and cfg.grad_norms_every > 0 and (step + 1) % cfg.grad_norms_every == 0 and loop.model is task
         out, loss_value, finite = train_step(loop.model, images, labels, loop.optimizer, loop.scaler, loop.amp,
-                                             cfg.clip_grad, before_update=before, teacher=teacher, grad_norms=norms)
+                                             cfg.clip_grad, before_update=before, on_loss=on_loss, teacher=teacher,
+                                             grad_norms=norms)
         # The schedule follows the step count, skipped steps included, so it ends where it should.
         with warnings.catch_warnings():  # (a skipped first step has no optimizer.step() before this: intended)
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
@@ -395,7 +316,7 @@ def _nonfinite(loop: _Loop, epoch: int, step: int, loss_value: float) -> None:
     loop.nan_skips += 1
     loop.history.append({"event": "nonfinite", "step": step, "epoch": epoch, "loss": str(loss_value)})
     if loop.cfg.on_nan == "stop" or loop.nan_skips > loop.cfg.max_nan_skips:
-        distributed.info().is_main and _write_metrics(loop.run_dir, loop.history)
+        distributed.info().is_main and run_files.write_metrics(loop.run_dir, loop.history)
         raise TrainingDiverged(f"{loop.label}: loss/gradients became non-finite at step {step} (epoch {epoch + 1}); "
                                f"the last good checkpoint is kept. Try a lower --lr or --clip-grad 1.0")
 
@@ -432,18 +353,19 @@ def _end_of_epoch(loop: _Loop, epoch: int, n_epoch: int, loss_sum: float, t_epoc
     if hooks.on_checkpoint:
         hooks.on_checkpoint(loop.step)
     extra = loop.task.extra_state()
-    is_main and _checkpoint(loop.ckpt_path, {
+    is_main and run_files.save_checkpoint(loop.ckpt_path, {
         "epoch": epoch + 1, "step": loop.step, "config": asdict(loop.cfg), "history": loop.history, "best": loop.best,
         "net": loop.task.net.state_dict(), "extra": extra.state_dict() if extra is not None else {},
         "ema": loop.ema.state_dict(), "optimizer": loop.optimizer.state_dict(),
         "scheduler": loop.scheduler.state_dict(), "scaler": loop.scaler.state_dict(), "run": loop.run_info})
-    is_main and _write_metrics(loop.run_dir, loop.history)
+    is_main and run_files.write_metrics(loop.run_dir, loop.history)
     distributed.barrier()  # no rank runs ahead of the checkpoint it might resume from
 
 
 def train_step(task: TrainTask, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, amp: torch.dtype | None, clip_grad: float | None = None,
-               before_update: Callable[[], None] | None = None, teacher: tuple | None = None,
+               before_update: Callable[[], None] | None = None,
+               on_loss: Callable[[torch.Tensor], torch.Tensor] | None = None, teacher: tuple | None = None,
                grad_norms: bool = False):
     """One optimisation step with a NaN/Inf guard.
 
@@ -451,6 +373,8 @@ def train_step(task: TrainTask, images: torch.Tensor, labels: torch.Tensor, opti
     back together in one transfer, and a non-finite value skips the update, so a bad
     batch never reaches the weights. (With fp16 the GradScaler also skips inf steps.)
 
+    `before_update()`: called after backward, before the update (the gradients are readable).
+    `on_loss(loss) -> loss`: replaces the step's loss before its backward (`Hooks.on_loss`).
     `teacher`: (cache, epoch, sample indices) to take the teacher's logits from the teacher cache.
     `grad_norms`: also put into `out.stats` the gradient norm on the student of each loss term
     (`gnorm_<term>`, one extra backward each), of the total (`gnorm_total`) and the norm of the
@@ -462,6 +386,8 @@ def train_step(task: TrainTask, images: torch.Tensor, labels: torch.Tensor, opti
     with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         t = getattr(task, "module", task).cached_teacher_logits(images, *teacher) if teacher else None
         out = task(images, labels, t) if t is not None else task(images, labels)  # (DDP: backward all-reduces)
+    if on_loss:
+        out.loss = on_loss(out.loss)
     student = [p for p in getattr(task, "module", task).net.parameters() if p.requires_grad] if grad_norms else []
     if grad_norms:
         out.stats.update(_term_grad_norms(out.terms, student))
@@ -502,7 +428,3 @@ def _term_grad_norms(terms: dict[str, torch.Tensor], params: list[torch.Tensor])
         out[f"gnorm_{name}"] = _norm([g for g in grads if g is not None]).detach()
     return out
 
-
-def _write_metrics(run_dir: Path, history: list[dict]) -> None:
-    with atomic_path(run_dir / METRICS) as tmp:
-        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))

@@ -20,7 +20,7 @@ def tiny_run(tmp_path_factory) -> Path:
     Returns the run folder with teacher.safetensors/json, student.safetensors/json,
     checkpoint-last.pt, metrics.jsonl and trace.csv.
     """
-    from spofa_deploy.pipeline import TeacherOptions, distill
+    from spofa_deploy.pipeline import DataOptions, TeacherOptions, distill
     from spofa_deploy.train import TrainConfig
 
     root = tmp_path_factory.mktemp("tiny_run")
@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory) -> Path:
     try:
         teacher = TeacherOptions(name="test_vit", pretrained=False,
                                  train=TrainConfig(epochs=3, lr=2e-3, batch_size=64, optimizer="adamw", workers=0, log_every=5))
-        r = distill("test_resnet", teacher, data="digits", method="spofa",
+        r = distill(student="test_resnet", teacher=teacher, data=DataOptions("digits"), method="spofa",
                     train=TrainConfig(epochs=3, lr=3e-3, batch_size=64, optimizer="adamw", workers=0, log_every=5),
                     out=root / "runs" / "tiny")
     finally:

@@ -15,11 +15,12 @@ import timm
 import torch
 from timm.layers import GroupNorm1
 
-from spofa_deploy import distributed, train as train_mod
+from spofa_deploy import distributed, run_files
 from spofa_deploy.data import load_splits
 from spofa_deploy.distillers import DistillConfig, create_task
 from spofa_deploy.models import create_model, data_config
-from spofa_deploy.train import Hooks, TrainConfig, fit
+from spofa_deploy.hooks import Hooks
+from spofa_deploy.train import TrainConfig, fit
 from spofa_deploy.models import Preprocessing
 
 
@@ -35,9 +36,10 @@ def main(out: str, epochs: int, stop_at_step: int, resume: bool) -> None:
                        sync=distributed.all_reduce_mean if dist.enabled else None)
     _batchnorm_to_groupnorm(task.heads)  # the projector heads have BatchNorm too
     baselines, writes = [], []
-    real_checkpoint, real_metrics = train_mod._checkpoint, train_mod._write_metrics
-    train_mod._checkpoint = lambda p, payload: (writes.append(str(p)), real_checkpoint(p, payload))
-    train_mod._write_metrics = lambda d, h: (writes.append(str(d / "metrics.jsonl")), real_metrics(d, h))
+    # The run's two writers, wrapped to record which files this rank wrote (the disk side, not the loop).
+    real_checkpoint, real_metrics = run_files.save_checkpoint, run_files.write_metrics
+    run_files.save_checkpoint = lambda p, payload: (writes.append(str(p)), real_checkpoint(p, payload))
+    run_files.write_metrics = lambda d, h: (writes.append(str(d / "metrics.jsonl")), real_metrics(d, h))
 
     def hook(step: int) -> None:
         if step == stop_at_step:

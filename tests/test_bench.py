@@ -12,22 +12,25 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from export.benchmark import BenchReport, resolve_artifact, run_bench
+from export.bench.report import BenchReport
+from export.bench.run import BenchOptions, run_bench
+from export.bench.target import resolve_artifact
+from export.bench.timing import LatencyStats, Summary, TimedStep, TimingOptions, measure, percentile
 from spofa_deploy.artifacts import read_json, save_model, sidecar_path, write_json
-from spofa_deploy.bench import LatencyStats, Summary, measure, percentile
 from spofa_deploy.errors import UserError
 from spofa_deploy.models import Preprocessing
 
 # device="cpu": the accuracy checks compare with CPU fp32 loops, also on a machine that has a GPU.
-FAST = dict(batch_sizes=[1, 8], warmup_s=0.05, min_s=0.2, min_iters=5, rounds=2, threads=1, progress=False,
-            device="cpu")
-ANY_DEVICE = dict(FAST, device="auto", accuracy=False)
+FAST = BenchOptions(batch_sizes=[1, 8], timing=TimingOptions(warmup_s=0.05, min_s=0.2, min_iters=5, rounds=2),
+                    threads=1, progress=False, device="cpu")
+ANY_DEVICE = replace(FAST, device="auto", accuracy=False)
 PCTL_ORDER = ("min_ms", "median_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")
 
 
@@ -145,7 +148,7 @@ def _result(report: BenchReport, role: str):
 def onnx_report(run, tmp_path_factory):
     d = tmp_path_factory.mktemp("out")
     t0 = time.perf_counter()
-    rep = run_bench(run["dir"] / "student.onnx", json_path=d / "bench.json", plot_path=d / "bench.png", **FAST)
+    rep = run_bench(run["dir"] / "student.onnx", options=replace(FAST, json_path=d / "bench.json", plot_path=d / "bench.png"))
     return dict(report=rep, json=d / "bench.json", png=d / "bench.png", seconds=time.perf_counter() - t0)
 
 
@@ -164,11 +167,11 @@ def test_percentile_matches_numpy_and_is_ordered():
 
 def test_measure_honours_min_iters_and_min_s():
     calls = []
-    st = measure(lambda: calls.append(1), warmup_s=0.0, min_s=0.0, min_iters=17, batch=4)
+    st = measure(TimedStep(lambda: calls.append(1)), batch=4, timing=TimingOptions(warmup_s=0.0, min_s=0.0, min_iters=17))
     assert st.iters == 17 and st.warmup_iters == 1 and len(calls) == 18
     assert st.gpu is None and st.timing == "host" and st.batch == 4
 
-    st = measure(lambda: time.sleep(0.002), warmup_s=0.02, min_s=0.06, min_iters=2)
+    st = measure(TimedStep(lambda: time.sleep(0.002)), batch=1, timing=TimingOptions(warmup_s=0.02, min_s=0.06, min_iters=2))
     assert st.measured_s >= 0.06 and st.iters >= 2 and st.warmup_iters >= 2
     assert st.host.min >= 2.0  # each call sleeps 2 ms, so no sample can be shorter
     assert st.throughput_ips == pytest.approx(1000.0 / st.host.median)
@@ -178,14 +181,14 @@ def test_measure_honours_min_iters_and_min_s():
 
 def test_measure_counts_copies_in_host_latency_only():
     # copy_in / copy_out are part of host latency; on CPU there is no GPU clock to put them in.
-    st = measure(lambda: None, copy_in=lambda: time.sleep(0.003), copy_out=lambda: time.sleep(0.003),
-                 warmup_s=0.0, min_s=0.0, min_iters=5)
+    st = measure(TimedStep(lambda: None, copy_in=lambda: time.sleep(0.003), copy_out=lambda: time.sleep(0.003)),
+                 batch=1, timing=TimingOptions(warmup_s=0.0, min_s=0.0, min_iters=5))
     assert st.host.min >= 6.0
 
 
 def test_pool_merges_rounds():
-    a = measure(lambda: None, warmup_s=0, min_s=0, min_iters=3)
-    b = measure(lambda: time.sleep(0.001), warmup_s=0, min_s=0, min_iters=4)
+    a = measure(TimedStep(lambda: None), batch=1, timing=TimingOptions(warmup_s=0, min_s=0, min_iters=3))
+    b = measure(TimedStep(lambda: time.sleep(0.001)), batch=1, timing=TimingOptions(warmup_s=0, min_s=0, min_iters=4))
     p = LatencyStats.pool([a, b])
     assert p.iters == 7 and p.rounds == 2 and p.warmup_iters == a.warmup_iters + b.warmup_iters
     assert p.host.median == pytest.approx(np.median(a.host_ms + b.host_ms))
@@ -219,8 +222,8 @@ def test_onnx_report_has_every_field(onnx_report):
             assert b["gpu_compute"] is None and b["timing"] == "host"  # CPU: no invented GPU times
             h = b["host_latency"]
             assert [h[k] for k in PCTL_ORDER] == sorted(h[k] for k in PCTL_ORDER)
-            assert h["std_ms"] >= 0 and h["n"] == b["iters"] >= FAST["min_iters"]
-            assert b["measured_s"] >= FAST["min_s"] * 0.999 and b["rounds"] == FAST["rounds"]
+            assert h["std_ms"] >= 0 and h["n"] == b["iters"] >= FAST.timing.min_iters
+            assert b["measured_s"] >= FAST.timing.min_s * 0.999 and b["rounds"] == FAST.timing.rounds
             assert b["throughput_ips"] == pytest.approx(b["batch"] * 1000.0 / h["median_ms"])
     s = roles["student"]
     assert (s["backend"], s["backend_requested"], s["precision"], s["model"]) == ("ort-cpu", "auto", "fp32", "test_resnet")
@@ -251,7 +254,7 @@ def test_teacher_speedup_is_side_by_side_ratio(onnx_report):
     assert s.teacher == t.key
     for b in (1, 8):
         sb, tb = s.batch(b), t.batch(b)
-        assert sb.latency.rounds == tb.latency.rounds == FAST["rounds"]  # interleaved rounds, pooled
+        assert sb.latency.rounds == tb.latency.rounds == FAST.timing.rounds  # interleaved rounds, pooled
         assert sb.speedup_vs_teacher == pytest.approx(tb.latency.median_ms / sb.latency.median_ms)
         assert sb.teacher_median_ms == tb.latency.median_ms
 
@@ -260,14 +263,14 @@ def test_teacher_export_is_cached_and_an_eager_teacher_is_marked(run, onnx_repor
     """The teacher exported for the first bench is reused; a teacher on another backend gets a marked ratio."""
     from rich.console import Console
 
-    from export.report import print_report
+    from cli.bench_table import print_report
 
     tonnx = run["dir"] / "teacher.onnx"
     stamp = tonnx.stat().st_mtime_ns
-    again = run_bench(run["dir"] / "student.onnx", accuracy=False, **dict(FAST, batch_sizes=[1]))
+    again = run_bench(run["dir"] / "student.onnx", options=replace(FAST, accuracy=False, batch_sizes=[1]))
     assert tonnx.stat().st_mtime_ns == stamp and any("reused" in n for n in again.notes)
-    mixed = run_bench(run["dir"] / "student.onnx", accuracy=False, teacher_backend="torch-eager",
-                      **dict(FAST, batch_sizes=[1]))
+    mixed = run_bench(run["dir"] / "student.onnx",
+                      options=replace(FAST, accuracy=False, teacher_backend="torch-eager", batch_sizes=[1]))
     s, t = _result(mixed, "student"), _result(mixed, "teacher")
     assert t.backend == "torch-eager" and s.batch(1).speedup_like_for_like is False
     console = Console(record=True, width=200)
@@ -289,7 +292,7 @@ def test_teacher_that_cannot_be_exported_runs_eager_and_says_so(run, tmp_path, m
         raise RuntimeError("exporter exploded")
 
     monkeypatch.setattr(exporter, "export_model", broken)
-    rep = run_bench(d / "student.onnx", accuracy=False, **dict(FAST, batch_sizes=[1]))
+    rep = run_bench(d / "student.onnx", options=replace(FAST, accuracy=False, batch_sizes=[1]))
     assert _result(rep, "teacher").backend == "torch-eager"
     assert any("could not be exported" in n and "exporter exploded" in n for n in rep.notes)
     assert _result(rep, "student").batch(1).speedup_like_for_like is False
@@ -298,11 +301,11 @@ def test_teacher_that_cannot_be_exported_runs_eager_and_says_so(run, tmp_path, m
 
 def test_default_batches_follow_the_artifact(run):
     """No --batch: batch 1 and the large batch (64 on CPU), within what the artifacts accept."""
-    fast = {k: v for k, v in FAST.items() if k != "batch_sizes"}
-    dyn = run_bench(run["dir"] / "student.onnx", accuracy=False, **fast)
+    fast = replace(FAST, batch_sizes=None, accuracy=False)
+    dyn = run_bench(run["dir"] / "student.onnx", options=fast)
     for r in dyn.results:
         assert [b.batch for b in r.batches] == [1, 64], r.key
-    fixed = run_bench(run["dir"] / "student_b4.onnx", accuracy=False, teacher_backend="torch-eager", **fast)
+    fixed = run_bench(run["dir"] / "student_b4.onnx", options=replace(fast, teacher_backend="torch-eager"))
     assert [b.batch for b in _result(fixed, "student").batches] == [4]
     assert any("largest batch 4" in n for n in fixed.notes)
 
@@ -311,7 +314,7 @@ def test_plot_and_table(onnx_report):
     from rich.console import Console
 
     assert onnx_report["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from export.report import print_report
+    from cli.bench_table import print_report
 
     con = Console(record=True, width=200)
     print_report(onnx_report["report"], con)
@@ -325,7 +328,7 @@ def test_plot_and_table(onnx_report):
 def test_int8_qdq_onnx(run):
     art = resolve_artifact(run["dir"] / "student_int8.onnx")
     assert art.onnx.qdq and art.precision == "int8"
-    rep = run_bench(art.path, backends=["ort-cpu"], **FAST)
+    rep = run_bench(art.path, options=replace(FAST, backends=["ort-cpu"]))
     s = _result(rep, "student")
     assert (s.status, s.backend, s.precision) == ("ok", "ort-cpu", "int8")
     q1, q5, _ = _acc(_ort_logits(art.path, run["x"]), run["y"])
@@ -337,13 +340,13 @@ def test_int8_qdq_onnx(run):
 # ----------------------------------------------------------------------------- safetensors (run folder)
 
 def test_run_folder_torch_eager(run):
-    rep = run_bench(run["dir"], max_val=200, **FAST)  # a folder means its student.safetensors
+    rep = run_bench(run["dir"], options=replace(FAST, max_val=200))  # a folder means its student.safetensors
     s, t = _result(rep, "student"), _result(rep, "teacher")
     assert (s.backend, s.backend_requested, s.precision, s.device) == ("torch-eager", "auto", "fp32", "cpu")
     assert s.artifact.endswith("student.safetensors") and t.artifact.endswith("teacher.safetensors")
     assert s.size_bytes == (run["dir"] / "student.safetensors").stat().st_size
     # max_val: the same stratified 200 images for both models.
-    from spofa_deploy.data import stratified_subset
+    from spofa_deploy.datasets import stratified_subset
 
     idx = stratified_subset(run["y"].numpy(), 200, seed=0)
     x, xt, y = run["x"][idx], run["xt"][idx], run["y"][idx]
@@ -363,14 +366,15 @@ def test_run_folder_torch_eager(run):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine these backends are not missing")
 def test_missing_backends_are_skipped_with_reason(run, tmp_path):
-    rep = run_bench(run["dir"] / "student.safetensors", backends=["torch-eager", "torch-cudagraph"], **ANY_DEVICE)
+    rep = run_bench(run["dir"] / "student.safetensors",
+                    options=replace(ANY_DEVICE, backends=["torch-eager", "torch-cudagraph"]))
     by = {(r.role, r.backend): r for r in rep.results}
     assert by[("student", "torch-eager")].status == "ok" and by[("teacher", "torch-eager")].status == "ok"
     for role in ("student", "teacher"):
         g = by[(role, "torch-cudagraph")]
         assert g.status == "skipped" and "CUDA" in g.reason and not g.batches
     # ort-cuda asked explicitly: skipped, never silently replaced by ort-cpu.
-    rep = run_bench(run["dir"] / "student.onnx", backends=["ort-cuda"], **ANY_DEVICE)
+    rep = run_bench(run["dir"] / "student.onnx", options=replace(ANY_DEVICE, backends=["ort-cuda"]))
     s = _result(rep, "student")
     assert (s.status, s.backend) == ("skipped", "ort-cuda") and "CUDA" in s.reason
     assert not [r for r in rep.results if r.role == "student" and r.backend == "ort-cpu"]
@@ -380,7 +384,7 @@ def test_missing_backends_are_skipped_with_reason(run, tmp_path):
     shutil.copy(run["dir"] / "student.safetensors", tmp_path / "student.safetensors")
     shutil.copy(run["dir"] / "student.json", tmp_path / "student.json")
     _sidecar(eng, run["smeta"], "fp16", fmt="trt", batch=(1, 4, 8))
-    rep = run_bench(eng, teacher=run["dir"] / "teacher.safetensors", json_path=tmp_path / "b.json", **ANY_DEVICE)
+    rep = run_bench(eng, teacher=run["dir"] / "teacher.safetensors", options=replace(ANY_DEVICE, json_path=tmp_path / "b.json"))
     s = _result(rep, "student")
     assert (s.status, s.backend, s.backend_requested) == ("skipped", "trt", "auto") and s.reason
     row = next(r for r in json.loads((tmp_path / "b.json").read_text())["results"] if r["role"] == "student")
@@ -407,7 +411,7 @@ def _bad_copy(run, tmp_path, name: str, **changes) -> object:
     ("no_sidecar", "no sidecar"),
     ("fixed_batch", "accepts batch 4..4"),
     ("engine_batch", "engine profile"),
-    ("unknown_backend", "Did you mean .*ort-cuda"),
+    ("unknown_backend", "did you mean .*ort-cuda"),
     ("wrong_backend", "cannot run"),
     ("precision", "exported at fp32"),
     ("torch_int8", "int8"),
@@ -416,47 +420,47 @@ def _bad_copy(run, tmp_path, name: str, **changes) -> object:
 ])
 def test_bad_input_raises_user_error(run, tmp_path, case, match):
     d = run["dir"]
-    kw = dict(FAST, accuracy=False)
+    kw = replace(FAST, accuracy=False)
     with pytest.raises(UserError, match=match):
         if case == "missing":
-            run_bench(tmp_path / "nope.engine", **kw)
+            run_bench(tmp_path / "nope.engine", options=kw)
         elif case == "format":
-            run_bench(_bad_copy(run, tmp_path, "s.onnx", format="trt"), **kw)
+            run_bench(_bad_copy(run, tmp_path, "s.onnx", format="trt"), options=kw)
         elif case == "img_size":
-            run_bench(_bad_copy(run, tmp_path, "s.onnx", img_size=64), **kw)
+            run_bench(_bad_copy(run, tmp_path, "s.onnx", img_size=64), options=kw)
         elif case == "classes":
-            run_bench(_bad_copy(run, tmp_path, "s.onnx", num_classes=100), **kw)
+            run_bench(_bad_copy(run, tmp_path, "s.onnx", num_classes=100), options=kw)
         elif case == "no_sidecar":
             shutil.copy(d / "student.onnx", tmp_path / "bare.onnx")
-            run_bench(tmp_path / "bare.onnx", **kw)
+            run_bench(tmp_path / "bare.onnx", options=kw)
         elif case == "fixed_batch":
-            run_bench(d / "student_b4.onnx", **kw)  # batch 1 and 8 asked
+            run_bench(d / "student_b4.onnx", options=kw)  # batch 1 and 8 asked
         elif case == "engine_batch":
             eng = tmp_path / "s.engine"
             eng.write_bytes(b"x")
             _sidecar(eng, run["smeta"], "fp16", fmt="trt", batch=(1, 4, 4))
-            run_bench(eng, **kw)  # 8 > max 4, refused before TensorRT is even needed
+            run_bench(eng, options=kw)  # 8 > max 4, refused before TensorRT is even needed
         elif case == "unknown_backend":
-            run_bench(d / "student.onnx", backends=["ort-gpu"], **kw)
+            run_bench(d / "student.onnx", options=replace(kw, backends=["ort-gpu"]))
         elif case == "wrong_backend":
-            run_bench(d / "student.safetensors", backends=["ort-cpu"], **kw)
+            run_bench(d / "student.safetensors", options=replace(kw, backends=["ort-cpu"]))
         elif case == "precision":
-            run_bench(d / "student.onnx", precisions=["fp16"], **kw)
+            run_bench(d / "student.onnx", options=replace(kw, precisions=["fp16"]))
         elif case == "torch_int8":
-            run_bench(d / "student.safetensors", precisions=["int8"], **kw)
+            run_bench(d / "student.safetensors", options=replace(kw, precisions=["int8"]))
         elif case == "bad_suffix":
             (tmp_path / "model.pt").write_bytes(b"x")
-            run_bench(tmp_path / "model.pt", **kw)
+            run_bench(tmp_path / "model.pt", options=kw)
         elif case == "json_folder":
-            run_bench(d / "student.onnx", json_path=tmp_path / "no" / "b.json", **kw)
+            run_bench(d / "student.onnx", options=replace(kw, json_path=tmp_path / "no" / "b.json"))
 
 
 def test_fixed_batch_onnx_runs_its_batch(run):
     # 50 images in batches of 4: the last batch is padded for the fixed-shape model and the padding dropped.
-    rep = run_bench(run["dir"] / "student_b4.onnx", max_val=50, **dict(FAST, batch_sizes=[4]))
+    rep = run_bench(run["dir"] / "student_b4.onnx", options=replace(FAST, max_val=50, batch_sizes=[4]))
     s = _result(rep, "student")
     assert s.status == "ok" and [b.batch for b in s.batches] == [4]
-    from spofa_deploy.data import stratified_subset
+    from spofa_deploy.datasets import stratified_subset
 
     idx = stratified_subset(run["y"].numpy(), 50, seed=0)
     x, y = run["x"][idx], run["y"][idx]
@@ -466,17 +470,15 @@ def test_fixed_batch_onnx_runs_its_batch(run):
 
 
 def _fake_tensorrt(monkeypatch, error: Exception):
-    """Stand-ins for the `tensorrt` wheel and `export.tensorrt` on a machine without them: TrtRunner raises `error`."""
-    import types
+    """A stand-in for `export.tensorrt.TrtEngine` on a machine without TensorRT or a GPU: it raises `error`."""
+    import export.bench.runners.trt as trt_runner
 
-    import export.runtimes as rt
-
-    class TrtRunner:
+    class TrtEngine:
         def __init__(self, engine, trust=False, device=0):
             raise error
 
-    monkeypatch.setattr(rt, "cuda_skip_reason", lambda: None)  # pretend a GPU, so the engine path is taken
-    monkeypatch.setitem(sys.modules, "export.tensorrt", types.SimpleNamespace(TrtRunner=TrtRunner))
+    monkeypatch.setattr(trt_runner, "cuda_skip_reason", lambda: None)  # pretend a GPU, so the engine path is taken
+    monkeypatch.setattr(trt_runner, "TrtEngine", TrtEngine)
 
 
 def test_engine_refused_by_trtrunner_is_a_user_error(run, tmp_path, monkeypatch):
@@ -488,10 +490,10 @@ def test_engine_refused_by_trtrunner_is_a_user_error(run, tmp_path, monkeypatch)
     msg = "student.engine was built with TensorRT 10.3.0 but TensorRT 10.9.0 is installed"
     _fake_tensorrt(monkeypatch, UserError(msg))
     with pytest.raises(UserError, match=msg):
-        run_bench(eng, **ANY_DEVICE)
+        run_bench(eng, options=ANY_DEVICE)
     # MissingDependency from the runner is a missing backend: skipped with that reason, not an error.
     _fake_tensorrt(monkeypatch, MissingDependency("no CUDA GPU is visible"))
-    rep = run_bench(eng, **ANY_DEVICE)
+    rep = run_bench(eng, options=ANY_DEVICE)
     s = _result(rep, "student")
     assert (s.status, s.reason) == ("skipped", "no CUDA GPU is visible")
 

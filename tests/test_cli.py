@@ -286,3 +286,112 @@ def test_refused_resume_with_bad_data_leaves_the_run_untouched(e2e, one_class: P
 
 def test_refused_resume_with_bad_settings_leaves_the_run_untouched(e2e) -> None:
     _refused_on_run(e2e, ["--resume", "--batch-size", "0"])
+
+
+# ---------------------------------------------------------------- options, in-process (the library call replaced)
+
+
+def _spofa(monkeypatch, capsys, *args: str, target: str | None = None) -> tuple[int, list, str]:
+    """`spofa ARGS` in this process with `target` ("module:function") recording its call instead of running."""
+    import importlib
+
+    from cli.main import main
+
+    seen = []
+    if target:
+        module, name = target.split(":")
+
+        def record(*a, **k):
+            seen.append(k)
+            raise SystemExit(0)  # stop before any printing of results
+
+        monkeypatch.setattr(importlib.import_module(module), name, record)
+    monkeypatch.setattr("spofa_deploy.machine.oversubscribed", lambda: None)  # no load warning on stderr
+    monkeypatch.setattr(sys, "argv", ["spofa", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, seen, capsys.readouterr().err
+
+
+def test_one_parser_for_choices_and_comma_lists() -> None:
+    from cli import options as o
+    from spofa_deploy.errors import UserError
+
+    assert o.choice(" KD ", "--method", ("spofa", "ofa", "kd", "none")) == "kd"
+    with pytest.raises(UserError) as e:
+        o.choice("kd2", "--method", ("spofa", "ofa", "kd", "none"))
+    assert str(e.value) == "unknown method 'kd2' for --method: choose from spofa, ofa, kd, none (did you mean 'kd'?)"
+    with pytest.raises(UserError) as e:
+        o.choice("maybe", "--on-nan", ("stop", "skip"), noun="on-NaN policy")
+    assert str(e.value) == "unknown on-NaN policy 'maybe' for --on-nan: choose from stop, skip"  # nothing close
+    assert o.comma_list("1, 8,64", "--batch", of=int, positive=True) == [1, 8, 64]
+    assert o.comma_list("none,KD", "--methods", choices=("none", "kd"), noun="method") == ["none", "kd"]
+    for value, kw, msg in [(" , ", {}, "--x is empty"),
+                           ("1,x", {"of": int}, "--x must be comma-separated integers, got '1,x'"),
+                           ("0.1,y", {"of": float}, "--x must be comma-separated numbers, got '0.1,y'"),
+                           ("1,0", {"of": int, "positive": True}, "--x needs positive values, got '1,0'"),
+                           ("1,nan", {"of": float, "positive": True}, "--x needs positive values, got '1,nan'"),
+                           ("a,c", {"choices": ("a", "b")}, "unknown x 'c' for --x: choose from a, b")]:
+        with pytest.raises(UserError) as e:
+            o.comma_list(value, "--x", **kw)
+        assert str(e.value) == msg
+
+
+def test_distill_option_groups_reach_the_library(monkeypatch, capsys, tmp_path: Path) -> None:
+    """Each option lands in its group (DataOptions, TeacherCacheOptions, TrainConfig x2, DistillConfig)."""
+    from spofa_deploy.pipeline import DataOptions, TeacherCacheOptions
+
+    code, seen, err = _spofa(monkeypatch, capsys, "distill", "--data", "digits", "--img-size", "24",
+                             "--train-fraction", "0.5", "--skip-corrupt", "--teacher-cache", str(tmp_path),
+                             "--teacher-cache-max-gb", "2", "--teacher-cache-format", "FP32", "--method", "KD",
+                             "--opt", "adamw", "--epochs", "3", "--teacher-epochs", "2", "--teacher-batch-size", "8",
+                             "--seed", "4", "--stage-eps", "1,2,3,4", "--kd-temperature", "2",
+                             target="spofa_deploy.pipeline:distill")
+    assert code == 0, err
+    (k,) = seen
+    assert k["data"] == DataOptions("digits", 24, train_fraction=0.5, skip_corrupt=True)
+    assert k["cache"] == TeacherCacheOptions(tmp_path, max_gb=2.0, format="fp32")
+    assert k["method"] == k["loss"].method == "kd" and k["loss"].kd_temperature == 2.0
+    assert k["loss"].stage_eps == (1.0, 2.0, 3.0, 4.0)
+    assert (k["train"].optimizer, k["train"].epochs, k["train"].seed) == ("adamw", 3, 4)
+    t = k["teacher"].train  # the teacher recipe, with the shared options
+    assert (t.optimizer, t.epochs, t.batch_size, t.seed) == ("adamw", 2, 8, 4)
+    code, seen, err = _spofa(monkeypatch, capsys, "distill", "--teacher-cache-format", "fp16",
+                             target="spofa_deploy.pipeline:distill")
+    assert code == 0 and seen[0]["cache"] is None and seen[0]["data"] == DataOptions(), err  # no folder, no cache
+    code, seen, err = _spofa(monkeypatch, capsys, "teacher", "--data", "digits", "--img-size", "16", "--skip-corrupt",
+                             "--epochs", "2", target="spofa_deploy.pipeline:train_teacher")
+    assert code == 0, err
+    assert seen[0]["data"] == DataOptions("digits", 16, skip_corrupt=True) and seen[0]["teacher"].train.epochs == 2
+
+
+@pytest.mark.parametrize("args, role", [([], "student"), (["--role", "teacher"], "teacher"),
+                                        (["--role", "Student"], "student")])
+def test_export_role(args, role, monkeypatch, capsys) -> None:
+    code, seen, err = _spofa(monkeypatch, capsys, "export", "--format", "onnx", *args,
+                             target="export.exporter:export_model")
+    assert code == 0 and seen[0]["teacher"] is (role == "teacher") and not err.strip(), err
+
+
+def test_export_teacher_flag_is_a_deprecated_alias(monkeypatch, capsys) -> None:
+    """`spofa export --teacher` still exports the teacher for one release, with a one-line note on stderr."""
+    for extra in ([], ["--role", "teacher"]):
+        code, seen, err = _spofa(monkeypatch, capsys, "export", "--format", "onnx", "--teacher", *extra,
+                                 target="export.exporter:export_model")
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 0 and seen[0]["teacher"] is True, err
+        assert len(lines) == 1 and "deprecated" in lines[0] and "--role teacher" in lines[0], err
+    code, seen, err = _spofa(monkeypatch, capsys, "export", "--format", "onnx", "--teacher", "--role", "student",
+                             target="export.exporter:export_model")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and not seen and lines[-1].startswith("error: ") and "--role student" in lines[-1], err
+
+
+def test_export_help_shows_role_not_teacher(work: Path) -> None:
+    r = Cli(["export", "--help"], work, timeout=120).result()
+    assert r.rc == 0, r.err
+    assert re.search(r"(?<![\w-])--role(?![\w-])", r.out)
+    assert not re.search(r"(?<![\w-])--teacher(?![\w-])", r.out), "the deprecated --teacher is hidden"

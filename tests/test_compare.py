@@ -12,8 +12,9 @@ import torch
 from spofa_deploy import compare as cmp
 from spofa_deploy import compare_report as report
 from spofa_deploy import pipeline, plots
-from spofa_deploy.train import Hooks
+from spofa_deploy.hooks import Hooks
 from spofa_deploy.errors import TrainingDiverged, UserError
+from spofa_deploy.run_files import COMPARE, DONE
 from spofa_deploy.stability import (accuracy_figures, divergence, loss_spikes, read_metrics, read_trace, stability,
                                     tail_variance)
 
@@ -246,7 +247,7 @@ def test_tiny_compare_writes_the_report(tiny_compare) -> None:
     # One teacher, trained once, passed to every run as the same checkpoint.
     assert len(teacher_calls.calls) == 1
     assert len(distill_calls.calls) == 2 and result.runs_done == 2 and result.runs_skipped == 0
-    ckpts = {c[0][1].checkpoint for c in distill_calls.calls}
+    ckpts = {c[1]["teacher"].checkpoint for c in distill_calls.calls}
     assert len(ckpts) == 1 and next(iter(ckpts)).endswith("teacher.safetensors")
     # Same schedule and seed for both methods; only the loss differs.
     trains = [c[1]["train"] for c in distill_calls.calls]
@@ -277,7 +278,7 @@ def test_tiny_compare_writes_the_report(tiny_compare) -> None:
         assert st["logged_steps"] == 3  # 72 images / batch 32, every step logged
         assert st["loss_var_tail"] is not None and st["ce_var_tail"] is not None
         # done.json holds the same record.
-        assert json.loads((out / r["name"] / cmp.DONE).read_text()) == r
+        assert json.loads((out / r["name"] / DONE).read_text()) == r
     none, spofa = rep["runs"]
     assert none["stability"]["grad_cos_mean"] is None and isinstance(spofa["stability"]["grad_cos_mean"], float)
     for table in ("per_method", "per_method_lr"):
@@ -322,16 +323,16 @@ def test_resume_skips_finished_runs(tiny_compare, monkeypatch) -> None:
     with pytest.raises(UserError, match="epochs"):
         cmp.run_compare(_tiny(out, epochs=2), resume=True)
     # A run interrupted after its checkpoint (no done.json) is resumed from it; the other is skipped.
-    mtime = (out / "none-lr0.01-seed0" / cmp.DONE).stat().st_mtime_ns
-    (out / "spofa-lr0.01-seed0" / cmp.DONE).unlink()
+    mtime = (out / "none-lr0.01-seed0" / DONE).stat().st_mtime_ns
+    (out / "spofa-lr0.01-seed0" / DONE).unlink()
     real = Counter(distill)
     monkeypatch.setattr(cmp, "distill", real)
     third = cmp.run_compare(_tiny(out), resume=True)
     assert len(real.calls) == 1 and third.runs_done == 1 and third.runs_skipped == 1
     args, kwargs = real.calls[0]
     assert kwargs["method"] == "spofa" and kwargs["resume"] is True and Path(kwargs["out"]).name == "spofa-lr0.01-seed0"
-    assert (out / "none-lr0.01-seed0" / cmp.DONE).stat().st_mtime_ns == mtime
-    rec = json.loads((out / "spofa-lr0.01-seed0" / cmp.DONE).read_text())
+    assert (out / "none-lr0.01-seed0" / DONE).stat().st_mtime_ns == mtime
+    rec = json.loads((out / "spofa-lr0.01-seed0" / DONE).read_text())
     assert rec["resumed"] is True and rec["epochs_run"] == 1 and rec["status"] == "finished"
     assert third.report["complete"] and len(third.report["runs"]) == 2
     # resume_config reads the saved settings back (what `spofa compare --resume --out DIR` uses).
@@ -371,7 +372,7 @@ def test_a_diverged_run_is_recorded_not_fatal(tiny_compare, monkeypatch) -> None
     assert rec["stability"]["nonfinite_events"] == 1 and rec["final_top1"] is None
     g = res.report["per_method_lr"][0]
     assert (g["diverged"], g["stopped"], g["nonfinite"]) == (1, 1, 1) and g["final_top1"]["mean"] is None
-    assert (res.out / "kd-lr0.01-seed0" / cmp.DONE).is_file()
+    assert (res.out / "kd-lr0.01-seed0" / DONE).is_file()
     assert "| kd-lr0.01-seed0 | stopped |" in (res.out / "report.md").read_text()
 
 
@@ -387,8 +388,8 @@ def test_an_interrupted_teacher_stage_is_resumed_not_used(tmp_path: Path, monkey
     torch.save({"epoch": 1, "config": {"epochs": 2}}, tdir / "checkpoint-last.pt")
     calls = []
 
-    def fake_train_teacher(opts, data, img_size, out, resume, download, skip_corrupt=False):
-        calls.append((Path(out), resume, img_size, opts.train))
+    def fake_train_teacher(*, teacher, data, out, resume):
+        calls.append((Path(out), resume, data.img_size, teacher.train))
         return Path(out) / "teacher.safetensors"
 
     monkeypatch.setattr(pipeline, "train_teacher", fake_train_teacher)
@@ -406,7 +407,7 @@ def test_compare_trains_its_teacher_with_the_teacher_recipe(tmp_path: Path, monk
     cfg = _tiny(tmp_path / "c")
     seen = []
     monkeypatch.setattr(pipeline, "train_teacher",
-                        lambda opts, *a, **k: seen.append(opts.train) or Path(k["out"]) / "teacher.safetensors")
+                        lambda **k: seen.append(k["teacher"].train) or Path(k["out"]) / "teacher.safetensors")
     cmp.ensure_teacher(cfg, 16)
     recipe = pipeline.TeacherOptions().train
     (t,) = seen
@@ -456,7 +457,7 @@ def test_cli_options_reach_the_config(monkeypatch, tmp_path: Path) -> None:
     # --resume: the saved settings, not the defaults, for everything not given.
     saved = tmp_path / "saved"
     saved.mkdir()
-    write_json(saved / cmp.COMPARE, {"config": dataclasses.asdict(cmp.CompareConfig(student="resnet18", epochs=7))})
+    write_json(saved / COMPARE, {"config": dataclasses.asdict(cmp.CompareConfig(student="resnet18", epochs=7))})
     r = run(app, ["compare", "--resume", "--out", str(saved), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     cfg, resume = seen[-1]

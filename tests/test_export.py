@@ -15,7 +15,7 @@ import torch
 from export.exporter import export_model
 from export.formats import FORMATS, artifact_name, format_for_path, get_format
 from export.onnx import ort_session
-from export.tensorrt import TrtRunner, check_engine_meta
+from export.tensorrt import TrtEngine, check_engine_meta
 from spofa_deploy.artifacts import load_model, mark_latest, save_model
 from spofa_deploy.errors import MissingDependency, UserError
 from spofa_deploy.models import create_model, data_config
@@ -343,7 +343,7 @@ def test_engine_without_sidecar_is_refused(tmp_path):
     engine = tmp_path / "x.engine"
     engine.write_bytes(b"not an engine")
     with pytest.raises(UserError, match="no sidecar"):
-        TrtRunner(engine)
+        TrtEngine(engine)
 
 
 def test_engine_from_other_tensorrt_or_gpu_is_refused(tmp_path):
@@ -376,7 +376,7 @@ def test_trt_engine_build_and_run(trt_ready, student, tmp_path, precision):
     side = json.loads(r.sidecar.read_text())
     assert {"tensorrt", "gpu", "compute_capability"} <= set(side) and side["format"] == "trt"
     assert side["parity_engine"]["checked_on"].startswith("tensorrt") and r.parity_engine.top1_agreement >= 90.0
-    runner = TrtRunner(r.path)
+    runner = TrtEngine(r.path)
     assert runner.batch == {"min": 1, "opt": 4, "max": 8}
     tol = {"fp32": 1e-2, "fp16": 5e-2, "int8": 1.0}[precision]
     for n in (1, 7):
@@ -388,8 +388,8 @@ def test_trt_engine_build_and_run(trt_ready, student, tmp_path, precision):
         runner(torch.randn(9, 3, SIZE, SIZE).cuda())
     os.remove(r.sidecar)
     with pytest.raises(UserError, match="no sidecar"):
-        TrtRunner(r.path)
-    assert TrtRunner(r.path, trust=True).max_batch == 8
+        TrtEngine(r.path)
+    assert TrtEngine(r.path, trust=True).max_batch == 8
 
 
 @pytest.mark.gpu

@@ -17,7 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from spofa_deploy.data import AugSeeded, DeviceAugment, EncodedSample, load_splits, make_loader, read_encoded
+from spofa_deploy.data import load_splits
+from spofa_deploy.device_augment import DeviceAugment, EncodedSample, read_encoded
+from spofa_deploy.loaders import AugSeeded, make_loader
 from spofa_deploy.errors import UserError
 from spofa_deploy.models import Preprocessing
 
@@ -235,13 +237,13 @@ def test_a_jpeg_the_device_decoder_refuses_is_decoded_on_the_cpu(folder: Path, m
 
     The refusal is simulated (the batch call and the file's own call on the device fail once each).
     """
-    import spofa_deploy.data as data
+    from spofa_deploy import device_augment
 
     dev = _splits(folder, "cpu")
     sampler = [(i, 0) for i in range(len(dev.train))]
     want, _, _ = _batches(dev.train, sampler, batch=len(sampler))
     refused = torch.from_numpy(np.frombuffer(dev.train.paths[3].read_bytes(), np.uint8).copy())
-    real, refusals = data._decode_jpegs, [2]
+    real, refusals = device_augment._decode_jpegs, [2]
 
     def decode(files, device):
         if refusals[0] and any(torch.equal(f, refused) for f in files):
@@ -249,7 +251,7 @@ def test_a_jpeg_the_device_decoder_refuses_is_decoded_on_the_cpu(folder: Path, m
             raise RuntimeError("nvjpeg: unsupported JPEG")
         return real(files, device)
 
-    monkeypatch.setattr(data, "_decode_jpegs", decode)
+    monkeypatch.setattr(device_augment, "_decode_jpegs", decode)
     x, _, loader = _batches(dev.train, sampler, batch=len(sampler))
     assert refusals == [0] and not loader.corrupt and torch.equal(x, want)
 

@@ -14,11 +14,12 @@ import pytest
 import timm
 import torch
 
-from export.artifact import Artifact
+from export.bench.runners import Pt2Runner, TorchRunner, check_compile_mode
+from export.bench.target import Artifact
+from export.bench.timing import TimingOptions, measure
 from export.onnx import BatchProfile, torch_logits
-from export.pt2 import Pt2Runner, check_pt2_meta, export_pt2, load_pt2, package_facts, parity_pt2, read_pt2_meta
+from export.pt2 import check_pt2_meta, export_pt2, load_pt2, package_facts, parity_pt2, read_pt2_meta
 from spofa_deploy.artifacts import sidecar_path, write_json
-from spofa_deploy.bench import TorchRunner, check_compile_mode, measure_step
 from spofa_deploy.errors import MissingDependency, UserError
 
 IMG = 32
@@ -111,7 +112,7 @@ def test_runner_prepares_measures_and_matches_eager(fixed_pkg, model):
     r = Pt2Runner(_artifact(path, meta))
     assert (r.backend, r.device, r.precision, r.fixed_shapes) == ("aoti", "cpu", "fp32", False)
     assert r.batch_sizes_supported(2) and not r.batch_sizes_supported(1) and not r.batch_sizes_supported(3)
-    st = measure_step(r.prepare(2), batch=2, warmup_s=0.0, min_s=0.0, min_iters=5)
+    st = measure(r.prepare(2), batch=2, timing=TimingOptions(warmup_s=0.0, min_s=0.0, min_iters=5))
     assert st.iters == 5 and st.gpu is None and st.median_ms > 0
     x = torch.from_numpy(_images(2, seed=3))
     torch.testing.assert_close(r(x), _eager(model, x), atol=1e-4, rtol=1e-4)
@@ -232,7 +233,7 @@ def test_torch_compile_runner_reports_compile_seconds_freezes_weights_and_matche
     step = r.prepare(3)
     assert set(r.compile_seconds) == {3} and r.compile_seconds[3] > 0
     assert torch._inductor.config.freezing is False  # patched in for the compile only
-    st = measure_step(step, batch=3, warmup_s=0.0, min_s=0.0, min_iters=3)
+    st = measure(step, batch=3, timing=TimingOptions(warmup_s=0.0, min_s=0.0, min_iters=3))
     assert st.iters == 3 and st.median_ms * 1e-3 < r.compile_seconds[3]  # compile time is not in the latency
     x = torch.from_numpy(_images(3, seed=7))
     reference = _eager(model, x)

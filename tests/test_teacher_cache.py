@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from spofa_deploy import teacher_cache as tc
+from spofa_deploy import teacher_cache_record as records
 from spofa_deploy.errors import UserError
 from spofa_deploy.losses import kd_loss, ofa_loss
-from spofa_deploy.teacher_cache import CacheKey, RecordFormat, TeacherCache, fingerprint, split_digest, weights_digest
+from spofa_deploy.teacher_cache import TeacherCache
+from spofa_deploy.teacher_cache_key import CacheKey, RecordFormat, default_format, fingerprint, split_digest, weights_digest
 
 N, C = 40, 10
 
@@ -195,8 +197,8 @@ def test_bad_options_are_user_errors(tmp_path, kwargs, match):
 
 
 def test_default_format_by_classes_and_temperature():
-    assert tc.default_format(100) == "fp16" and tc.default_format(101) == "topk"
-    assert tc.default_format(1000, 4.0) == "fp16"  # KD's softened tail is not kept by top-k
+    assert default_format(100) == "fp16" and default_format(101) == "topk"
+    assert default_format(1000, 4.0) == "fp16"  # KD's softened tail is not kept by top-k
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -320,7 +322,7 @@ def test_full_disk_leaves_no_file_and_warns_once(tmp_path, monkeypatch):
         f.write(bytes(chunks[0])[:10])  # some bytes reach the temp file, then the disk is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(tc, "_write_chunks", full)
+    monkeypatch.setattr(records, "_write_chunks", full)
     cache = TeacherCache.open(tmp_path, make_key(), num_classes=C, fmt="fp16")
     t = teacher_logits()
     fill_epoch(cache, 0, t)
@@ -402,15 +404,15 @@ def test_concurrent_writers_of_one_epoch_do_not_corrupt(tmp_path, monkeypatch):
     b = TeacherCache.open(tmp_path, make_key(), num_classes=C, fmt="fp16")
     fill_epoch(a, 0, t, seed=1)  # two compare runs: different batch order, same logits
     fill_epoch(b, 0, t, seed=2)
-    real = tc._write_chunks
+    real = records._write_chunks
 
     def interleaved(f, chunks):
-        monkeypatch.setattr(tc, "_write_chunks", real)
+        monkeypatch.setattr(records, "_write_chunks", real)
         f.write(bytes(chunks[0])[:5])
         assert b.commit(0)  # b writes and renames its whole file while a's temp file is half written
         real(f, [bytes(chunks[0])[5:], *chunks[1:]])
 
-    monkeypatch.setattr(tc, "_write_chunks", interleaved)
+    monkeypatch.setattr(records, "_write_chunks", interleaved)
     record = a.folder / "epoch-0000.bin"
     assert a.commit(0)
     assert epoch_files(a.folder) == ["epoch-0000.bin"]  # no temp files left

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-import export.runtimes as rt
+import export.bench.runners.trt as trt_runner
 import export.tensorrt as trt_export
-from export.artifact import Artifact
+from export.bench.target import Artifact
 from export.onnx import BatchProfile
 
 SHAPE = (3, 8, 8)
@@ -256,15 +256,15 @@ def test_no_timing_cache_at_all_still_builds(use_trt, tmp_path):
 
 # ----------------------------------------------------------------------------- runtime binding
 
-def _runner(use_trt, tmp_path) -> trt_export.TrtRunner:
+def _engine(use_trt, tmp_path) -> trt_export.TrtEngine:
     use_trt("10.16.1")
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"plan")
-    return trt_export.TrtRunner(engine, trust=True)
+    return trt_export.TrtEngine(engine, trust=True)
 
 
-def test_trtrunner_binds_once_per_batch(use_trt, tmp_path):
-    r = _runner(use_trt, tmp_path)
+def test_trtengine_binds_once_per_batch(use_trt, tmp_path):
+    r = _engine(use_trt, tmp_path)
     ctx = r.context
     assert r.batch == {"min": 1, "opt": 4, "max": 8}
     x4 = torch.zeros(4, *SHAPE)  # CPU tensors stand in for device memory: only addresses matter here
@@ -283,17 +283,17 @@ def test_trtrunner_binds_once_per_batch(use_trt, tmp_path):
     assert ctx.calls["set_input_shape"] == 3 and ctx.addresses["logits"] == out.data_ptr()
 
 
-def test_engine_runner_timed_call_only_enqueues(use_trt, tmp_path, monkeypatch):
-    r = _runner(use_trt, tmp_path)  # installs the fake; EngineRunner builds its own TrtRunner on it
-    monkeypatch.setattr(rt, "cuda_skip_reason", lambda: None)
+def test_trt_runner_timed_call_only_enqueues(use_trt, tmp_path, monkeypatch):
+    r = _engine(use_trt, tmp_path)  # installs the fake; TrtRunner builds its own TrtEngine on it
+    monkeypatch.setattr(trt_runner, "cuda_skip_reason", lambda: None)
     art = Artifact(path=tmp_path / "m.engine", format="trt", precision="fp16", size_bytes=4, batch_range=(1, 8),
                    meta={"model": "m", "num_classes": CLASSES, "img_size": SHAPE[1], "in_chans": SHAPE[0]})
     sidecar = trt_export.sidecar_path(art.path)
     sidecar.write_text('{"format": "trt"}')
     monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: SimpleNamespace(cuda_stream=11))
-    er = rt.EngineRunner(art)
-    assert er.batch_range == (1, 8) and er._trt is not r
-    ctx = er._trt.context
+    er = trt_runner.TrtRunner(art)
+    assert er.batch_range == (1, 8) and er._engine is not r
+    ctx = er._engine.context
     x_dev = torch.zeros(8, *SHAPE)
     compute, out = er._compute(x_dev, 11)
     before = dict(ctx.calls)
@@ -303,7 +303,7 @@ def test_engine_runner_timed_call_only_enqueues(use_trt, tmp_path, monkeypatch):
     assert ctx.calls["set_input_shape"] == before["set_input_shape"] == 1
     assert ctx.calls["set_tensor_address"] == before["set_tensor_address"] == 2
     assert ctx.addresses["logits"] == out.data_ptr() and ctx.streams == {11}
-    er._trt.bind(torch.zeros(8, *SHAPE))  # something else ran the engine in between ...
+    er._engine.bind(torch.zeros(8, *SHAPE))  # something else ran the engine in between ...
     compute()  # ... so the timed call re-binds its own input once
     assert ctx.addresses["images"] == x_dev.data_ptr()
     assert ctx.calls["set_tensor_address"] == 4 and ctx.calls["set_input_shape"] == 1
@@ -312,7 +312,7 @@ def test_engine_runner_timed_call_only_enqueues(use_trt, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- engine_logits
 
 class _EchoRunner:
-    """A TrtRunner stand-in whose logits are the first pixels of each image (so order is checkable)."""
+    """A TrtEngine stand-in whose logits are the first pixels of each image (so order is checkable)."""
 
     def __init__(self, lo: int, hi: int):
         self.min_batch, self.max_batch, self.device, self.batches = lo, hi, "cpu", []
@@ -327,7 +327,7 @@ class _EchoRunner:
 def test_engine_logits_pads_to_the_profile_and_drops_the_padding(monkeypatch, lo, hi, expected):
     images = np.random.default_rng(0).standard_normal((7, *SHAPE)).astype(np.float32)
     runner = _EchoRunner(lo, hi)
-    monkeypatch.setattr(trt_export, "TrtRunner", lambda path, trust=False: runner)
+    monkeypatch.setattr(trt_export, "TrtEngine", lambda path, trust=False: runner)
     monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     out = trt_export.engine_logits(Path("m.engine"), images, trust=True, chunk=4)

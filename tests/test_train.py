@@ -20,12 +20,16 @@ from safetensors.torch import load_file
 import spofa_deploy
 from spofa_deploy import pipeline
 from spofa_deploy.artifacts import read_model_meta, save_model
-from spofa_deploy.data import Splits, load_splits, make_loader, stratified_subset
+from spofa_deploy.data import load_splits
+from spofa_deploy.datasets import Splits, stratified_subset
+from spofa_deploy.loaders import make_loader
 from spofa_deploy.distillers import OFA, DistillConfig, create_task
 from spofa_deploy.errors import TrainingDiverged, UserError
 from spofa_deploy.models import count_params, create_model, data_config
-from spofa_deploy.pipeline import TeacherOptions, distill
-from spofa_deploy.train import CHECKPOINT, Hooks, TrainConfig, evaluate, fit
+from spofa_deploy.pipeline import DataOptions, TeacherCacheOptions, TeacherOptions, distill
+from spofa_deploy.hooks import Hooks
+from spofa_deploy.run_files import CHECKPOINT
+from spofa_deploy.train import TrainConfig, evaluate, fit
 from spofa_deploy.machine import resolve_device
 from spofa_deploy.models import Preprocessing
 
@@ -267,9 +271,9 @@ def shrink_val(monkeypatch):
 
 
 def _run(method: str, out: Path, teacher: Path, resume: bool = False, hooks: Hooks | None = None):
-    return distill("test_resnet", TeacherOptions(name="test_vit", checkpoint=str(teacher)), data="digits",
-                   method=method, train=_cfg(epochs=2, batch_size=48, lr=3e-3, log_every=1), out=out,
-                   resume=resume, train_fraction=0.1, hooks=hooks)
+    return distill(student="test_resnet", teacher=TeacherOptions(name="test_vit", checkpoint=str(teacher)),
+                   data=DataOptions("digits", train_fraction=0.1), method=method,
+                   train=_cfg(epochs=2, batch_size=48, lr=3e-3, log_every=1), out=out, resume=resume, hooks=hooks)
 
 
 def _tensors(run: Path) -> dict[str, torch.Tensor]:
@@ -316,22 +320,24 @@ def test_resume_with_other_method_or_loss_settings_is_refused(tmp_path: Path, sh
     before any training; the run's own settings resume."""
     teacher = _teacher_file(tmp_path / "t" / "teacher.safetensors")
     out = tmp_path / "runs" / "kd"
-    common = dict(data="digits", out=out, train_fraction=0.1,
+    common = dict(data=DataOptions("digits", train_fraction=0.1), out=out,
                   train=_cfg(epochs=2, batch_size=48, lr=3e-3, log_every=1))
     t = TeacherOptions(name="test_vit", checkpoint=str(teacher))
     with pytest.raises(KeyboardInterrupt):  # stop after the first epoch's checkpoint
-        distill("test_resnet", t, method="kd", hooks=Hooks(before_update=lambda step: step == 3 and _raise()), **common)
+        distill(student="test_resnet", teacher=t, method="kd", hooks=Hooks(before_update=lambda step: step == 3 and _raise()),
+                **common)
     ckpt = (out / CHECKPOINT).read_bytes()
     with pytest.raises(UserError) as e:
-        distill("test_resnet", t, method="spofa", resume=True, **common)
+        distill(student="test_resnet", teacher=t, method="spofa", resume=True, **common)
     msg = str(e.value)
     assert "\n" not in msg and "--method kd" in msg and "--method spofa" in msg
     with pytest.raises(UserError, match="--kd-temperature 4.0.*--kd-temperature 2.0"):
-        distill("test_resnet", t, method="kd", loss=DistillConfig(kd_temperature=2.0), resume=True, **common)
+        distill(student="test_resnet", teacher=t, method="kd", loss=DistillConfig(kd_temperature=2.0), resume=True,
+                **common)
     with pytest.raises(UserError, match="--student test_resnet.*--student test_efficientnet"):
-        distill("test_efficientnet", t, method="kd", resume=True, **common)
+        distill(student="test_efficientnet", teacher=t, method="kd", resume=True, **common)
     assert (out / CHECKPOINT).read_bytes() == ckpt  # refused before anything was touched
-    r = distill("test_resnet", t, method="kd", resume=True, **common)
+    r = distill(student="test_resnet", teacher=t, method="kd", resume=True, **common)
     assert r.fit.epochs_run == 2 and r.student["method"] == "kd"
 
 
@@ -401,6 +407,43 @@ def test_nan_skip_leaves_no_nan_in_the_model(digits: Splits, tmp_path: Path) -> 
     assert r.epochs_run == 1
     bad = [k for k, v in task.net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     assert not bad, f"non-finite after a skipped step: {bad[:3]}"
+
+
+def test_installed_hooks_run_after_the_runs_own_and_on_loss_replaces_the_loss(digits: Splits, tmp_path: Path) -> None:
+    """The process-wide seam (`add_hooks` / `installed_hooks`): what the fault suite installs from outside the CLI."""
+    from spofa_deploy import hooks as hooks_mod
+    from spofa_deploy.hooks import active_hooks
+    from spofa_deploy.hooks import add_hooks, installed_hooks
+
+    calls, own_saw, ext_saw = [], [], []
+
+    def own_loss(step: int, loss: torch.Tensor) -> torch.Tensor:
+        own_saw.append(loss.item())
+        return loss * 2.0  # the place to scale a loss
+
+    def ext_loss(step: int, loss: torch.Tensor) -> torch.Tensor:
+        ext_saw.append(loss.item())
+        return loss * float("nan") if step == 1 else loss
+
+    own = Hooks(before_update=lambda s: calls.append(("own", s)), on_loss=own_loss)
+    ext = Hooks(before_update=lambda s: calls.append(("ext", s)), on_eval=lambda s: calls.append(("eval", s)),
+                on_loss=ext_loss)
+    with installed_hooks(ext):
+        r = fit(_kd_task(), _small(digits, 32, 20), _cfg(epochs=1, on_nan="skip"), tmp_path, hooks=own)
+    assert r.epochs_run == 1
+    assert calls == [("own", 0), ("ext", 0), ("own", 1), ("ext", 1), ("eval", 2)]
+    assert ext_saw == pytest.approx([2.0 * v for v in own_saw])  # each on_loss gets what the one before returned
+    rows = list(csv.DictReader(open(tmp_path / "trace.csv")))
+    assert float(rows[0]["loss"]) == pytest.approx(ext_saw[0], rel=1e-5)  # the loss trained on is the returned one
+    assert [(x["event"], x["step"]) for x in _records(tmp_path) if "event" in x] == [("nonfinite", 1)]
+    assert active_hooks().on_loss is None and active_hooks(own).before_update is own.before_update  # uninstalled
+    twin = Hooks()
+    remove_a, remove_b = add_hooks(Hooks()), add_hooks(twin)
+    remove_b()  # removes its own installation, not an equal one
+    assert active_hooks(twin) == Hooks()
+    assert len(hooks_mod._INSTALLED) == 1 and hooks_mod._INSTALLED[0] is not twin
+    remove_a()
+    assert hooks_mod._INSTALLED == []
 
 
 # ---------------------------------------------------------------- no host synchronisation in the SPOFA step
@@ -504,7 +547,7 @@ def test_teacher_stage_has_no_label_smoothing_and_records_its_soft_target_entrop
     real = pipeline.Supervised
     monkeypatch.setattr(pipeline, "Supervised", lambda net, ls: smoothing.append(ls) or real(net, ls))
     opts = TeacherOptions(name="test_vit", pretrained=False, train=_cfg(epochs=1, batch_size=64, optimizer="adamw"))
-    path = train_teacher(opts, "digits", 16, out=tmp_path / "t")
+    path = train_teacher(teacher=opts, data=DataOptions("digits", 16), out=tmp_path / "t")
     assert smoothing == [0.0]
     meta = read_model_meta(path)
     soft = meta["soft_targets"]
@@ -528,21 +571,22 @@ def test_exact_teacher_cache_gives_bitwise_the_same_student(tmp_path: Path, shri
     """With an exact (fp32) cache a CPU run trains bitwise the same student, cold or warm; warm, the teacher never runs."""
     teacher = _teacher_file(tmp_path / "t" / "teacher.safetensors")
     t = TeacherOptions(name="test_vit", checkpoint=str(teacher))
-    common = dict(data="digits", method="spofa", train_fraction=0.1, train=_cfg(epochs=2, batch_size=48, lr=3e-3))
-    plain = distill("test_resnet", t, out=tmp_path / "plain", **common)
-    cache = dict(teacher_cache=tmp_path / "cache", teacher_cache_format="fp32")
-    cold = distill("test_resnet", t, out=tmp_path / "cold", **cache, **common)
+    common = dict(student="test_resnet", teacher=t, data=DataOptions("digits", train_fraction=0.1), method="spofa",
+                  train=_cfg(epochs=2, batch_size=48, lr=3e-3))
+    plain = distill(out=tmp_path / "plain", **common)
+    cache = dict(cache=TeacherCacheOptions(tmp_path / "cache", format="fp32"))
+    cold = distill(out=tmp_path / "cold", **cache, **common)
     assert len(list((tmp_path / "cache").glob("*/epoch-*.bin"))) == 2  # one record per epoch
     calls = []
     real = OFA.teacher_logits
     monkeypatch.setattr(OFA, "teacher_logits", lambda self, x, t=None: calls.append(t is None) or real(self, x, t))
-    warm = distill("test_resnet", t, out=tmp_path / "warm", **cache, **common)
+    warm = distill(out=tmp_path / "warm", **cache, **common)
     assert not any(calls)  # every training view came from the cache (True would mean the teacher ran)
     ref = (plain.run_dir / "student.safetensors").read_bytes()
     assert (cold.run_dir / "student.safetensors").read_bytes() == ref
     assert (warm.run_dir / "student.safetensors").read_bytes() == ref
     # Another seed is another key: a miss, never a reuse.
-    other = distill("test_resnet", t, out=tmp_path / "seed1", **cache,
+    other = distill(out=tmp_path / "seed1", **cache,
                     **{**common, "train": _cfg(epochs=1, batch_size=48, lr=3e-3, seed=1)})
     assert other.fit.epochs_run == 1 and len(list((tmp_path / "cache").glob("*/manifest.json"))) == 2
 

@@ -8,12 +8,14 @@ Usage (from the repository root, as the fault tests do):
 this process (a resumed run starts counting again at its first step):
 
     kill_step: N              SIGKILL inside training step N (after backward, before the update)
-    kill_eval: N              SIGKILL two batches into the N-th `evaluate` call
+    kill_eval: N              SIGKILL as the N-th end-of-epoch evaluation begins (the model's and the
+                              EMA's evaluation of an epoch are one; the run dies during its evaluation,
+                              before that epoch's checkpoint, as it did when this killed two batches in)
     ckpt_fault: "kill"|"enospc"   on `torch.save` call `ckpt_call` (default 0): write half the bytes,
                               then SIGKILL ("kill") or raise OSError(ENOSPC) ("enospc": disk full)
     nan_loss: [N, ...]        multiply the loss of those steps by NaN
     nan_loss_from: N          ... and of every step from N on
-    nan_grad: [N, ...]        set one gradient to NaN after backward (the loss stays finite)
+    nan_grad: [N, ...]        make the gradients of those steps NaN in backward (the loss stays finite)
     scale_loss: {"N": f}      multiply the loss of step N by f (an exploding loss)
     fake_trt: "10.3.0"        pretend TensorRT <version> and an H100 (sm 9.0) are present
     half_write: {"fn": "torch:save", "n": N, "match": "teachers"}
@@ -23,8 +25,13 @@ this process (a resumed run starts counting again at its first step):
                               SIGKILL as the N-th call of that function whose arguments contain
                               `match` (in their str) begins
 
-The patches replace module attributes (`spofa_deploy.train.train_step`, `.evaluate`, `torch.save`,
-the `fn` named) that the code looks up at call time.
+The step and evaluation faults (kill_step, kill_eval, nan_loss, nan_loss_from, nan_grad,
+scale_loss) are `Hooks` installed with `spofa_deploy.train.add_hooks`, the loop's documented
+seam for code outside a run (docs/CONTRACTS.md): `before_update`, `on_eval` and `on_loss`, each
+counting its own calls; nothing of the training loop is replaced. The other faults replace
+module attributes that the code looks up at call time (`torch.save`, the `fn` named,
+`torch.cuda.*`, `sys.modules["tensorrt"]`): they stand for the disk, the OS or the machine
+(a half-written file, a SIGKILL at a given write, a GPU), not for our internals.
 
 `python tests/faults/inject.py --serve` is the fork server the suite uses by default: it imports
 torch, timm, scikit-learn, ONNX (Runtime), matplotlib and the CLI once, then for each request
@@ -51,65 +58,39 @@ def _kill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _patch_steps(spec: dict) -> None:
-    from spofa_deploy import train
+def _step_hooks(spec: dict):
+    """The step and evaluation faults of `spec` as one `Hooks` (each seam counts its calls from 0)."""
+    from spofa_deploy.hooks import Hooks
 
     nan_loss = set(spec.get("nan_loss", []))
     nan_from = spec.get("nan_loss_from")
     nan_grad = set(spec.get("nan_grad", []))
     scale = {int(k): float(v) for k, v in spec.get("scale_loss", {}).items()}
-    kill_at = spec.get("kill_step")
-    orig = train.train_step
-    calls = {"n": 0}
+    kill_step = spec.get("kill_step")
+    kill_eval = int(spec["kill_eval"]) if "kill_eval" in spec else None
+    losses, updates, evals = itertools.count(), itertools.count(), itertools.count()
 
-    def train_step(task, images, labels, optimizer, scaler, amp, clip_grad=None, before_update=None, **kw):
-        i = calls["n"]
-        calls["n"] += 1
-        factor = None
+    def on_loss(step: int, loss):
+        i = next(losses)
         if i in nan_loss or (nan_from is not None and i >= nan_from):
-            factor = float("nan")
+            loss = loss * float("nan")
         elif i in scale:
-            factor = scale[i]
-        hooks = [before_update] if before_update else []
-        if i in nan_grad:
-            def poison() -> None:
-                inner = getattr(task, "module", task)
-                p = next(p for p in inner.trainable() if p.grad is not None)
-                p.grad.fill_(float("nan"))
-            hooks.append(poison)
-        if kill_at is not None and i == kill_at:
-            hooks.append(_kill)
+            loss = loss * scale[i]
+        if i in nan_grad:  # backward starts from a NaN gradient: every gradient is NaN, the loss is not
+            loss.register_hook(lambda g: g * float("nan"))
+        return loss
 
-        def hook() -> None:
-            for h in hooks:
-                h()
+    def before_update(step: int) -> None:
+        if next(updates) == kill_step:
+            _kill()
 
-        if factor is not None:
-            base = task.forward
+    def on_eval(step: int) -> None:
+        if next(evals) == kill_eval:
+            _kill()
 
-            def forward(images, labels, *args):
-                out = base(images, labels, *args)
-                out.loss = out.loss * factor
-                return out
-
-            task.forward = forward
-        try:
-            return orig(task, images, labels, optimizer, scaler, amp, clip_grad, before_update=hook if hooks else None, **kw)
-        finally:
-            if factor is not None:
-                del task.forward
-
-    train.train_step = train_step
-
-
-def _kill_mid_eval(real, model, loader, *args, **kwargs):
-    def killing():
-        for j, batch in enumerate(loader):
-            if j == 2:
-                _kill()
-            yield batch
-
-    return real(model, killing(), *args, **kwargs)
+    return Hooks(before_update=before_update if kill_step is not None else None,
+                 on_eval=on_eval if kill_eval is not None else None,
+                 on_loss=on_loss if nan_loss or nan_from is not None or nan_grad or scale else None)
 
 
 def _resolve(fn: str):
@@ -173,10 +154,10 @@ def _fake_trt(version: str) -> None:
 
 
 def install(spec: dict) -> None:
-    if any(k in spec for k in ("kill_step", "nan_loss", "nan_loss_from", "nan_grad", "scale_loss")):
-        _patch_steps(spec)
-    if "kill_eval" in spec:
-        _on_match("spofa_deploy.train:evaluate", int(spec["kill_eval"]), "", _kill_mid_eval)
+    if any(k in spec for k in ("kill_step", "kill_eval", "nan_loss", "nan_loss_from", "nan_grad", "scale_loss")):
+        from spofa_deploy.hooks import add_hooks
+
+        add_hooks(_step_hooks(spec))
     if "ckpt_fault" in spec:
         _on_match("torch:save", int(spec.get("ckpt_call", 0)), "", _half_write(spec["ckpt_fault"]))
     if "half_write" in spec:
@@ -260,7 +241,7 @@ def serve() -> None:
     import torch  # noqa: F401
 
     import cli.main  # noqa: F401
-    import export.benchmark  # noqa: F401
+    import export.bench.run  # noqa: F401
     import export.exporter  # noqa: F401
     import spofa_deploy.pipeline  # noqa: F401
     import spofa_deploy.plots  # noqa: F401

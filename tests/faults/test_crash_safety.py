@@ -40,7 +40,7 @@ def _crash_step(ctx):
 def _crash_eval(ctx):
     run, _ = _start(ctx, "eval")
     h = sha(run / CHECKPOINT)
-    first = _resume(ctx, run, fault={"kill_eval": 0})  # the resumed epoch 2's first evaluation, two batches in
+    first = _resume(ctx, run, fault={"kill_eval": 0})  # as the resumed epoch 2's evaluation begins
     return {"run": run, "first": first, "ckpt_same": sha(run / CHECKPOINT) == h, "readable": _readable(run),
             "resume": _resume(ctx, run)}
 

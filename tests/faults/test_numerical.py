@@ -1,7 +1,8 @@
 """Numerical faults in `spofa distill`: NaN/Inf in the loss or the gradients, and an exploding loss.
 
-The faults are injected by tests/faults/inject.py (the loss of chosen steps multiplied by NaN or
-by 1000, or one gradient set to NaN after backward); the CLI itself is unchanged.
+The faults are injected by tests/faults/inject.py through the training loop's hooks (the loss of
+chosen steps multiplied by NaN or by 1000 in `on_loss`, or the gradients made NaN in backward);
+the CLI itself is unchanged.
 """
 from __future__ import annotations
 

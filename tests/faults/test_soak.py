@@ -3,7 +3,7 @@
 Kinds of kill (the first six each appear once in the default run, in a seeded order):
 
     step        inside a random training step (after backward, before the update)
-    eval        two batches into a random evaluation
+    eval        as a random end-of-epoch evaluation begins (before that epoch's checkpoint)
     checkpoint  half of a random checkpoint written, then SIGKILL
     student     half of student.safetensors written, or between it and its student.json
     teacher     the teacher stage of a distill: a random step, a half-written teacher checkpoint
@@ -319,7 +319,7 @@ def _distill_kill(ctx, c: Campaign, kind: str, nth: int) -> None:
     elif kind == "step":
         fault = {"kill_step": c.rng.randrange(left * ref["steps_per_epoch"])}
     elif kind == "eval":
-        fault = {"kill_eval": c.rng.randrange(2 * left)}  # the model's and the EMA's evaluation per epoch
+        fault = {"kill_eval": c.rng.randrange(left)}  # one end-of-epoch evaluation (model and EMA) per epoch left
     elif kind == "checkpoint":
         fault = {"half_write": {"fn": "torch:save", "n": c.rng.randrange(left), "match": CHECKPOINT}}
     else:  # clock: anywhere in the process, from start-up to the end

@@ -8,24 +8,32 @@ that cannot run the file, a precision the export does not have) is a `UserError`
 from __future__ import annotations
 
 import copy
-import difflib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from export.artifact import Artifact, resolve_artifact
+from export.bench.report import VariantResult
+from export.bench.runners import (
+    TORCH_BACKENDS,
+    TORCH_PRECISIONS,
+    BackendUnavailable,
+    OrtRunner,
+    Pt2Runner,
+    Runner,
+    TorchRunner,
+    TrtRunner,
+    ort_cuda_reason,
+    state_dict_bytes,
+)
+from export.bench.target import Artifact
+from export import formats
 from export.formats import FORMATS
-from export.report import VariantResult
-from export.runtimes import BackendUnavailable, EngineRunner, OrtRunner, ort_cuda_reason
-from spofa_deploy.bench import TORCH_BACKENDS, TORCH_PRECISIONS, Runner, TorchRunner, state_dict_bytes
-from spofa_deploy.errors import UserError
+from spofa_deploy.errors import UserError, check_choice
 from spofa_deploy.machine import cuda_skip_reason, resolve_device
 
-BACKENDS = ("auto", "trt", "ort-cuda", "ort-cpu", "aoti", *TORCH_BACKENDS)
-FORMAT_BACKENDS = {"torch": TORCH_BACKENDS, "onnx": ("ort-cuda", "ort-cpu"), "trt": ("trt",), "pt2": ("aoti",)}
+BACKENDS = ("auto", *formats.BACKENDS)  # the values of `spofa bench --backend`
 
 
 @dataclass
@@ -46,11 +54,7 @@ def check_backends(backends: Iterable[str]) -> list[str]:
     """Backend names normalised and de-duplicated; an unknown one is a UserError with a suggestion."""
     out = []
     for b in backends:
-        b = b.strip().lower()
-        if b not in BACKENDS:
-            close = difflib.get_close_matches(b, BACKENDS, n=2, cutoff=0.5)
-            hint = f" Did you mean {' or '.join(close)}?" if close else ""
-            raise UserError(f"unknown backend '{b}'.{hint} Choose from {', '.join(BACKENDS)}")
+        b = check_choice(b, BACKENDS, "--backend", noun="backend")
         if b not in out:
             out.append(b)
     if not out:
@@ -94,9 +98,9 @@ def artifact_candidate(art: Artifact, *, role: str, backend: str, requested: str
                        device: str, trust_engine: bool, model_cache: dict, compile_mode: str | None,
                        threads: int | None = None) -> Candidate:
     """A model file on `backend`; safetensors loaded once (`model_cache`) and deep-copied for later backends."""
-    if backend not in FORMAT_BACKENDS[art.format]:
+    if backend not in FORMATS[art.format].backends:
         raise UserError(f"backend {backend} cannot run {art.path.name} ({FORMATS[art.format].title}); "
-                        f"use {' or '.join(FORMAT_BACKENDS[art.format])}"
+                        f"use {' or '.join(FORMATS[art.format].backends)}"
                         + (" or export it with `spofa export`" if art.format == "torch" else ""))
     if art.format == "torch":
         prec = precision or default_precision(device)
@@ -125,11 +129,9 @@ def artifact_candidate(art: Artifact, *, role: str, backend: str, requested: str
         if backend.startswith("ort-"):
             runner = OrtRunner(art, device, threads)
         elif backend == "aoti":  # (a package for another torch, device or CPU is refused: UserError, exit 2)
-            from export.pt2 import Pt2Runner
-
             runner = Pt2Runner(art, device=device)
         else:
-            runner = EngineRunner(art, trust=trust_engine)
+            runner = TrtRunner(art, trust=trust_engine)
     except BackendUnavailable as e:
         res.status, res.reason = "skipped", str(e)
         return Candidate(res)
@@ -162,104 +164,6 @@ def _backend_device(backend: str, device_opt: str, device: str, art: Artifact | 
     if device_opt.strip().lower() != "auto" and fixed != device:
         raise UserError(f"backend {backend} runs on {fixed}, but --device {device_opt} was given")
     return fixed
-
-
-def teacher_artifact(student: Artifact, teacher: str | Path | None, notes: list[str], *,
-                     like_student: bool = True) -> Artifact | None:
-    """The teacher to compare with: `teacher` if given, else the `teacher_file` of the student's run.
-
-    With `like_student`, an exported student gets its teacher exported the same way (format,
-    precision, batch profile), so both run on one backend: see `teacher_like`.
-    """
-    if teacher is not None:
-        return resolve_artifact(teacher, role="teacher")
-    if student.meta.get("role") == "teacher":
-        return None
-    tfile = student.meta.get("teacher_file")
-    if not tfile:
-        notes.append("no teacher_file in the student's metadata: no teacher comparison (pass --teacher)")
-        return None
-    base = student.source.parent if student.source is not None else student.path.parent
-    path = base / tfile
-    if not path.is_file():
-        notes.append(f"teacher {path} not found: no teacher comparison (pass --teacher)")
-        return None
-    if like_student and student.format != "torch":
-        like = teacher_like(student, path, notes)
-        if like is not None:
-            return like
-    return resolve_artifact(path, role="teacher")
-
-
-def _profile(meta: dict) -> tuple | None:
-    """(min, opt, max, dynamic) of an export's sidecar batch entry."""
-    b = meta.get("batch")
-    if not b:
-        return None
-    return int(b["min"]), int(b["opt"]), int(b["max"]), bool(b.get("dynamic", b["min"] != b["max"]))
-
-
-def _export_options(student: Artifact) -> dict:
-    """`export_model` keywords that reproduce how the student artifact was exported."""
-    m = student.meta
-    lo, opt, hi, dynamic = _profile(m) or (1, 1, 1, False)
-    batch = dict(dynamic_batch=(lo, opt, hi)) if dynamic else dict(batch=opt)
-    opts = dict(precision=student.precision or "fp32", opset=int(m.get("opset") or 17), slim=m.get("slim"),
-                exporter=m.get("exporter", "torchscript"), **batch)
-    if student.format == "pt2":
-        opts["device"] = m.get("device", "cpu")
-    if "int8" in m:
-        q = m["int8"]
-        opts.update(quantizer=q.get("quantizer", "auto"), calib_samples=int(q.get("calib_samples") or 512),
-                    keep_ends=bool(q.get("excluded_nodes", True)))
-    return opts
-
-
-def _reusable(cached: Artifact, source: Path, student: Artifact) -> bool:
-    """A teacher exported earlier from this very teacher file, like this student, and not older than it."""
-    return (cached.source is not None and cached.source.resolve() == source.resolve()
-            and cached.precision == student.precision and _profile(cached.meta) == _profile(student.meta)
-            and cached.path.stat().st_mtime >= source.stat().st_mtime
-            and all(cached.meta.get(k) == student.meta.get(k) for k in ("device", "torch", "tensorrt", "gpu")))
-
-
-def teacher_like(student: Artifact, source: Path, notes: list[str]) -> Artifact | None:
-    """The teacher exported like the student, cached beside it (`teacher.onnx`, `teacher.fp16.engine`, ...).
-
-    Reused while it was exported from the same teacher file with the same precision and
-    batch profile; otherwise exported now (as `spofa export --teacher` would). Where the
-    export fails, None with a note: the teacher then runs from its weights and the report
-    marks the speed-ups as comparing different backends.
-    """
-    from export.formats import artifact_name
-    from spofa_deploy.console import console
-
-    fmt = FORMATS[student.format]
-    opts = _export_options(student)
-    dest = student.path.parent / artifact_name(source.stem, fmt, opts["precision"])
-    if dest.is_file():
-        try:
-            cached = resolve_artifact(dest, role="teacher")
-        except UserError:
-            cached = None
-        if cached is not None and _reusable(cached, source, student):
-            notes.append(f"teacher: {dest.name}, exported earlier like {student.path.name} (reused)")
-            return cached
-    what = f"{fmt.name} {opts['precision']}"
-    console.print(f"exporting the teacher {source.name} to {what} like {student.path.name}, for a like-for-like "
-                  f"comparison (kept as {dest.name}) ...")
-    try:
-        from export.exporter import export_model
-
-        export_model(source, fmt.name, out=dest, force=True, **opts)
-        art = resolve_artifact(dest, role="teacher")
-    except Exception as e:  # any failure leaves the eager teacher, said plainly, never a crash of the bench
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        notes.append(f"the teacher could not be exported to {what} ({reason}): it runs from {source.name}, "
-                     "so its speed-ups compare different backends")
-        return None
-    notes.append(f"teacher: exported to {dest.name} like {student.path.name}")
-    return art
 
 
 def _teacher_backend(tart: Artifact, student_backend: str, student_device: str, override: str | None) -> str:
@@ -298,7 +202,7 @@ def artifact_candidates(art: Artifact, tart: Artifact | None, *, backends: Seque
             if tart is None:
                 continue
             tb = _teacher_backend(tart, backend, bdev, teacher_backend)
-            if tb not in FORMAT_BACKENDS[tart.format]:
+            if tb not in FORMATS[tart.format].backends:
                 raise UserError(f"teacher backend {tb} cannot run {tart.path.name} ({FORMATS[tart.format].title})")
             tdev = _backend_device(tb, "auto", bdev, tart)
             tprec = c.result.precision if (tart.format == "torch" and c.result.precision in TORCH_PRECISIONS) else None

@@ -1,4 +1,4 @@
-"""The model file `spofa bench` runs: its format, its sidecar, and the checks that they belong together.
+"""What `spofa bench` is given: the model file, its format, its sidecar, and the checks that they belong together.
 
 `resolve_artifact` turns a path (a `.engine`, `.onnx`, `.safetensors` or a run folder) into an
 `Artifact`; a missing file or sidecar, or a sidecar that describes another file, is a `UserError`.
@@ -11,6 +11,7 @@ from pathlib import Path
 from export.formats import FORMATS, format_for_path
 from spofa_deploy.artifacts import read_model_meta, sidecar_path
 from spofa_deploy.errors import UserError
+
 
 @dataclass(frozen=True)
 class OnnxInfo:
@@ -103,9 +104,9 @@ def _resolve_source(meta: dict, artifact: Path) -> Path | None:
 
 def _trusted_engine(path: Path) -> Artifact:
     """An engine without a sidecar, run on the user's word (--trust): input and classes read from the engine."""
-    from export.tensorrt import TrtRunner
+    from export.tensorrt import TrtEngine
 
-    r = TrtRunner(path, trust=True)  # MissingDependency where TensorRT or a GPU is missing
+    r = TrtEngine(path, trust=True)  # MissingDependency where TensorRT or a GPU is missing
     c, h, _ = (int(d) for d in r.input_shape)
     classes = int(tuple(r.engine.get_tensor_shape(r.output_name))[-1])
     meta = {"model": path.stem, "format": "trt", "img_size": h, "in_chans": c, "num_classes": classes,

@@ -1,0 +1,113 @@
+"""`spofa teacher` and `spofa distill`: parse options, call `spofa_deploy.pipeline`, print the result."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli import options as o
+
+
+def teacher(
+    teacher: o.Teacher = "vit_b",
+    data: o.Data = "digits",
+    img_size: o.ImgSize = None,
+    teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file to start from.")] = None,
+    pretrained: Annotated[bool, typer.Option(help="Try timm's pretrained weights first.")] = True,
+    epochs: o.Epochs = None, batch_size: o.BatchSize = None, lr: o.Lr = None, opt: o.Optim = None,
+    device: o.Device = "auto", amp: o.Amp = "auto", out: o.Out = None, resume: o.Resume = False,
+    seed: o.Seed = 0, workers: o.Workers = None, download: o.Download = False, on_nan: o.OnNan = "stop",
+    clip_grad: o.ClipGrad = None,
+    skip_corrupt: o.SkipCorrupt = False,
+    threads: o.Threads = None,
+    weight_decay: o.WeightDecay = None,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of the teacher's CE (0: soft targets that teach).")] = 0.0,
+) -> None:
+    """Train / fine-tune the teacher on the data (teacher.safetensors + teacher.json)."""
+    given = dict(locals())  # the option groups are built from the options by name (cli.options)
+    from spofa_deploy import pipeline
+
+    o.use_threads(threads)
+    opts = pipeline.TeacherOptions(name=teacher, weights=_str(teacher_weights), pretrained=pretrained,
+                                   label_smoothing=label_smoothing)
+    opts.train = o.train_config(given, opts.train)
+    path = pipeline.train_teacher(teacher=opts, data=o.data_options(given), out=out, resume=resume)
+    typer.echo(str(path))
+
+
+def distill(
+    teacher: o.Teacher = "vit_b",
+    student: o.Student = "mobilenetv3",
+    data: o.Data = "digits",
+    method: Annotated[str, typer.Option("--method", help="spofa | ofa | kd | none")] = "spofa",
+    img_size: o.ImgSize = None,
+    teacher_ckpt: Annotated[Optional[Path], typer.Option("--teacher-ckpt", help="A teacher.safetensors from `spofa teacher`.")] = None,
+    teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file for the teacher stage.")] = None,
+    teacher_epochs: Annotated[Optional[int], typer.Option(help="Epochs of the teacher stage, if it runs.")] = None,
+    pretrained: Annotated[bool, typer.Option(help="Try timm's pretrained teacher weights first.")] = True,
+    teacher_batch_size: Annotated[Optional[int], typer.Option(help="Batch size of the teacher stage (default 32).")] = None,
+    epochs: o.Epochs = None, batch_size: o.BatchSize = None, lr: o.Lr = None, opt: o.Optim = None,
+    device: o.Device = "auto", amp: o.Amp = "auto", out: o.Out = None, resume: o.Resume = False,
+    seed: o.Seed = 0, workers: o.Workers = None, download: o.Download = False, on_nan: o.OnNan = "stop",
+    clip_grad: o.ClipGrad = None,
+    weight_decay: o.WeightDecay = None,
+    gt_weight: o.GtWeight = None, kd_weight: o.KdWeight = None, feat_weight: o.FeatWeight = None, eps: o.Eps = None,
+    stage_eps: o.StageEps = None, temperature: o.Temperature = None, kd_temperature: o.KdTemperature = None,
+    label_smoothing: o.LabelSmoothing = None, mema: o.Mema = None, sample_weights: o.SampleWeights = None,
+    momentum: o.Momentum = None, lambda_feat: o.LambdaFeat = None, lambda_out: o.LambdaOut = None,
+    alpha_max: o.AlphaMax = None,
+    teacher_label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the teacher stage, if it runs (0: soft targets that teach).")] = 0.0,
+    teacher_cache: Annotated[Optional[Path], typer.Option("--teacher-cache", metavar="DIR", help="Store the teacher's logits of every training view here once; later runs with the same teacher, data, size and seed read them instead of running the teacher.")] = None,
+    teacher_cache_max_gb: Annotated[Optional[float], typer.Option("--teacher-cache-max-gb", help="Bound on the teacher cache folder (GB).")] = None,
+    teacher_cache_format: Annotated[Optional[str], typer.Option("--teacher-cache-format", help="fp32 (exact) | fp16 | topk [default: fp16, top-50 beyond 100 classes at temperature 1].")] = None,
+    gpu_decode: Annotated[bool, typer.Option("--gpu-decode", help="Decode and augment training JPEGs on the GPU (nvJPEG): for image folders whose loader cannot keep up (benchmarks/loader.py).")] = False,
+    train_fraction: Annotated[float, typer.Option(help="Train on this stratified fraction of the training split.")] = 1.0,
+    skip_corrupt: o.SkipCorrupt = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this node: re-launches through torchrun.")] = 1,
+    threads: o.Threads = None,
+) -> None:
+    """Distil the teacher into the student (runs the teacher stage first if needed)."""
+    given = dict(locals())  # the option groups are built from the options by name (cli.options)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from spofa_deploy.distributed import relaunch_with_torchrun
+
+        argv = sys.argv[1:]
+        i = argv.index("--nproc")
+        raise SystemExit(relaunch_with_torchrun(nproc, argv[:i] + argv[i + 2:]))
+    from spofa_deploy import distributed, pipeline
+    from spofa_deploy.errors import UserError
+
+    o.use_threads(threads)
+    if gpu_decode and device.strip().lower() == "cpu":
+        raise UserError("--gpu-decode decodes on the GPU: it cannot run with --device cpu")
+    topts = pipeline.TeacherOptions(name=teacher, checkpoint=_str(teacher_ckpt), weights=_str(teacher_weights),
+                                    pretrained=pretrained, label_smoothing=teacher_label_smoothing)
+    topts.train = o.train_config(given, topts.train, prefix="teacher_")
+    loss = o.loss_config(given)
+    r = pipeline.distill(student=student, teacher=topts, method=loss.method, data=o.data_options(given), loss=loss,
+                         train=o.train_config(given), cache=o.cache_options(given), out=out, resume=resume)
+    if distributed.info().is_main:
+        print_summary(r)
+
+
+def _str(path: Path | None) -> str | None:
+    return str(path) if path else None
+
+
+def print_summary(r) -> None:
+    """The teacher and student of a finished distillation, in one table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"spofa distill ({r.student['method']}) -> {r.run_dir}")
+    for c in ("", "model", "val top-1", "params", "file"):
+        t.add_column(c)
+    t.add_row("teacher", r.teacher["model"], f"{r.teacher.get('top1', float('nan')):.2f}%", f"{r.teacher['params'] / 1e6:.2f}M", str(r.teacher_path))
+    t.add_row("student", r.student["model"], f"{r.student['top1']:.2f}% ({r.student['saved']})", f"{r.student_params / 1e6:.2f}M", str(r.student_path))
+    Console().print(t)
+    heads = f"{r.head_params / 1e6:.3f}M training-only head/scaler parameters, none of them in {r.student_path.name}" if r.head_params else "no training-only heads"
+    Console().print(f"{heads}; {r.fit.epochs_run} epochs in {r.fit.seconds:.0f}s ({r.fit.img_per_s:,.0f} img/s); "
+                    f"metrics: {r.run_dir / 'metrics.jsonl'}, trace: {r.run_dir / 'trace.csv'}")

@@ -1,0 +1,77 @@
+"""The TensorRT runner: an engine (`export.tensorrt.TrtEngine`) enqueued on a stream we own."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from export.bench.target import Artifact
+from export.bench.timing import OutputSlot, TimedStep, cuda_step
+from export.tensorrt import TrtEngine
+from spofa_deploy.errors import MissingDependency, UserError
+from spofa_deploy.machine import cuda_skip_reason
+
+from .base import BackendUnavailable, Runner
+
+
+class TrtRunner(Runner):
+    """A TensorRT engine through `TrtEngine` (`execute_async_v3` on torch CUDA tensors).
+
+    Work is issued on a stream we own, so TensorRT does not run on the legacy default
+    stream and the CUDA events bracket only its compute. `batch_range` is the engine's own
+    profile.
+    """
+
+    def __init__(self, art: Artifact, *, trust: bool = False):
+        reason = cuda_skip_reason()
+        if reason:
+            raise BackendUnavailable(f"TensorRT needs a CUDA GPU: {reason}")
+        super().__init__(**self.of_artifact(art), backend="trt", device="cuda")
+        try:
+            device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+            self._engine = TrtEngine(str(art.path), trust=trust, device=device)
+        except MissingDependency as e:  # TensorRT not installed (or no GPU): a missing backend
+            raise BackendUnavailable(str(e)) from None
+        # Any other UserError (engine from another TensorRT version or GPU) is the user's to fix: it propagates.
+        engine_shape = tuple(int(d) for d in self._engine.input_shape)
+        if engine_shape != self.input_shape:
+            raise UserError(f"{art.path.name} takes images of shape {engine_shape} but its sidecar says "
+                            f"{self.input_shape}: the sidecar does not belong to this engine")
+        self.batch_range = (self._engine.min_batch, self._engine.max_batch)
+        self._stream = torch.cuda.Stream()
+
+    def _compute(self, x_dev: torch.Tensor, stream: int) -> tuple[Callable[[], None], torch.Tensor]:
+        """The timed call on the device input `x_dev`, and the buffer it writes the logits into.
+
+        `x_dev` is bound here, once; the call itself only enqueues the engine on `stream` (it
+        re-binds only if something else ran this engine in between: an attribute compare).
+        """
+        engine, ptr = self._engine, x_dev.data_ptr()
+        out = engine.bind(x_dev)
+
+        def compute() -> None:
+            if engine.input_ptr != ptr:
+                engine.bind(x_dev)
+            engine.enqueue(stream)
+
+        return compute, out
+
+    def prepare(self, batch: int) -> TimedStep:
+        x_host = self.timed_input(batch).to(self._engine.input_dtype).pin_memory()
+        x_dev = torch.empty_like(x_host, device=self._engine.device)
+        slot = OutputSlot()
+        s = self._stream
+        with torch.cuda.stream(s):
+            x_dev.copy_(x_host)
+            compute, slot.out = self._compute(x_dev, s.cuda_stream)  # every run writes into slot.out
+            compute()
+        s.synchronize()
+        return cuda_step(compute, slot, x_host, x_dev, sync=s.synchronize, stream=s)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.cuda.stream(self._stream):
+            out = self._engine(x).float().cpu()  # .cpu() copies out of the cached buffer and waits
+        return out
+
+    def release(self) -> None:
+        self._engine.release()
