@@ -13,6 +13,7 @@ from cli import options as o
 _Str = Optional[str]
 
 
+@o.with_options(o.loss_options)
 def compare(
     teacher: Annotated[_Str, typer.Option("--teacher", help="Teacher: alias (vit_b, vit_s, deit_t, swin_t) or any timm name (default: vit_b).")] = None,
     student: Annotated[_Str, typer.Option("--student", help="Student: alias (mobilenetv3, mobilenetv2, resnet18) or any timm CNN (default: mobilenetv3).")] = None,
@@ -27,11 +28,6 @@ def compare(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size (default: 16).")] = None,
     opt: Annotated[_Str, typer.Option("--opt", help="sgd | adamw (default: sgd, as spofa distill).")] = None,
     weight_decay: o.WeightDecay = None,
-    gt_weight: o.GtWeight = None, kd_weight: o.KdWeight = None, feat_weight: o.FeatWeight = None, eps: o.Eps = None,
-    stage_eps: o.StageEps = None, temperature: o.Temperature = None, kd_temperature: o.KdTemperature = None,
-    label_smoothing: o.LabelSmoothing = None, mema: o.Mema = None, sample_weights: o.SampleWeights = None,
-    momentum: o.Momentum = None, lambda_feat: o.LambdaFeat = None, lambda_out: o.LambdaOut = None,
-    alpha_max: o.AlphaMax = None,
     teacher_cache: Annotated[bool, typer.Option("--teacher-cache/--no-teacher-cache", help="Compute each teacher output once per seed and read it back in the other runs (exact: the same results).")] = True,
     clip_grad: o.ClipGrad = None,
     amp: Annotated[_Str, typer.Option("--amp", help="auto | bf16 | fp16 | off (default: auto).")] = None,
@@ -44,9 +40,10 @@ def compare(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the compare in --out (default: the latest one under runs/), skipping finished runs.")] = False,
     download: o.Download = False,
     threads: o.Threads = None,
+    **loss,
 ) -> None:
     """Train none / kd / ofa / spofa (and ablations) the same way and report accuracy and stability side by side."""
-    options = dict(locals())  # the loss options are read from it by name (cli.options.loss_fields)
+    options = {**locals(), **loss}  # the loss options are read from it by name (cli.options.loss_fields)
     from dataclasses import replace
 
     from rich.console import Console

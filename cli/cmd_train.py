@@ -38,6 +38,7 @@ def teacher(
     typer.echo(str(path))
 
 
+@o.with_options(o.loss_options)
 def distill(
     teacher: o.Teacher = "vit_b",
     student: o.Student = "mobilenetv3",
@@ -54,11 +55,6 @@ def distill(
     seed: o.Seed = 0, workers: o.Workers = None, download: o.Download = False, on_nan: o.OnNan = "stop",
     clip_grad: o.ClipGrad = None,
     weight_decay: o.WeightDecay = None,
-    gt_weight: o.GtWeight = None, kd_weight: o.KdWeight = None, feat_weight: o.FeatWeight = None, eps: o.Eps = None,
-    stage_eps: o.StageEps = None, temperature: o.Temperature = None, kd_temperature: o.KdTemperature = None,
-    label_smoothing: o.LabelSmoothing = None, mema: o.Mema = None, sample_weights: o.SampleWeights = None,
-    momentum: o.Momentum = None, lambda_feat: o.LambdaFeat = None, lambda_out: o.LambdaOut = None,
-    alpha_max: o.AlphaMax = None,
     teacher_label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the teacher stage, if it runs (0: soft targets that teach).")] = 0.0,
     teacher_cache: Annotated[Optional[Path], typer.Option("--teacher-cache", metavar="DIR", help="Store the teacher's logits of every training view here once; later runs with the same teacher, data, size and seed read them instead of running the teacher.")] = None,
     teacher_cache_max_gb: Annotated[Optional[float], typer.Option("--teacher-cache-max-gb", help="Bound on the teacher cache folder (GB).")] = None,
@@ -68,9 +64,10 @@ def distill(
     skip_corrupt: o.SkipCorrupt = False,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this node: re-launches through torchrun.")] = 1,
     threads: o.Threads = None,
+    **loss,
 ) -> None:
     """Distil the teacher into the student (runs the teacher stage first if needed)."""
-    given = dict(locals())  # the option groups are built from the options by name (cli.options)
+    given = {**locals(), **loss}  # the option groups are built from the options by name (cli.options)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from spofa_deploy.distributed import relaunch_with_torchrun
 

@@ -7,10 +7,12 @@ So a new option of a group is two lines: its Typer parameter and its dataclass f
 """
 from __future__ import annotations
 
+import inspect
 import math
+import typing
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Mapping, Optional
+from typing import Annotated, Any, Callable, Iterable, Mapping, Optional
 
 import typer
 
@@ -53,6 +55,36 @@ Momentum = Annotated[Optional[float], typer.Option("--momentum", help="MEMA mome
 LambdaFeat = Annotated[Optional[float], typer.Option("--lambda-feat", help="MEMA feature-level scale lambda_f [default: 5].")]
 LambdaOut = Annotated[Optional[float], typer.Option("--lambda-out", help="MEMA output-level scale lambda_o [default: 2].")]
 AlphaMax = Annotated[Optional[float], typer.Option("--alpha-max", help="Upper clip of MEMA's stage weights [default: 2, the paper's]; 1 damps only.")]
+
+
+def loss_options(
+    gt_weight: GtWeight = None, kd_weight: KdWeight = None, feat_weight: FeatWeight = None, eps: Eps = None,
+    stage_eps: StageEps = None, temperature: Temperature = None, kd_temperature: KdTemperature = None,
+    label_smoothing: LabelSmoothing = None, mema: Mema = None, sample_weights: SampleWeights = None,
+    momentum: Momentum = None, lambda_feat: LambdaFeat = None, lambda_out: LambdaOut = None,
+    alpha_max: AlphaMax = None,
+) -> None:
+    """The distillation settings (`DistillConfig`'s fields) as one option group: `@with_options(loss_options)`."""
+
+
+def with_options(*groups: Callable) -> Callable:
+    """Give a command the options of each group (a function whose signature declares them), after its own.
+
+    The command takes them as `**options`; Typer reads one flat signature. A group is declared once and
+    every command that has its options says so in one line.
+    """
+
+    def add(command: Callable) -> Callable:
+        own = [p for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        extra = [p for g in groups for p in inspect.signature(g).parameters.values()]
+        command.__signature__ = inspect.Signature(own + extra)
+        hints = {**typing.get_type_hints(command, include_extras=True)}
+        for g in groups:
+            hints.update(typing.get_type_hints(g, include_extras=True))
+        command.__annotations__ = hints
+        return command
+
+    return add
 
 # Choices of the training options, as TrainConfig.validate accepts them: (flag, what it names, choices) per field.
 TRAIN_CHOICES = {"optimizer": ("--opt", "optimizer", ("sgd", "adamw")),
