@@ -82,13 +82,18 @@ class CompareConfig:
     student: str = "mobilenetv3"
     data: str = "digits"
     methods: tuple[str, ...] = ("none", "kd", "ofa", "spofa")
-    seeds: int = 3  # seeds 0 .. seeds-1
+    seeds: int = 5  # seeds 0 .. seeds-1: enough for a paired t-interval that can exclude zero
     lrs: tuple[float, ...] = DEFAULT_LRS
-    epochs: int = 25
-    batch_size: int = 16  # 9 steps per epoch on 144 images: 225 steps in 25 epochs
+    # From the student-alone learning curve (README, "Students trained to convergence"): at the best
+    # rate, 25 epochs left the student at 76 % with training CE 0.98; 100 epochs reach 95 % (CE ~0.2),
+    # where 150 add little. Earlier defaults (25) measured speed of fitting, not what distillation leaves.
+    epochs: int = 100
+    batch_size: int = 16  # 9 steps per epoch on 144 images: 900 steps in 100 epochs
     img_size: int | None = None  # None: the data's natural size (32 for digits / CIFAR)
     train_fraction: float = 0.1  # ~14 training images per class on digits
     optimizer: str = "sgd"
+    # Measured (README): 0.05 beat 0.005 and 0.0005 for the student alone on this task; lower decay
+    # left MobileNetV3 stuck after its early loss spikes.
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     # Distillation settings shared by every method (each variant changes only its own fields): the
