@@ -1,11 +1,10 @@
 """`spofa bench`: parse options, call `export.bench.run.run_bench`, print the table (`export.bench.report`).
 
 Each option's parameter is named after its field of `BenchOptions` or `TimingOptions` and is
-passed on by that name (`_options`): a new option is a field there and a parameter here.
+passed on by that name (`_options`, through `cli.options.group_fields`): a new option is a field there and a parameter here.
 """
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,11 +19,9 @@ def _options(params: dict):
     from export.bench.timing import TimingOptions
     from export.bench.variants import BACKENDS
 
-    def named(cls) -> dict:
-        return {f.name: params[f.name] for f in fields(cls) if f.name in params}
-
     batches, precisions = params["batch_sizes"], params["precisions"]
-    return BenchOptions(**{**named(BenchOptions), "timing": TimingOptions(**named(TimingOptions)),
+    return BenchOptions(**{**o.group_fields(BenchOptions, params),
+                           "timing": TimingOptions(**o.group_fields(TimingOptions, params)),
                            "backends": o.comma_list(params["backends"], "--backend", choices=BACKENDS, noun="backend"),
                            "batch_sizes": o.comma_list(batches, "--batch", of=int, positive=True) if batches else None,
                            "precisions": o.comma_list(precisions, "--precision") if precisions else None,

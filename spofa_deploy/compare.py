@@ -35,7 +35,7 @@ from .data import load_splits
 from .datasets import parse_data_spec
 from .models import Preprocessing
 from .distillers import DistillConfig
-from .errors import TrainingDiverged, UserError
+from .errors import TrainingDiverged, UserError, check_choice
 from .compare_report import _fmt_secs, write_report
 from .pipeline import DataOptions, TeacherCacheOptions, TeacherOptions, distill, find_teacher
 from .stability import accuracy_figures, read_metrics, read_trace, stability
@@ -147,9 +147,7 @@ def parse_methods(value: str | Iterable[str], ablations: bool = False) -> list[s
     items += list(ABLATIONS) if ablations else []
     out: list[str] = []
     for m in items:
-        m = METHOD_ALIASES.get(m, m)
-        if m not in VARIANTS:
-            raise UserError(f"unknown method '{m}': use {', '.join([*VARIANTS, *METHOD_ALIASES])}")
+        m = check_choice(METHOD_ALIASES.get(m, m), [*VARIANTS, *METHOD_ALIASES], "--methods", noun="method")
         if m not in out:
             out.append(m)
     if not out:

@@ -25,7 +25,7 @@ from .console import console
 from .data import load_splits
 from .datasets import Splits, parse_data_spec
 from .distillers import METHODS, DistillConfig, Supervised, create_task
-from .errors import UserError
+from .errors import UserError, check_choice
 from .models import Preprocessing, count_params, create_model, create_teacher_pretrained, data_config, resolve_model_name
 from .hooks import Hooks
 from .run_files import CHECKPOINT, STUDENT_FILE, TEACHER_FILE, TRACE, TRACE_PLOT, load_checkpoint
@@ -216,10 +216,8 @@ def _check_settings(*cfgs: TrainConfig) -> None:
         resolve_device(cfg.device)
 
 
-def _check_inputs(student: str, teacher: TeacherOptions, method: str, data: DataOptions, train: TrainConfig):
+def _check_inputs(student: str, teacher: TeacherOptions, data: DataOptions, train: TrainConfig):
     """Everything cheap to check, before any folder is made or any training starts; returns the parsed data spec."""
-    if method not in METHODS:
-        raise UserError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
     resolve_model_name(student)
     resolve_model_name(teacher.name)
     _check_settings(train, teacher.train)
@@ -296,8 +294,9 @@ def distill(*, student: str = "mobilenetv3", teacher: TeacherOptions | None = No
         hooks: the training loop's hooks (`on_best` is distill's own).
     """
     teacher, data, train = teacher or TeacherOptions(), data or DataOptions(), train or TrainConfig()
+    method = check_choice(method, METHODS, "--method")
     loss = replace(loss or DistillConfig(), method=method)
-    spec = _check_inputs(student, teacher, method, data, train)
+    spec = _check_inputs(student, teacher, data, train)
     dist = distributed.init_from_env(train.device)
     run_info = {"student": resolve_model_name(student), "method": method, "loss": loss.to_dict(), "data": str(spec),
                 "img_size": data.img_size, "train_fraction": data.train_fraction}
