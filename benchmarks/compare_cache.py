@@ -166,7 +166,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     os.chdir(out)  # the teacher stage writes runs/teachers/... under the working folder: keep it in --out
     base = cmp.CompareConfig(teacher=a.teacher, student=a.student, data=a.data,
-                             methods=tuple(cmp.parse_methods(a.methods)), seeds=1, lrs=cmp.parse_lrs(a.lrs),
+                             methods=tuple(cmp.parse_methods(a.methods)), seeds=1, lrs=tuple(float(v) for v in a.lrs.split(",")),
                              epochs=a.epochs, teacher_epochs=a.teacher_epochs, teacher_pretrained=False,
                              teacher_ckpt=a.teacher_ckpt, device="cpu")
     cpu = cpu_load().line()

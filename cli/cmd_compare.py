@@ -40,6 +40,7 @@ def compare(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the compare in --out (default: the latest one under runs/), skipping finished runs.")] = False,
     download: o.Download = False,
     threads: o.Threads = None,
+    jobs: Annotated[int, typer.Option("--jobs", help="Runs trained at once, each in its own process with --threads (default: the cores / jobs) threads; its output in <run>/log.txt.")] = 1,
     **loss,
 ) -> None:
     """Train none / kd / ofa / spofa (and ablations) the same way and report accuracy and stability side by side."""
@@ -70,7 +71,7 @@ def compare(
     cfg.loss = replace(cfg.loss, **loss_given)
     if ablations:
         cfg.methods = tuple(parse_methods(cfg.methods, ablations=True))
-    result = run_compare(cfg, resume=resume)
+    result = run_compare(cfg, resume=resume, jobs=jobs, threads=threads)
     Console().print(summary_table(result.report))
     typer.echo(f"report: {result.out / 'report.md'} and report.json"
                + (f"; plots: {', '.join(p.name for p in result.plots)}" if result.plots else ""))

@@ -10,7 +10,9 @@ and optimiser settings for every method at a given (lr, seed): only the loss dif
 Nothing is tuned per method. Seeds also draw the `train_fraction` subset, so the spread
 over seeds covers the choice of the few training images as well as the initialisation.
 
-Runs execute one after another. A run is finished when its folder holds `done.json`
+Runs execute one after another, or `jobs` at a time, each in its own process (`run_compare`); a run
+is a pure function of its (method, lr, seed) and settings, so the order and the number of jobs do not
+change its numbers. A run is finished when its folder holds `done.json`
 (its record, written after `distill()` returns or stops on NaN/Inf); an interrupted
 compare started again with `resume=True` skips finished runs and resumes a half-done
 run from its `checkpoint-last.pt`. The compare folder also holds `compare.json` (the
@@ -27,9 +29,9 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
-from .artifacts import RUNS_DIR, read_json, read_model_meta, write_json
+from .artifacts import RUNS_DIR, load_state, read_json, read_model_meta, sidecar_path, write_json
 from .console import console
 from .data import load_splits
 from .datasets import parse_data_spec
@@ -39,7 +41,10 @@ from .errors import TrainingDiverged, UserError, check_choice
 from .compare_report import _fmt_secs, write_report
 from .pipeline import DataOptions, TeacherCacheOptions, TeacherOptions, distill, find_teacher
 from .stability import accuracy_figures, read_metrics, read_trace, stability
-from .run_files import CHECKPOINT, COMPARE, DONE, METRICS, STUDENT_FILE, TRACE
+from .machine import usable_cores
+from .parallel import map_in_processes
+from .teacher_cache_key import weights_digest
+from .run_files import CHECKPOINT, COMPARE, DONE, METRICS, RUN_LOG, STUDENT_FILE, TRACE
 from .train import TrainConfig
 
 TEACHER_CACHE = "teacher-cache"
@@ -155,17 +160,6 @@ def parse_methods(value: str | Iterable[str], ablations: bool = False) -> list[s
     return out
 
 
-def parse_lrs(value: str) -> tuple[float, ...]:
-    """`"0.002,0.01,0.05"` -> (0.002, 0.01, 0.05)."""
-    try:
-        lrs = tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"--lr-sweep must be comma-separated numbers, got '{value}'") from None
-    if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
-        raise UserError(f"--lr-sweep needs positive rates, got '{value}'")
-    return lrs
-
-
 def run_name(method: str, lr: float, seed: int) -> str:
     return f"{method}-lr{lr:g}-seed{seed}"
 
@@ -233,7 +227,7 @@ def run_record(run_dir: Path, method: str, lr: float, seed: int, num_classes: in
     metrics, trace = read_metrics(run_dir / METRICS), read_trace(run_dir / TRACE)
     acc = accuracy_figures(metrics)
     saved = {}
-    if (run_dir / STUDENT_FILE).is_file():
+    if sidecar_path(run_dir / STUDENT_FILE).is_file():  # (the metadata alone in an archived compare)
         meta = read_model_meta(run_dir / STUDENT_FILE)
         saved = {"saved_top1": meta.get("top1"), "saved": meta.get("saved")}
     return {"name": run_dir.name, "method": method, "base_method": VARIANTS[method][0], "lr": lr, "seed": seed,
@@ -277,14 +271,17 @@ def _data_info(cfg: CompareConfig, img_size: int, t_meta: dict) -> dict:
             "train_per_class_min": int(counts.min()), "train_per_class_max": int(counts.max())}
 
 
-def run_compare(cfg: CompareConfig, resume: bool = False) -> CompareResult:
-    """Train every (method, lr, seed) of `cfg` one after another and write the report.
+def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int = 1, threads: int | None = None) -> CompareResult:
+    """Train every (method, lr, seed) of `cfg` and write the report.
 
     Args:
         cfg: the settings (see `CompareConfig`).
         resume: continue the compare in `cfg.out` (default: the latest one): finished runs
             are skipped, a half-done run continues from its checkpoint. The settings in
             `RESULT_FIELDS` must match the saved ones; methods, seeds and rates may grow.
+        jobs: runs trained at once, each in its own process (its output in `<run>/log.txt`);
+            1: one after another in this process.
+        threads: PyTorch CPU threads of each job's process (default: the usable cores / `jobs`).
 
     Returns:
         `CompareResult` with the report dict (as in report.json).
@@ -294,6 +291,8 @@ def run_compare(cfg: CompareConfig, resume: bool = False) -> CompareResult:
     """
     cfg.methods, cfg.lrs = tuple(parse_methods(cfg.methods)), tuple(cfg.lrs)
     cfg.validate()
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {jobs}")
     spec = parse_data_spec(cfg.data)
     img_size = cfg.img_size or spec.natural_size
     out, saved = _open_compare(cfg, resume)
@@ -305,8 +304,13 @@ def run_compare(cfg: CompareConfig, resume: bool = False) -> CompareResult:
     if int(t_meta["img_size"]) != img_size:
         raise UserError(f"teacher {teacher_path} was trained at {t_meta['img_size']}px, not {img_size}px")
     num_classes = int(t_meta["num_classes"])
+    digest = weights_digest(load_state(teacher_path))
+    if saved and saved.get("teacher_sha256", digest) != digest:
+        raise UserError(f"--resume: the teacher {teacher_path} is not the one this compare started with (its weights "
+                        f"differ from compare.json's teacher_sha256): start a new compare")
     started = saved["started"] if saved else datetime.now().isoformat(timespec="seconds")
     header = {"config": {**asdict(cfg), "out": str(out)}, "img_size": img_size, "teacher_path": str(teacher_path),
+              "teacher_sha256": digest,
               "started": started, "previous_wall_s": (saved or {}).get("previous_wall_s", 0.0)}
     write_json(out / COMPARE, header)
     data_info = _data_info(cfg, img_size, t_meta)
@@ -319,18 +323,15 @@ def run_compare(cfg: CompareConfig, resume: bool = False) -> CompareResult:
                   f"{data_info['train_images']} train images (~{data_info['train_images'] // num_classes}/class), "
                   f"{cfg.epochs} epochs -> {out}" + (f"; {skipped} finished earlier" if skipped else ""))
 
-    calls = 0
     teacher = TeacherOptions(name=cfg.teacher, checkpoint=str(teacher_path))
-    for i, (m, lr, s) in enumerate(plan, 1):
-        name = run_name(m, lr, s)
-        if name in records:
-            continue
-        remaining = [p for p in plan if run_name(*p) not in records]
-        console.rule(f"[bold]run {i}/{len(plan)}[/] {name} | {len(records)} done, {len(remaining)} to go, "
-                     f"ETA {_fmt_secs(_eta(records, remaining))}")
+    todo = [p for p in plan if run_name(*p) not in records]
+    job = _Job(cfg, out, teacher, img_size, num_classes)
+    runner = _run_sequential(job, todo, records, len(plan)) if jobs <= 1 else \
+        _run_parallel(job, todo, records, len(plan), jobs, threads or max(1, usable_cores() // jobs))
+    calls = 0
+    for rec in runner:
         calls += 1
-        rec = _run_one(cfg, out / name, (m, lr, s), teacher, img_size, num_classes, cache=out / TEACHER_CACHE)
-        records[name] = rec
+        records[rec["name"]] = rec
         wall = header["previous_wall_s"] + time.perf_counter() - t0
         write_json(out / COMPARE, {**header, "previous_wall_s": wall})  # an interrupted session still counts
         write_report(out, cfg, header, data_info, t_meta, [records[run_name(*p)] for p in plan if run_name(*p) in records],
@@ -361,9 +362,14 @@ def _open_compare(cfg: CompareConfig, resume: bool) -> tuple[Path, dict | None]:
         if diff:
             raise UserError(f"--resume with other settings than {out / COMPARE} ({'; '.join(diff)}): "
                             "start a new compare with another --out")
-        if cfg.teacher_ckpt and saved.get("teacher_path") and Path(cfg.teacher_ckpt) != Path(saved["teacher_path"]):
-            raise UserError(f"--resume with another teacher than {saved['teacher_path']}: start a new compare")
-        cfg.teacher_ckpt = cfg.teacher_ckpt or saved.get("teacher_path")
+        before = saved.get("teacher_path")
+        given = cfg.teacher_ckpt if cfg.teacher_ckpt and Path(cfg.teacher_ckpt) != Path(before or "") else None
+        if not saved.get("teacher_sha256"):  # (compares before teacher digests: the path is all there is)
+            if given and before:
+                raise UserError(f"--resume with another teacher than {before}: start a new compare")
+        elif before and not Path(before).is_file():
+            before = None  # moved to another machine: found or retrained by the recipe, then checked by its digest
+        cfg.teacher_ckpt = given or before
     return out, saved
 
 
@@ -381,6 +387,54 @@ def _read_finished(out: Path, plan: list[tuple], num_classes: int) -> dict[str, 
                 done.parent, m, lr, s, num_classes, stopped=old.get("status") == "stopped", error=old.get("error"),
                 wall_s=old.get("wall_s"), resumed=bool(old.get("resumed")))
     return records
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every run of one compare shares (sent whole to each worker process)."""
+
+    cfg: CompareConfig
+    out: Path
+    teacher: TeacherOptions
+    img_size: int
+    num_classes: int
+
+    def run(self, point: tuple[str, float, int]) -> dict:
+        return _run_one(self.cfg, self.out / run_name(*point), point, self.teacher, self.img_size, self.num_classes,
+                        cache=self.out / TEACHER_CACHE)
+
+
+def _run_sequential(job: _Job, todo: list[tuple], records: dict, total: int) -> Iterator[dict]:
+    """The runs of `todo` one after another in this process, each introduced by a rule with the ETA."""
+    for k, point in enumerate(todo):
+        console.rule(f"[bold]run {total - len(todo) + k + 1}/{total}[/] {run_name(*point)} | {len(records)} done, "
+                     f"{len(todo) - k} to go, ETA {_fmt_secs(_eta(records, todo[k:]))}")
+        yield job.run(point)
+
+
+def _run_parallel(job: _Job, todo: list[tuple], records: dict, total: int, jobs: int, threads: int) -> Iterator[dict]:
+    """The runs of `todo`, `jobs` at a time in worker processes, one line per run started and finished.
+
+    Runs start in plan order (seed-major), so the first run of a seed is well ahead when the next
+    ones read its teacher outputs from the cache; a run that gets there first computes and writes
+    the same records itself. A failing run stops the compare (a diverged one is a result).
+    """
+    console.print(f"{len(todo)} runs, {jobs} at a time, {threads} CPU thread(s) each; each run's output in <run>/{RUN_LOG}")
+    done = dict(records)
+    left = list(todo)
+    for point, rec in map_in_processes(job.run, todo, jobs=jobs, threads=threads,
+                                       log_path=lambda p: job.out / run_name(*p) / RUN_LOG,
+                                       on_start=lambda p: console.print(f"  start {run_name(*p)}")):
+        done[rec["name"]] = rec
+        left.remove(point)
+        eta = f", ETA {_fmt_secs(_eta(done, left) / jobs)}" if left else ""
+        console.print(f"  {'done' if rec['status'] == 'finished' else '[red]stop[/]'}  {rec['name']} in "
+                      f"{_fmt_secs(rec['wall_s'])}: top-1 {_fmt_pct(rec.get('final_top1'))} | {len(done)}/{total} done{eta}")
+        yield rec
+
+
+def _fmt_pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}%"
 
 
 def _run_one(cfg: CompareConfig, run_dir: Path, point: tuple[str, float, int], teacher: TeacherOptions,

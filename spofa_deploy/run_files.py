@@ -27,6 +27,7 @@ TEACHER_FILE = "teacher.safetensors"
 # A compare folder (`spofa compare`): its settings and progress, and one record per finished run in the run's folder.
 COMPARE = "compare.json"
 DONE = "done.json"
+RUN_LOG = "log.txt"  # a run's console output when the compare trains several at once (--jobs)
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:

@@ -179,10 +179,6 @@ def test_parse_methods_and_rates() -> None:
                                                          "spofa-m0.9", "ofa"]
     with pytest.raises(UserError, match="unknown method"):
         cmp.parse_methods("none,fancy")
-    assert cmp.parse_lrs("0.002,0.01, 0.05") == (0.002, 0.01, 0.05)
-    for bad in ("0.1,x", "0,0.1", ""):
-        with pytest.raises(UserError):
-            cmp.parse_lrs(bad)
     # The ablations switch the right DistillConfig fields, and only those.
     cfg = cmp.CompareConfig()
     assert cmp._loss_config(cfg, "spofa-nomema").mema is False and cmp._loss_config(cfg, "spofa-nomema").sample_weights
@@ -340,6 +336,32 @@ def test_resume_skips_finished_runs(tiny_compare, monkeypatch) -> None:
     assert (cfg.student, cfg.img_size, cfg.methods, cfg.lrs) == ("test_resnet", 16, ("none", "spofa"), (0.01,))
 
 
+def test_a_compare_copied_without_weights_resumes_on_a_fresh_machine(tmp_path: Path, monkeypatch) -> None:
+    """A compare copied without weights, checkpoints and teacher cache (what fits in a repository) resumes where
+    no teacher is: the teacher is retrained by the recipe and used only if its weights digest is the saved one."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    base = dict(methods=("none", "kd"), lrs=(0.01,), seeds=1, epochs=1)
+    first = cmp.run_compare(_tiny(tmp_path / "a", **base))
+    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns("*.safetensors", "*.pt", cmp.TEACHER_CACHE))
+    shutil.rmtree(tmp_path / "runs" / "teachers")  # the fresh machine
+    saved = json.loads((tmp_path / "b" / COMPARE).read_text())
+    assert not Path(saved["teacher_path"]).exists() and len(saved["teacher_sha256"]) == 64
+    retrained = Counter(pipeline.train_teacher)
+    monkeypatch.setattr(pipeline, "train_teacher", retrained)
+    more = cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 2}), resume=True)
+    assert len(retrained.calls) == 1 and more.runs_skipped == 2 and more.runs_done == 2
+    old = {r["name"]: r for r in first.report["runs"]}
+    for r in more.report["runs"][:2]:  # the copied records, read back without the students' weights
+        assert (r["final_top1"], r["saved_top1"]) == (old[r["name"]]["final_top1"], old[r["name"]]["saved_top1"])
+    assert json.loads((tmp_path / "b" / COMPARE).read_text())["teacher_sha256"] == saved["teacher_sha256"]
+    # Another teacher (here: trained longer) is refused, before any run.
+    shutil.rmtree(tmp_path / "runs" / "teachers")
+    with pytest.raises(UserError, match="teacher_sha256"):
+        cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 3, "teacher_epochs": 2}), resume=True)
+
+
 def test_a_diverged_run_is_recorded_not_fatal(tiny_compare, monkeypatch) -> None:
     from spofa_deploy import pipeline
 
@@ -434,8 +456,8 @@ def test_cli_options_reach_the_config(monkeypatch, tmp_path: Path) -> None:
     app.command("noop")(lambda: None)  # two commands: `compare` is a subcommand, as in cli.main
     seen = []
 
-    def fake_run(cfg, resume=False):
-        seen.append((cfg, resume))
+    def fake_run(cfg, resume=False, jobs=1, threads=None):
+        seen.append((cfg, resume) if jobs == 1 else (cfg, resume, jobs, threads))
         return cmp.CompareResult(tmp_path, {}, 0, 0)
 
     monkeypatch.setattr(cmp, "run_compare", fake_run)
@@ -454,6 +476,9 @@ def test_cli_options_reach_the_config(monkeypatch, tmp_path: Path) -> None:
                                           "spofa-m0.9", "ofa")
     assert (cfg.seeds, cfg.lrs, cfg.train_fraction, cfg.epochs, cfg.teacher, cfg.student) == (2, (0.1, 0.2), 0.2, 3, "vit_s", "resnet18")
     assert (cfg.batch_size, cfg.img_size, cfg.device, cfg.workers, cfg.out) == (16, 24, "cpu", 0, str(tmp_path / "c"))
+    r = run(app, ["compare", "--jobs", "3", "--threads", "2"])
+    assert r.exit_code == 0, r.output
+    assert seen[-1][2:] == (3, 2)
     # --resume: the saved settings, not the defaults, for everything not given.
     saved = tmp_path / "saved"
     saved.mkdir()
@@ -478,3 +503,28 @@ def test_compare_teacher_cache_is_shared_and_changes_nothing(tmp_path: Path, mon
         b = (tmp_path / "without" / r["name"] / "student.safetensors").read_bytes()
         assert a == b, r["name"]
     assert [r["final_top1"] for r in cached.report["runs"]] == [r["final_top1"] for r in plain.report["runs"]]
+
+
+def test_parallel_compare_trains_the_same_students(tmp_path: Path, monkeypatch) -> None:
+    """--jobs 2: runs in worker processes (output in <run>/log.txt), students bitwise those of one after another."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    base = dict(methods=("none", "kd"), lrs=(0.01, 0.02), epochs=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' setting, so both sides compute alike
+    try:
+        plain = cmp.run_compare(_tiny(tmp_path / "one", **base))
+    finally:
+        torch.set_num_threads(threads)
+    par = cmp.run_compare(_tiny(tmp_path / "two", **base), jobs=2, threads=1)
+    assert par.runs_done == 4 and [r["name"] for r in par.report["runs"]] == [r["name"] for r in plain.report["runs"]]
+    for r in par.report["runs"]:
+        assert "epoch 1/1" in (Path(r["run_dir"]) / "log.txt").read_text().replace("Epoch", "epoch"), r["name"]
+        a = (Path(r["run_dir"]) / "student.safetensors").read_bytes()
+        assert a == (tmp_path / "one" / r["name"] / "student.safetensors").read_bytes(), r["name"]
+    with pytest.raises(UserError, match="--jobs"):
+        cmp.run_compare(_tiny(tmp_path / "zero", **base), jobs=0)
+    # A run that fails in a worker stops the compare with its error (a diverged run would be a result).
+    with pytest.raises(UserError, match="no_such_cnn"):
+        cmp.run_compare(_tiny(tmp_path / "bad", student="no_such_cnn", **base), jobs=2, threads=1)

@@ -1,0 +1,66 @@
+"""Calls run `jobs` at a time in worker processes, each call's console output to its own log file.
+
+For many small, independent CPU-bound trainings (`spofa compare --jobs N`): one process per job with
+a few threads each uses a many-core machine better than one process with all of them, and a spawned
+worker shares no state with the caller, so a call computes exactly what it would compute alone.
+"""
+from __future__ import annotations
+
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from .console import console
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_in_processes(fn: Callable[[T], R], items: Iterable[T], *, jobs: int, threads: int,
+                     log_path: Callable[[T], Path], on_start: Callable[[T], None] | None = None) -> Iterator[tuple[T, R]]:
+    """Yield `(item, fn(item))` as the calls finish, `jobs` at a time, started in the order of `items`.
+
+    Args:
+        fn: a picklable (module-level) function; it runs in a spawned process with `threads`
+            PyTorch CPU threads and the shared console writing to `log_path(item)` (appended).
+        items: the arguments, picklable.
+        jobs: processes at once (>= 1).
+        threads: PyTorch CPU threads per process.
+        log_path: where a call's console output goes.
+        on_start: called in this process when a call is handed to a worker.
+
+    Raises:
+        Whatever a call raised: the calls not started are cancelled, the running ones are waited for.
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    waiting, running = deque(items), {}
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                item = waiting.popleft()
+                running[pool.submit(_call_logged, fn, item, threads, log_path(item))] = item
+                on_start and on_start(item)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                item = running.pop(fut)
+                yield item, fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _call_logged(fn: Callable[[T], R], item: T, threads: int, log: Path) -> R:
+    """In the worker: set the threads, point the console at `log`, call."""
+    from .machine import set_threads
+
+    set_threads(threads)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        console.file = f
+        try:
+            return fn(item)
+        finally:
+            console.file = sys.stderr
