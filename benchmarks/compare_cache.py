@@ -1,4 +1,4 @@
-"""Wall time of a reduced `spofa compare` with and without the teacher cache, and that the results are identical.
+"""Wall time of a reduced `spofa compare` with and without the teacher cache (and with --jobs), and that the results are identical.
 
 The real `compare.run_compare` runs twice per round on one teacher, with
 `CompareConfig(teacher_cache=True)` and `(teacher_cache=False)`, in alternating order
@@ -9,9 +9,14 @@ the seed reads them instead of running the teacher. We report both wall times, t
 ratio, each run's wall time, and check that every run's final top-1 and
 `student.safetensors` bytes are equal in all compares.
 
+`--jobs N` adds a third compare per round: with the cache, N runs at once in worker processes
+(`run_compare(jobs=N)`), each with `--job-threads` threads (default: the cores / N). Its
+students are checked bitwise against the others only when its threads per run equal
+`--threads` (a different thread count sums floats in another order, so it trains other students).
+
 From the per-run times we estimate the default `spofa compare` (none, kd, ofa, spofa x 3
-rates x 3 seeds): `none` runs are unaffected; of the 9 distillation runs of a seed the
-first (kd, first rate) computes the teacher and the other 8 read it. Methods not measured
+rates, per seed; 5 seeds): `none` runs are unaffected; of the 9 distillation runs of a seed
+the first (kd, first rate) computes the teacher and the other 8 read it. Methods not measured
 here stand in as: ofa = spofa (issue 16: SPOFA costs 1.00x OFA), none = the cached kd runs
 (the same student steps plus a KD loss and a cache read: an upper bound, which makes the
 estimate conservative) unless `none` is among --methods.
@@ -19,13 +24,13 @@ estimate conservative) unless `none` is among --methods.
 The teacher is trained once first (its stage is timed apart and is not part of either
 wall time). The default teacher is the compare's, ViT-B/16 from scratch at 32 px, for one
 epoch only: its accuracy does not matter for timing, its forward cost is the same.
-Runs get 10 epochs (the default compare: 25; each run's time is nearly proportional, and the
+Runs get 10 epochs (the default compare: 100; each run's time is nearly proportional, and the
 fixed per-run part makes the ratio a little lower at 10). Everything is written under --out.
 CPU only; on a busy 2-core machine with `--threads 1` one round took 17 minutes (teacher
 stage 4, with the cache 5.5, without 7.5):
 
     python benchmarks/compare_cache.py --out /tmp/compare-cache --threads 1
-    python benchmarks/compare_cache.py --out /tmp/cc --epochs 5 --rounds 2 --json /tmp/cc.json
+    python benchmarks/compare_cache.py --out /tmp/cc --methods none,kd,spofa --jobs 2 --json /tmp/cc.json
 """
 from __future__ import annotations
 
@@ -37,27 +42,28 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 from spofa_deploy import compare as cmp
 from spofa_deploy.datasets import parse_data_spec
-from spofa_deploy.machine import cpu_load, set_threads
+from spofa_deploy.machine import cpu_load, set_threads, usable_cores
 from spofa_deploy.run_files import STUDENT_FILE
 
 DEFAULT = cmp.CompareConfig()  # the default compare, for the estimate
 
 
-def run_one(base: cmp.CompareConfig, out: Path, cached: bool) -> dict:
-    """One reduced compare into `out`; returns its wall time and per-run records."""
+def run_one(base: cmp.CompareConfig, out: Path, cached: bool, jobs: int = 1, threads: int | None = None) -> dict:
+    """One reduced compare into `out` (`jobs` > 1: in worker processes of `threads` threads); its wall time and runs."""
     cfg = cmp.CompareConfig(**{**base.__dict__, "teacher_cache": cached, "out": str(out)})
     load = load_now()
     t0 = time.perf_counter()
-    result = cmp.run_compare(cfg)
+    result = cmp.run_compare(cfg, jobs=jobs, threads=threads)
     wall = time.perf_counter() - t0
     runs = {r["name"]: {"method": r["method"], "lr": r["lr"], "seed": r["seed"], "wall_s": r["wall_s"],
                         "final_top1": r["final_top1"], "status": r["status"],
                         "student": (Path(r["run_dir"]) / STUDENT_FILE).read_bytes()}
             for r in result.report["runs"]}
-    return {"cache": cached, "out": str(out), "wall_s": wall, "load_before": load, "load_after": load_now(),
-            "runs": runs}
+    return {"cache": cached, "jobs": jobs, "out": str(out), "wall_s": wall, "load_before": load,
+            "load_after": load_now(), "runs": runs}
 
 
 def differences(compares: list[dict]) -> list[str]:
@@ -74,9 +80,10 @@ def differences(compares: list[dict]) -> list[str]:
 
 
 def per_run(compares: list[dict], cached: bool) -> dict[str, float]:
-    """Median wall time of each run name over the compares with (or without) the cache."""
+    """Median wall time of each run name over the sequential compares with (or without) the cache."""
     names = compares[0]["runs"]
-    return {n: statistics.median(c["runs"][n]["wall_s"] for c in compares if c["cache"] == cached) for n in names}
+    return {n: statistics.median(c["runs"][n]["wall_s"] for c in compares if c["cache"] == cached and c["jobs"] == 1)
+            for n in names}
 
 
 def estimate_default(base: cmp.CompareConfig, plain: dict[str, float], cached: dict[str, float]) -> dict:
@@ -118,6 +125,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=1, help="rounds of (with, without), alternating the order")
     ap.add_argument("--threads", type=int, default=None,
                     help="PyTorch CPU threads (default: one per core; fewer on a machine busy with other work)")
+    ap.add_argument("--jobs", type=int, default=1, help="> 1: also a compare with the cache and this many jobs")
+    ap.add_argument("--job-threads", type=int, default=None, help="threads per job (default: the cores / --jobs)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.rounds < 1:
@@ -142,6 +151,11 @@ def print_report(a: argparse.Namespace, rec: dict) -> None:
         print(f"{Path(c['out']).name:28} {c['wall_s']:8.1f} {c['load_before']:4.1f}-{c['load_after']:<4.1f}")
     print(f"without / with cache: {rec['wall_without_s']:.1f} s / {rec['wall_with_s']:.1f} s = "
           f"{rec['speedup']:.2f}x faster with the cache")
+    if rec["jobs"] > 1:
+        print(f"without cache / with cache and {rec['jobs']} jobs x {rec['job_threads']} thread(s): "
+              f"{rec['wall_without_s']:.1f} s / {rec['wall_jobs_s']:.1f} s = {rec['speedup_jobs']:.2f}x faster"
+              + ("" if rec["jobs_checked"] else f" (its students are not compared bitwise: {rec['job_threads']} "
+                 f"thread(s) per run, not --threads {rec['threads']})"))
     print(f"{'run':24} {'without s':>9} {'with s':>7} {'ratio':>6}")
     for n in plain:
         print(f"{n:24} {plain[n]:9.1f} {cached[n]:7.1f} {plain[n] / cached[n]:6.2f}")
@@ -175,23 +189,33 @@ def main() -> None:
     base.teacher_ckpt = str(cmp.ensure_teacher(base, base.img_size or parse_data_spec(base.data).natural_size))
     teacher_s = time.perf_counter() - t0 if a.teacher_ckpt is None else None
 
-    compares = []
+    threads = torch.get_num_threads()  # the sequential compares' (--threads, else one per core)
+    job_threads = a.job_threads or max(1, usable_cores() // a.jobs)
+    compares, parallel = [], []
     for r in range(a.rounds):
         for cached in ((True, False) if r % 2 == 0 else (False, True)):
             compares.append(run_one(base, out / f"round{r + 1}-{'with' if cached else 'without'}-cache", cached))
-    bad = differences(compares)
+        if a.jobs > 1:
+            parallel.append(run_one(base, out / f"round{r + 1}-with-cache-jobs{a.jobs}", True, a.jobs, job_threads))
+    checked = job_threads == threads
+    bad = differences(compares + (parallel if checked else []))
+    compares += parallel
     for c in compares:
         for run in c["runs"].values():
             run.pop("student")  # (bytes: compared above, not for the record)
 
-    with_s = statistics.median(c["wall_s"] for c in compares if c["cache"])
+    with_s = statistics.median(c["wall_s"] for c in compares if c["cache"] and c["jobs"] == 1)
     without_s = statistics.median(c["wall_s"] for c in compares if not c["cache"])
     plain, cached = per_run(compares, False), per_run(compares, True)
     rec = {"cpu": cpu, "teacher": a.teacher, "teacher_epochs": a.teacher_epochs, "teacher_stage_s": teacher_s,
            "student": a.student, "methods": list(base.methods), "lrs": list(base.lrs), "epochs": a.epochs,
            "compares": compares, "identical": not bad, "differences": bad, "wall_without_s": without_s,
            "wall_with_s": with_s, "speedup": without_s / with_s, "per_run_without_s": plain,
-           "per_run_with_s": cached, "estimate_default": estimate_default(base, plain, cached)}
+           "per_run_with_s": cached, "estimate_default": estimate_default(base, plain, cached),
+           "threads": threads, "jobs": a.jobs, "job_threads": job_threads, "jobs_checked": checked}
+    if parallel:
+        rec["wall_jobs_s"] = statistics.median(c["wall_s"] for c in parallel)
+        rec["speedup_jobs"] = without_s / rec["wall_jobs_s"]
     print_report(a, rec)
     if a.json:
         with open(a.json, "w") as f:

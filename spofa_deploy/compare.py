@@ -420,6 +420,8 @@ def _run_parallel(job: _Job, todo: list[tuple], records: dict, total: int, jobs:
     the same records itself. A failing run stops the compare (a diverged one is a result).
     """
     console.print(f"{len(todo)} runs, {jobs} at a time, {threads} CPU thread(s) each; each run's output in <run>/{RUN_LOG}")
+    if job.cfg.workers is None:  # the jobs are the parallelism: loader processes would only compete (measured: they
+        job = replace(job, cfg=replace(job.cfg, workers=0))  # added ~10 s a run there; augmentation is seeded per sample)
     done = dict(records)
     left = list(todo)
     for point, rec in map_in_processes(job.run, todo, jobs=jobs, threads=threads,
