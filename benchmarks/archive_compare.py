@@ -1,0 +1,64 @@
+"""Keep a compare's evidence in the repository, and bring it back: every record its report reads, no weights.
+
+A compare folder holds hundreds of MB of weights and checkpoints per run; its report reads only each
+finished run's done.json, metrics.jsonl, trace.csv and student.json (README, "spofa compare"). This
+copies compare.json, report.md, report.json and the plots as they are, and packs the finished runs'
+records (plus their log.txt) into runs.tar.gz; a half-done run is left out (it restarts on resume).
+
+    python benchmarks/archive_compare.py runs/compare-digits-100ep docs/evidence/compare-digits-100ep
+    python benchmarks/archive_compare.py --restore docs/evidence/compare-digits-100ep runs/compare-digits-100ep
+    spofa compare --resume --out runs/compare-digits-100ep --threads 1 --jobs 2   # teacher checked by digest
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tarfile
+from pathlib import Path
+
+from spofa_deploy.artifacts import sidecar_path
+from spofa_deploy.compare_report import REPORT_JSON, REPORT_MD
+from spofa_deploy.run_files import COMPARE, DONE, METRICS, RUN_LOG, STUDENT_FILE, TRACE
+
+RECORDS = (DONE, METRICS, TRACE, sidecar_path(STUDENT_FILE).name, RUN_LOG)
+TARBALL = "runs.tar.gz"
+
+
+def archive(src: Path, dst: Path) -> int:
+    """Copy the compare's own files to `dst` and pack its finished runs' records; returns the runs packed."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in [src / COMPARE, src / REPORT_JSON, src / REPORT_MD, *sorted(src.glob("*.png"))]:
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+    runs = sorted(d.parent for d in src.glob(f"*/{DONE}"))
+    with tarfile.open(dst / TARBALL, "w:gz") as tar:
+        for run in runs:
+            for name in RECORDS:
+                if (run / name).is_file():
+                    tar.add(run / name, arcname=f"{run.name}/{name}")
+    return len(runs)
+
+
+def restore(src: Path, dst: Path) -> int:
+    """A compare folder at `dst` that `spofa compare --resume --out dst` continues; returns the runs restored."""
+    if (dst / COMPARE).exists():
+        raise SystemExit(f"{dst} already holds a compare")
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / COMPARE, dst / COMPARE)
+    with tarfile.open(src / TARBALL) as tar:
+        tar.extractall(dst, filter="data")
+        return len({Path(m.name).parts[0] for m in tar.getmembers()})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--restore", action="store_true", help="src is an archive, dst the compare folder to make")
+    a = ap.parse_args()
+    n = (restore if a.restore else archive)(Path(a.src), Path(a.dst))
+    print(f"{'restored' if a.restore else 'archived'} {n} finished runs: {a.src} -> {a.dst}")
+
+
+if __name__ == "__main__":
+    main()
