@@ -7,7 +7,7 @@ records (plus their log.txt) into runs.tar.gz; a half-done run is left out (it r
 
     python benchmarks/archive_compare.py runs/compare-digits-100ep docs/evidence/compare-digits-100ep
     python benchmarks/archive_compare.py --restore docs/evidence/compare-digits-100ep runs/compare-digits-100ep
-    spofa compare --resume --out runs/compare-digits-100ep --threads 1 --jobs 2   # teacher checked by digest
+    spofa compare --resume --out runs/compare-digits-100ep --threads 1 --jobs 2 --no-pretrained  # teacher: by digest
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def restore(src: Path, dst: Path) -> int:
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src / COMPARE, dst / COMPARE)
     with tarfile.open(src / TARBALL) as tar:
-        tar.extractall(dst, filter="data")
+        tar.extractall(dst, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # (3.11.4+)
         return len({Path(m.name).parts[0] for m in tar.getmembers()})
 
 

@@ -11,8 +11,9 @@ Nothing is tuned per method. Seeds also draw the `train_fraction` subset, so the
 over seeds covers the choice of the few training images as well as the initialisation.
 
 Runs execute one after another, or `jobs` at a time, each in its own process (`run_compare`); a run
-is a pure function of its (method, lr, seed) and settings, so the order and the number of jobs do not
-change its numbers. A run is finished when its folder holds `done.json`
+is a pure function of its (method, lr, seed), settings and CPU threads (float sums follow the thread
+count; each record keeps its `threads`), so at equal threads per run the order and the number of jobs
+do not change its numbers. A run is finished when its folder holds `done.json`
 (its record, written after `distill()` returns or stops on NaN/Inf); an interrupted
 compare started again with `resume=True` skips finished runs and resumes a half-done
 run from its `checkpoint-last.pt`. The compare folder also holds `compare.json` (the
@@ -222,8 +223,9 @@ def _loss_config(cfg: CompareConfig, method: str) -> DistillConfig:
 
 
 def run_record(run_dir: Path, method: str, lr: float, seed: int, num_classes: int, *, stopped: bool = False,
-               error: str | None = None, wall_s: float | None = None, resumed: bool = False) -> dict:
-    """The record of one run, read from its folder (metrics.jsonl, trace.csv, student.json)."""
+               error: str | None = None, wall_s: float | None = None, resumed: bool = False,
+               threads: int | None = None) -> dict:
+    """The record of one run, read from its folder (metrics.jsonl, trace.csv, student.json); `threads`: its CPU threads."""
     metrics, trace = read_metrics(run_dir / METRICS), read_trace(run_dir / TRACE)
     acc = accuracy_figures(metrics)
     saved = {}
@@ -232,7 +234,7 @@ def run_record(run_dir: Path, method: str, lr: float, seed: int, num_classes: in
         saved = {"saved_top1": meta.get("top1"), "saved": meta.get("saved")}
     return {"name": run_dir.name, "method": method, "base_method": VARIANTS[method][0], "lr": lr, "seed": seed,
             "run_dir": str(run_dir), "status": "stopped" if stopped else "finished", "error": error,
-            "resumed": resumed, **acc, **saved, "wall_s": wall_s, **_step_sizes(trace),
+            "resumed": resumed, **acc, **saved, "wall_s": wall_s, "threads": threads, **_step_sizes(trace),
             "stability": stability(trace, metrics, num_classes, stopped=stopped)}
 
 
@@ -307,7 +309,7 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int = 1, threads
     digest = weights_digest(load_state(teacher_path))
     if saved and saved.get("teacher_sha256", digest) != digest:
         raise UserError(f"--resume: the teacher {teacher_path} is not the one this compare started with (its weights "
-                        f"differ from compare.json's teacher_sha256): start a new compare")
+                        f"differ from compare.json's teacher_sha256): pass its teacher with --teacher-ckpt, or start a new compare")
     started = saved["started"] if saved else datetime.now().isoformat(timespec="seconds")
     header = {"config": {**asdict(cfg), "out": str(out)}, "img_size": img_size, "teacher_path": str(teacher_path),
               "teacher_sha256": digest,
@@ -385,7 +387,7 @@ def _read_finished(out: Path, plan: list[tuple], num_classes: int) -> dict[str, 
             old = read_json(done)
             records[run_name(m, lr, s)] = run_record(
                 done.parent, m, lr, s, num_classes, stopped=old.get("status") == "stopped", error=old.get("error"),
-                wall_s=old.get("wall_s"), resumed=bool(old.get("resumed")))
+                wall_s=old.get("wall_s"), resumed=bool(old.get("resumed")), threads=old.get("threads"))
     return records
 
 
@@ -429,7 +431,7 @@ def _run_parallel(job: _Job, todo: list[tuple], records: dict, total: int, jobs:
                                        on_start=lambda p: console.print(f"  start {run_name(*p)}")):
         done[rec["name"]] = rec
         left.remove(point)
-        eta = f", ETA {_fmt_secs(_eta(done, left) / jobs)}" if left else ""
+        eta = f", ETA {_fmt_secs(_eta(done, left) / min(jobs, len(left)))}" if left else ""
         console.print(f"  {'done' if rec['status'] == 'finished' else '[red]stop[/]'}  {rec['name']} in "
                       f"{_fmt_secs(rec['wall_s'])}: top-1 {_fmt_pct(rec.get('final_top1'))} | {len(done)}/{total} done{eta}")
         yield rec
@@ -456,7 +458,9 @@ def _run_one(cfg: CompareConfig, run_dir: Path, point: tuple[str, float, int], t
     except TrainingDiverged as e:
         stopped, error = True, str(e)
         console.print(f"[red]{run_dir.name} diverged:[/] {e}")
+    import torch
+
     rec = run_record(run_dir, m, lr, s, num_classes, stopped=stopped, error=error,
-                     wall_s=time.perf_counter() - t_run, resumed=resumed)
+                     wall_s=time.perf_counter() - t_run, resumed=resumed, threads=torch.get_num_threads())
     write_json(run_dir / DONE, rec)
     return rec

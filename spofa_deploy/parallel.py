@@ -48,6 +48,10 @@ def map_in_processes(fn: Callable[[T], R], items: Iterable[T], *, jobs: int, thr
             for fut in finished:
                 item = running.pop(fut)
                 yield item, fut.result()
+    except BaseException:
+        if running:  # (Ctrl-C reaches the workers too; after a failed call the others finish first)
+            console.print(f"stopping: waiting for the {len(running)} call(s) still running")
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

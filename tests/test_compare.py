@@ -358,8 +358,10 @@ def test_a_compare_copied_without_weights_resumes_on_a_fresh_machine(tmp_path: P
     assert json.loads((tmp_path / "b" / COMPARE).read_text())["teacher_sha256"] == saved["teacher_sha256"]
     # Another teacher (here: trained longer) is refused, before any run.
     shutil.rmtree(tmp_path / "runs" / "teachers")
+    header = (tmp_path / "b" / COMPARE).read_text()
     with pytest.raises(UserError, match="teacher_sha256"):
         cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 3, "teacher_epochs": 2}), resume=True)
+    assert not list((tmp_path / "b").glob("*-seed2")) and (tmp_path / "b" / COMPARE).read_text() == header
 
 
 def test_a_diverged_run_is_recorded_not_fatal(tiny_compare, monkeypatch) -> None:
@@ -519,6 +521,7 @@ def test_parallel_compare_trains_the_same_students(tmp_path: Path, monkeypatch) 
         torch.set_num_threads(threads)
     par = cmp.run_compare(_tiny(tmp_path / "two", **base), jobs=2, threads=1)
     assert par.runs_done == 4 and [r["name"] for r in par.report["runs"]] == [r["name"] for r in plain.report["runs"]]
+    assert {r["threads"] for r in par.report["runs"]} == {r["threads"] for r in plain.report["runs"]} == {1}
     for r in par.report["runs"]:
         assert "epoch 1/1" in (Path(r["run_dir"]) / "log.txt").read_text().replace("Epoch", "epoch"), r["name"]
         a = (Path(r["run_dir"]) / "student.safetensors").read_bytes()
