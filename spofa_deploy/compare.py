@@ -39,7 +39,7 @@ from .datasets import parse_data_spec
 from .models import Preprocessing
 from .distillers import DistillConfig
 from .errors import TrainingDiverged, UserError, check_choice
-from .compare_report import _fmt_secs, write_report
+from .compare_report import _fmt_secs, fmt_num, write_report
 from .pipeline import DataOptions, TeacherCacheOptions, TeacherOptions, distill, find_teacher
 from .stability import accuracy_figures, read_metrics, read_trace, stability
 from .machine import usable_cores
@@ -433,12 +433,8 @@ def _run_parallel(job: _Job, todo: list[tuple], records: dict, total: int, jobs:
         left.remove(point)
         eta = f", ETA {_fmt_secs(_eta(done, left) / min(jobs, len(left)))}" if left else ""
         console.print(f"  {'done' if rec['status'] == 'finished' else '[red]stop[/]'}  {rec['name']} in "
-                      f"{_fmt_secs(rec['wall_s'])}: top-1 {_fmt_pct(rec.get('final_top1'))} | {len(done)}/{total} done{eta}")
+                      f"{_fmt_secs(rec['wall_s'])}: top-1 {fmt_num(rec.get('final_top1'))}% | {len(done)}/{total} done{eta}")
         yield rec
-
-
-def _fmt_pct(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1f}%"
 
 
 def _run_one(cfg: CompareConfig, run_dir: Path, point: tuple[str, float, int], teacher: TeacherOptions,
