@@ -364,6 +364,28 @@ def test_a_compare_copied_without_weights_resumes_on_a_fresh_machine(tmp_path: P
     assert not list((tmp_path / "b").glob("*-seed2")) and (tmp_path / "b" / COMPARE).read_text() == header
 
 
+@pytest.mark.parametrize("digest", [True, False], ids=["digest", "legacy"])
+def test_a_missing_given_teacher_is_asked_for_not_retrained(tmp_path: Path, monkeypatch, digest: bool) -> None:
+    """A compare whose teacher was a checkpoint of the user's (not the recipe's folder) cannot remake it: a resume
+    where it is missing stops at once and asks for it, without a teacher stage or any run. A compare from before
+    teacher digests (no teacher_sha256) stops the same way, on the path alone."""
+    from dataclasses import asdict
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _tiny(tmp_path / "c")
+    header = {"config": {**asdict(cfg), "teacher_ckpt": "mine/teacher.safetensors"}, "img_size": 16,
+              "teacher_path": "mine/teacher.safetensors", "started": "2026-12-01T00:00:00", "previous_wall_s": 1.0}
+    if digest:
+        header["teacher_sha256"] = "0" * 64
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / COMPARE).write_text(json.dumps(header))
+    monkeypatch.setattr(pipeline, "train_teacher", lambda **k: pytest.fail("no teacher stage"))
+    monkeypatch.setattr(cmp, "distill", lambda *a, **k: pytest.fail("no run"))
+    with pytest.raises(UserError, match=r"mine/teacher\.safetensors.*--teacher-ckpt" if digest else "not found"):
+        cmp.run_compare(_tiny(tmp_path / "c"), resume=True)
+    assert (tmp_path / "c" / COMPARE).read_text() == json.dumps(header) and not list((tmp_path / "c").glob("*-seed*"))
+
+
 def test_a_diverged_run_is_recorded_not_fatal(tiny_compare, monkeypatch) -> None:
     from spofa_deploy import pipeline
 
