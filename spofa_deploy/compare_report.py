@@ -3,8 +3,8 @@
 Reads the run records `spofa_deploy.compare` collects (one per method x rate x seed) and
 writes what a reviewer reads. The report leads with each method at its own best rate of
 the sweep (the literature's protocol: every method gets the same chance at tuning), then
-paired differences against the student alone and against OFA (methods share seeds, so
-per-seed differences cancel the seed's luck), then the per-rate rows and every run.
+paired differences against the student alone, against OFA and (SPOFA's ablations) against
+SPOFA (methods share seeds, so per-seed differences cancel the seed's luck), then the per-rate rows and every run.
 Plots: `spofa_deploy.plots`; the terminal table: `cli`.
 """
 from __future__ import annotations
@@ -161,13 +161,15 @@ def _finite(x) -> bool:
 
 def paired_comparisons(runs: Sequence[dict], methods: Sequence[str], lrs: Sequence[float],
                        best: dict[str, float]) -> list[dict]:
-    """Every method against `none` and against `ofa` (where present): at each method's own best rate, then per rate."""
+    """Every method against `none`, the feature methods against `ofa`, and SPOFA's variants (the ablations) against
+    `spofa`, each where present: at each method's own best rate, then per rate."""
+    against = {"none": lambda m: True, "ofa": lambda m: m not in ("none", "kd"), "spofa": lambda m: m.startswith("spofa-")}
     out = []
-    for base in ("none", "ofa"):
+    for base, compared in against.items():
         if base not in methods:
             continue
         for m in methods:
-            if m == base or (base == "ofa" and m in ("none", "kd")):
+            if m == base or not compared(m):
                 continue
             out.append({**paired_difference(runs, m, base, best[m], best[base]), "at": "best rates"})
             out.extend({**paired_difference(runs, m, base, lr, lr), "at": f"lr {lr:g}"} for lr in lrs)

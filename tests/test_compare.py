@@ -172,6 +172,17 @@ def test_paired_statistics_on_a_hand_computed_example() -> None:
     assert report.paired_difference(runs, "spofa", "none", 0.1, 0.1)["n"] == 0
 
 
+def test_paired_comparisons_pair_each_method_with_its_baselines() -> None:
+    """Every method against the student alone; feature methods against OFA; SPOFA's variants against SPOFA."""
+    methods = cmp.parse_methods("none,kd,ofa,spofa", ablations=True)
+    runs = [_rec(m, 0.01, s, 80.0 + s) for m in methods for s in range(2)]
+    pairs = {(c["method"], c["baseline"]) for c in report.paired_comparisons(runs, methods, [0.01], {m: 0.01 for m in methods})}
+    variants = {m for m in methods if m.startswith("spofa-")}
+    assert variants == {"spofa-nomema", "spofa-nobeta", "spofa-damp", "spofa-m0.9"}
+    assert pairs == ({(m, "none") for m in methods if m != "none"} | {(m, "ofa") for m in variants | {"spofa"}}
+                     | {(m, "spofa") for m in variants})
+
+
 def test_parse_methods_and_rates() -> None:
     assert cmp.parse_methods("none, kd,KD,spofa") == ["none", "kd", "spofa"]
     assert cmp.parse_methods("spofa-noln") == ["ofa"]
