@@ -7,7 +7,12 @@ records (plus their log.txt) into runs.tar.gz; a half-done run is left out (it r
 
     python benchmarks/archive_compare.py runs/compare-digits-100ep docs/evidence/compare-digits-100ep
     python benchmarks/archive_compare.py --restore docs/evidence/compare-digits-100ep runs/compare-digits-100ep
-    spofa compare --resume --out runs/compare-digits-100ep --threads 1 --jobs 2 --no-pretrained  # teacher: by digest
+    spofa compare --resume --out runs/compare-digits-100ep --threads 1 --jobs 2  # teacher: by digest
+
+The teacher is retrained by the compare's own settings and accepted only with the digest in compare.json.
+Keep them all, `--pretrained` included: offline, the teacher stage first tries timm's pretrained weights (whose
+fallback draws one random init) and then builds the teacher it trains from the next draw, so `--no-pretrained`
+trains another teacher (measured: refused by the digest after its 12-minute stage).
 """
 from __future__ import annotations
 

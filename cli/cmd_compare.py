@@ -40,7 +40,7 @@ def compare(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the compare in --out (default: the latest one under runs/), skipping finished runs.")] = False,
     download: o.Download = False,
     threads: o.Threads = None,
-    jobs: Annotated[int, typer.Option("--jobs", help="Runs trained at once, each in its own process with --threads (default: the cores / jobs) threads; its output in <run>/log.txt.")] = 1,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", help="Runs trained at once, each in its own process with --threads (default: the cores / jobs) threads; its output in <run>/log.txt (default: on the CPU one per core, as memory allows; on a GPU 1; 1: one after another in this process).")] = None,
     **loss,
 ) -> None:
     """Train none / kd / ofa / spofa (and ablations) the same way and report accuracy and stability side by side."""

@@ -33,6 +33,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def available_memory_gb() -> float | None:
+    """Memory the OS could give new processes now (Linux's MemAvailable), in GB; None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return kb / 1e6
+
+
 def set_threads(n: int) -> None:
     """Use `n` CPU threads in PyTorch (intra-op, and inter-op where it is still allowed).
 

@@ -564,3 +564,21 @@ def test_parallel_compare_trains_the_same_students(tmp_path: Path, monkeypatch) 
     # A run that fails in a worker stops the compare with its error (a diverged run would be a result).
     with pytest.raises(UserError, match="no_such_cnn"):
         cmp.run_compare(_tiny(tmp_path / "bad", student="no_such_cnn", **base), jobs=2, threads=1)
+
+
+def test_the_default_jobs_fill_the_cores_as_memory_allows(monkeypatch) -> None:
+    """`spofa compare` without --jobs: one single-threaded run per core on the CPU, fewer where memory, --threads
+    or the runs left say so; one on a GPU."""
+    cfg = _tiny(Path("unused"))
+    monkeypatch.setattr(cmp, "usable_cores", lambda: 8)
+    monkeypatch.setattr(cmp, "available_memory_gb", lambda: 100.0)
+    assert cmp.auto_jobs(cfg, None, 36) == 8
+    assert cmp.auto_jobs(cfg, 2, 36) == 4 and cmp.auto_jobs(cfg, None, 3) == 3 and cmp.auto_jobs(cfg, None, 0) == 1
+    monkeypatch.setattr(cmp, "available_memory_gb", lambda: 3 * cmp.JOB_MEMORY_GB + 0.5)
+    assert cmp.auto_jobs(cfg, None, 36) == 3
+    monkeypatch.setattr(cmp, "available_memory_gb", lambda: 0.5)
+    assert cmp.auto_jobs(cfg, None, 36) == 1
+    monkeypatch.setattr(cmp, "available_memory_gb", lambda: None)  # unknown: the cores decide
+    assert cmp.auto_jobs(cfg, None, 36) == 8
+    monkeypatch.setattr(cmp, "resolve_device", lambda name: torch.device("cuda"))
+    assert cmp.auto_jobs(cfg, None, 36) == 1
