@@ -491,8 +491,8 @@ def test_cli_options_reach_the_config(monkeypatch, tmp_path: Path) -> None:
     app.command("noop")(lambda: None)  # two commands: `compare` is a subcommand, as in cli.main
     seen = []
 
-    def fake_run(cfg, resume=False, jobs=1, threads=None):
-        seen.append((cfg, resume) if jobs == 1 else (cfg, resume, jobs, threads))
+    def fake_run(cfg, resume=False, jobs=1, threads=None):  # jobs None: run_compare picks them (auto_jobs)
+        seen.append((cfg, resume) if jobs is None else (cfg, resume, jobs, threads))
         return cmp.CompareResult(tmp_path, {}, 0, 0)
 
     monkeypatch.setattr(cmp, "run_compare", fake_run)
@@ -514,6 +514,9 @@ def test_cli_options_reach_the_config(monkeypatch, tmp_path: Path) -> None:
     r = run(app, ["compare", "--jobs", "3", "--threads", "2"])
     assert r.exit_code == 0, r.output
     assert seen[-1][2:] == (3, 2)
+    r = run(app, ["compare", "--jobs", "1"])
+    assert r.exit_code == 0, r.output
+    assert seen[-1][2:] == (1, None)
     # --resume: the saved settings, not the defaults, for everything not given.
     saved = tmp_path / "saved"
     saved.mkdir()
