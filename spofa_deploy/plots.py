@@ -200,6 +200,11 @@ def _plot_mema(png: Path, view: _CompareView) -> Path:
     return _save(fig, png)
 
 
+def _tick(p: dict) -> str:
+    """`spofa-damp` at 0.02 -> "spofa-\ndamp\n0.02" (ablation names on one line would overlap)."""
+    return p["method"].replace("-", "-\n", 1) + "\n" + ("best" if p["at"] == "best rates" else p["at"].replace("lr ", ""))
+
+
 def plot_paired(png: Path, paired: Sequence[dict], title: str) -> Path:
     """Per-seed paired differences (dots) with their mean and 95 % interval (bar), one panel per baseline;
     x: method at its best rate, then at each rate of the sweep."""
@@ -225,8 +230,7 @@ def plot_paired(png: Path, paired: Sequence[dict], title: str) -> Path:
                             capsize=4, color=c, lw=1.6 if p["significant"] else 0.9)
         ax.axhline(0.0, color="grey", lw=1, ls=":")
         ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([f"{p['method']}\n{'best' if p['at'] == 'best rates' else p['at'].replace('lr ', '')}"
-                            for p in rows], fontsize=7)
+        ax.set_xticklabels([_tick(p) for p in rows], fontsize=7)
         ax.set_ylabel(f"top-1 minus {base} (points)")
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"paired differences by seed (bars: mean, 95 % t-interval; thick: excludes 0)\n{title}", fontsize=10)
