@@ -287,7 +287,8 @@ JOB_MEMORY_GB = 2.0
 
 def auto_jobs(cfg: CompareConfig, threads: int | None, runs: int) -> int:
     """`spofa compare`'s default `--jobs`: one on a GPU; on the CPU one run per usable core (`threads` cores per
-    run where given), no more than the memory holds (`JOB_MEMORY_GB` each) or the runs left.
+    run where given), no more than the memory holds (`JOB_MEMORY_GB` each) or the runs left. `run_compare` gives
+    these jobs one thread each (unless `threads`), so the thread count of a run never depends on the memory free.
 
     Small students use threads poorly: on a 2-core CPU, two single-threaded jobs with the teacher cache finished a
     reduced compare 1.84x sooner than one process of two threads without it (README, issue 16).
@@ -353,9 +354,13 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, 
 
     teacher = TeacherOptions(name=cfg.teacher, checkpoint=str(teacher_path))
     todo = [p for p in plan if run_name(*p) not in records]
-    jobs = auto_jobs(cfg, threads, len(todo)) if jobs is None else jobs
+    if jobs is None:  # the default: on the CPU single-threaded worker processes (even one), so every run of a
+        in_process = resolve_device(cfg.device).type != "cpu"  # compare has the same threads whatever memory allows
+        jobs, threads = auto_jobs(cfg, threads, len(todo)), threads or 1
+    else:
+        in_process = jobs <= 1
     job = _Job(cfg, out, teacher, img_size, num_classes)
-    runner = _run_sequential(job, todo, records, len(plan)) if jobs <= 1 else \
+    runner = _run_sequential(job, todo, records, len(plan)) if in_process else \
         _run_parallel(job, todo, records, len(plan), jobs, threads or max(1, usable_cores() // jobs))
     calls = 0
     for rec in runner:
@@ -397,7 +402,8 @@ def _open_compare(cfg: CompareConfig, resume: bool) -> tuple[Path, dict | None]:
             if given and before:
                 raise UserError(f"--resume with another teacher than {before}: start a new compare")
         elif before and not Path(before).is_file():
-            if not given and Path(before) != _recipe_teacher(cfg):  # (no recipe can make it again)
+            if not given and Path(before).parts[-3:] != _recipe_teacher(cfg).parts[-3:]:  # (no recipe can remake it;
+                # compared by teachers/<slug>/teacher.safetensors, so an absolute path or a moved checkout still counts)
                 raise UserError(f"--resume: this compare's teacher {before} is missing: pass it with --teacher-ckpt "
                                 "(it is checked against compare.json's teacher_sha256)")
             before = None  # moved to another machine: found or retrained by the recipe, then checked by its digest

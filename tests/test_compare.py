@@ -397,6 +397,32 @@ def test_a_missing_given_teacher_is_asked_for_not_retrained(tmp_path: Path, monk
     assert (tmp_path / "c" / COMPARE).read_text() == json.dumps(header) and not list((tmp_path / "c").glob("*-seed*"))
 
 
+def test_a_missing_recipe_teacher_saved_by_absolute_path_is_retrained(tmp_path: Path, monkeypatch) -> None:
+    """The recipe's own teacher, saved as an absolute path (or from a checkout since moved), is not "the user's":
+    the recipe retrains it (then its digest decides)."""
+    from dataclasses import asdict
+
+    from spofa_deploy.pipeline import default_teacher_dir
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _tiny(tmp_path / "c")
+    moved = str(Path("/elsewhere/checkout") / default_teacher_dir("test_vit", "digits", 16) / "teacher.safetensors")
+    header = {"config": {**asdict(cfg), "teacher_ckpt": moved}, "img_size": 16, "teacher_path": moved,
+              "teacher_sha256": "0" * 64, "started": "2026-12-01T00:00:00", "previous_wall_s": 1.0}
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / COMPARE).write_text(json.dumps(header))
+
+    class Retrained(Exception):
+        pass
+
+    def train_teacher(**kwargs):
+        raise Retrained
+
+    monkeypatch.setattr(pipeline, "train_teacher", train_teacher)
+    with pytest.raises(Retrained):
+        cmp.run_compare(_tiny(tmp_path / "c"), resume=True)
+
+
 def test_a_diverged_run_is_recorded_not_fatal(tiny_compare, monkeypatch) -> None:
     from spofa_deploy import pipeline
 
@@ -567,6 +593,16 @@ def test_parallel_compare_trains_the_same_students(tmp_path: Path, monkeypatch) 
     # A run that fails in a worker stops the compare with its error (a diverged run would be a result).
     with pytest.raises(UserError, match="no_such_cnn"):
         cmp.run_compare(_tiny(tmp_path / "bad", student="no_such_cnn", **base), jobs=2, threads=1)
+
+
+def test_the_default_jobs_run_single_threaded_workers_even_when_one_fits(tmp_path: Path, monkeypatch) -> None:
+    """Without `jobs`, a CPU compare trains in worker processes of one thread, also when memory or the runs left
+    allow only one job, so no run of it trains at another thread count than the others."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cmp, "usable_cores", lambda: 2)
+    res = cmp.run_compare(_tiny(tmp_path / "auto", methods=("none",)), jobs=None)  # 1 run: 1 job
+    (rec,) = res.report["runs"]
+    assert rec["threads"] == 1 and (Path(rec["run_dir"]) / "log.txt").is_file()
 
 
 def test_the_default_jobs_fill_the_cores_as_memory_allows(monkeypatch) -> None:
