@@ -41,12 +41,12 @@ from .models import Preprocessing
 from .distillers import DistillConfig
 from .errors import TrainingDiverged, UserError, check_choice
 from .compare_report import _fmt_secs, fmt_num, write_report
-from .pipeline import DataOptions, TeacherCacheOptions, TeacherOptions, default_teacher_dir, distill, find_teacher
+from .pipeline import DataOptions, TeacherCacheOptions, TeacherOptions, distill, find_teacher, recipe_teacher_path
 from .stability import accuracy_figures, read_metrics, read_trace, stability
 from .machine import available_memory_gb, resolve_device, usable_cores
 from .parallel import map_in_processes
 from .teacher_cache_key import weights_digest
-from .run_files import CHECKPOINT, COMPARE, DONE, METRICS, RUN_LOG, STUDENT_FILE, TEACHER_FILE, TRACE
+from .run_files import CHECKPOINT, COMPARE, DONE, METRICS, RUN_LOG, STUDENT_FILE, TRACE
 from .train import TrainConfig
 
 TEACHER_CACHE = "teacher-cache"
@@ -209,12 +209,6 @@ def ensure_teacher(cfg: CompareConfig, img_size: int) -> Path:
     # The teacher recipe (AdamW, batch 32, lr 5e-4): the folder is shared with later `spofa distill` runs.
     opts.train = replace(opts.train, epochs=cfg.teacher_epochs, device=cfg.device, amp=cfg.amp, workers=cfg.workers)
     return find_teacher(teacher=opts, data=DataOptions(cfg.data, img_size, download=cfg.download))
-
-
-def _recipe_teacher(cfg: CompareConfig) -> Path:
-    """Where `ensure_teacher` finds or trains the compare's teacher when no checkpoint is given."""
-    spec = parse_data_spec(cfg.data)
-    return default_teacher_dir(cfg.teacher, str(spec), cfg.img_size or spec.natural_size) / TEACHER_FILE
 
 
 def _train_config(cfg: CompareConfig, lr: float, seed: int) -> TrainConfig:
@@ -402,8 +396,9 @@ def _open_compare(cfg: CompareConfig, resume: bool) -> tuple[Path, dict | None]:
             if given and before:
                 raise UserError(f"--resume with another teacher than {before}: start a new compare")
         elif before and not Path(before).is_file():
-            if not given and Path(before).parts[-3:] != _recipe_teacher(cfg).parts[-3:]:  # (no recipe can remake it;
-                # compared by teachers/<slug>/teacher.safetensors, so an absolute path or a moved checkout still counts)
+            recipe = recipe_teacher_path(cfg.teacher, DataOptions(cfg.data, cfg.img_size))
+            if not given and Path(before).parts[-3:] != recipe.parts[-3:]:  # (no recipe can remake it; compared by
+                # teachers/<slug>/teacher.safetensors, so an absolute path or a moved checkout still counts)
                 raise UserError(f"--resume: this compare's teacher {before} is missing: pass it with --teacher-ckpt "
                                 "(it is checked against compare.json's teacher_sha256)")
             before = None  # moved to another machine: found or retrained by the recipe, then checked by its digest

@@ -89,6 +89,12 @@ def default_teacher_dir(teacher: str, data: str, img_size: int) -> Path:
     return RUNS_DIR / "teachers" / slug
 
 
+def recipe_teacher_path(teacher: str, data: DataOptions) -> Path:
+    """The `teacher.safetensors` that the teacher stage writes for (model, data, size) when no checkpoint is given."""
+    spec = parse_data_spec(data.spec)
+    return default_teacher_dir(teacher, str(spec), data.img_size or spec.natural_size) / TEACHER_FILE
+
+
 def _model_meta(model, name: str, splits: Splits, img_size: int, cfg: dict, role: str, **extra) -> dict:
     return {"role": role, "model": resolve_model_name(name), "num_classes": splits.num_classes,
             "classes": splits.classes, "img_size": img_size, **cfg, "data": str(splits.spec),
@@ -185,14 +191,14 @@ def find_teacher(*, teacher: TeacherOptions, data: DataOptions) -> Path:
     (the teacher recipe), resuming an unfinished stage. The stage's folder is shared by every
     run on this data and size: it trains on the whole training split, decoded on the CPU.
     """
-    spec = parse_data_spec(data.spec)
-    img_size = data.img_size or spec.natural_size
     if teacher.checkpoint:
         path = Path(teacher.checkpoint)
         if not path.is_file():
             raise UserError(f"teacher checkpoint not found: {path}")
         return path
-    path = default_teacher_dir(teacher.name, str(spec), img_size) / TEACHER_FILE
+    spec = parse_data_spec(data.spec)
+    img_size = data.img_size or spec.natural_size
+    path = recipe_teacher_path(teacher.name, data)
     ckpt = path.parent / CHECKPOINT
     state = load_checkpoint(ckpt) if ckpt.is_file() else None
     # teacher.safetensors appears at the stage's first best epoch: only a finished stage counts.
