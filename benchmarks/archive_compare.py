@@ -9,7 +9,11 @@ records (plus their log.txt) into runs.tar.gz; a half-done run is left out (it r
     python benchmarks/archive_compare.py --restore docs/evidence/compare-digits-100ep runs/compare-digits-100ep
     spofa compare --resume --out runs/compare-digits-100ep --threads 1 --jobs 2  # teacher: by digest
 
-The teacher is retrained by the compare's own settings and accepted only with the digest in compare.json.
+The teacher is retrained by the compare's own settings and accepted only with the digest in compare.json; a
+compare whose runs are all finished reports again without it (from the teacher's record in compare.json).
+A retrained teacher has that digest only on the same kind of CPU: PyTorch's kernels follow the instruction set
+(measured: the ViT-B/16 of compare-digits-100ep, trained twice on AVX512 machines with one digest, gave another
+teacher on an AVX2 machine, 92.20 % instead of 92.76 %).
 Keep them all, `--pretrained` included: offline, the teacher stage first tries timm's pretrained weights (whose
 fallback draws one random init) and then builds the teacher it trains from the next draw, so `--no-pretrained`
 trains another teacher (measured: refused by the digest after its 12-minute stage).
@@ -49,7 +53,9 @@ def restore(src: Path, dst: Path) -> int:
     if (dst / COMPARE).exists():
         raise SystemExit(f"{dst} already holds a compare")
     dst.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src / COMPARE, dst / COMPARE)
+    for name in (COMPARE, REPORT_JSON):  # (report.json: the teacher's record of compares from before compare.json kept it)
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
     with tarfile.open(src / TARBALL) as tar:
         tar.extractall(dst, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # (3.11.4+)
         return len({Path(m.name).parts[0] for m in tar.getmembers()})

@@ -40,10 +40,10 @@ from .datasets import parse_data_spec
 from .models import Preprocessing
 from .distillers import DistillConfig
 from .errors import TrainingDiverged, UserError, check_choice
-from .compare_report import _fmt_secs, fmt_num, write_report
+from .compare_report import REPORT_JSON, _fmt_secs, fmt_num, write_report
 from .pipeline import DataOptions, TeacherCacheOptions, TeacherOptions, distill, find_teacher, recipe_teacher_path
 from .stability import accuracy_figures, read_metrics, read_trace, stability
-from .machine import available_memory_gb, resolve_device, usable_cores
+from .machine import available_memory_gb, cpu_isa, resolve_device, usable_cores
 from .parallel import map_in_processes
 from .teacher_cache_key import weights_digest
 from .run_files import CHECKPOINT, COMPARE, DONE, METRICS, RUN_LOG, STUDENT_FILE, TRACE
@@ -225,8 +225,9 @@ def _loss_config(cfg: CompareConfig, method: str) -> DistillConfig:
 
 def run_record(run_dir: Path, method: str, lr: float, seed: int, num_classes: int, *, stopped: bool = False,
                error: str | None = None, wall_s: float | None = None, resumed: bool = False,
-               threads: int | None = None) -> dict:
-    """The record of one run, read from its folder (metrics.jsonl, trace.csv, student.json); `threads`: its CPU threads."""
+               threads: int | None = None, cpu_isa: str | None = None) -> dict:
+    """The record of one run, read from its folder (metrics.jsonl, trace.csv, student.json); `threads` and
+    `cpu_isa`: its CPU threads and the instruction set of its CPU kernels (both change its numbers)."""
     metrics, trace = read_metrics(run_dir / METRICS), read_trace(run_dir / TRACE)
     acc = accuracy_figures(metrics)
     saved = {}
@@ -235,7 +236,8 @@ def run_record(run_dir: Path, method: str, lr: float, seed: int, num_classes: in
         saved = {"saved_top1": meta.get("top1"), "saved": meta.get("saved")}
     return {"name": run_dir.name, "method": method, "base_method": VARIANTS[method][0], "lr": lr, "seed": seed,
             "run_dir": str(run_dir), "status": "stopped" if stopped else "finished", "error": error,
-            "resumed": resumed, **acc, **saved, "wall_s": wall_s, "threads": threads, **_step_sizes(trace),
+            "resumed": resumed, **acc, **saved, "wall_s": wall_s, "threads": threads, "cpu_isa": cpu_isa,
+            **_step_sizes(trace),
             "stability": stability(trace, metrics, num_classes, stopped=stopped)}
 
 
@@ -264,11 +266,13 @@ def _eta(done: dict[str, dict], remaining: list[tuple[str, float, int]]) -> floa
     return sum(statistics.fmean(by_method[m]) if m in by_method else overall for m, _, _ in remaining)
 
 
-def _data_info(cfg: CompareConfig, img_size: int, t_meta: dict) -> dict:
+def _data_info(cfg: CompareConfig, img_size: int) -> dict:
     """Split sizes the student sees (seed 0's subset; every seed draws the same class counts)."""
     import numpy as np
 
-    splits = load_splits(cfg.data, Preprocessing.from_meta(t_meta, img_size), seed=0, train_fraction=cfg.train_fraction)
+    # (sizes only: no transform runs, so any normalisation will do)
+    splits = load_splits(cfg.data, Preprocessing(img_size, (0.0,) * 3, (1.0,) * 3), seed=0,
+                         train_fraction=cfg.train_fraction)
     counts = np.bincount(splits.train.labels, minlength=splits.num_classes)
     return {"num_classes": splits.num_classes, "train_images": len(splits.train), "val_images": len(splits.val),
             "train_per_class_min": int(counts.min()), "train_per_class_max": int(counts.max())}
@@ -318,28 +322,34 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, 
         raise UserError(f"--jobs must be >= 1, got {jobs}")
     spec = parse_data_spec(cfg.data)
     img_size = cfg.img_size or spec.natural_size
-    out, saved = _open_compare(cfg, resume)
+    plan = _plan(cfg)
+    out, saved = _open_compare(cfg, resume, plan)
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    teacher_path = ensure_teacher(cfg, img_size)
-    t_meta = read_model_meta(teacher_path)
-    if int(t_meta["img_size"]) != img_size:
-        raise UserError(f"teacher {teacher_path} was trained at {t_meta['img_size']}px, not {img_size}px")
-    num_classes = int(t_meta["num_classes"])
-    digest = weights_digest(load_state(teacher_path))
-    if saved and saved.get("teacher_sha256", digest) != digest:
-        raise UserError(f"--resume: the teacher {teacher_path} is not the one this compare started with (its weights "
-                        f"differ from compare.json's teacher_sha256): pass its teacher with --teacher-ckpt, or start a new compare")
+    data_info = _data_info(cfg, img_size)
+    num_classes = data_info["num_classes"]
+    records = _read_finished(out, plan, num_classes)
+    t_meta = _saved_teacher(out, saved) if saved and len(records) == len(plan) else None
+    if t_meta:  # every run finished: the report needs the teacher's record, not its weights (so a compare carried
+        # without them reports again anywhere, even where the recipe cannot remake its teacher: README)
+        teacher_path, digest, teacher_isa = Path(saved["teacher_path"]), saved.get("teacher_sha256"), saved.get("cpu_isa")
+    else:
+        teacher_path = ensure_teacher(cfg, img_size)
+        t_meta = read_model_meta(teacher_path)
+        if int(t_meta["img_size"]) != img_size or int(t_meta["num_classes"]) != num_classes:
+            raise UserError(f"teacher {teacher_path} was trained at {t_meta['img_size']}px for {t_meta['num_classes']} "
+                            f"classes, not {img_size}px and {num_classes} ({cfg.data})")
+        digest, teacher_isa = weights_digest(load_state(teacher_path)), (saved or {}).get("cpu_isa") or cpu_isa()
+        if saved and saved.get("teacher_sha256", digest) != digest:
+            raise UserError(f"--resume: the teacher {teacher_path} is not the one this compare started with (its weights "
+                            f"differ from compare.json's teacher_sha256){_isa_hint(saved)}: pass its teacher with "
+                            "--teacher-ckpt, or start a new compare")
     started = saved["started"] if saved else datetime.now().isoformat(timespec="seconds")
     header = {"config": {**asdict(cfg), "out": str(out)}, "img_size": img_size, "teacher_path": str(teacher_path),
-              "teacher_sha256": digest,
+              "teacher_sha256": digest, "teacher": {k: t_meta.get(k) for k in TEACHER_RECORD}, "cpu_isa": teacher_isa,
               "started": started, "previous_wall_s": (saved or {}).get("previous_wall_s", 0.0)}
     write_json(out / COMPARE, header)
-    data_info = _data_info(cfg, img_size, t_meta)
-
-    plan = [(m, lr, s) for s in cfg.seed_list() for lr in cfg.lrs for m in cfg.methods]
-    records = _read_finished(out, plan, num_classes)
     skipped = len(records)
     console.print(f"[bold]compare:[/] {len(plan)} runs ({len(cfg.methods)} methods x {len(cfg.lrs)} rates x "
                   f"{cfg.seeds} seeds) of {cfg.student} <- {t_meta['model']} on {spec}, "
@@ -372,9 +382,35 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, 
     return CompareResult(out, report, calls, skipped, plots)
 
 
-def _open_compare(cfg: CompareConfig, resume: bool) -> tuple[Path, dict | None]:
+def _plan(cfg: CompareConfig) -> list[tuple[str, float, int]]:
+    """Every (method, lr, seed) of the compare, seed by seed, so that an interrupted compare has whole seeds."""
+    return [(m, lr, s) for s in cfg.seed_list() for lr in cfg.lrs for m in cfg.methods]
+
+
+# What compare.json keeps of the teacher's record, so that a finished compare reports without the teacher's weights.
+TEACHER_RECORD = ("model", "top1", "source", "num_classes", "img_size")
+
+
+def _saved_teacher(out: Path, saved: dict) -> dict | None:
+    """The teacher's record as compare.json keeps it (or, for a compare from before it did, as its report.json does)."""
+    if saved.get("teacher"):
+        return saved["teacher"]
+    return read_json(out / REPORT_JSON).get("teacher") if (out / REPORT_JSON).is_file() else None
+
+
+def _isa_hint(saved: dict) -> str:
+    """Why a teacher retrained by the same recipe can differ: PyTorch's CPU kernels follow the instruction set
+    (compare.json's `cpu_isa`: that of the machine the compare started on)."""
+    if saved.get("cpu_isa") and saved["cpu_isa"] != cpu_isa():
+        return (f"; this CPU's kernels are {cpu_isa()}, the compare started with {saved['cpu_isa']} ones, and a teacher "
+                f"retrained on another kind of CPU has other weights: retrain it on a {saved['cpu_isa']} machine")
+    return "" if saved.get("cpu_isa") else " (a teacher retrained on another kind of CPU, e.g. AVX2 vs AVX512, differs)"
+
+
+def _open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple]) -> tuple[Path, dict | None]:
     """The compare folder and, when it holds one, its saved header; a new compare over an old one, a
-    resume of nothing and a resume with other settings are refused (the teacher of the saved compare is kept)."""
+    resume of nothing and a resume with other settings are refused (the teacher of the saved compare is kept,
+    and only looked for when a run of `plan` is left to train)."""
     if resume and cfg.out is None:
         cfg.out = str(latest_compare())
     out = Path(cfg.out or RUNS_DIR / f"compare-{cfg.student}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
@@ -395,7 +431,7 @@ def _open_compare(cfg: CompareConfig, resume: bool) -> tuple[Path, dict | None]:
         if not saved.get("teacher_sha256"):  # (compares before teacher digests: the path is all there is)
             if given and before:
                 raise UserError(f"--resume with another teacher than {before}: start a new compare")
-        elif before and not Path(before).is_file():
+        elif before and not Path(before).is_file() and not all((out / run_name(*p) / DONE).is_file() for p in plan):
             recipe = recipe_teacher_path(cfg.teacher, DataOptions(cfg.data, cfg.img_size))
             if not given and Path(before).parts[-3:] != recipe.parts[-3:]:  # (no recipe can remake it; compared by
                 # teachers/<slug>/teacher.safetensors, so an absolute path or a moved checkout still counts)
@@ -418,7 +454,8 @@ def _read_finished(out: Path, plan: list[tuple], num_classes: int) -> dict[str, 
             old = read_json(done)
             records[run_name(m, lr, s)] = run_record(
                 done.parent, m, lr, s, num_classes, stopped=old.get("status") == "stopped", error=old.get("error"),
-                wall_s=old.get("wall_s"), resumed=bool(old.get("resumed")), threads=old.get("threads"))
+                wall_s=old.get("wall_s"), resumed=bool(old.get("resumed")), threads=old.get("threads"),
+                cpu_isa=old.get("cpu_isa"))
     return records
 
 
@@ -488,6 +525,7 @@ def _run_one(cfg: CompareConfig, run_dir: Path, point: tuple[str, float, int], t
     import torch
 
     rec = run_record(run_dir, m, lr, s, num_classes, stopped=stopped, error=error,
-                     wall_s=time.perf_counter() - t_run, resumed=resumed, threads=torch.get_num_threads())
+                     wall_s=time.perf_counter() - t_run, resumed=resumed, threads=torch.get_num_threads(),
+                     cpu_isa=cpu_isa())
     write_json(run_dir / DONE, rec)
     return rec

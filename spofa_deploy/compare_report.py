@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from .artifacts import versions, write_json
 from .console import console
+from .machine import cpu_isa, cpu_model
 from .stability import SPIKE_FACTOR, SPIKE_MIN_HISTORY, SPIKE_WINDOW, TAIL_FRACTION, COLLAPSE_MARGIN
 
 if TYPE_CHECKING:
@@ -300,7 +301,7 @@ def render_markdown(report: dict) -> str:
         f"warm-up {c['warmup_epochs']:g} epoch then cosine, peak rates {', '.join(f'{x:g}' for x in c['lrs'])}, "
         f"seeds {', '.join(map(str, report['seeds']))}, l_ofa {c['loss']['feat_weight']:g}, KD T {c['loss']['kd_temperature']:g}, label smoothing {c['loss']['label_smoothing']:g}, clip {c['clip_grad'] or 'none'}; "
         "identical for every method",
-        f"- machine: {m.get('gpu') or m['cpu']} ({m['device']}, {m['cpu_count']} cores), {m['platform']}; "
+        f"- machine: {m.get('gpu') or m['cpu']} ({m['device']}, {m['cpu_count']} cores{', ' + m['cpu_isa'] + ' kernels' if m.get('cpu_isa') else ''}), {m['platform']}; "
         f"total wall time {_fmt_secs(report['wall_s'])}",
         "",
         "## Each method at its own best rate of the sweep (mean ± std over seeds)",
@@ -363,12 +364,7 @@ def _fmt_secs(s: float | None) -> str:
 def _machine(device: str) -> dict:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:  # Linux: the CPU's model name is more use in a report than "x86_64"
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"platform": platform.platform(), "cpu": cpu,
+    info = {"platform": platform.platform(), "cpu": cpu_model(), "cpu_isa": cpu_isa(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
     if device != "cpu" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

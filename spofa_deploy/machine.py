@@ -160,12 +160,21 @@ def cuda_skip_reason() -> str | None:
     return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what `platform` knows."""
     with contextlib.suppress(OSError):
         for line in open("/proc/cpuinfo", encoding="utf-8"):
             if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> str:
+    """The instruction set PyTorch's CPU kernels use here (e.g. AVX2, AVX512): training on CPUs of two such kinds
+    sums floats in another order, so the same run gives other weights (a compare's teacher retrained elsewhere)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def _physical_cores() -> int | None:
@@ -205,7 +214,7 @@ def machine_info() -> dict:
 
     info: dict = {
         "hostname": platform.node(), "os": platform.platform(), "python": platform.python_version(),
-        "cpu": _cpu_model(), "cpu_logical_cores": os.cpu_count(), "cpu_physical_cores": _physical_cores(),
+        "cpu": cpu_model(), "cpu_isa": cpu_isa(), "cpu_logical_cores": os.cpu_count(), "cpu_physical_cores": _physical_cores(),
         "torch_threads": torch.get_num_threads(), "libraries": {**versions(), "numpy": np.__version__},
         "cuda": torch.version.cuda, "gpu": None,
     }

@@ -13,6 +13,7 @@ from spofa_deploy import compare as cmp
 from spofa_deploy import compare_report as report
 from spofa_deploy import pipeline, plots
 from spofa_deploy.hooks import Hooks
+from spofa_deploy.machine import cpu_isa
 from spofa_deploy.errors import TrainingDiverged, UserError
 from spofa_deploy.run_files import COMPARE, DONE
 from spofa_deploy.stability import (accuracy_figures, divergence, loss_spikes, read_metrics, read_trace, stability,
@@ -359,6 +360,8 @@ def test_a_compare_copied_without_weights_resumes_on_a_fresh_machine(tmp_path: P
     shutil.rmtree(tmp_path / "runs" / "teachers")  # the fresh machine
     saved = json.loads((tmp_path / "b" / COMPARE).read_text())
     assert not Path(saved["teacher_path"]).exists() and len(saved["teacher_sha256"]) == 64
+    assert saved["cpu_isa"] == cpu_isa() and saved["teacher"]["model"] == "test_vit"  # (its record: see below)
+    assert {r["cpu_isa"] for r in first.report["runs"]} == {cpu_isa()}
     retrained = Counter(pipeline.train_teacher)
     monkeypatch.setattr(pipeline, "train_teacher", retrained)
     more = cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 2}), resume=True)
@@ -370,9 +373,23 @@ def test_a_compare_copied_without_weights_resumes_on_a_fresh_machine(tmp_path: P
     # Another teacher (here: trained longer) is refused, before any run.
     shutil.rmtree(tmp_path / "runs" / "teachers")
     header = (tmp_path / "b" / COMPARE).read_text()
-    with pytest.raises(UserError, match="teacher_sha256"):
+    monkeypatch.setattr(cmp, "cpu_isa", lambda: "OTHER")  # (retrained on another kind of CPU: the error says so)
+    with pytest.raises(UserError, match=f"teacher_sha256.*this CPU's kernels are OTHER, the compare started with "
+                                        f"{saved['cpu_isa']}"):
         cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 3, "teacher_epochs": 2}), resume=True)
     assert not list((tmp_path / "b").glob("*-seed2")) and (tmp_path / "b" / COMPARE).read_text() == header
+    # Every run of the plan finished: the report needs the teacher's record in compare.json, not its weights (no
+    # teacher stage, and the other teacher now at the saved path is not checked, so not refused); a compare from before compare.json
+    # kept that record reads it from its report.json.
+    monkeypatch.setattr(pipeline, "train_teacher", lambda **k: pytest.fail("no teacher stage"))
+    for legacy in (False, True):
+        if legacy:
+            (tmp_path / "b" / COMPARE).write_text(json.dumps({k: v for k, v in json.loads(header).items() if k != "teacher"}))
+        again = cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 2}), resume=True)
+        assert again.runs_done == 0 and again.runs_skipped == 4 and again.report["complete"]
+        assert again.report["teacher"] == more.report["teacher"] and again.report["teacher"]["top1"] is not None
+        assert [r["final_top1"] for r in again.report["runs"]] == [r["final_top1"] for r in more.report["runs"]]
+    assert json.loads((tmp_path / "b" / COMPARE).read_text())["teacher_sha256"] == saved["teacher_sha256"]
 
 
 @pytest.mark.parametrize("digest", [True, False], ids=["digest", "legacy"])
