@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import statistics
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
@@ -213,7 +214,8 @@ def build_report(cfg: "CompareConfig", header: dict, data_info: dict, t_meta: di
         "teacher": {"path": header["teacher_path"], "model": t_meta["model"], "top1": t_meta.get("top1"),
                     "source": t_meta.get("source")},
         "data": data_info,
-        "machine": _machine(cfg.device if cfg.device != "auto" else _auto_device()),
+        "machine": _machine(cfg.device if cfg.device != "auto" else _auto_device()),  # (the one writing the report)
+        "runs_cpu_isa": dict(Counter(r.get("cpu_isa") or "not recorded" for r in runs)),  # (each run's own CPU kernels)
         "versions": versions(),
         "started": header["started"],
         "written": datetime.now().isoformat(timespec="seconds"),
@@ -301,8 +303,9 @@ def render_markdown(report: dict) -> str:
         f"warm-up {c['warmup_epochs']:g} epoch then cosine, peak rates {', '.join(f'{x:g}' for x in c['lrs'])}, "
         f"seeds {', '.join(map(str, report['seeds']))}, l_ofa {c['loss']['feat_weight']:g}, KD T {c['loss']['kd_temperature']:g}, label smoothing {c['loss']['label_smoothing']:g}, clip {c['clip_grad'] or 'none'}; "
         "identical for every method",
-        f"- machine: {m.get('gpu') or m['cpu']} ({m['device']}, {m['cpu_count']} cores{', ' + m['cpu_isa'] + ' kernels' if m.get('cpu_isa') else ''}), {m['platform']}; "
-        f"total wall time {_fmt_secs(report['wall_s'])}",
+        f"- machine of this report: {m.get('gpu') or m['cpu']} ({m['device']}, {m['cpu_count']} cores{', ' + m['cpu_isa'] + ' kernels' if m.get('cpu_isa') else ''}), {m['platform']}; "
+        f"total wall time {_fmt_secs(report['wall_s'])}; the runs' CPU kernels: "
+        + ", ".join(f"{k} ({n} runs)" for k, n in report.get("runs_cpu_isa", {}).items()),
         "",
         "## Each method at its own best rate of the sweep (mean ± std over seeds)",
         "",

@@ -272,6 +272,7 @@ def test_tiny_compare_writes_the_report(tiny_compare) -> None:
                 "per_method_lr", "runs", "plots"):
         assert key in rep, key
     assert rep["data"]["num_classes"] == 10 and rep["data"]["train_images"] == 72
+    assert rep["runs_cpu_isa"] == {cpu_isa(): 2} and rep["machine"]["cpu_isa"] == cpu_isa()
     assert rep["teacher"]["top1"] is not None and Path(rep["teacher"]["path"]).name == "teacher.safetensors"
     assert [r["name"] for r in rep["runs"]] == ["none-lr0.01-seed0", "spofa-lr0.01-seed0"]
     for r in rep["runs"]:
