@@ -343,7 +343,7 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, 
         digest, teacher_isa = weights_digest(load_state(teacher_path)), (saved or {}).get("cpu_isa") or cpu_isa()
         if saved and saved.get("teacher_sha256", digest) != digest:
             raise UserError(f"--resume: the teacher {teacher_path} is not the one this compare started with (its weights "
-                            f"differ from compare.json's teacher_sha256){_isa_hint(saved)}: pass its teacher with "
+                            f"differ from compare.json's teacher_sha256){_isa_hint(saved)}. Pass its teacher with "
                             "--teacher-ckpt, or start a new compare")
     started = saved["started"] if saved else datetime.now().isoformat(timespec="seconds")
     header = {"config": {**asdict(cfg), "out": str(out)}, "img_size": img_size, "teacher_path": str(teacher_path),
@@ -402,8 +402,8 @@ def _isa_hint(saved: dict) -> str:
     """Why a teacher retrained by the same recipe can differ: PyTorch's CPU kernels follow the instruction set
     (compare.json's `cpu_isa`: that of the machine the compare started on)."""
     if saved.get("cpu_isa") and saved["cpu_isa"] != cpu_isa():
-        return (f"; this CPU's kernels are {cpu_isa()}, the compare started with {saved['cpu_isa']} ones, and a teacher "
-                f"retrained on another kind of CPU has other weights: retrain it on a {saved['cpu_isa']} machine")
+        return (f": this CPU's kernels are {cpu_isa()}, the compare started with {saved['cpu_isa']} ones (a teacher "
+                f"trained on another kind of CPU has other weights), so resume on a {saved['cpu_isa']} machine")
     return "" if saved.get("cpu_isa") else " (a teacher retrained on another kind of CPU, e.g. AVX2 vs AVX512, differs)"
 
 
@@ -437,6 +437,10 @@ def _open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple]) -> tuple[
                 # teachers/<slug>/teacher.safetensors, so an absolute path or a moved checkout still counts)
                 raise UserError(f"--resume: this compare's teacher {before} is missing: pass it with --teacher-ckpt "
                                 "(it is checked against compare.json's teacher_sha256)")
+            if not given and not recipe.is_file() and saved.get("cpu_isa", cpu_isa()) != cpu_isa():
+                # (a retrain here would take the teacher's whole stage and then be refused by the digest)
+                raise UserError(f"--resume: this compare's teacher {before} is missing, and retrained here it would be "
+                                f"another teacher{_isa_hint(saved)}, or pass it with --teacher-ckpt")
             before = None  # moved to another machine: found or retrained by the recipe, then checked by its digest
         cfg.teacher_ckpt = given or before
     return out, saved

@@ -371,12 +371,23 @@ def test_a_compare_copied_without_weights_resumes_on_a_fresh_machine(tmp_path: P
     for r in more.report["runs"][:2]:  # the copied records, read back without the students' weights
         assert (r["final_top1"], r["saved_top1"]) == (old[r["name"]]["final_top1"], old[r["name"]]["saved_top1"])
     assert json.loads((tmp_path / "b" / COMPARE).read_text())["teacher_sha256"] == saved["teacher_sha256"]
-    # Another teacher (here: trained longer) is refused, before any run.
+    # On another kind of CPU (its kernels another instruction set) a missing teacher is not retrained: it would be
+    # another teacher, refused by its digest after the whole stage; the refusal comes at once and says why.
     shutil.rmtree(tmp_path / "runs" / "teachers")
     header = (tmp_path / "b" / COMPARE).read_text()
-    monkeypatch.setattr(cmp, "cpu_isa", lambda: "OTHER")  # (retrained on another kind of CPU: the error says so)
-    with pytest.raises(UserError, match=f"teacher_sha256.*this CPU's kernels are OTHER, the compare started with "
-                                        f"{saved['cpu_isa']}"):
+    monkeypatch.setattr(cmp, "cpu_isa", lambda: "OTHER")
+    monkeypatch.setattr(pipeline, "train_teacher", lambda **k: pytest.fail("no teacher stage"))
+    kernels = f"this CPU's kernels are OTHER, the compare started with {saved['cpu_isa']} ones"
+    with pytest.raises(UserError, match=f"missing, and retrained here it would be another teacher: {kernels}"):
+        cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 3}), resume=True)
+    # Another teacher (here: trained longer) is refused, before any run; found on another kind of CPU, the
+    # refusal names the kernels.
+    monkeypatch.setattr(cmp, "cpu_isa", cpu_isa)
+    monkeypatch.setattr(pipeline, "train_teacher", retrained)
+    with pytest.raises(UserError, match=r"teacher_sha256\)\. Pass its teacher"):
+        cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 3, "teacher_epochs": 2}), resume=True)
+    monkeypatch.setattr(cmp, "cpu_isa", lambda: "OTHER")
+    with pytest.raises(UserError, match=f"teacher_sha256\\): {kernels}"):
         cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 3, "teacher_epochs": 2}), resume=True)
     assert not list((tmp_path / "b").glob("*-seed2")) and (tmp_path / "b" / COMPARE).read_text() == header
     # Every run of the plan finished: the report needs the teacher's record in compare.json, not its weights (no
