@@ -340,7 +340,7 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, 
         if int(t_meta["img_size"]) != img_size or int(t_meta["num_classes"]) != num_classes:
             raise UserError(f"teacher {teacher_path} was trained at {t_meta['img_size']}px for {t_meta['num_classes']} "
                             f"classes, not {img_size}px and {num_classes} ({cfg.data})")
-        digest, teacher_isa = weights_digest(load_state(teacher_path)), (saved or {}).get("cpu_isa") or cpu_isa()
+        digest, teacher_isa = weights_digest(load_state(teacher_path)), (saved or {}).get("cpu_isa") or _cpu_kernels(cfg)
         if saved and saved.get("teacher_sha256", digest) != digest:
             raise UserError(f"--resume: the teacher {teacher_path} is not the one this compare started with (its weights "
                             f"differ from compare.json's teacher_sha256){_isa_hint(saved)}. Pass its teacher with "
@@ -398,13 +398,19 @@ def _saved_teacher(out: Path, saved: dict) -> dict | None:
     return read_json(out / REPORT_JSON).get("teacher") if (out / REPORT_JSON).is_file() else None
 
 
+def _cpu_kernels(cfg: CompareConfig) -> str | None:
+    """The instruction set of the CPU kernels a compare on the CPU trains with (None on a GPU: not the CPU's)."""
+    return cpu_isa() if resolve_device(cfg.device).type == "cpu" else None
+
+
 def _isa_hint(saved: dict) -> str:
     """Why a teacher retrained by the same recipe can differ: PyTorch's CPU kernels follow the instruction set
-    (compare.json's `cpu_isa`: that of the machine the compare started on)."""
+    (compare.json's `cpu_isa`: that of the machine the compare started on, when it ran on the CPU)."""
     if saved.get("cpu_isa") and saved["cpu_isa"] != cpu_isa():
         return (f": this CPU's kernels are {cpu_isa()}, the compare started with {saved['cpu_isa']} ones (a teacher "
                 f"trained on another kind of CPU has other weights), so resume on a {saved['cpu_isa']} machine")
-    return "" if saved.get("cpu_isa") else " (a teacher retrained on another kind of CPU, e.g. AVX2 vs AVX512, differs)"
+    return "" if saved.get("cpu_isa") else (" (the same recipe on another kind of machine gives other weights: CPU "
+                                            "kernels of another instruction set, AVX2 vs AVX512, or another GPU)")
 
 
 def _open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple]) -> tuple[Path, dict | None]:
@@ -437,7 +443,7 @@ def _open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple]) -> tuple[
                 # teachers/<slug>/teacher.safetensors, so an absolute path or a moved checkout still counts)
                 raise UserError(f"--resume: this compare's teacher {before} is missing: pass it with --teacher-ckpt "
                                 "(it is checked against compare.json's teacher_sha256)")
-            if not given and not recipe.is_file() and saved.get("cpu_isa", cpu_isa()) != cpu_isa():
+            if not given and not recipe.is_file() and saved.get("cpu_isa") not in (None, _cpu_kernels(cfg)):
                 # (a retrain here would take the teacher's whole stage and then be refused by the digest)
                 raise UserError(f"--resume: this compare's teacher {before} is missing, and retrained here it would be "
                                 f"another teacher{_isa_hint(saved)}, or pass it with --teacher-ckpt")

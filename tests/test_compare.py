@@ -634,6 +634,15 @@ def test_the_default_jobs_run_single_threaded_workers_even_when_one_fits(tmp_pat
     assert rec["threads"] == 1 and (Path(rec["run_dir"]) / "log.txt").is_file()
 
 
+def test_cpu_kernels_are_those_of_a_compare_on_the_cpu_only(monkeypatch) -> None:
+    """compare.json's `cpu_isa` (and the resume check on it) concern compares trained on the CPU; on a GPU the
+    CPU's instruction set does not decide the teacher's weights."""
+    monkeypatch.setattr(cmp, "cpu_isa", lambda: "AVX2")
+    assert cmp._cpu_kernels(_tiny(Path("x"))) == "AVX2"
+    monkeypatch.setattr(cmp, "resolve_device", lambda name: torch.device("cuda"))
+    assert cmp._cpu_kernels(_tiny(Path("x"), device="cuda")) is None
+
+
 def test_the_default_jobs_fill_the_cores_as_memory_allows(monkeypatch) -> None:
     """`spofa compare` without --jobs: one single-threaded run per core on the CPU, fewer where memory, --threads
     or the runs left say so; one on a GPU."""
