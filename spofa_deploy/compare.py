@@ -272,7 +272,7 @@ def _data_info(cfg: CompareConfig, img_size: int) -> dict:
 
     # (sizes only: no transform runs, so any normalisation will do)
     splits = load_splits(cfg.data, Preprocessing(img_size, (0.0,) * 3, (1.0,) * 3), seed=0,
-                         train_fraction=cfg.train_fraction)
+                         train_fraction=cfg.train_fraction, download=cfg.download)
     counts = np.bincount(splits.train.labels, minlength=splits.num_classes)
     return {"num_classes": splits.num_classes, "train_images": len(splits.train), "val_images": len(splits.val),
             "train_per_class_min": int(counts.min()), "train_per_class_max": int(counts.max())}
@@ -323,28 +323,29 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, 
     spec = parse_data_spec(cfg.data)
     img_size = cfg.img_size or spec.natural_size
     plan = _plan(cfg)
-    out, saved = _open_compare(cfg, resume, plan)
+    out, saved, finished = _open_compare(cfg, resume, plan)
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     data_info = _data_info(cfg, img_size)
     num_classes = data_info["num_classes"]
     records = _read_finished(out, plan, num_classes)
-    t_meta = _saved_teacher(out, saved) if saved and len(records) == len(plan) else None
-    if t_meta:  # every run finished: the report needs the teacher's record, not its weights (so a compare carried
-        # without them reports again anywhere, even where the recipe cannot remake its teacher: README)
-        teacher_path, digest, teacher_isa = Path(saved["teacher_path"]), saved.get("teacher_sha256"), saved.get("cpu_isa")
+    if finished:  # every run finished: the report needs the teacher's record, not its weights (so a compare carried
+        # without them reports again wherever its data is, even where the recipe cannot remake its teacher: README)
+        teacher_path, digest, t_meta = Path(saved["teacher_path"]), saved.get("teacher_sha256"), finished
     else:
         teacher_path = ensure_teacher(cfg, img_size)
         t_meta = read_model_meta(teacher_path)
         if int(t_meta["img_size"]) != img_size or int(t_meta["num_classes"]) != num_classes:
             raise UserError(f"teacher {teacher_path} was trained at {t_meta['img_size']}px for {t_meta['num_classes']} "
-                            f"classes, not {img_size}px and {num_classes} ({cfg.data})")
-        digest, teacher_isa = weights_digest(load_state(teacher_path)), (saved or {}).get("cpu_isa") or _cpu_kernels(cfg)
+                            f"classes, not {img_size}px and {num_classes} classes ({cfg.data})")
+        digest = weights_digest(load_state(teacher_path))
         if saved and saved.get("teacher_sha256", digest) != digest:
+            hint = _isa_hint(cfg, saved) if _is_recipe_teacher(cfg, teacher_path) else ""
             raise UserError(f"--resume: the teacher {teacher_path} is not the one this compare started with (its weights "
-                            f"differ from compare.json's teacher_sha256){_isa_hint(saved)}. Pass its teacher with "
-                            "--teacher-ckpt, or start a new compare")
+                            f"differ from compare.json's teacher_sha256){hint}. Pass its teacher with --teacher-ckpt, "
+                            "or start a new compare")
+    teacher_isa = saved.get("cpu_isa") if saved else _cpu_kernels(cfg)  # (where the compare started: never rewritten)
     started = saved["started"] if saved else datetime.now().isoformat(timespec="seconds")
     header = {"config": {**asdict(cfg), "out": str(out)}, "img_size": img_size, "teacher_path": str(teacher_path),
               "teacher_sha256": digest, "teacher": {k: t_meta.get(k) for k in TEACHER_RECORD}, "cpu_isa": teacher_isa,
@@ -403,20 +404,28 @@ def _cpu_kernels(cfg: CompareConfig) -> str | None:
     return cpu_isa() if resolve_device(cfg.device).type == "cpu" else None
 
 
-def _isa_hint(saved: dict) -> str:
+def _is_recipe_teacher(cfg: CompareConfig, path: str | Path) -> bool:
+    """Whether `path` is where the teacher recipe writes this compare's teacher (compared by
+    teachers/<slug>/teacher.safetensors, so an absolute path or a moved checkout still counts)."""
+    return Path(path).parts[-3:] == recipe_teacher_path(cfg.teacher, DataOptions(cfg.data, cfg.img_size)).parts[-3:]
+
+
+def _isa_hint(cfg: CompareConfig, saved: dict) -> str:
     """Why a teacher retrained by the same recipe can differ: PyTorch's CPU kernels follow the instruction set
     (compare.json's `cpu_isa`: that of the machine the compare started on, when it ran on the CPU)."""
-    if saved.get("cpu_isa") and saved["cpu_isa"] != cpu_isa():
-        return (f": this CPU's kernels are {cpu_isa()}, the compare started with {saved['cpu_isa']} ones (a teacher "
-                f"trained on another kind of CPU has other weights), so resume on a {saved['cpu_isa']} machine")
+    here, there = _cpu_kernels(cfg), saved.get("cpu_isa")
+    if there and there != here:
+        where = f"this CPU's kernels are {here}" if here else "it would train on a GPU here"
+        return (f": {where}, the compare started with {there} CPU kernels (a teacher trained on another kind of "
+                f"machine has other weights), so resume on an {there} machine")
     return "" if saved.get("cpu_isa") else (" (the same recipe on another kind of machine gives other weights: CPU "
                                             "kernels of another instruction set, AVX2 vs AVX512, or another GPU)")
 
 
-def _open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple]) -> tuple[Path, dict | None]:
-    """The compare folder and, when it holds one, its saved header; a new compare over an old one, a
-    resume of nothing and a resume with other settings are refused (the teacher of the saved compare is kept,
-    and only looked for when a run of `plan` is left to train)."""
+def _open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple]) -> tuple[Path, dict | None, dict | None]:
+    """The compare folder, its saved header (when it holds one) and, when every run of `plan` is finished, the
+    saved teacher's record (then no teacher is needed); a new compare over an old one, a resume of nothing and a
+    resume with other settings are refused (the teacher of the saved compare is kept)."""
     if resume and cfg.out is None:
         cfg.out = str(latest_compare())
     out = Path(cfg.out or RUNS_DIR / f"compare-{cfg.student}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
@@ -434,22 +443,27 @@ def _open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple]) -> tuple[
                             "start a new compare with another --out")
         before = saved.get("teacher_path")
         given = cfg.teacher_ckpt if cfg.teacher_ckpt and Path(cfg.teacher_ckpt) != Path(before or "") else None
+        finished = _saved_teacher(out, saved) if all((out / run_name(*p) / DONE).is_file() for p in plan) else None
+        if finished:
+            if given:
+                console.print("note: every run of this compare is finished, so --teacher-ckpt is not used")
+            cfg.teacher_ckpt = saved["config"].get("teacher_ckpt")
+            return out, saved, finished
         if not saved.get("teacher_sha256"):  # (compares before teacher digests: the path is all there is)
             if given and before:
                 raise UserError(f"--resume with another teacher than {before}: start a new compare")
-        elif before and not Path(before).is_file() and not all((out / run_name(*p) / DONE).is_file() for p in plan):
-            recipe = recipe_teacher_path(cfg.teacher, DataOptions(cfg.data, cfg.img_size))
-            if not given and Path(before).parts[-3:] != recipe.parts[-3:]:  # (no recipe can remake it; compared by
-                # teachers/<slug>/teacher.safetensors, so an absolute path or a moved checkout still counts)
+        elif before and not Path(before).is_file():
+            if not given and not _is_recipe_teacher(cfg, before):  # (no recipe can remake it)
                 raise UserError(f"--resume: this compare's teacher {before} is missing: pass it with --teacher-ckpt "
                                 "(it is checked against compare.json's teacher_sha256)")
+            recipe = recipe_teacher_path(cfg.teacher, DataOptions(cfg.data, cfg.img_size))
             if not given and not recipe.is_file() and saved.get("cpu_isa") not in (None, _cpu_kernels(cfg)):
                 # (a retrain here would take the teacher's whole stage and then be refused by the digest)
-                raise UserError(f"--resume: this compare's teacher {before} is missing, and retrained here it would be "
-                                f"another teacher{_isa_hint(saved)}, or pass it with --teacher-ckpt")
+                raise UserError(f"--resume: this compare's teacher {before} is missing and retrained here it would be "
+                                f"another teacher{_isa_hint(cfg, saved)}, or pass the teacher with --teacher-ckpt")
             before = None  # moved to another machine: found or retrained by the recipe, then checked by its digest
         cfg.teacher_ckpt = given or before
-    return out, saved
+    return out, saved, None
 
 
 def _read_finished(out: Path, plan: list[tuple], num_classes: int) -> dict[str, dict]:
@@ -536,6 +550,6 @@ def _run_one(cfg: CompareConfig, run_dir: Path, point: tuple[str, float, int], t
 
     rec = run_record(run_dir, m, lr, s, num_classes, stopped=stopped, error=error,
                      wall_s=time.perf_counter() - t_run, resumed=resumed, threads=torch.get_num_threads(),
-                     cpu_isa=cpu_isa())
+                     cpu_isa=_cpu_kernels(cfg))
     write_json(run_dir / DONE, rec)
     return rec

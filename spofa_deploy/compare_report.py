@@ -304,8 +304,9 @@ def render_markdown(report: dict) -> str:
         f"seeds {', '.join(map(str, report['seeds']))}, l_ofa {c['loss']['feat_weight']:g}, KD T {c['loss']['kd_temperature']:g}, label smoothing {c['loss']['label_smoothing']:g}, clip {c['clip_grad'] or 'none'}; "
         "identical for every method",
         f"- machine of this report: {m.get('gpu') or m['cpu']} ({m['device']}, {m['cpu_count']} cores{', ' + m['cpu_isa'] + ' kernels' if m.get('cpu_isa') else ''}), {m['platform']}; "
-        f"total wall time {_fmt_secs(report['wall_s'])}; the runs' CPU kernels: "
-        + ", ".join(f"{k} ({n} runs)" for k, n in report.get("runs_cpu_isa", {}).items()),
+        f"total wall time {_fmt_secs(report['wall_s'])}"
+        + ("; the runs' CPU kernels: " + ", ".join(f"{k} ({n} runs)" for k, n in report.get("runs_cpu_isa", {}).items())
+           if m["device"] == "cpu" else ""),
         "",
         "## Each method at its own best rate of the sweep (mean ± std over seeds)",
         "",

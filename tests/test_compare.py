@@ -377,8 +377,8 @@ def test_a_compare_copied_without_weights_resumes_on_a_fresh_machine(tmp_path: P
     header = (tmp_path / "b" / COMPARE).read_text()
     monkeypatch.setattr(cmp, "cpu_isa", lambda: "OTHER")
     monkeypatch.setattr(pipeline, "train_teacher", lambda **k: pytest.fail("no teacher stage"))
-    kernels = f"this CPU's kernels are OTHER, the compare started with {saved['cpu_isa']} ones"
-    with pytest.raises(UserError, match=f"missing, and retrained here it would be another teacher: {kernels}"):
+    kernels = f"this CPU's kernels are OTHER, the compare started with {saved['cpu_isa']} CPU kernels"
+    with pytest.raises(UserError, match=f"missing and retrained here it would be another teacher: {kernels}"):
         cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 3}), resume=True)
     # Another teacher (here: trained longer) is refused, before any run; found on another kind of CPU, the
     # refusal names the kernels.
@@ -390,18 +390,36 @@ def test_a_compare_copied_without_weights_resumes_on_a_fresh_machine(tmp_path: P
     with pytest.raises(UserError, match=f"teacher_sha256\\): {kernels}"):
         cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 3, "teacher_epochs": 2}), resume=True)
     assert not list((tmp_path / "b").glob("*-seed2")) and (tmp_path / "b" / COMPARE).read_text() == header
-    # Every run of the plan finished: the report needs the teacher's record in compare.json, not its weights (no
-    # teacher stage, and the other teacher now at the saved path is not checked, so not refused); a compare from before compare.json
-    # kept that record reads it from its report.json.
+    # Every run of the plan finished: the report needs the teacher's record in compare.json, not its weights: no
+    # teacher stage although the teacher is missing on "another kind of CPU" (which refuses a compare with runs
+    # left, above), and a --teacher-ckpt given is not used nor recorded. A compare from before compare.json kept
+    # that record reads it from its report.json; with neither, the teacher is found or retrained as before.
+    shutil.rmtree(tmp_path / "runs" / "teachers")
     monkeypatch.setattr(pipeline, "train_teacher", lambda **k: pytest.fail("no teacher stage"))
     for legacy in (False, True):
         if legacy:
             (tmp_path / "b" / COMPARE).write_text(json.dumps({k: v for k, v in json.loads(header).items() if k != "teacher"}))
-        again = cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 2}), resume=True)
+        again = cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 2, "teacher_ckpt": "nowhere.safetensors"}),
+                                resume=True)
         assert again.runs_done == 0 and again.runs_skipped == 4 and again.report["complete"]
         assert again.report["teacher"] == more.report["teacher"] and again.report["teacher"]["top1"] is not None
         assert [r["final_top1"] for r in again.report["runs"]] == [r["final_top1"] for r in more.report["runs"]]
-    assert json.loads((tmp_path / "b" / COMPARE).read_text())["teacher_sha256"] == saved["teacher_sha256"]
+        written = json.loads((tmp_path / "b" / COMPARE).read_text())
+        assert written["config"]["teacher_ckpt"] == json.loads(header)["config"]["teacher_ckpt"]
+        assert (written["teacher_sha256"], written["cpu_isa"]) == (saved["teacher_sha256"], saved["cpu_isa"])
+    (tmp_path / "b" / COMPARE).write_text(json.dumps({k: v for k, v in json.loads(header).items() if k != "teacher"}))
+    (tmp_path / "b" / "report.json").unlink()
+
+    class Retrained(Exception):
+        pass
+
+    def train_teacher(**kwargs):
+        raise Retrained
+
+    monkeypatch.setattr(cmp, "cpu_isa", cpu_isa)
+    monkeypatch.setattr(pipeline, "train_teacher", train_teacher)
+    with pytest.raises(Retrained):
+        cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 2}), resume=True)
 
 
 @pytest.mark.parametrize("digest", [True, False], ids=["digest", "legacy"])
