@@ -377,7 +377,7 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, 
                      wall_s=wall, plots=False)
 
     runs = [records[run_name(*p)] for p in plan]
-    wall = header["previous_wall_s"] + time.perf_counter() - t0
+    wall = header["previous_wall_s"] + (0.0 if finished else time.perf_counter() - t0)  # (re-reports: no compare time)
     report, plots = write_report(out, cfg, header, data_info, t_meta, runs, wall_s=wall, plots=True)
     write_json(out / COMPARE, {**header, "previous_wall_s": wall})
     return CompareResult(out, report, calls, skipped, plots)

@@ -407,6 +407,7 @@ def test_a_compare_copied_without_weights_resumes_on_a_fresh_machine(tmp_path: P
         written = json.loads((tmp_path / "b" / COMPARE).read_text())
         assert written["config"]["teacher_ckpt"] == json.loads(header)["config"]["teacher_ckpt"]
         assert (written["teacher_sha256"], written["cpu_isa"]) == (saved["teacher_sha256"], saved["cpu_isa"])
+        assert written["previous_wall_s"] == json.loads(header)["previous_wall_s"]  # (writing a report is no run)
     (tmp_path / "b" / COMPARE).write_text(json.dumps({k: v for k, v in json.loads(header).items() if k != "teacher"}))
     (tmp_path / "b" / "report.json").unlink()
 
