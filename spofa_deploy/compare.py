@@ -270,9 +270,8 @@ def _data_info(cfg: CompareConfig, img_size: int) -> dict:
     """Split sizes the student sees (seed 0's subset; every seed draws the same class counts)."""
     import numpy as np
 
-    # (sizes only: no transform runs, so any normalisation will do)
-    splits = load_splits(cfg.data, Preprocessing(img_size, (0.0,) * 3, (1.0,) * 3), seed=0,
-                         train_fraction=cfg.train_fraction, download=cfg.download)
+    splits = load_splits(cfg.data, Preprocessing.identity(img_size), seed=0, train_fraction=cfg.train_fraction,
+                         download=cfg.download)  # (sizes only: no image is transformed)
     counts = np.bincount(splits.train.labels, minlength=splits.num_classes)
     return {"num_classes": splits.num_classes, "train_images": len(splits.train), "val_images": len(splits.val),
             "train_per_class_min": int(counts.min()), "train_per_class_max": int(counts.max())}
@@ -418,8 +417,8 @@ def _isa_hint(cfg: CompareConfig, saved: dict) -> str:
         where = f"this CPU's kernels are {here}" if here else "it would train on a GPU here"
         return (f": {where}, the compare started with {there} CPU kernels (a teacher trained on another kind of "
                 f"machine has other weights), so resume on an {there} machine")
-    return "" if saved.get("cpu_isa") else (" (the same recipe on another kind of machine gives other weights: CPU "
-                                            "kernels of another instruction set, AVX2 vs AVX512, or another GPU)")
+    return "" if there else (" (the same recipe on another kind of machine gives other weights: CPU kernels of "
+                             "another instruction set, AVX2 vs AVX512, or another GPU)")
 
 
 def _open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple]) -> tuple[Path, dict | None, dict | None]:

@@ -157,6 +157,11 @@ class Preprocessing:
                    tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"]),
                    str(meta.get("interpolation", "bilinear")), float(meta.get("crop_pct", 0.875)))
 
+    @classmethod
+    def identity(cls, img_size: int = 32) -> "Preprocessing":
+        """No normalisation: for reading splits whose images nothing here looks at (counts, labels, a data check)."""
+        return cls(img_size, (0.0,) * 3, (1.0,) * 3)
+
     def meta(self) -> dict:
         """The metadata keys (without the size): what `data_config` returns and model files record."""
         return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,

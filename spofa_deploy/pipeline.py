@@ -230,7 +230,7 @@ def _check_inputs(student: str, teacher: TeacherOptions, data: DataOptions, trai
     _check_settings(train, teacher.train)
     spec = parse_data_spec(data.spec)
     # Read the data once (cheap: no transforms run) so a bad --data fails before any work.
-    load_splits(spec, Preprocessing(32, (0.0,) * 3, (1.0,) * 3), download=data.download, skip_corrupt=data.skip_corrupt)
+    load_splits(spec, Preprocessing.identity(), download=data.download, skip_corrupt=data.skip_corrupt)
     return spec
 
 
