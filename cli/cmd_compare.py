@@ -18,7 +18,7 @@ def compare(
     teacher: Annotated[_Str, typer.Option("--teacher", help="Teacher: alias (vit_b, vit_s, deit_t, swin_t) or any timm name (default: vit_b).")] = None,
     student: Annotated[_Str, typer.Option("--student", help="Student: alias (mobilenetv3, mobilenetv2, resnet18) or any timm CNN (default: mobilenetv3).")] = None,
     data: Annotated[_Str, typer.Option("--data", help="digits | cifar10[:DIR] | cifar100[:DIR] | imagefolder:DIR (default: digits).")] = None,
-    methods: Annotated[_Str, typer.Option("--methods", help="Comma list of none, kd, ofa, spofa, spofa-nomema, spofa-nobeta, spofa-damp, spofa-m0.9 (spofa-noln = ofa) (default: none,kd,ofa,spofa).")] = None,
+    methods: Annotated[_Str, typer.Option("--methods", help="Comma list of none, kd, ofa, spofa, spofa-nomema, spofa-nobeta, spofa-damp, spofa-m0.9, ofa-fw0.1, spofa-fw0.1 (stage-head weight 0.1) (spofa-noln = ofa) (default: none,kd,ofa,spofa).")] = None,
     ablations: Annotated[bool, typer.Option("--ablations", help="Add the SPOFA ablations: spofa-nomema, spofa-nobeta, spofa-damp (alpha <= 1), spofa-m0.9 (MEMA momentum 0.9), ofa (= spofa without the LayerNorm).")] = False,
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Number of seeds (0..N-1) per method and rate (default: 5).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs of every run (default: 100, from the student-alone learning curve).")] = None,
@@ -76,6 +76,8 @@ def compare(
     typer.echo(f"report: {result.out / 'report.md'} and report.json"
                + (f"; plots: {', '.join(p.name for p in result.plots)}" if result.plots else ""))
     typer.echo(f"{result.runs_done} runs trained now, {result.runs_skipped} finished earlier")
+    if note := result.report.get("transfer_note"):
+        Console().print(f"[yellow]note:[/] {note}")
 
 
 

@@ -108,3 +108,5 @@ def print_summary(r) -> None:
     heads = f"{r.head_params / 1e6:.3f}M training-only head/scaler parameters, none of them in {r.student_path.name}" if r.head_params else "no training-only heads"
     Console().print(f"{heads}; {r.fit.epochs_run} epochs in {r.fit.seconds:.0f}s ({r.fit.img_per_s:,.0f} img/s); "
                     f"metrics: {r.run_dir / 'metrics.jsonl'}, trace: {r.run_dir / 'trace.csv'}")
+    if note := (r.student.get("transfer") or {}).get("note"):
+        Console().print(f"[yellow]note:[/] {note}")

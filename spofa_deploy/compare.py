@@ -65,6 +65,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # and a faster baseline (momentum 0.9 instead of 0.99).
     "spofa-damp": ("spofa", {"alpha_max": 1.0}),
     "spofa-m0.9": ("spofa", {"momentum": 0.9}),
+    # The stage heads' weight of the OFA-KD authors' small-data runs (CIFAR-100: 0.1), beside the default 1.0.
+    "ofa-fw0.1": ("ofa", {"feat_weight": 0.1}),
+    "spofa-fw0.1": ("spofa", {"feat_weight": 0.1}),
 }
 METHOD_ALIASES = {"spofa-noln": "ofa"}
 ABLATIONS = ("spofa", "spofa-nomema", "spofa-nobeta", "spofa-damp", "spofa-m0.9", "ofa")
@@ -233,7 +236,8 @@ def run_record(run_dir: Path, method: str, lr: float, seed: int, num_classes: in
     saved = {}
     if sidecar_path(run_dir / STUDENT_FILE).is_file():  # (the metadata alone in an archived compare)
         meta = read_model_meta(run_dir / STUDENT_FILE)
-        saved = {"saved_top1": meta.get("top1"), "saved": meta.get("saved")}
+        saved = {"saved_top1": meta.get("top1"), "saved": meta.get("saved"),
+                 "agreement": (meta.get("transfer") or {}).get("agreement")}
     return {"name": run_dir.name, "method": method, "base_method": VARIANTS[method][0], "lr": lr, "seed": seed,
             "run_dir": str(run_dir), "status": "stopped" if stopped else "finished", "error": error,
             "resumed": resumed, **acc, **saved, "wall_s": wall_s, "threads": threads, "cpu_isa": cpu_isa,

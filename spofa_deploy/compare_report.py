@@ -64,6 +64,7 @@ def _group(runs: Sequence[dict]) -> dict:
     out["loss_spikes_total"] = sum(r["stability"]["loss_spikes"] for r in runs)
     out["update_norm"] = _stats(r.get("update_norm") for r in runs)
     out["grad_over_ce"] = _stats(r.get("grad_over_ce") for r in runs)
+    out["agreement"] = _stats(r.get("agreement") for r in runs)
     out["wall_s"] = _stats(r.get("wall_s") for r in runs)
     out["img_per_s"] = _stats(r.get("img_per_s") for r in runs)
     return out
@@ -149,12 +150,65 @@ def paired_difference(runs: Sequence[dict], method: str, baseline: str, lr: floa
     diffs = [a[s] - b[s] for s in seeds]
     out = {"method": method, "baseline": baseline, "lr": lr, "lr_baseline": lr_baseline, "key": key,
            "seeds": seeds, "diffs": diffs, "n": len(diffs), "mean": statistics.fmean(diffs) if diffs else None,
-           "ci95": None, "significant": None}
+           "ci95": None, "significant": None, "p": None}
     if len(diffs) >= 2:
-        half = t_quantile(0.5 + CONFIDENCE / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+        half = t_quantile(0.5 + CONFIDENCE / 2, len(diffs) - 1) * se
         out["ci95"] = [out["mean"] - half, out["mean"] + half]
         out["significant"] = not out["ci95"][0] <= 0.0 <= out["ci95"][1]
+        out["p"] = _t_two_sided_p(out["mean"] / se, len(diffs) - 1) if se > 0 else (1.0 if out["mean"] == 0 else 0.0)
     return out
+
+
+def _t_two_sided_p(t_stat: float, df: int) -> float:
+    from scipy.stats import t
+
+    return float(2 * t.sf(abs(t_stat), df))
+
+
+# The study's decision rules, fixed before its runs (docs/results.md, "Does the knowledge transfer?"): each
+# method at its own best rate, paired by seed against its baseline.
+PRIMARY_MIN_GAIN = 1.0  # points of top-1: "SPOFA helps" needs at least this mean gain over the student alone
+SECONDARY = (("ofa", "none"), ("spofa", "ofa"), ("spofa-fw0.1", "spofa"), ("ofa-fw0.1", "ofa"))
+
+
+def holm(pvalues: Sequence[float | None], alpha: float = 1 - CONFIDENCE) -> list[bool | None]:
+    """Holm's step-down rejections of a family of p-values (None: not tested, not counted)."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    out: list[bool | None] = [None] * len(pvalues)
+    rejecting = True
+    for k, (p, i) in enumerate(order):
+        rejecting = rejecting and p <= alpha / (len(order) - k)
+        out[i] = rejecting
+    return out
+
+
+def decisions(paired: Sequence[dict]) -> list[dict]:
+    """The pre-registered rules applied to the best-rate paired differences, in order: the gate (plain KD must beat
+    the student alone, or the task cannot show transfer), the primary claim (SPOFA at least `PRIMARY_MIN_GAIN`
+    points above the student alone, interval above zero), then the secondary comparisons, Holm-corrected."""
+    best = {(p["method"], p["baseline"]): p for p in paired if p["at"] == "best rates"}
+    out = []
+    gate = best.get(("kd", "none"))
+    if gate is not None:
+        shown = bool(gate["ci95"]) and gate["ci95"][0] > 0
+        out.append({"rule": "gate: kd - none, 95 % interval above zero", "comparison": "kd - none", **_fig(gate),
+                    "holds": shown})
+    primary = best.get(("spofa", "none"))
+    if primary is not None:
+        holds = bool(primary["ci95"]) and primary["ci95"][0] > 0 and primary["mean"] >= PRIMARY_MIN_GAIN
+        out.append({"rule": f"primary: spofa - none >= +{PRIMARY_MIN_GAIN:g} with the 95 % interval above zero",
+                    "comparison": "spofa - none", **_fig(primary), "holds": holds})
+    family = [best.get(pair) for pair in SECONDARY]
+    tested = [p for p in family if p is not None]
+    for p, rejected in zip(tested, holm([p["p"] for p in tested])):
+        out.append({"rule": f"secondary (Holm over {len(tested)}): differs from zero",
+                    "comparison": f"{p['method']} - {p['baseline']}", **_fig(p), "holds": rejected})
+    return out
+
+
+def _fig(p: dict) -> dict:
+    return {"n": p["n"], "mean": p["mean"], "ci95": p["ci95"], "p": p["p"], "lr": p["lr"], "lr_baseline": p["lr_baseline"]}
 
 
 def _finite(x) -> bool:
@@ -224,10 +278,23 @@ def build_report(cfg: "CompareConfig", header: dict, data_info: dict, t_meta: di
         **summary,
         "best_rates": best,
         "at_best_rate": [g for g in summary["per_method_lr"] if best.get(g["method"]) == g["lr"]],
-        "paired": paired_comparisons(runs, cfg.methods, cfg.lrs, best),
+        "paired": (paired := paired_comparisons(runs, cfg.methods, cfg.lrs, best)),
+        "decisions": decisions(paired),
+        "transfer_note": _transfer_note(t_meta, summary["per_method_lr"], best),
         "runs": list(runs),
         "plots": [],
     }
+
+
+def _transfer_note(t_meta: dict, per_method_lr: Sequence[dict], best: dict[str, float]) -> str | None:
+    """`transfer_check`'s note for the compare: the teacher against the student alone at its best rate."""
+    from .accuracy import transfer_check
+
+    alone = next((g for g in per_method_lr if g["method"] == "none" and best.get("none") == g["lr"]), None)
+    if alone is None or alone["final_top1"]["mean"] is None:
+        return None
+    return transfer_check(None, t_meta.get("top1"), reference_top1=alone["final_top1"]["mean"],
+                          reference="the student trained alone (mean final top-1 at its best rate)")["note"]
 
 
 def _auto_device() -> str:
@@ -253,6 +320,7 @@ _BEST_COLS = [
     ("method", lambda g: g["method"]), ("best lr", lambda g: f"{g['lr']:g}"), ("runs", lambda g: str(g["runs"])),
     ("diverged (NaN/Inf, collapse)", _div), ("final top-1", lambda g: fmt_pm(g["final_top1"])),
     ("best top-1", lambda g: fmt_pm(g["best_top1"])), ("final EMA", lambda g: fmt_pm(g["final_ema_top1"])),
+    ("agreement with teacher", lambda g: fmt_pm(g["agreement"])),
     ("update norm", lambda g: fmt_pm(g["update_norm"], 3)), ("grad / CE grad", lambda g: fmt_pm(g["grad_over_ce"], 2)),
 ]
 _PAIRED_COLS = [
@@ -262,6 +330,12 @@ _PAIRED_COLS = [
     (f"{CONFIDENCE:.0%} interval", lambda p: f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]" if p["ci95"] else "-"),
     ("significant", lambda p: "-" if p["significant"] is None else "**yes**" if p["significant"] else "no"),
     ("per seed", lambda p: ", ".join(f"{d:+.1f}" for d in p["diffs"])),
+]
+_DECISION_COLS = [
+    ("rule", lambda d: d["rule"]), ("comparison", lambda d: f"{d['comparison']} ({d['lr']:g} vs {d['lr_baseline']:g})"),
+    ("seeds", lambda d: str(d["n"])), ("mean diff", lambda d: _g(d["mean"], "+.2f")),
+    (f"{CONFIDENCE:.0%} interval", lambda d: f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else "-"),
+    ("p", lambda d: _g(d["p"], ".3g")), ("holds", lambda d: "**yes**" if d["holds"] else "no"),
 ]
 _METHOD_LR_COLS = [
     ("method", lambda g: g["method"]), ("lr", lambda g: f"{g['lr']:g}"), ("runs", lambda g: str(g["runs"])),
@@ -308,6 +382,9 @@ def render_markdown(report: dict) -> str:
         + ("; the runs' CPU kernels: " + ", ".join(f"{k} ({n} runs)" for k, n in report.get("runs_cpu_isa", {}).items())
            if m["device"] == "cpu" else ""),
         "",
+        *([f"**Note:** {report['transfer_note']}", ""] if report.get("transfer_note") else []),
+        *(["## Pre-registered decisions (each method at its best rate, paired by seed)", "",
+            *_md_table(_DECISION_COLS, report["decisions"]), ""] if report.get("decisions") else []),
         "## Each method at its own best rate of the sweep (mean ± std over seeds)",
         "",
         "The literature's protocol: every method is tuned over the same rates and shown at its best one.",

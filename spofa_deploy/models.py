@@ -101,20 +101,22 @@ def create_model(
         raise
 
 
-def create_teacher_pretrained(name: str, num_classes: int, img_size: int | None) -> tuple[nn.Module, bool]:
-    """Try timm's pretrained weights; fall back to random init.
+def create_teacher_pretrained(name: str, num_classes: int, img_size: int | None) -> nn.Module | None:
+    """The teacher with timm's pretrained weights, or None where they cannot be loaded.
 
-    Returns:
-        (model, pretrained) where `pretrained` says whether weights were loaded.
+    The attempt runs under a forked random state: a failed one (timm builds a randomly
+    initialised model before it looks for weights) consumes no draw, so the random-init
+    teacher built next is the same whether or not a hub answered.
     """
     if not _hub_reachable():
         _log.debug("model hub unreachable and HF_HUB_OFFLINE unset: not trying pretrained weights")
-        return create_model(name, num_classes, img_size, pretrained=False), False
-    try:
-        return create_model(name, num_classes, img_size, pretrained=True), True
-    except Exception as e:  # no weights for this name, no cache, a broken download: all mean "random init"
-        _log.debug("pretrained weights unavailable for %s: %s", name, e)
-        return create_model(name, num_classes, img_size, pretrained=False), False
+        return None
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return create_model(name, num_classes, img_size, pretrained=True)
+        except Exception as e:  # no weights for this name, no cache, a broken download: all mean "random init"
+            _log.debug("pretrained weights unavailable for %s: %s", name, e)
+            return None
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:

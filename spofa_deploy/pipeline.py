@@ -127,8 +127,8 @@ def train_teacher(*, teacher: TeacherOptions, data: DataOptions, out: str | Path
     if teacher.weights:
         model = create_model(teacher.name, splits.num_classes, img_size, weights=teacher.weights)
         source = f"weights file {teacher.weights}"
-    elif teacher.pretrained and (m := create_teacher_pretrained(teacher.name, splits.num_classes, img_size))[1]:
-        model, source = m[0], "timm pretrained weights"
+    elif teacher.pretrained and (m := create_teacher_pretrained(teacher.name, splits.num_classes, img_size)) is not None:
+        model, source = m, "timm pretrained weights"
     else:
         model, source = create_model(teacher.name, splits.num_classes, img_size), "random init"
         if teacher.pretrained:  # (asked for and not there; with --no-pretrained random init is what was asked)
@@ -337,8 +337,26 @@ def distill(*, student: str = "mobilenetv3", teacher: TeacherOptions | None = No
                  hooks=replace(hooks or Hooks(), on_best=_save_student(spath, meta)),
                  run_info={**run_info, "img_size": img_size}, teacher_cache=tcache)
     _finish(run, splits, is_main=dist.is_main)
+    if dist.is_main and spath.is_file():
+        _record_transfer(spath, t_model, t_meta, splits, train, distilled=method != "none")
+    distributed.barrier()
     return DistillResult(run, spath, run / TEACHER_FILE, read_model_meta(spath), t_meta, result, head_params,
                          count_params(s_model))
+
+
+def _record_transfer(spath: Path, t_model: torch.nn.Module, t_meta: dict, splits: Splits, train: TrainConfig, *,
+                     distilled: bool) -> None:
+    """`student.json`'s `transfer`: the student's top-1 agreement with its teacher on the validation split, and
+    (distilled students) whether the teacher could have taught it anything (`transfer_check`)."""
+    from .accuracy import agreement, transfer_check
+    from .loaders import make_loader
+
+    s_meta = read_model_meta(spath)
+    device = next(t_model.parameters()).device
+    fidelity = agreement(load_model(spath)[0].to(device), t_model, make_loader(splits.val, train.batch_size * 2,
+                                                                              train=False, workers=0), device)
+    check = transfer_check(s_meta["top1"], t_meta.get("top1")) if distilled else {"note": None}
+    write_json(sidecar_path(spath), {**s_meta, "transfer": {**check, "agreement": round(fidelity, 4)}})
 
 
 def _open_run(out: str | Path | None, resume: bool, run_info: dict, *, is_main: bool) -> tuple[Path, dict | None]:

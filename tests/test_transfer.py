@@ -1,0 +1,155 @@
+"""Whether a teacher can teach: one random draw per teacher stage, the "cannot help" note, fidelity, the study's
+pre-registered decision rules and its resume."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from spofa_deploy import compare as cmp
+from spofa_deploy import models, pipeline
+from spofa_deploy.accuracy import agreement, transfer_check
+from spofa_deploy.artifacts import load_state, read_model_meta
+from spofa_deploy.compare_report import decisions, holm
+from spofa_deploy.pipeline import DataOptions, TeacherOptions, train_teacher
+from spofa_deploy.run_files import DONE
+from spofa_deploy.train import TrainConfig
+
+
+def _teacher_cfg(**kw) -> TrainConfig:
+    base = dict(epochs=1, batch_size=64, lr=2e-3, optimizer="adamw", workers=0, device="cpu", log_every=5)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_the_teacher_stage_draws_once_whatever_the_hub_answers(tmp_path: Path, monkeypatch) -> None:
+    """Offline, a failed pretrained attempt (timm builds a random model before it looks for weights) must not
+    consume the draw of the random-init teacher: with or without a hub, and with --no-pretrained, one teacher."""
+    real = models.create_model
+
+    def no_weights(name, num_classes, img_size=None, pretrained=False, **kw):
+        model = real(name, num_classes, img_size, **kw)  # consumes the draws timm's own attempt would
+        if pretrained:
+            raise RuntimeError("no pretrained weights in the cache")
+        return model
+
+    def stage(name: str, pretrained: bool, hub: bool) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr(models, "_hub_reachable", lambda: hub)
+        opts = TeacherOptions(name="test_vit", pretrained=pretrained, train=_teacher_cfg())
+        return load_state(train_teacher(teacher=opts, data=DataOptions("digits", 16), out=tmp_path / name))
+
+    monkeypatch.setattr(models, "create_model", no_weights)
+    asked = stage("hub-no-weights", pretrained=True, hub=True)
+    unreachable = stage("no-hub", pretrained=True, hub=False)
+    plain = stage("no-pretrained", pretrained=False, hub=True)
+    for other in (unreachable, plain):
+        assert asked.keys() == other.keys()
+        assert all(torch.equal(asked[k], other[k]) for k in asked)
+
+
+def test_transfer_check_says_when_the_teacher_cannot_help() -> None:
+    assert transfer_check(95.0, 99.0)["note"] is None
+    above = transfer_check(97.0, 96.5)["note"]
+    assert "at or above its teacher" in above and "--teacher-weights" in above
+    assert "at or above" in transfer_check(96.5, 96.5)["note"]  # equal is no better
+    below_ref = transfer_check(None, 94.0, reference_top1=95.0)
+    assert "not above the student trained alone" in below_ref["note"] and below_ref["reference_top1"] == 95.0
+    assert transfer_check(None, 99.0, reference_top1=95.0)["note"] is None
+    assert transfer_check(97.0, None)["note"] is None  # a teacher without a recorded top-1: nothing to say
+
+
+def test_agreement_counts_equal_predictions() -> None:
+    x = torch.eye(4)
+    a, b = torch.nn.Linear(4, 2, bias=False), torch.nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        a.weight.copy_(torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1]]))  # classes 0, 1, 0, 1
+        b.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1, 1, 1]]))  # classes 0, 1, 1, 1
+    loader = [(x[:2], None), (x[2:], None)]
+    assert agreement(a, b, loader, torch.device("cpu")) == 75.0
+    assert agreement(a, a, loader, torch.device("cpu")) == 100.0
+
+
+def test_a_student_above_its_teacher_is_told_and_recorded(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A teacher that barely trained (rate 1e-7: near chance) and a student trained normally: distill says at the
+    end that the teacher could not help, and student.json records it with the student's agreement."""
+    from cli.cmd_train import print_summary
+
+    monkeypatch.chdir(tmp_path)
+    weak = train_teacher(teacher=TeacherOptions(name="test_vit", pretrained=False, train=_teacher_cfg(lr=1e-7)),
+                         data=DataOptions("digits", 16), out=tmp_path / "weak")
+    r = pipeline.distill(student="test_resnet", teacher=TeacherOptions(checkpoint=str(weak)), method="kd",
+                         data=DataOptions("digits", 16), out=tmp_path / "run",
+                         train=TrainConfig(epochs=2, lr=3e-3, batch_size=64, optimizer="adamw", workers=0, device="cpu"))
+    t = read_model_meta(r.student_path)["transfer"]
+    assert r.student["top1"] > r.teacher["top1"], "the set-up needs a student above its teacher"
+    assert t["teacher_top1"] == r.teacher["top1"] and t["student_top1"] == r.student["top1"]
+    assert "at or above its teacher" in t["note"] and 0.0 <= t["agreement"] <= 100.0
+    print_summary(r)
+    out = capsys.readouterr().out
+    assert out.count("note:") == 1 and "at or above its" in out
+
+
+def test_holm_steps_down() -> None:
+    # alpha 0.05 over 3: 0.01 <= 0.0167 rejects, 0.03 > 0.025 stops, 0.02 would pass alone but Holm stops at the first.
+    assert holm([0.01, 0.04, 0.03]) == [True, False, False]
+    assert holm([0.01, 0.02, 0.04]) == [True, True, True]
+    assert holm([None, 0.001]) == [None, True]
+
+
+def _pair(method: str, baseline: str, mean: float, ci: tuple[float, float], p: float) -> dict:
+    return {"method": method, "baseline": baseline, "at": "best rates", "n": 10, "mean": mean, "ci95": list(ci),
+            "p": p, "lr": 0.005, "lr_baseline": 0.01}
+
+
+def test_pre_registered_decisions() -> None:
+    paired = [_pair("kd", "none", 1.2, (0.3, 2.1), 0.01), _pair("spofa", "none", 0.8, (0.1, 1.5), 0.03),
+              _pair("ofa", "none", 0.5, (-0.2, 1.2), 0.15), _pair("spofa", "ofa", 0.3, (-0.5, 1.1), 0.4),
+              {**_pair("spofa", "none", 9.0, (8.0, 10.0), 1e-6), "at": "lr 0.005"}]  # per-rate rows are not read
+    d = {x["comparison"]: x for x in decisions(paired)}
+    assert d["kd - none"]["holds"] is True
+    assert d["spofa - none"]["holds"] is False  # interval above zero but the gain is below one point
+    assert d["ofa - none"]["holds"] is False and d["spofa - ofa"]["holds"] is False
+    assert "Holm over 2" in d["ofa - none"]["rule"]
+    paired[1] = _pair("spofa", "none", 1.4, (0.6, 2.2), 0.002)
+    assert {x["comparison"]: x for x in decisions(paired)}["spofa - none"]["holds"] is True
+
+
+def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypatch) -> None:
+    """The study's variants in a tiny compare: interrupted in its second seed, resumed, and reported with the
+    decision rules, each run's agreement with the teacher, and the compare's transfer note."""
+    monkeypatch.chdir(tmp_path)
+    base = dict(teacher="test_vit", student="test_resnet", data="digits", methods=("none", "kd", "spofa-fw0.1"),
+                seeds=1, lrs=(0.01,), epochs=1, batch_size=32, img_size=16, train_fraction=0.05, teacher_epochs=1,
+                teacher_pretrained=False, device="cpu", workers=0, out="runs/study")
+    cmp.run_compare(cmp.CompareConfig(**base))
+    assert cmp._loss_config(cmp.CompareConfig(**base), "spofa-fw0.1").feat_weight == 0.1
+    first = {p.parent.name: p.stat().st_mtime_ns for p in Path("runs/study").glob(f"*/{DONE}")}
+    assert len(first) == 3
+
+    real, calls = cmp.distill, []
+
+    def interrupted(*a, **k):
+        calls.append(k["out"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C (or the session's end) in the second run of seed 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(cmp, "distill", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cmp.run_compare(cmp.CompareConfig(**{**base, "seeds": 2}), resume=True)
+    monkeypatch.setattr(cmp, "distill", real)
+    done = cmp.run_compare(cmp.CompareConfig(**{**base, "seeds": 2}), resume=True)
+    assert done.runs_skipped == 4 and done.runs_done == 2
+    assert {p.parent.name: p.stat().st_mtime_ns for p in Path("runs/study").glob(f"*/{DONE}") if p.parent.name in first} == first
+    report = json.loads(Path("runs/study/report.json").read_text())
+    assert report["complete"] and len(report["runs"]) == 6
+    assert all(r["agreement"] is not None and 0 <= r["agreement"] <= 100 for r in report["runs"])
+    gate = [d for d in report["decisions"] if d["comparison"] == "kd - none"]
+    assert len(gate) == 1 and gate[0]["n"] == 2
+    alone = next(g for g in report["at_best_rate"] if g["method"] == "none")["final_top1"]["mean"]
+    assert (report["transfer_note"] is not None) == (report["teacher"]["top1"] <= alone)
+    md = Path("runs/study/report.md").read_text()
+    assert "Pre-registered decisions" in md and "agreement with teacher" in md
+    assert os.path.isdir("runs/study/none-lr0.01-seed1")
