@@ -77,10 +77,13 @@ def with_options(*groups: Callable) -> Callable:
     def add(command: Callable) -> Callable:
         own = [p for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
         extra = [p for g in groups for p in inspect.signature(g).parameters.values()]
-        command.__signature__ = inspect.Signature(own + extra)
         hints = {**typing.get_type_hints(command, include_extras=True)}
         for g in groups:
             hints.update(typing.get_type_hints(g, include_extras=True))
+        # Evaluated annotations in the signature itself: Typer reads `__signature__` as it is, and a string
+        # annotation there would lose each option's `typer.Option` (its help, its flag form).
+        command.__signature__ = inspect.Signature([p.replace(annotation=hints.get(p.name, p.annotation))
+                                                   for p in own + extra])
         command.__annotations__ = hints
         return command
 

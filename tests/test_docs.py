@@ -77,6 +77,14 @@ def test_every_flag_is_in_its_table(name: str) -> None:
                 assert f"`{opt}`" in block, f"{opt} missing from the table of spofa {name}"
 
 
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_flag_has_its_help(name: str) -> None:
+    """Each option reaches Typer with its own `typer.Option` (shared option groups included): it has a help text."""
+    bare = [p.opts[0] for p in GEN.commands()[name].params
+            if p.param_type_name == "option" and p.name != "help" and not (p.help or "").strip()]
+    assert not bare, f"spofa {name}: options without help text: {bare}"
+
+
 def test_generator_leaves_the_prose_alone() -> None:
     page = "# spofa x\n\nbefore\n" + GEN.BEGIN + "\nold\n" + GEN.END + "\n\nprose `--flag` | kept\n"
     out = GEN.render(page, GEN.BEGIN + "\nnew\n" + GEN.END)
