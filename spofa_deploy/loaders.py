@@ -7,6 +7,7 @@ worker errors as one-line `UserError`s, `EncodedBatch`es finished on their devic
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .device_augment import EncodedBatch, EncodedSample
 from .errors import UserError
-from .models import Preprocessing
+from .models import SMALL_IMAGE, Preprocessing
 
 
 def build_transforms(prep: Preprocessing, *, train: bool = True, flips: bool = True):
@@ -30,15 +31,16 @@ def build_transforms(prep: Preprocessing, *, train: bool = True, flips: bool = T
     img_size, interpolation = prep.img_size, prep.interpolation
     interp = T.InterpolationMode(interpolation) if interpolation in ("bilinear", "bicubic", "nearest") else T.InterpolationMode.BILINEAR
     norm = [T.ToTensor(), T.Normalize(prep.mean, prep.std)]
-    if img_size >= 64:
-        if train:
-            aug = [T.RandomResizedCrop(img_size, interpolation=interp)] + ([T.RandomHorizontalFlip()] if flips else [])
-            return T.Compose(aug + norm)
-        return T.Compose([T.Resize(int(img_size / prep.crop_pct), interpolation=interp), T.CenterCrop(img_size)] + norm)
-    base = [T.Resize((img_size, img_size), interpolation=interp)]
-    if train:
-        base += [T.RandomCrop(img_size, padding=max(1, img_size // 8), padding_mode="edge")]
-        base += [T.RandomHorizontalFlip()] if flips else []
+    if not train:  # timm's eval transform for (crop_pct, crop_mode): what the model files record (Preprocessing.meta)
+        scale = math.floor(img_size / prep.crop_pct)
+        resize = T.Resize((scale, scale) if prep.crop_mode == "squash" else scale, interpolation=interp)
+        return T.Compose([resize, T.CenterCrop(img_size)] + norm)
+    if img_size >= SMALL_IMAGE:
+        aug = [T.RandomResizedCrop(img_size, interpolation=interp)] + ([T.RandomHorizontalFlip()] if flips else [])
+        return T.Compose(aug + norm)
+    base = [T.Resize((img_size, img_size), interpolation=interp),
+            T.RandomCrop(img_size, padding=max(1, img_size // 8), padding_mode="edge")]
+    base += [T.RandomHorizontalFlip()] if flips else []
     return T.Compose(base + norm)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, load_error_line
 
 _log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def create_model(
             return timm.create_model(full, pretrained=pretrained, **kwargs)
     except Exception as e:
         if weights is not None:  # a truncated / foreign / non-weights file: the user's to fix
-            raise UserError(f"cannot load weights {weights} into {full}: {str(e).strip().splitlines()[0]}") from e
+            raise UserError(f"cannot load weights {weights} into {full}: {load_error_line(e)}") from e
         raise
 
 
@@ -138,6 +138,10 @@ def _takes_img_size(full_name: str) -> bool:
     return any(k in full_name for k in ("vit", "deit", "swin", "mixer", "eva", "beit", "cait", "xcit", "levit"))
 
 
+# Images below this size train with pad-and-crop jitter and evaluate with a plain resize (`loaders.build_transforms`).
+SMALL_IMAGE = 64
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How images are prepared for a model: input size, normalisation, resize interpolation, eval crop.
@@ -152,6 +156,18 @@ class Preprocessing:
     interpolation: str = "bilinear"
     crop_pct: float = 0.875
 
+    def __post_init__(self) -> None:
+        # Below SMALL_IMAGE the eval transform is a plain resize (a crop would cut the digit off a 32 px image):
+        # crop_pct 1.0 says so, so two preprocessings that give the same images compare equal.
+        if self.img_size < SMALL_IMAGE:
+            object.__setattr__(self, "crop_pct", 1.0)
+
+    @property
+    def crop_mode(self) -> str:
+        """timm's name of the eval resize: "squash" (both sides to the size) below SMALL_IMAGE, else "center"
+        (the shorter side to size / crop_pct, then a centre crop)."""
+        return "squash" if self.img_size < SMALL_IMAGE else "center"
+
     @classmethod
     def from_meta(cls, meta: dict, img_size: int | None = None) -> "Preprocessing":
         """From a model's metadata (teacher.json, student.json, a sidecar); `img_size` overrides its size."""
@@ -165,9 +181,10 @@ class Preprocessing:
         return cls(img_size, (0.0,) * 3, (1.0,) * 3)
 
     def meta(self) -> dict:
-        """The metadata keys (without the size): what `data_config` returns and model files record."""
+        """The metadata keys (without the size) that model files and sidecars record: the whole eval transform in
+        timm's terms, so a client rebuilds it with `timm.data.create_transform(input_size=(3, s, s), **meta)`."""
         return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
-                "crop_pct": self.crop_pct}
+                "crop_pct": self.crop_pct, "crop_mode": self.crop_mode}
 
 
 def data_config(model: nn.Module) -> dict:
