@@ -2,7 +2,8 @@
 `cmd_train` teacher + distill, `cmd_export`, `cmd_bench`, `cmd_compare`, `cmd_doctor`) and the error policy.
 
 Error policy (`main`), for every exception: one line on stderr. A problem the user can fix
-(`UserError`, a bad flag or value) prints `error: ...` and exits 2; anything else prints
+(`UserError`, a bad flag or value, an OS error such as a full disk or a read-only folder) prints
+`error: ...` and exits 2; anything else prints
 `internal error: ...` with the `--debug` hint and exits 1; `spofa --debug ...` adds the
 traceback; Ctrl-C exits 130.
 """
@@ -42,16 +43,28 @@ def main() -> None:
     _state["debug"] = False  # set by the root callback (main may run more than once in a process: tests)
     try:
         rv = app(standalone_mode=False)
-    except SystemExit:
+    except SystemExit as e:
+        if e.code not in (0, None):
+            _abandon()
         raise
     except BaseException as e:  # noqa: BLE001 - every exception gets the policy, Ctrl-C included
+        _abandon()
         sys.exit(_exit_code(e))
     # Without standalone mode click returns the code of an `Exit` (--help: 0); typer >= 0.20 also
     # turns Ctrl-C into Exit(130) here. A command itself returns None.
     if isinstance(rv, int) and not isinstance(rv, bool):
+        if rv:
+            _abandon()
         if rv == 130:
             print("interrupted", file=sys.stderr)
         sys.exit(rv)
+
+
+def _abandon() -> None:
+    """A failed command leaves no empty run folder it made and no `runs/latest` pointing at a run with nothing
+    to resume; its folder locks are released (the kernel would release them at exit anyway)."""
+    if "spofa_deploy.artifacts" in sys.modules:  # (a command that failed before it wrote anything)
+        sys.modules["spofa_deploy.artifacts"].abandon_runs()
 
 
 def _is_click(e: BaseException, name: str) -> bool:
@@ -94,6 +107,10 @@ def _exit_code(e: BaseException) -> int:
         return 2
     if debug:
         traceback.print_exception(type(e), e, e.__traceback__)
+    if isinstance(e, OSError):  # a full disk, a read-only folder, a folder named as a file: the user's to fix
+        from spofa_deploy.errors import os_error
+
+        e = os_error(e) or e
     if isinstance(e, UserError):
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Callable, Iterable, Mapping, Optional
 import typer
 
 Data = Annotated[str, typer.Option("--data", help="digits | cifar10[:DIR] | cifar100[:DIR] | imagefolder:DIR")]
-Teacher = Annotated[str, typer.Option("--teacher", help="Teacher: alias (vit_b, vit_s, deit_t, swin_t) or any timm name.")]
+Teacher = Annotated[str, typer.Option("--teacher", help="Teacher: alias (vit_b, vit_s, deit_t, swin_t), any timm name, or a model made elsewhere: hf-hub:ID (a warm hub cache) or local-dir:DIR (a folder of timm's save_for_hf).")]
 Student = Annotated[str, typer.Option("--student", help="Student: alias (mobilenetv3, mobilenetv2, resnet18) or any timm CNN.")]
 ImgSize = Annotated[Optional[int], typer.Option("--img-size", help="Input size (default: 32 for digits/CIFAR, 224 for image folders).")]
 Epochs = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs.")]
@@ -171,8 +171,12 @@ def loss_fields(given: Mapping[str, Any]) -> dict:
     """The DistillConfig settings a command's options give (None: the default); `--stage-eps "1,1,1,1"` parsed."""
     from spofa_deploy.distillers import DistillConfig
 
+    from spofa_deploy.limits import check_positive
+
     out = group_fields(DistillConfig, given)
     out.pop("method", None)  # (distill: --method; compare: --methods)
+    for key in ("temperature", "kd_temperature"):  # logits / 0: not a divergence the learning rate could fix
+        check_positive(out.get(key), "--" + key.replace("_", "-"))
     if "stage_eps" in out:
         out["stage_eps"] = tuple(comma_list(out["stage_eps"], "--stage-eps", of=float))
     return out

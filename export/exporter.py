@@ -12,12 +12,16 @@ The default batch is dynamic (`DEFAULT_BATCH`, 1..256): one artifact serves `spo
 batch-1 latency and its large-batch throughput, and a TensorRT engine gets that profile.
 
 Every file is written under a temp name and renamed when complete, so a failed export leaves
-no partial file; intermediates live in a hidden temp folder beside the output.
+no partial file; intermediates live in a hidden temp folder beside the output. An artifact and
+its sidecar appear as a pair: the artifact first, the sidecar (with the artifact's SHA-256) last,
+under a marker file, so the next export to that place removes the pair a killed export left half
+published, with any temp files. One export writes a target at a time (`artifacts.writing`).
 """
 from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,9 +34,10 @@ import torch
 
 from calibration.dataset import batches, calibration_set, draw, load_images, load_split
 from calibration.quantize import quantize_int8, resolve_quantizer
-from spofa_deploy.artifacts import atomic_path, latest_run, load_model, read_model_meta, sidecar_path, versions, write_json
+from spofa_deploy.artifacts import (DIGEST_KEYS, atomic_path, check_output_file, file_digest, latest_run, load_model,
+                                    read_json, read_model_meta, sidecar_path, versions, write_json, writing)
 from spofa_deploy.accuracy import topk_correct
-from spofa_deploy.errors import MissingDependency, UserError
+from spofa_deploy.errors import MissingDependency, UserError, os_error
 from spofa_deploy.run_files import STUDENT_FILE, TEACHER_FILE
 
 from . import onnx as onnx_export
@@ -110,11 +115,51 @@ def _output_path(out: str | Path | None, src: Path, fmt: Format, precision: str,
         path = path / default
     if path.suffix != fmt.suffix:
         raise UserError(f"--out {path} does not end in {fmt.suffix} (the {fmt.name} suffix)")
-    if not path.parent.is_dir():
-        raise UserError(f"output folder does not exist: {path.parent}")
+    return check_output_file(path, "--out")
+
+
+def _check_overwrite(path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise UserError(f"{path} exists: pass --force to overwrite it")
-    return path
+
+
+def _pending(dest: Path) -> Path:
+    """The marker that stands beside `dest` while its artifact and sidecar are being published."""
+    return dest.with_name(f".{dest.name}.publishing")
+
+
+def _work_prefix(dest: Path) -> str:
+    return f".spofa-export-{dest.name}-"
+
+
+def _clean_leftovers(dest: Path, warnings: list[str]) -> None:
+    """Remove what a killed export to `dest` left: temp files, its work folder, a half-published pair.
+
+    Runs under the target's lock, so nothing removed here belongs to a live export.
+    """
+    side = sidecar_path(dest)
+    for pattern in (f".{dest.name}.*.tmp", f".{side.name}.*.tmp"):
+        for tmp in dest.parent.glob(pattern):
+            tmp.unlink(missing_ok=True)
+    for work in dest.parent.glob(_work_prefix(dest) + "*"):
+        shutil.rmtree(work, ignore_errors=True)
+    marker = _pending(dest)
+    if not marker.exists():
+        return
+    if dest.is_file() and side.is_file() and _pair_complete(dest, side):
+        marker.unlink()  # killed after the sidecar: the pair is whole
+        return
+    for f in (dest, side, marker):
+        f.unlink(missing_ok=True)
+    warnings.append(f"removed {dest.name} and its sidecar, left half written by an interrupted export")
+
+
+def _pair_complete(dest: Path, side: Path) -> bool:
+    try:
+        want = read_json(side).get("sha256")
+    except UserError:
+        return False
+    return want is not None and want == file_digest(dest)["sha256"]
 
 
 def _batch_profile(batch: int | None, dynamic_batch) -> BatchProfile:
@@ -164,25 +209,37 @@ def _tool_versions(*extra: str) -> dict:
 
 def _sidecar(meta: dict, *, fmt: str, precision: str, opset: int, batch: BatchProfile, source: Path,
              artifact: Path, **extra) -> dict:
-    base = {k: v for k, v in meta.items() if k not in ("versions", "saved_at")}
+    # The source's own digest describes the source: it is kept as source_sha256; `_publish` adds the artifact's.
+    base = {k: v for k, v in meta.items() if k not in ("versions", "saved_at", *DIGEST_KEYS)}
     src = source.name if source.resolve().parent == artifact.resolve().parent else str(source.resolve())
     return {**base, "format": fmt, "precision": precision, **({"opset": opset} if opset is not None else {}),
             "batch": batch.to_dict(),
             "input": onnx_export.INPUT_NAME, "output": onnx_export.OUTPUT_NAME, "source": src,
+            "source_sha256": meta.get("sha256"),
             "exported": datetime.now().isoformat(timespec="seconds"),
             "versions": _tool_versions("onnxslim", "nvidia-modelopt"), "source_versions": meta.get("versions"),
             **{k: v for k, v in extra.items() if v is not None}}
 
 
 def _publish(tmp_file: Path, dest: Path, sidecar: dict) -> None:
-    """Write the sidecar, then move the finished file into place atomically.
+    """Move the finished file into place, then write its sidecar with the file's digest.
 
-    In this order a kill in between leaves a sidecar without its artifact (a rerun simply
-    writes both), never an artifact without a sidecar (which a rerun would refuse to replace).
+    A marker stands beside `dest` in between: a kill there leaves the new artifact under the
+    old sidecar (or none), which every reader refuses by the digest, and which the next export
+    to `dest` removes (`_clean_leftovers`).
     """
-    write_json(sidecar_path(dest), sidecar)
+    digest = file_digest(tmp_file)
+    marker = _pending(dest)
+    write_json(marker, digest)
     with atomic_path(dest) as tmp:
         os.replace(tmp_file, tmp)
+    _after_artifact(dest)
+    write_json(sidecar_path(dest), {**sidecar, **digest})
+    marker.unlink()
+
+
+def _after_artifact(dest: Path) -> None:
+    """A seam between the two renames of `_publish` (fault injection in tests)."""
 
 
 def _parity_images(meta: dict, n: int, seed: int, warnings: list[str]) -> tuple[np.ndarray, str]:
@@ -271,7 +328,7 @@ def _engine(onnx_file: Path, dest: Path, work: Path, side: dict, extra: dict, re
 def _pt2(model, meta: dict, src: Path, dest: Path, profile: BatchProfile, device: str, result: ExportResult,
          check: _ParityCheck) -> None:
     """Compile the .pt2 in a temp folder, check it against PyTorch, publish it with its sidecar."""
-    with tempfile.TemporaryDirectory(prefix=".spofa-export-", dir=dest.parent) as work:
+    with tempfile.TemporaryDirectory(prefix=_work_prefix(dest), dir=dest.parent) as work:
         pkg = Path(work) / "model.pt2"
         facts = pt2_export.export_pt2(model, pkg, img_size=int(meta["img_size"]), batch=profile,
                                       precision=result.precision, device=device, in_chans=int(meta.get("in_chans", 3)))
@@ -328,8 +385,10 @@ def _fp32_onnx(model, meta: dict, path: Path, profile: BatchProfile, check: _Par
     onnx_export.check_onnx(path)
     nodes = onnx_export.slim_onnx(path) if slim else None
     onnx_export.check_onnx(path)
-    parity = check.onnx(path)
-    if not parity.passed:
+    parity = check.onnx(path, fused=not meta.get("qat"))  # a QAT graph is Q/DQ: judged as written, like int8
+    # A QAT graph may differ by a rounding step where PyTorch's fake quant and ORT's QuantizeLinear break a tie
+    # differently: beyond the fp32 tolerance, but it fails only on a decisive top-1 flip.
+    if not parity.passed and not (meta.get("qat") and parity.decisive_disagreements == 0):
         raise UserError(f"ONNX Runtime output differs from PyTorch beyond tolerance: {parity.describe()}"
                         f"{_flips(parity)}: nothing written (try --no-slim or another --opset)")
     return parity, {"slim": nodes is not None, "slim_nodes": list(nodes) if nodes else None, "exporter": exporter}
@@ -338,6 +397,9 @@ def _fp32_onnx(model, meta: dict, path: Path, profile: BatchProfile, check: _Par
 def _reduced_onnx(fp32: Path, onnx_prec: str, meta: dict, result: ExportResult, check: _ParityCheck,
                   int8: _Int8Options, extra: dict) -> Path:
     """The ONNX of `onnx_prec` made from `fp32` (Q/DQ, AutoCast, or `fp32` itself); its parity into `result`."""
+    if onnx_prec == "int8" and meta.get("qat"):  # a QAT student exports its own Q/DQ: nothing to calibrate
+        extra["int8"] = _qat_onnx(fp32, meta, result, check.fixed, int8)
+        return fp32
     if onnx_prec == "int8":
         final = fp32.with_name("int8.onnx")
         extra["int8"] = _int8_onnx(fp32, final, meta, result, int8, check.fixed)
@@ -357,7 +419,7 @@ def _onnx_artifact(model, meta: dict, src: Path, dest: Path, fmt: Format, profil
                    result: ExportResult, check: _ParityCheck, *, opset: int, exporter: str, slim: bool,
                    int8: _Int8Options, workspace_gib: float, timing_cache) -> None:
     """fp32 ONNX -> [INT8 / AutoCast] -> the `.onnx`, or the engine built from it; published with sidecars."""
-    with tempfile.TemporaryDirectory(prefix=".spofa-export-", dir=dest.parent) as work:
+    with tempfile.TemporaryDirectory(prefix=_work_prefix(dest), dir=dest.parent) as work:
         fp32 = Path(work) / "fp32.onnx"
         fp32_parity, extra = _fp32_onnx(model, meta, fp32, profile, check, opset=opset, exporter=exporter, slim=slim)
         # The ONNX the artifact is (format onnx) or is built from (format trt).
@@ -376,6 +438,43 @@ def _onnx_artifact(model, meta: dict, src: Path, dest: Path, fmt: Format, profil
         else:
             _engine(final, dest, Path(work), side, extra, result, check, onnx_prec=onnx_prec,
                     workspace_gib=workspace_gib, timing_cache=timing_cache)
+
+
+def _load_source(src: Path, precision: str):
+    """The model to export: a QAT student (`spofa qat`, fake quantizers inside: int8 only) or a plain timm model."""
+    if not read_model_meta(src).get("qat"):
+        return load_model(src, exportable=True)
+    if precision != "int8":
+        raise UserError(f"{src.name} is a QAT student: it exports at --precision int8 only")
+    from calibration.qat import load_qat_model
+
+    return load_qat_model(src)
+
+
+def _qat_onnx(qdq: Path, meta: dict, result: ExportResult, fixed: int | None, opts: _Int8Options) -> dict:
+    """Check the Q/DQ graph a QAT student exported (TensorRT's rules) and put its val top-1 into `result`."""
+    from calibration.quantize import check_trt_qdq
+
+    problems = check_trt_qdq(onnx.load(str(qdq)))
+    if problems:
+        raise UserError(f"the QAT student's ONNX is not TensorRT-compatible: {'; '.join(problems[:3])}")
+    settings = meta["qat_settings"]
+    result.quantization = {"quantizer": "qat", "calib_samples": settings["calib_samples"],
+                           "calib_data": settings["calib_data"],
+                           "excluded_nodes": settings.get("kept_float", [])}  # (module names: float in training)
+    try:
+        ds, _ = load_split(meta, "val")
+        correct, total = 0, 0
+        session = onnx_export.ort_session(qdq, fused=False)
+        for x, y in batches(ds, draw(ds, opts.eval_samples, opts.seed)):
+            correct += int((onnx_export.run_onnx(session, x, fixed).argmax(1) == y).sum())
+            total += len(y)
+        result.int8_top1, result.eval_samples = 100.0 * correct / max(total, 1), total
+        result.fp32_top1 = settings["fp32_top1"]  # (the student before QAT, in PyTorch, on the same val split)
+    except UserError as e:
+        result.warnings.append(f"int8 accuracy not measured: validation images unavailable ({e})")
+    return {**result.quantization, "qat": True, "qat_settings": settings, "int8_top1": result.int8_top1,
+            "eval_samples": result.eval_samples}
 
 
 def export_model(source: Path | str | None, fmt: str, precision: str = "fp32", *, batch: int | None = None,
@@ -421,23 +520,41 @@ def export_model(source: Path | str | None, fmt: str, precision: str = "fp32", *
     start = time.perf_counter()
     f = get_format(fmt)
     precision = f.check_precision(precision)
-    if opset < onnx_export.MIN_OPSET:
-        raise UserError(f"--opset {opset} is too old: use >= {onnx_export.MIN_OPSET} (LayerNorm as one node)")
+    if f.name != "pt2":
+        onnx_export.check_opset(opset, exporter)
     profile = _batch_profile(batch, dynamic_batch)
     _check_dependencies(f, precision, slim, quantizer, device)
     src = resolve_source(source, teacher)
     dest = _output_path(out, src, f, precision, force)
-    model, meta = load_model(src, exportable=True)
-    result = ExportResult(path=dest, sidecar=sidecar_path(dest), format=f.name, precision=precision, size_bytes=0,
-                          opset=None if f.name == "pt2" else opset, batch=profile.to_dict(), source=src)
-    check = _ParityCheck(model, meta, parity_samples, seed, result.warnings, None if profile.dynamic else profile.opt,
-                         {"atol": parity_atol, "rtol": parity_rtol})
+    with writing(dest, "spofa export"):
+        notes: list[str] = []
+        _clean_leftovers(dest, notes)
+        _check_overwrite(dest, force)
+        model, meta = _load_source(src, precision)
+        result = ExportResult(path=dest, sidecar=sidecar_path(dest), format=f.name, precision=precision, size_bytes=0,
+                              opset=None if f.name == "pt2" else opset, batch=profile.to_dict(), source=src,
+                              warnings=notes)
+        try:
+            _export(model, meta, src, dest, f, profile, result, opset=opset, exporter=exporter, slim=slim,
+                    int8=_Int8Options(calib_data, calib_samples, quantizer, keep_ends, eval_samples, seed),
+                    parity=(parity_samples, seed, {"atol": parity_atol, "rtol": parity_rtol}), device=device,
+                    workspace_gib=workspace_gib, timing_cache=timing_cache)
+        except OSError as e:  # a full disk, a folder that became read-only: the output's problem, named so
+            raise (os_error(e, dest) or e) from e
+    result.size_bytes, result.seconds = dest.stat().st_size, time.perf_counter() - start
+    return result
+
+
+def _export(model, meta: dict, src: Path, dest: Path, f: Format, profile: BatchProfile, result: ExportResult, *,
+            opset: int, exporter: str, slim: bool | None, int8: _Int8Options, parity: tuple, device: str,
+            workspace_gib: float, timing_cache) -> None:
+    """Build, check and publish the artifact of format `f` (the work of `export_model`, under its lock)."""
+    samples, seed, tolerance = parity
+    check = _ParityCheck(model, meta, samples, seed, result.warnings, None if profile.dynamic else profile.opt,
+                         tolerance)
     if f.name == "pt2":
         _pt2(model, meta, src, dest, profile, device, result, check)
     else:
         _onnx_artifact(model, meta, src, dest, f, profile, result, check, opset=opset, exporter=exporter,
-                       slim=onnx_export.slim_available() if slim is None else slim,
-                       int8=_Int8Options(calib_data, calib_samples, quantizer, keep_ends, eval_samples, seed),
+                       slim=onnx_export.slim_available() if slim is None else slim, int8=int8,
                        workspace_gib=workspace_gib, timing_cache=timing_cache)
-    result.size_bytes, result.seconds = dest.stat().st_size, time.perf_counter() - start
-    return result

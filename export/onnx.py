@@ -135,6 +135,26 @@ def compare_logits(reference: np.ndarray, out: np.ndarray, source: str, *, atol:
                   checked_on=checked_on)
 
 
+def max_opset(exporter: str) -> int:
+    """The newest opset `exporter` writes (TorchScript stops earlier than dynamo)."""
+    from torch.onnx import _constants
+
+    if exporter == "torchscript":
+        return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+    return int(getattr(_constants, "ONNX_MAX_OPSET", 23))
+
+
+def check_opset(opset: int, exporter: str = "torchscript") -> None:
+    """Refuse an exporter or opset the ONNX export cannot write, before any work."""
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown ONNX exporter '{exporter}': use one of {', '.join(EXPORTERS)}")
+    if opset < MIN_OPSET:
+        raise UserError(f"--opset {opset} is too old: use >= {MIN_OPSET} (LayerNorm as one node)")
+    if opset > max_opset(exporter):
+        raise UserError(f"--opset {opset} is newer than the {exporter} exporter of torch {torch.__version__} "
+                        f"writes: use {MIN_OPSET} to {max_opset(exporter)}")
+
+
 def export_onnx(model: nn.Module, path: Path, *, img_size: int, batch: BatchProfile, opset: int = MIN_OPSET,
                 exporter: str = "torchscript", in_chans: int = 3) -> int:
     """Export `model` (built with `exportable=True`, in eval mode) to `path`.
@@ -151,10 +171,7 @@ def export_onnx(model: nn.Module, path: Path, *, img_size: int, batch: BatchProf
     Returns:
         The opset actually written.
     """
-    if opset < MIN_OPSET:
-        raise UserError(f"--opset {opset} is too old: use >= {MIN_OPSET} (LayerNorm as one node)")
-    if exporter not in EXPORTERS:
-        raise UserError(f"unknown ONNX exporter '{exporter}': use one of {', '.join(EXPORTERS)}")
+    check_opset(opset, exporter)
     model = model.eval()
     # dynamo specialises a dynamic dim whose example size is 1, so its example batch is >= 2.
     n = max(batch.opt, 2) if (batch.dynamic and exporter == "dynamo") else batch.opt

@@ -13,13 +13,16 @@ A package is compiled code bound to what built it, like a TensorRT engine:
   carries kernels for one GPU architecture.
 Both are recorded beside it (the JSON sidecar) and inside it (AOTInductor metadata, read
 from the zip without loading any code), and `check_pt2_meta` refuses a mismatch with both
-named. A package without its sidecar is refused unless trusted.
+named. A package without its sidecar is refused unless trusted, and so is one whose bytes are
+not the ones its sidecar's SHA-256 records: loading a package runs the native code inside it
+(its library's constructors first), so it is only as trustworthy as whoever built it.
 
 Compiling needs a C++ compiler (CPU and CUDA: the wrapper is C++), checked first and cheaply.
 """
 from __future__ import annotations
 
 import copy
+import io
 import json
 import platform
 import shutil
@@ -33,7 +36,7 @@ import torch
 from torch import nn
 
 from export.onnx import INPUT_NAME, OUTPUT_NAME, BatchProfile, Parity, compare_logits, padded_chunks
-from spofa_deploy.artifacts import read_json, sidecar_path
+from spofa_deploy.artifacts import read_json, sidecar_path, verify_artifact
 from spofa_deploy.errors import MissingDependency, UserError
 
 SUFFIX = ".pt2"
@@ -166,13 +169,18 @@ def export_pt2(model: nn.Module, path: str | Path, *, img_size: int, batch: Batc
         facts = {**machine_facts(device), "precision": precision, "batch": batch.to_dict(), "dynamic": dynamic,
                  "img_size": img_size, "in_chans": in_chans, "num_classes": classes}
         configs = {**INDUCTOR_CONFIGS, "aot_inductor.metadata": _embedded(facts)}
+        # Packaged in memory, then written from Python: torch's zip writer aborts the process on a full
+        # disk (a C++ abort, exit 134), a Python write raises OSError. (A file object: aoti wants a `.pt2`
+        # suffix on paths only.)
+        package = io.BytesIO()
         try:
-            with open(path, "wb+") as f:  # a file object: aoti wants a `.pt2` suffix on paths only
-                torch._inductor.aoti_compile_and_package(ep, package_path=f, inductor_configs=configs)
+            torch._inductor.aoti_compile_and_package(ep, package_path=package, inductor_configs=configs)
         except Exception as e:
             if type(e).__name__ == "InvalidCxxCompiler":
                 raise MissingDependency(f"inductor found no working C++ compiler: {_first_line(e)}") from e
             raise
+        with open(path, "wb") as f:
+            f.write(package.getbuffer())
     t2 = time.perf_counter()
     return {**facts, **_package_isa(path), "input": INPUT_NAME, "output": OUTPUT_NAME,
             "inductor_configs": dict(INDUCTOR_CONFIGS), "export_seconds": round(t1 - t0, 2),
@@ -243,6 +251,7 @@ def read_pt2_meta(path: str | Path, trust: bool = False) -> dict:
         meta = read_json(side)
         if meta.get("format", "pt2") != "pt2":
             raise UserError(f"{side.name} describes a '{meta.get('format')}' artifact, not a .pt2 package")
+        verify_artifact(path, meta, trust=trust, native=True)  # a package is native code: only the exported bytes
         return meta
     if not trust:
         raise UserError(f"{path} has no sidecar {side.name}: refusing to load a .pt2 of unknown origin "

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spofa_deploy.artifacts import atomic_path, read_json, sidecar_path
+from spofa_deploy.artifacts import atomic_path, read_json, sidecar_path, verify_artifact
 from spofa_deploy.errors import MissingDependency, UserError
 
 from .onnx import BatchProfile, padded_chunks, require_autocast
@@ -263,6 +263,7 @@ def read_engine_meta(path: Path, trust: bool = False) -> dict:
     meta = read_json(side)
     if meta.get("format", "trt") != "trt":
         raise UserError(f"{side.name} describes a '{meta.get('format')}' artifact, not a TensorRT engine")
+    verify_artifact(path, meta, trust=trust, native=True)  # an engine is GPU code: its bytes must be the exported ones
     return meta
 
 

@@ -2,13 +2,16 @@
 
 A model artifact is a pair: `<name>.safetensors` (only the timm model's own keys) and
 `<name>.json` (everything needed to rebuild and feed it: timm name, classes, input
-size, mean/std, ...). Every write goes to a temp file, is fsynced, then renamed, so
-a crash never leaves a half-written file behind.
+size, mean/std, ...) and the file's SHA-256 and size, checked before the file is loaded. Every
+write goes to a temp file, is fsynced, then renamed, so a crash never leaves a half-written file.
+
+One writer per folder: a run folder (and an export target) is written under an advisory lock
+(`filelock`); a second writer is refused, naming the process that holds it.
 """
 from __future__ import annotations
 
 import contextlib
-import errno
+import hashlib
 import json
 import os
 import platform
@@ -20,7 +23,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, os_error
+from .limits import MAX_IMG_SIZE, check_int
 
 RUNS_DIR = Path("runs")
 LATEST = "latest"
@@ -35,7 +39,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"output folder does not exist: {path.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder: name a file")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise (os_error(e, path) or e) from e
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -46,10 +55,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        err = os_error(e, path)
+        if err is None:
             raise
         kept = " (the previous file is kept)" if path.exists() else ""
-        raise UserError(f"cannot write {path}: {e.strerror}{kept}") from e
+        raise UserError(f"{err}{kept}") from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -67,6 +77,18 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """Refuse, before any work, an output file that cannot be written: a folder, a missing or read-only folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder: name a file")
+    if not path.parent.is_dir():
+        raise UserError(f"{flag}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"{flag} {path}: its folder is not writable (read-only or no permission): write elsewhere")
+    return path
 
 
 def write_json(path: str | Path, data: dict) -> None:
@@ -110,16 +132,56 @@ def sidecar_path(artifact: str | Path) -> Path:
 
 
 def save_model(path: str | Path, model: nn.Module, meta: dict) -> None:
-    """Write `model`'s state dict as safetensors and `meta` as its JSON sidecar."""
-    from safetensors.torch import save_file
+    """Write `model`'s state dict as safetensors and `meta` (with the file's digest) as its JSON sidecar."""
+    from safetensors.torch import save
 
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # One metadata key: safetensors writes this map in a per-process random (Rust HashMap) order, so two
+    # keys give different bytes for the same weights. The timm name is in the JSON sidecar.
+    data = save(state, metadata={"format": "pt"})  # bytes written from Python: a full disk is an OSError
     with atomic_path(path) as tmp:
-        # One metadata key: safetensors writes this map in a per-process random (Rust HashMap) order, so two
-        # keys give different bytes for the same weights. The timm name is in the JSON sidecar.
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    write_json(sidecar_path(path), {**meta, "versions": versions(), "saved_at": datetime.now().isoformat(timespec="seconds")})
+        tmp.write_bytes(data)
+    write_json(sidecar_path(path), {**meta, **file_digest(path), "versions": versions(),
+                                    "saved_at": datetime.now().isoformat(timespec="seconds")})
+
+
+# The sidecar keys that tie it to its artifact's bytes.
+DIGEST_KEYS = ("sha256", "size_bytes")
+
+
+def file_digest(path: str | Path) -> dict:
+    """{"sha256": hex digest, "size_bytes": size} of a file, for its sidecar."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"sha256": h.hexdigest(), "size_bytes": Path(path).stat().st_size}
+
+
+def verify_artifact(path: str | Path, meta: dict, *, trust: bool = False, native: bool = False) -> None:
+    """Refuse a file whose bytes are not the ones its sidecar recorded, before anything is loaded from it.
+
+    Args:
+        path: the artifact.
+        meta: its sidecar.
+        trust: skip the check (`--trust`: the user vouches for the file).
+        native: the file holds native code (a `.pt2`, an engine): a sidecar without a digest is refused too.
+    """
+    if trust:
+        return
+    path, side = Path(path), sidecar_path(path).name
+    want = meta.get("sha256")
+    if want is None:
+        if native:
+            raise UserError(f"{side} records no sha256 of {path.name}, which holds native code: re-export it with "
+                            "`spofa export`, or pass --trust if you built this file yourself")
+        return
+    size = meta.get("size_bytes")
+    if (size is not None and path.stat().st_size != size) or file_digest(path)["sha256"] != want:
+        raise UserError(f"{path.name} is not the file its sidecar {side} was written for (its SHA-256 differs): "
+                        "it was changed or replaced after it was written; re-export it, or pass --trust if you "
+                        "vouch for it")
 
 
 REQUIRED_META = ("model", "num_classes", "img_size", "mean", "std")
@@ -134,7 +196,38 @@ def read_model_meta(path: str | Path, written_by: str = "spofa distill") -> dict
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise UserError(f"{side} lacks {', '.join(missing)}: not a spofa metadata file")
-    return meta
+    return check_meta(meta, side)
+
+
+def check_meta(meta: dict, side: str | Path) -> dict:
+    """`meta` with its sizes, counts and normalisation checked, each bad value named with its field.
+
+    Raises:
+        UserError: e.g. `student.json: num_classes must be an integer >= 1, got 'ten'`.
+    """
+    out = dict(meta)
+    for key, lo, hi in (("num_classes", 1, None), ("img_size", 1, MAX_IMG_SIZE), ("in_chans", 1, 64)):
+        if key in out:
+            out[key] = check_int(out[key], f"{side}: {key}", lo, hi)
+    chans = out.get("in_chans", 3)
+    for key in ("mean", "std"):
+        v = out.get(key)
+        if v is None:
+            continue
+        if not (isinstance(v, list) and len(v) == chans and all(_number(x) for x in v)):
+            raise UserError(f"{side}: {key} must be a list of {chans} numbers, got {v!r}")
+        if key == "std" and not all(x > 0 for x in v):
+            raise UserError(f"{side}: std must be > 0 for every channel, got {v!r}")
+    classes = out.get("classes")
+    if classes is not None and (not isinstance(classes, list) or len(classes) != out["num_classes"]):
+        raise UserError(f"{side}: classes must list num_classes ({out['num_classes']}) names")
+    return out
+
+
+def _number(x) -> bool:
+    import math
+
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -161,8 +254,13 @@ def _utf8(path: Path) -> bool:
     return True
 
 
-def load_model(path: str | Path, exportable: bool = False) -> tuple[nn.Module, dict]:
-    """Rebuild a timm model from `<name>.safetensors` + `<name>.json`.
+def load_model(path: str | Path, exportable: bool = False, trust: bool = False) -> tuple[nn.Module, dict]:
+    """Rebuild a timm model from `<name>.safetensors` + `<name>.json`, its digest checked first.
+
+    Args:
+        path: the `.safetensors` file.
+        exportable: build layers that export cleanly.
+        trust: load it even when its bytes differ from its sidecar's digest.
 
     Returns:
         (model in eval mode, metadata dict)
@@ -170,6 +268,9 @@ def load_model(path: str | Path, exportable: bool = False) -> tuple[nn.Module, d
     from .models import create_model
 
     meta = read_model_meta(path)
+    if not Path(path).is_file():
+        raise UserError(f"model file not found: {path}")
+    verify_artifact(path, meta, trust=trust)
     model = create_model(meta["model"], int(meta["num_classes"]), img_size=int(meta["img_size"]),
                          exportable=exportable)
     state = load_state(path)
@@ -191,18 +292,166 @@ def load_student(path: str | Path = "runs/latest/student.safetensors") -> nn.Mod
     return load_model(path)[0]
 
 
-def new_run_dir(out: str | Path | None, prefix: str) -> Path:
-    """Create the run folder (default `runs/<prefix>-<timestamp>`)."""
+def new_run_dir(out: str | Path | None, prefix: str, *, resume: bool = False, writer: str = "spofa") -> Path:
+    """Create the run folder (default `runs/<prefix>-<timestamp>`) and take its writer's lock.
+
+    Args:
+        out: the folder (`--out`), or None for a new one under `runs/`.
+        prefix: the default folder's name before its timestamp.
+        resume: the folder must exist already (a resume never creates one); without it, a folder
+            that holds a run (its checkpoint) is refused.
+        writer: the command writing it, named to a second writer that is refused.
+
+    Raises:
+        UserError: a folder that cannot be made or written, a missing folder to resume, or one
+            another process is writing.
+    """
     if out is None:
         out = RUNS_DIR / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
+    if resume and not out.is_dir():
+        raise UserError(f"--resume: there is no run folder {out} to continue")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise UserError(f"cannot create run folder {out}: a file of that name exists") from e
     except OSError as e:
-        raise UserError(f"cannot create run folder {out}: {e.strerror}") from e
+        raise (os_error(e, out, verb="create run folder") or e) from e
     if not os.access(out, os.W_OK):
         raise UserError(f"run folder is not writable: {out}")
+    if os.environ.get("RANK", "0") == "0":  # one lock per run: the main process of a torchrun job takes it
+        hold(lock_file(out), out, writer)
+    if not resume and _holds_run(out):  # a teacher stage or a distillation is never overwritten
+        release(lock_file(out))
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if created:
+        _CREATED.add(out.resolve())
     return out
+
+
+def _holds_run(folder: Path) -> bool:
+    from .run_files import CHECKPOINT
+
+    return (folder / CHECKPOINT).is_file()
+
+
+# ---------------------------------------------------------------- one writer per folder
+
+_HELD: dict[Path, object] = {}  # lock file -> this process's FileLock (taking it twice is a no-op)
+_CREATED: set[Path] = set()  # run folders this process created
+_LATEST_UNDO: dict = {}  # how runs/latest pointed before this process moved it
+
+
+def lock_file(target: str | Path) -> Path:
+    """The lock of a run folder or an export target: `.<name>.lock` beside it (outside a folder, so a refused
+    or killed writer never changes what is inside), named after the real path, whatever link led to it."""
+    real = Path(target).resolve()
+    return real.parent / f".{real.name}.lock"
+
+
+def hold(lock: Path, target: Path, writer: str) -> None:
+    """Take the advisory write lock of `target` for this process, or refuse naming the process that holds it.
+
+    The lock is the kernel's (flock through `filelock`): a killed holder releases it at once. The
+    file records who holds it, for the refusal's message, and is removed on release, so a finished
+    command leaves no trace of it.
+    """
+    from filelock import FileLock, Timeout
+
+    key = Path(os.path.abspath(lock))
+    if key in _HELD:
+        return
+    for _ in range(5):  # a holder removing the file as we lock it: lock the new file
+        lock = FileLock(str(key), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UserError(f"{target} is being written by {_holder(key)}: wait for it to finish, or write "
+                            "elsewhere") from None
+        except OSError as e:
+            raise (os_error(e, target, verb="lock") or e) from e
+        if _locked_file_in_place(lock, key):
+            break
+        lock.release()
+    _HELD[key] = lock
+    with contextlib.suppress(OSError):  # (the lock holds without the note)
+        key.write_text(f"process {os.getpid()} ({writer}) on {platform.node()} since "
+                       f"{datetime.now().isoformat(timespec='seconds')}\n")
+
+
+def _locked_file_in_place(lock, key: Path) -> bool:
+    """The file `lock` holds is still the one at `key` (a releasing holder unlinks it)."""
+    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+    try:
+        here = os.stat(key)
+        return fd is None or os.path.samestat(here, os.fstat(fd))
+    except OSError:
+        return False
+
+
+def _holder(lock: Path) -> str:
+    try:
+        text = lock.read_text().strip()
+    except OSError:
+        text = ""
+    return text or "another process"
+
+
+def release(lock: Path) -> None:
+    """Give up this process's lock (a no-op when it holds none)."""
+    key = Path(os.path.abspath(lock))
+    lock = _HELD.pop(key, None)
+    if lock is not None:
+        key.unlink(missing_ok=True)  # before the release: a waiter then finds the file gone and locks anew
+        lock.release()
+
+
+def release_run(run: Path) -> None:
+    """The run is finished (or safely resumable): release its folder's lock."""
+    release(lock_file(run))
+    _CREATED.discard(Path(run).resolve())
+    if _LATEST_UNDO.get("run") == str(run):
+        _LATEST_UNDO.clear()
+
+
+@contextlib.contextmanager
+def writing(target: Path, writer: str) -> Iterator[None]:
+    """Hold the write lock of one output file (`lock_file`) for the duration of a block."""
+    lock = lock_file(target)
+    hold(lock, target, writer)
+    try:
+        yield
+    finally:
+        release(lock)
+
+
+def abandon_runs() -> None:
+    """After a command failed: undo what it left that helps nobody, and release its locks.
+
+    A run folder it created that still holds nothing is removed; `runs/latest` moved to a run
+    without a checkpoint (nothing to resume) points where it pointed before.
+    """
+    from .run_files import CHECKPOINT
+
+    undo = dict(_LATEST_UNDO)
+    if undo and not (Path(undo["run"]) / CHECKPOINT).is_file():
+        _restore_latest(Path(undo["root"]), undo["previous"])
+    for key in list(_HELD):
+        release(key)
+    for run in list(_CREATED):
+        with contextlib.suppress(OSError):
+            run.rmdir()  # only when empty
+    _CREATED.clear()
+    _LATEST_UNDO.clear()
+
+
+def _restore_latest(root: Path, previous: str | None) -> None:
+    with contextlib.suppress(OSError):
+        if previous is None:
+            (root / LATEST).unlink(missing_ok=True)
+        else:
+            _point_latest(root, previous)
 
 
 def mark_latest(run: Path, root: str | Path = RUNS_DIR) -> None:
@@ -210,7 +459,13 @@ def mark_latest(run: Path, root: str | Path = RUNS_DIR) -> None:
     links are not allowed), so `spofa export` and `--resume` find the run just made, never an older one."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    target = os.path.relpath(Path(run).resolve(), root.resolve())
+    link = root / LATEST
+    previous = os.readlink(link) if link.is_symlink() else None
+    _LATEST_UNDO.update(root=str(root), previous=previous, run=str(run))
+    _point_latest(root, os.path.relpath(Path(run).resolve(), root.resolve()))
+
+
+def _point_latest(root: Path, target: str) -> None:
     link = root / LATEST
     tmp = root / f".{LATEST}.tmp"
     tmp.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_path
-from .errors import UserError
+from .errors import UserError, load_error_line
 
 # A training run (`spofa teacher`, `spofa distill`).
 CHECKPOINT = "checkpoint-last.pt"
@@ -32,8 +32,10 @@ RUN_LOG = "log.txt"  # a run's console output when the compare trains several at
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write a checkpoint atomically: a reader sees the previous file or this one, never a part."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # Through a Python file object: torch's own writer reports a full disk as an obscure RuntimeError,
+    # a Python write as OSError (ENOSPC), which `atomic_path` turns into a one-line user error.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -43,7 +45,7 @@ def load_checkpoint(path: Path) -> dict:
     except FileNotFoundError as e:
         raise UserError(f"no checkpoint to resume from: {path}") from e
     except Exception as e:  # truncated zip, a PNG, a pickle with code in it: never execute, just refuse
-        raise UserError(f"{path} is not a readable spofa checkpoint ({str(e).splitlines()[0][:120]})") from e
+        raise UserError(f"{path} is not a readable spofa checkpoint ({load_error_line(e)})") from e
 
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:

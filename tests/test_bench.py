@@ -23,7 +23,7 @@ from export.bench.report import BenchReport
 from export.bench.run import BenchOptions, run_bench
 from export.bench.target import resolve_artifact
 from export.bench.timing import LatencyStats, Summary, TimedStep, TimingOptions, measure, percentile
-from spofa_deploy.artifacts import read_json, save_model, sidecar_path, write_json
+from spofa_deploy.artifacts import file_digest, read_json, save_model, sidecar_path, write_json
 from spofa_deploy.errors import UserError
 from spofa_deploy.models import Preprocessing
 
@@ -62,8 +62,10 @@ def _export_onnx(model, path, batch_dynamic: bool = True, batch: int = 1) -> Non
 
 
 def _sidecar(path, meta: dict, precision: str, fmt: str = "onnx", batch=(1, 8, 64), source="student.safetensors"):
+    # The file's own digest, as `spofa export` records it (a copied student's would not match the file).
     write_json(sidecar_path(path), {**meta, "format": fmt, "precision": precision, "opset": 17,
-                                    "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]}, "source": source})
+                                    "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]}, "source": source,
+                                    **file_digest(path)})
 
 
 class _Calib:

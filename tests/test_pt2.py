@@ -19,7 +19,7 @@ from export.bench.target import Artifact
 from export.bench.timing import TimingOptions, measure
 from export.onnx import BatchProfile, torch_logits
 from export.pt2 import check_pt2_meta, export_pt2, load_pt2, package_facts, parity_pt2, read_pt2_meta
-from spofa_deploy.artifacts import sidecar_path, write_json
+from spofa_deploy.artifacts import file_digest, sidecar_path, write_json
 from spofa_deploy.errors import MissingDependency, UserError
 
 IMG = 32
@@ -49,7 +49,7 @@ def _package(tmp_path_factory, model, batch: BatchProfile, name: str) -> tuple:
     path = tmp_path_factory.mktemp("pt2") / f"{name}.pt2"
     facts = export_pt2(model, path, img_size=IMG, batch=batch)
     meta = {"model": "test_resnet", "num_classes": CLASSES, "img_size": IMG, "mean": [0.5] * 3, "std": [0.5] * 3,
-            "format": "pt2", **facts}
+            "format": "pt2", **facts, **file_digest(path)}
     write_json(sidecar_path(path), meta)
     return path, meta
 

@@ -29,6 +29,7 @@ from export.bench.variants import (
     default_precision,
     torch_candidate,
 )
+from spofa_deploy.artifacts import check_output_file
 from spofa_deploy.errors import UserError
 from spofa_deploy.machine import machine_info
 from spofa_deploy.models import Preprocessing
@@ -197,8 +198,8 @@ def _checked(options: BenchOptions) -> BenchOptions:
     if options.max_val is not None and options.max_val < 1:
         raise UserError("--max-val must be >= 1")
     for flag, out in (("--json", options.json_path), ("--plot", options.plot_path)):
-        if out is not None and not Path(out).parent.is_dir():  # fail now, not after minutes of timing
-            raise UserError(f"{flag}: folder {Path(out).parent} does not exist")
+        if out is not None:  # fail now, not after minutes of timing
+            check_output_file(out, flag)
     teacher_backend = check_backends([options.teacher_backend])[0] if options.teacher_backend is not None else None
     return replace(options, backends=backends, batch_sizes=batch_sizes,
                    teacher_backend=None if teacher_backend == "auto" else teacher_backend)

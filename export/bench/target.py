@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.formats import FORMATS, format_for_path
-from spofa_deploy.artifacts import read_model_meta, sidecar_path
+from spofa_deploy.artifacts import read_model_meta, sidecar_path, verify_artifact
 from spofa_deploy.errors import UserError
+from spofa_deploy.limits import check_int
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,11 @@ def _sidecar_batch(meta: dict, side: Path) -> tuple[int, int] | None:
     b = meta.get("batch")
     if b is None:
         return None
-    try:
-        lo, hi = int(b["min"]), int(b["max"])
-    except (TypeError, KeyError, ValueError):
-        raise UserError(f"{side} has a malformed 'batch' entry {b!r} (expected min/opt/max)") from None
+    if not isinstance(b, dict) or not {"min", "max"} <= set(b):
+        raise UserError(f"{side} has a malformed 'batch' entry {b!r} (expected min/opt/max)")
+    lo, hi = check_int(b["min"], f"{side}: batch.min", 1), check_int(b["max"], f"{side}: batch.max", 1)
+    if lo > hi:
+        raise UserError(f"{side}: batch.min {lo} is above batch.max {hi}")
     return lo, hi
 
 
@@ -150,6 +152,8 @@ def resolve_artifact(path: str | Path, role: str = "student", trust: bool = Fals
     if fmt == "pt2" and not side.is_file():
         return _trusted_pt2(path, trust)
     meta = read_model_meta(path) if fmt == "torch" else read_model_meta(path, written_by="spofa export")
+    # Before anything reads the file: a `.pt2` or an engine is native code, run as soon as it is loaded.
+    verify_artifact(path, meta, trust=trust, native=fmt in ("pt2", "trt"))
     declared = meta.get("format")
     if declared is None and fmt != "torch":
         raise UserError(f"{side} has no 'format' entry: it was not written for {path.name}")

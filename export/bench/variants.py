@@ -110,7 +110,7 @@ def artifact_candidate(art: Artifact, *, role: str, backend: str, requested: str
         if art.path not in model_cache:
             from spofa_deploy.artifacts import load_model
 
-            model_cache[art.path] = load_model(art.path)[0]
+            model_cache[art.path] = load_model(art.path, trust=trust_engine)[0]
             fresh = model_cache[art.path]
         else:
             fresh = copy.deepcopy(model_cache[art.path])

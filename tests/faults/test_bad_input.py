@@ -37,6 +37,15 @@ def _images(folder: Path, counts: dict[str, int], corrupt: str | None = None) ->
     return folder
 
 
+def _vouch(artifact: Path) -> None:
+    """The sidecar records the file's own digest, so the case reaches the check it is about (a file whose bytes
+    differ from its sidecar's digest is refused before that: tests/faults/test_hardening.py)."""
+    from spofa_deploy.artifacts import file_digest, sidecar_path
+
+    side = sidecar_path(artifact)
+    side.write_text(json.dumps({**json.loads(side.read_text()), **file_digest(artifact)}))
+
+
 @job("inputs", priority=3)
 def _inputs(ctx) -> dict:
     import onnx
@@ -56,12 +65,14 @@ def _inputs(ctx) -> dict:
     fake.parent.mkdir()
     shutil.copyfile(png, fake)
     shutil.copyfile(existing / "teacher.json", fake.with_suffix(".json"))
+    _vouch(fake)
 
     trunc = root / "truncated" / "student.safetensors"
     trunc.parent.mkdir()
     data = student.read_bytes()
     trunc.write_bytes(data[: len(data) // 2])
     shutil.copyfile(existing / "student.json", trunc.with_suffix(".json"))
+    _vouch(trunc)
 
     onnx_side = {**meta, "format": "onnx", "precision": "fp32", "opset": 17, "source": "student.safetensors",
                  "batch": {"min": 1, "opt": 1, "max": 1, "dynamic": False}}
@@ -72,9 +83,11 @@ def _inputs(ctx) -> dict:
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), broken)
     (root / "onnx" / "broken.onnx.json").write_text(json.dumps(onnx_side))
+    _vouch(broken)
     garbage_onnx = root / "onnx" / "garbage.onnx"
     garbage_onnx.write_bytes(os.urandom(2048))
     (root / "onnx" / "garbage.onnx.json").write_text(json.dumps(onnx_side))
+    _vouch(garbage_onnx)
 
     engines = root / "engines"
     engines.mkdir()
@@ -83,6 +96,7 @@ def _inputs(ctx) -> dict:
     (engines / "foreign.engine.json").write_text(json.dumps(
         {**meta, "format": "trt", "precision": "fp16", "opset": 17, "batch": {"min": 1, "opt": 1, "max": 1},
          "tensorrt": "9.9.9", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}))
+    _vouch(engines / "foreign.engine")
 
     corrupt = _images(root / "imgs_corrupt", {"a": 7, "b": 8}, corrupt="a")  # 16 train files, 1 unreadable
     odd = _images(root / "imgs_17", {"a": 9, "b": 8})  # 17 train images: batch 4 leaves a last batch of 1
