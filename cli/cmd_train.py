@@ -46,7 +46,8 @@ def distill(
     data: o.Data = "digits",
     method: Annotated[str, typer.Option("--method", help="spofa | ofa | kd | none")] = "spofa",
     img_size: o.ImgSize = None,
-    teacher_ckpt: Annotated[Optional[Path], typer.Option("--teacher-ckpt", help="A teacher.safetensors from `spofa teacher`.")] = None,
+    teacher_ckpt: Annotated[Optional[Path], typer.Option("--teacher-ckpt", help="A teacher.safetensors from `spofa teacher`, or a checkpoint of timm's training script (model_best.pth.tar, .pth, .safetensors) of the --teacher architecture, used as it is.")] = None,
+    teacher_finetune: Annotated[bool, typer.Option("--teacher-finetune", help="Fine-tune a teacher made elsewhere (--teacher-ckpt of timm, or --teacher hf-hub:ID / local-dir:DIR) on the data by the teacher stage, its classifier re-initialised where the classes differ; without it the teacher is used as it is.")] = False,
     teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file for the teacher stage.")] = None,
     teacher_epochs: Annotated[Optional[int], typer.Option(help="Epochs of the teacher stage, if it runs (default: the recipe's 30, fewer on the CPU for big teachers).")] = None,
     pretrained: Annotated[bool, typer.Option(help="Try timm's pretrained teacher weights first.")] = True,
@@ -82,7 +83,8 @@ def distill(
     if gpu_decode and device.strip().lower() == "cpu":
         raise UserError("--gpu-decode decodes on the GPU: it cannot run with --device cpu")
     topts = pipeline.TeacherOptions(name=teacher, checkpoint=_str(teacher_ckpt), weights=_str(teacher_weights),
-                                    pretrained=pretrained, label_smoothing=teacher_label_smoothing)
+                                    pretrained=pretrained, label_smoothing=teacher_label_smoothing,
+                                    finetune=teacher_finetune)
     topts.train = o.train_config(given, topts.train, prefix="teacher_")
     topts.cpu_budget = None if teacher_epochs else topts.cpu_budget  # epochs given are taken as given
     loss = o.loss_config(given)

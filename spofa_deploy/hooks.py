@@ -31,6 +31,8 @@ class Hooks:
     on_checkpoint: Callable[[int], None] | None = None  # before each checkpoint write
     on_best: Callable[[nn.Module, dict], None] | None = None  # (model, record) when val top-1 improves
     on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # (step, loss) -> loss, before backward
+    # (kind, step, record) as the main rank writes each trace row ("trace") and each epoch's metrics ("epoch")
+    on_record: Callable[[str, int, dict], None] | None = None
 
 
 _INSTALLED: list[Hooks] = []
@@ -63,9 +65,10 @@ def installed_hooks(hooks: Hooks) -> Iterator[Hooks]:
         remove()
 
 
-def active_hooks(own: Hooks | None = None) -> Hooks:
-    """The hooks a run calls: its own, then the installed ones, as one `Hooks` (None where nobody hooks in)."""
-    chain = [h for h in (own, *_INSTALLED) if h is not None]
+def active_hooks(own: Hooks | None = None, *more: Hooks | None) -> Hooks:
+    """The hooks a run calls: its own, then `more` (the loop's own extensions), then the installed ones, as one
+    `Hooks` (None where nobody hooks in)."""
+    chain = [h for h in (own, *more, *_INSTALLED) if h is not None]
     return Hooks(**{f.name: _chained(f.name, [getattr(h, f.name) for h in chain if getattr(h, f.name)])
                     for f in fields(Hooks)})
 

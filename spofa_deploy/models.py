@@ -44,7 +44,7 @@ def resolve_model_name(name: str) -> str:
     import timm
 
     full = ALIASES.get(name, name)
-    if timm.is_model(full):
+    if timm.is_model(full) or full.startswith(("hf-hub:", "local-dir:")):  # (timm reads those when it builds them)
         return full
     candidates = list(dict.fromkeys(list(ALIASES) + timm.list_models()))  # aliases first, no duplicates
     close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
@@ -73,17 +73,21 @@ def create_model(
     """
     import timm
 
+    from .foreign import architecture, checkpoint_state, classifier_width
+
     full = resolve_model_name(name)
     kwargs: dict = {"num_classes": num_classes}
     if exportable:
         kwargs["exportable"] = True
-    if img_size is not None and _takes_img_size(full):
+    if img_size is not None and _takes_img_size(architecture(full)):
         kwargs["img_size"] = img_size
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
             raise UserError(f"weights file not found: {path}")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        # timm keeps the file's classifier when its width is the model's, and re-initialises it otherwise.
+        width = classifier_width(full, checkpoint_state(path))
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path), **({"num_classes": width} if width else {})}
         pretrained = True
     try:
         try:
@@ -108,7 +112,7 @@ def create_teacher_pretrained(name: str, num_classes: int, img_size: int | None)
     initialised model before it looks for weights) consumes no draw, so the random-init
     teacher built next is the same whether or not a hub answered.
     """
-    if not _hub_reachable():
+    if not name.startswith("local-dir:") and not _hub_reachable():
         _log.debug("model hub unreachable and HF_HUB_OFFLINE unset: not trying pretrained weights")
         return None
     with torch.random.fork_rng(devices=[]):

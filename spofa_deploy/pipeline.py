@@ -18,18 +18,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
-from .artifacts import (RUNS_DIR, latest_run, load_model, mark_latest, new_run_dir, read_model_meta, save_model,
-                        sidecar_path, write_json)
+from . import distributed, foreign
+from .artifacts import (RUNS_DIR, latest_run, load_model, mark_latest, new_run_dir, read_model_meta, release_run,
+                        save_model, sidecar_path, write_json)
+from .limits import check_img_size, check_model_input, check_workers
 from .console import console
 from .data import load_splits
 from .datasets import Splits, parse_data_spec
 from .distillers import METHODS, DistillConfig, Supervised, create_task
-from .errors import UserError, check_choice
+from .errors import UserError, check_choice, os_error
 from .models import Preprocessing, count_params, create_model, create_teacher_pretrained, data_config, resolve_model_name
 from .hooks import Hooks
 from .run_files import CHECKPOINT, STUDENT_FILE, TEACHER_FILE, TRACE, TRACE_PLOT, load_checkpoint
-from .train import FitResult, TrainConfig, fit, resolve_amp
+from .loaders import make_loader
+from .train import FitResult, TrainConfig, evaluate, fit, resolve_amp
 from .machine import resolve_device
 
 
@@ -53,6 +55,9 @@ class TeacherOptions:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=5e-4, batch_size=32, optimizer="adamw"))
     # On the CPU the stage's epochs are cut to this budget (None: `train.epochs` as given, e.g. by --teacher-epochs).
     cpu_budget: float | None = TEACHER_CPU_BUDGET
+    # A teacher made elsewhere (`foreign`) is used as it is; with `finetune` the teacher stage fine-tunes it from
+    # its weights (its classifier re-initialised where the data's classes differ).
+    finetune: bool = False
     # No label smoothing by default: a smoothed teacher's soft targets at KD's temperature are nearly
     # uniform (entropy 2.21 of 2.30 nats on digits with 0.1), and such teachers distil poorly
     # (Muller et al., NeurIPS 2019). teacher.json records the entropy the teacher ends with.
@@ -105,7 +110,7 @@ def recipe_teacher_path(teacher: str, data: DataOptions) -> Path:
 
 
 def _model_meta(model, name: str, splits: Splits, img_size: int, cfg: dict, role: str, **extra) -> dict:
-    return {"role": role, "model": resolve_model_name(name), "num_classes": splits.num_classes,
+    return {"role": role, "model": foreign.architecture(name), "num_classes": splits.num_classes,
             "classes": splits.classes, "img_size": img_size, **cfg, "data": str(splits.spec),
             "params": count_params(model), **extra}
 
@@ -132,8 +137,6 @@ def train_teacher(*, teacher: TeacherOptions, data: DataOptions, out: str | Path
     distributed.init_from_env(teacher.train.device)
     run = new_run_dir(out or default_teacher_dir(teacher.name, str(spec), img_size), "teacher", resume=resume,
                       writer="spofa teacher")
-    if not resume and (run / CHECKPOINT).is_file():  # a teacher stage or a distillation: never overwritten
-        raise UserError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
     probe = create_model(teacher.name, 2, img_size)  # classes are unknown until the data is read
     prep = Preprocessing.from_meta(data_config(probe), img_size)
     splits = _splits(data, prep, teacher.train)
@@ -173,6 +176,7 @@ def train_teacher(*, teacher: TeacherOptions, data: DataOptions, out: str | Path
                                         "soft_targets": soft})
         console.print(f"teacher soft targets at T={soft['temperature']:g}: entropy {soft['entropy_nats']:.2f} of "
                       f"at most {soft['max_nats']:.2f} nats ({soft['images']} training views)")
+        release_run(run)
     distributed.barrier()
     return path
 
@@ -196,8 +200,6 @@ def soft_target_entropy(model: torch.nn.Module, train_set, temperature: float, *
 
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(train_set), generator=g)[:n].tolist()
-    from .loaders import make_loader
-
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # (torch.manual_seed would also reseed CUDA, which fork_rng(devices=[]) leaves)
         # Through the loader: with GPU decoding the items are undecoded bytes that the loader decodes.
@@ -213,25 +215,33 @@ def soft_target_entropy(model: torch.nn.Module, train_set, temperature: float, *
 def find_teacher(*, teacher: TeacherOptions, data: DataOptions) -> Path:
     """The one "find or train the teacher" of distill and compare; returns its `teacher.safetensors`.
 
-    In order: an explicit checkpoint (`teacher.checkpoint`); the teacher trained earlier for
-    (model, data, size) when its stage finished; else the teacher stage with `teacher.train`
-    (the teacher recipe), resuming an unfinished stage. The stage's folder is shared by every
-    run on this data and size: it trains on the whole training split, decoded on the CPU.
+    In order: a teacher made elsewhere (a timm checkpoint as `teacher.checkpoint`, or an
+    `hf-hub:` / `local-dir:` name), used as it is (`_foreign_teacher`); a checkpoint of ours
+    (`teacher.checkpoint`); the teacher trained earlier for (model, data, size) when its stage
+    finished; else the teacher stage with `teacher.train` (the teacher recipe), resuming an
+    unfinished stage. The stage's folder is shared by every run on this data and size: it trains
+    on the whole training split, decoded on the CPU.
     """
+    if teacher.checkpoint and not Path(teacher.checkpoint).is_file():
+        raise UserError(f"teacher checkpoint not found: {teacher.checkpoint}")
+    if foreign.is_foreign(teacher.name, teacher.checkpoint):
+        return _foreign_teacher(teacher, data)
     if teacher.checkpoint:
-        path = Path(teacher.checkpoint)
-        if not path.is_file():
-            raise UserError(f"teacher checkpoint not found: {path}")
-        return path
+        return Path(teacher.checkpoint)
+    return _finished_or_trained(teacher, data, recipe_teacher_path(teacher.name, data))
+
+
+def _finished_or_trained(teacher: TeacherOptions, data: DataOptions, path: Path) -> Path:
+    """The teacher at `path` when its stage finished, else the teacher stage into its folder (resumed if begun)."""
     spec = parse_data_spec(data.spec)
     img_size = data.img_size or spec.natural_size
-    path = recipe_teacher_path(teacher.name, data)
     ckpt = path.parent / CHECKPOINT
     state = load_checkpoint(ckpt) if ckpt.is_file() else None
     # teacher.safetensors appears at the stage's first best epoch: only a finished stage counts.
     unfinished = state is not None and state["epoch"] < state["config"]["epochs"]
     # No checkpoint beside it: the stage was killed before its first one (the file comes at the first best).
     if path.is_file() and state is not None and not unfinished:
+        _check_weights_used(teacher, path)
         console.print(f"using the teacher trained earlier for this data: {path}")
         return path
     what = f"resuming its unfinished stage ({state['epoch']}/{state['config']['epochs']} epochs)" if unfinished \
@@ -244,9 +254,58 @@ def find_teacher(*, teacher: TeacherOptions, data: DataOptions) -> Path:
     return path
 
 
+def _foreign_teacher(teacher: TeacherOptions, data: DataOptions) -> Path:
+    """A teacher made elsewhere: used as it is when it was trained for the data's classes (evaluated once on the
+    validation split and recorded; no stage), else, with `teacher.finetune`, fine-tuned from its weights by the
+    teacher stage. Either way it is kept under `runs/teachers/` by a digest of where it came from."""
+    spec = parse_data_spec(data.spec)
+    img_size = data.img_size or spec.natural_size
+    name, ckpt = teacher.name, teacher.checkpoint
+    folder = RUNS_DIR / "teachers" / re.sub(r"[^A-Za-z0-9._-]+", "_",
+                                            f"{foreign.source_slug(name, ckpt)}-{spec}-{img_size}px")
+    stage_data = replace(data, img_size=img_size, train_fraction=1.0, gpu_decode=False)
+    if teacher.finetune:  # its weights, its classifier re-initialised where the data's classes differ
+        tuned = replace(teacher, name=foreign.architecture(name) if ckpt else name, checkpoint=None, weights=ckpt)
+        return _finished_or_trained(tuned, stage_data, folder / TEACHER_FILE)
+    path = folder / TEACHER_FILE
+    if path.is_file():
+        console.print(f"using the teacher adopted earlier for this data: {path}")
+        return path
+    found = foreign.trained_for(name, ckpt)
+    model = foreign.build(name, ckpt, found.num_classes, img_size)
+    prep = Preprocessing.from_meta(data_config(model), img_size)
+    splits = _splits(stage_data, prep, teacher.train)
+    how = foreign.check_classes(found, splits.classes, ckpt or name)
+    device = resolve_device(teacher.train.device)
+    val = evaluate(model.to(device), make_loader(splits.val, 64, train=False, workers=teacher.train.workers), device)
+    source = f"checkpoint {ckpt}" if ckpt else name
+    if distributed.info().is_main:
+        soft = soft_target_entropy(model.cpu(), splits.train, DistillConfig().kd_temperature, seed=teacher.train.seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(path, model, _model_meta(model, foreign.architecture(name), splits, img_size, prep.meta(), "teacher",
+                                            source=source, top1=val["top1"], top5=val["top5"], saved="model",
+                                            adopted=True, classes_checked=how, soft_targets=soft))
+    distributed.barrier()
+    console.print(f"teacher {source}: used as it is (classes checked by {how}); val top-1 {val['top1']:.2f}% on {spec}")
+    return path
+
+
+def _check_weights_used(teacher: TeacherOptions, path: Path) -> None:
+    """A teacher trained earlier serves `--teacher-weights FILE` only when it was trained from that file."""
+    if not teacher.weights:
+        return
+    source = read_model_meta(path).get("source")
+    if source != f"weights file {teacher.weights}":
+        raise UserError(f"--teacher-weights {teacher.weights}: the teacher trained earlier for this data "
+                        f"({path}) started from {source or 'other weights'}, not from this file: drop "
+                        f"--teacher-weights to use it, or train one from the file with `spofa teacher "
+                        f"--teacher-weights {teacher.weights} --out DIR` and pass --teacher-ckpt DIR/{TEACHER_FILE}")
+
+
 def _check_settings(*cfgs: TrainConfig) -> None:
     for cfg in cfgs:
         cfg.validate()
+        check_workers(cfg.workers)
         resolve_device(cfg.device)
 
 
@@ -255,6 +314,10 @@ def _check_inputs(student: str, teacher: TeacherOptions, data: DataOptions, trai
     resolve_model_name(student)
     resolve_model_name(teacher.name)
     _check_settings(train, teacher.train)
+    if check_img_size(data.img_size) is not None:  # (None: the teacher's own size)
+        check_model_input(student, data.img_size, "student")
+        if not teacher.checkpoint:  # (a checkpoint's size is checked against it when it is read)
+            check_model_input(teacher.name, data.img_size, "teacher")
     spec = parse_data_spec(data.spec)
     # Read the data once (cheap: no transforms run) so a bad --data fails before any work.
     load_splits(spec, Preprocessing.identity(), download=data.download, skip_corrupt=data.skip_corrupt)
@@ -304,10 +367,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)  # same file system: no copy of a large teacher
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)  # same file system: no copy of a large teacher
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:  # a full or read-only disk: no partial copy left behind
+        tmp.unlink(missing_ok=True)
+        raise (os_error(e, dst) or e) from e
 
 
 def distill(*, student: str = "mobilenetv3", teacher: TeacherOptions | None = None, method: str = "spofa",
@@ -352,7 +419,7 @@ def distill(*, student: str = "mobilenetv3", teacher: TeacherOptions | None = No
                   f"{img_size}px, {len(splits.train)} train / {len(splits.val)} val -> {run}")
     spath = run / STUDENT_FILE
     meta = _model_meta(s_model, student, splits, img_size, prep.meta(), "student", method=method, teacher=t_meta["model"],
-                       teacher_file=TEACHER_FILE, teacher_top1=t_meta.get("top1"), loss=loss.to_dict(),
+                       teacher_file=TEACHER_FILE, teacher_top1=t_meta.get("top1"), teacher_source=t_meta.get("source"), loss=loss.to_dict(),
                        train=dict(train.__dict__), train_fraction=data.train_fraction)
     if dist.is_main and latest:  # (`spofa compare` keeps its runs out of runs/latest)
         mark_latest(run)
@@ -376,7 +443,6 @@ def _record_transfer(spath: Path, t_model: torch.nn.Module, t_meta: dict, splits
     """`student.json`'s `transfer`: the student's top-1 agreement with its teacher on the validation split, and
     (distilled students) whether the teacher could have taught it anything (`transfer_check`)."""
     from .accuracy import agreement, transfer_check
-    from .loaders import make_loader
 
     s_meta = read_model_meta(spath)
     device = next(t_model.parameters()).device
@@ -394,7 +460,8 @@ def _open_run(out: str | Path | None, resume: bool, run_info: dict, *, is_main: 
     """
     if resume and out is None:
         out = latest_run()
-    run = distributed.broadcast_object(new_run_dir(out, f"{run_info['student']}-{run_info['method']}") if is_main else None)
+    run = distributed.broadcast_object(new_run_dir(out, f"{run_info['student']}-{run_info['method']}", resume=resume,
+                                               writer="spofa distill") if is_main else None)
     if resume and not (run / CHECKPOINT).is_file():
         raise UserError(f"--resume: no {CHECKPOINT} in {run}")
     saved = load_checkpoint(run / CHECKPOINT) if resume else None
@@ -413,6 +480,9 @@ def _resolve_teacher(run: Path, teacher: TeacherOptions, data: DataOptions, *, r
     t_model, t_meta = load_model(tpath)
     if data.img_size and int(t_meta["img_size"]) != data.img_size:
         raise UserError(f"teacher {tpath} was trained at {t_meta['img_size']}px, not {data.img_size}px")
+    if teacher.checkpoint and resolve_model_name(teacher.name) != t_meta["model"]:
+        console.print(f"note: the teacher is {t_meta['model']} from --teacher-ckpt {tpath}; --teacher "
+                      f"{teacher.name} is not used")
     return tpath, t_model, t_meta
 
 
@@ -420,8 +490,10 @@ def _load_data(data: DataOptions, prep: Preprocessing, train: TrainConfig, tpath
     """The splits with the teacher's preprocessing; refused when the teacher knows other classes."""
     splits = _splits(data, prep, train)
     if t_meta.get("classes") != splits.classes:
+        theirs = f"{splits.num_classes}" if splits.num_classes != t_meta["num_classes"] else "other class names:"
         raise UserError(f"teacher {tpath} has {t_meta['num_classes']} classes {t_meta.get('classes', [])[:5]}..., "
-                        f"but {splits.spec} has {splits.num_classes}: train a teacher on this data (`spofa teacher`)")
+                        f"but {splits.spec} has {theirs} {splits.classes[:5]}...: train a teacher on this data "
+                        "(`spofa teacher`)")
     return splits
 
 
@@ -443,6 +515,8 @@ def _finish(run: Path, splits: Splits, *, is_main: bool) -> None:
         bad = sorted(set(getattr(splits.train, "corrupt", ())) | set(getattr(splits.val, "corrupt", ())))
         if bad:  # (counted in this process: with --workers > 0 the loader workers hold their own counts)
             console.print(f"[yellow]warning:[/] skipped {len(bad)} unreadable image(s) (--skip-corrupt), e.g. {bad[0]}")
+        # Trained: another writer is now refused by the run's checkpoint, so the folder's lock can go.
+        release_run(run)
     distributed.barrier()
 
 

@@ -27,6 +27,7 @@ from .hooks import Hooks, active_hooks
 from .loaders import AugSeeded, EpochSampler, make_loader
 from .machine import resolve_device
 from .run_files import CHECKPOINT, TRACE, TraceWriter, load_checkpoint
+from .tensorboard import TensorBoard
 
 # Importable from here as before the split (pipeline, compare, plots, tests).
 
@@ -158,6 +159,7 @@ class _Loop:
     loss_ema: float | None = None
     nan_skips: int = 0
     last_acc: str = ""
+    on_record: Callable[[str, int, dict], None] | None = None  # `Hooks.on_record`
 
 
 def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, resume: bool = False,
@@ -178,16 +180,21 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
         teacher_cache: a `teacher_cache.TeacherCache` of this run's training views: the teacher's
             logits are read from it where present, else computed and stored (one file per epoch).
     """
-    hooks = active_hooks(hooks)
     loop = _setup(task, splits, cfg, run_dir, resume, label)
     loop.run_info, loop.teacher_cache = dict(run_info or {}), teacher_cache
+    board = TensorBoard.open(run_dir) if distributed.info().is_main else None
+    hooks = active_hooks(hooks, board.hooks() if board else None)
+    loop.on_record = hooks.on_record
     t_start = time.perf_counter()
-    with progress(disable=not distributed.info().is_main) as bar:
-        job = bar.add_task(label, total=loop.total, completed=loop.step, info="")
-        for epoch in range(loop.start_epoch, loop.cfg.epochs):
-            t_epoch = time.perf_counter()
-            n, loss_sum = _train_one_epoch(loop, epoch, hooks, lambda info: bar.update(job, advance=1, info=info))
-            _end_of_epoch(loop, epoch, n, loss_sum, t_epoch, hooks)
+    try:
+        with progress(disable=not distributed.info().is_main) as bar:
+            job = bar.add_task(label, total=loop.total, completed=loop.step, info="")
+            for epoch in range(loop.start_epoch, loop.cfg.epochs):
+                t_epoch = time.perf_counter()
+                n, loss_sum = _train_one_epoch(loop, epoch, hooks, lambda info: bar.update(job, advance=1, info=info))
+                _end_of_epoch(loop, epoch, n, loss_sum, t_epoch, hooks)
+    finally:
+        board and board.close()
     epochs = [h for h in loop.history if "val_top1" in h]
     final = epochs[-1] if epochs else {"val_top1": 0.0, "val_top5": 0.0, "ema_top1": 0.0}
     secs = time.perf_counter() - t_start
@@ -327,6 +334,8 @@ def _trace_row(loop: _Loop, epoch: int, loss_value: float, stats: dict[str, torc
     vals = torch.stack([stats[k].float() for k in keys]).tolist() if keys else []  # one host read for all
     row.update({k: round(v, 6) for k, v in zip(keys, vals)})
     loop.trace.write(row)
+    if loop.on_record:
+        loop.on_record("trace", loop.step, row)
 
 
 def _end_of_epoch(loop: _Loop, epoch: int, n_epoch: int, loss_sum: float, t_epoch: float, hooks: Hooks) -> None:
@@ -343,6 +352,8 @@ def _end_of_epoch(loop: _Loop, epoch: int, n_epoch: int, loss_sum: float, t_epoc
            "val_loss": m["loss"], "ema_top1": e["top1"], "ema_top5": e["top5"],
            "img_per_s": n_epoch / max(secs, 1e-9), "seconds": secs}
     loop.history.append(rec)
+    if loop.on_record and is_main:
+        loop.on_record("epoch", loop.step, rec)
     loop.last_acc = f" | val {m['top1']:.1f}% ema {e['top1']:.1f}%"
     source = "ema" if e["top1"] > m["top1"] else "model"
     if max(m["top1"], e["top1"]) > loop.best["top1"]:

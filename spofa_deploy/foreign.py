@@ -1,0 +1,136 @@
+"""Teachers made elsewhere, used as they are: timm's `hf-hub:` and `local-dir:` names (a folder written by
+`timm.models.save_for_hf`, or a warm hub cache), and the checkpoints timm's training script writes
+(`model_best.pth.tar`, `.pth`, `.safetensors`; EMA weights where the file has them).
+
+`adopt_teacher` checks the classes the teacher was trained for against the data's, evaluates it once on
+the validation split and writes it as a teacher file (`teacher.safetensors` + `teacher.json`, with where
+it came from) that distillation uses like one of its own, with no teacher stage. Checkpoints are read by
+timm's own loader with `weights_only=True` (tensors, plain containers and argparse.Namespace, which timm's
+checkpoints carry: never arbitrary pickled objects).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+SOURCES = ("hf-hub:", "local-dir:")
+
+
+def is_hub_or_dir(name: str) -> bool:
+    """Whether `name` is a timm `hf-hub:ID` or `local-dir:DIR` name."""
+    return name.startswith(SOURCES)
+
+
+def is_foreign(name: str, checkpoint: str | Path | None) -> bool:
+    """Whether the teacher was made elsewhere: a checkpoint without our sidecar, or an `hf-hub:`/`local-dir:` name."""
+    from .artifacts import sidecar_path
+
+    return not sidecar_path(checkpoint).is_file() if checkpoint else is_hub_or_dir(name)
+
+
+@dataclass(frozen=True)
+class TrainedFor:
+    """The classes a teacher made elsewhere was trained for: their number, and their names where it says."""
+
+    num_classes: int
+    label_names: tuple[str, ...] | None
+
+
+def hub_config(name: str) -> tuple[dict, str]:
+    """(timm's pretrained config, architecture) of an `hf-hub:` or `local-dir:` name, read without the weights."""
+    from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
+
+    kind, _, where = name.partition(":")
+    try:
+        cfg, arch, _ = load_model_config_from_path(where) if kind == "local-dir" else load_model_config_from_hf(where)
+    except Exception as e:  # no folder, no config.json, not in the hub cache while offline
+        raise UserError(f"cannot read the config of teacher {name}: {str(e).strip().splitlines()[0]}") from e
+    return cfg, arch
+
+
+def architecture(name: str) -> str:
+    """The timm architecture behind a teacher name (an alias, a timm name, or an `hf-hub:`/`local-dir:` name)."""
+    from .models import resolve_model_name
+
+    return hub_config(name)[1] if is_hub_or_dir(name) else resolve_model_name(name)
+
+
+def checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a timm checkpoint (its EMA weights where it has them), read with `weights_only`."""
+    from timm.models import load_state_dict
+
+    try:
+        return load_state_dict(str(path), use_ema=True, weights_only=True)
+    except Exception as e:  # pickled objects refused by weights_only, a truncated or foreign file
+        raise UserError(f"cannot read checkpoint {path} as timm weights: {str(e).strip().splitlines()[0]}") from e
+
+
+def classifier_width(name: str, state: dict[str, torch.Tensor]) -> int | None:
+    """The output width of the classifier in `state`, for timm architecture `name` (None: no classifier found)."""
+    import timm
+
+    head = timm.create_model(name, pretrained=False, num_classes=2).pretrained_cfg.get("classifier")
+    heads = head if isinstance(head, (list, tuple)) else [head]
+    weight = next((state[f"{h}.weight"] for h in heads if h and f"{h}.weight" in state), None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def trained_for(name: str, checkpoint: str | Path | None) -> TrainedFor:
+    """The classes of a teacher made elsewhere: from its checkpoint's classifier, or its hub / folder config."""
+    if checkpoint is not None:
+        width = classifier_width(architecture(name), checkpoint_state(checkpoint))
+        if width is None:
+            raise UserError(f"checkpoint {checkpoint} has no classifier weights for {architecture(name)}: is "
+                            "--teacher the architecture it was trained as?")
+        return TrainedFor(width, None)
+    cfg, _ = hub_config(name)
+    labels = cfg.get("label_names")
+    return TrainedFor(int(cfg.get("num_classes", 0)), tuple(labels) if labels else None)
+
+
+def check_classes(found: TrainedFor, classes: list[str], who: str) -> str:
+    """How the teacher's classes were checked against the data's ("names" or "count only").
+
+    Raises:
+        UserError: a mismatch, naming both sides and the fine-tuning flag.
+    """
+    fix = ("pass --teacher-finetune to re-initialise its classifier and fine-tune it on this data, or choose "
+           "another teacher")
+    if found.label_names is not None:
+        if list(found.label_names) != list(classes):
+            raise UserError(f"teacher {who} was trained for {found.num_classes} classes {list(found.label_names)[:5]}"
+                            f"..., not this data's {len(classes)} {list(classes)[:5]}...: {fix}")
+        return "names"
+    if found.num_classes != len(classes):
+        raise UserError(f"teacher {who} has {found.num_classes} outputs, this data {len(classes)} classes: {fix}")
+    return "count only"
+
+
+def source_slug(name: str, checkpoint: str | Path | None) -> str:
+    """A folder name for the adopted teacher: its architecture and a digest of where it came from."""
+    import hashlib
+
+    from .artifacts import file_digest
+
+    if checkpoint is not None:
+        tag = file_digest(checkpoint)["sha256"]
+    elif name.startswith("local-dir:"):
+        files = sorted(p for p in Path(name.partition(":")[2]).rglob("*") if p.is_file())
+        tag = hashlib.sha256("".join(file_digest(p)["sha256"] for p in files).encode()).hexdigest()
+    else:
+        tag = hashlib.sha256(name.encode()).hexdigest()
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{architecture(name)}-adopted-{tag[:12]}")
+
+
+def build(name: str, checkpoint: str | Path | None, num_classes: int, img_size: int) -> torch.nn.Module:
+    """The teacher with its own weights and classifier, at `img_size` (timm resamples position embeddings)."""
+    from .models import create_model
+
+    if checkpoint is not None:
+        return create_model(architecture(name), num_classes, img_size, weights=checkpoint)
+    return create_model(name, num_classes, img_size, pretrained=True)

@@ -1,0 +1,52 @@
+"""TensorBoard scalars of every training run (teacher stage and distillation), where TensorBoard is installed.
+
+Each trace row (losses, per-term gradient norms, MEMA weights, rate) and each epoch's metrics (accuracy,
+loss, rate) of a run go to `<run>/tensorboard/` as `trace/<field>` and `epoch/<field>` at the run's step:
+
+    tensorboard --logdir runs/
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .console import console
+from .hooks import Hooks
+
+FOLDER = "tensorboard"
+_said_missing = False  # the note that TensorBoard is missing is said once per process
+
+
+class TensorBoard:
+    """A run's TensorBoard writer, fed through the training loop's `on_record` seam."""
+
+    def __init__(self, writer) -> None:
+        self.writer = writer
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> "TensorBoard | None":
+        """The writer of `run_dir`, or None (said once) where the `tensorboard` package is not installed."""
+        global _said_missing
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # (needs the tensorboard package)
+        except ImportError:
+            if not _said_missing:
+                _said_missing = True
+                console.print("note: TensorBoard is not installed, so runs write no TensorBoard scalars "
+                              "(pip install 'spofa-deploy[tensorboard]'); metrics.jsonl and trace.csv have them all")
+            return None
+        return cls(SummaryWriter(str(Path(run_dir) / FOLDER)))
+
+    def hooks(self) -> Hooks:
+        return Hooks(on_record=self.record)
+
+    def record(self, kind: str, step: int, record: dict) -> None:
+        """Every finite number of a trace row or an epoch record, as `<kind>/<field>` at `step`."""
+        for key, value in record.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
+        if kind == "epoch":
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
