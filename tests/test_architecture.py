@@ -1,4 +1,4 @@
-"""The import direction the README draws: `cli` -> `export` / `calibration` -> `spofa_deploy`."""
+"""The import direction docs/architecture.md draws: `cli` -> `export` -> `calibration` -> `spofa_deploy`."""
 from __future__ import annotations
 
 import ast
