@@ -27,7 +27,7 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
 
 # One module per command group; each command parses options, calls one library function, prints.
 COMMANDS = (("cli.cmd_train", "teacher"), ("cli.cmd_train", "distill"), ("cli.cmd_export", "export"),
-            ("cli.cmd_bench", "bench"), ("cli.cmd_compare", "compare"), ("cli.cmd_doctor", "doctor"))
+            ("cli.cmd_bench", "bench"), ("cli.cmd_compare", "compare"), ("cli.cmd_doctor", "doctor"), ("cli.cmd_qat", "qat"))
 
 
 def _register() -> None:
