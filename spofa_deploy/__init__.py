@@ -1,7 +1,19 @@
-"""spofa-deploy: SPOFA heterogeneous distillation, export and benchmarking."""
+"""spofa-deploy: SPOFA heterogeneous distillation, export and benchmarking.
+
+The Python API of the training half (docs/api.md); export and bench are in the `export` package:
+
+    from spofa_deploy import distill, TeacherOptions
+    from export import export_model, run_bench
+"""
 __version__ = "0.1.0"
 
 from .artifacts import load_model, load_student  # noqa: E402
+from .compare import CompareConfig, CompareResult, run_compare  # noqa: E402
+from .distillers import DistillConfig  # noqa: E402
 from .errors import UserError  # noqa: E402
+from .pipeline import DataOptions, DistillResult, TeacherOptions, distill, train_teacher  # noqa: E402
+from .train import TrainConfig  # noqa: E402
 
-__all__ = ["__version__", "load_model", "load_student", "UserError"]
+__all__ = ["__version__", "load_model", "load_student", "UserError", "distill", "train_teacher", "run_compare",
+           "DataOptions", "TeacherOptions", "TrainConfig", "DistillConfig", "DistillResult", "CompareConfig",
+           "CompareResult"]
