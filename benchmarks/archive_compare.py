@@ -14,9 +14,9 @@ compare whose runs are all finished reports again without it (from the teacher's
 A retrained teacher has that digest only on the same kind of CPU: PyTorch's kernels follow the instruction set
 (measured: the ViT-B/16 of compare-digits-100ep, trained twice on AVX512 machines with one digest, gave another
 teacher on an AVX2 machine, 92.20 % instead of 92.76 %).
-Keep them all, `--pretrained` included: offline, the teacher stage first tries timm's pretrained weights (whose
-fallback draws one random init) and then builds the teacher it trains from the next draw, so `--no-pretrained`
-trains another teacher (measured: refused by the digest after its 12-minute stage).
+The teacher stage draws its random init once, whatever the model hub answers, so `--pretrained` and
+`--no-pretrained` give the same teacher offline; compares started before it did (compare-digits-100ep,
+whose teacher came from a second draw) cannot remake their teacher and stay closed.
 """
 from __future__ import annotations
 
