@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,38 @@ def tiny_run(tmp_path_factory) -> Path:
     finally:
         os.chdir(cwd)
     return r.run_dir
+
+
+@dataclass
+class Run:
+    """What `spofa ARGS` did in this process: its exit code and output."""
+
+    code: int
+    out: str
+    err: str
+
+    def err_lines(self) -> list[str]:
+        return [line for line in self.err.splitlines() if line.strip()]
+
+    def error(self) -> str:
+        """The last stderr line (where the error policy puts its one line)."""
+        lines = self.err_lines()
+        return lines[-1] if lines else ""
+
+
+@pytest.fixture
+def spofa(capsys, monkeypatch):
+    """Run `spofa ARGS` in this process, through `cli.main.main` and its error policy; returns a `Run`."""
+    from cli.main import main
+
+    def run(*args) -> Run:
+        monkeypatch.setattr(sys, "argv", ["spofa", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return Run(code, out, err)
+
+    return run

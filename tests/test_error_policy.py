@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-from dataclasses import dataclass
 
 import pytest
 
@@ -27,40 +26,12 @@ COMMANDS = {
 }
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def err_lines(self) -> list[str]:
-        return [line for line in self.err.splitlines() if line.strip()]
-
-
 @pytest.fixture(autouse=True)
 def _quiet_machine(monkeypatch):
     """No oversubscription warning: the stderr these tests count must not depend on the machine's load."""
     import spofa_deploy.machine as machine
 
     monkeypatch.setattr(machine, "oversubscribed", lambda: None)
-
-
-@pytest.fixture
-def spofa(capsys, monkeypatch):
-    """Run `spofa ARGS` in this process; returns its exit code and output."""
-    from cli.main import main
-
-    def run(*args: str) -> Run:
-        monkeypatch.setattr(sys, "argv", ["spofa", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out, err = capsys.readouterr()
-        return Run(code, out, err)
-
-    return run
 
 
 def _raise_in(monkeypatch, command: str, exc: BaseException) -> list[str]:

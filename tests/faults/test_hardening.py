@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,17 +25,6 @@ TINY = ["--teacher", "test_vit", "--student", "test_resnet", "--workers", "0", "
 BENCH_FAST = ["--no-accuracy", "--batch", "1", "--warmup-s", "0", "--min-s", "0.01", "--min-iters", "1", "--rounds", "1"]
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def error(self) -> str:
-        lines = [line for line in self.err.splitlines() if line.strip()]
-        return lines[-1] if lines else ""
-
-
 @pytest.fixture(autouse=True)
 def _quiet_machine(monkeypatch):
     import spofa_deploy.machine as machine
@@ -44,25 +32,7 @@ def _quiet_machine(monkeypatch):
     monkeypatch.setattr(machine, "oversubscribed", lambda: None)
 
 
-@pytest.fixture
-def spofa(capsys, monkeypatch):
-    """`spofa ARGS` in this process: exit code, stdout, stderr."""
-    from cli.main import main
-
-    def run(*args) -> Run:
-        monkeypatch.setattr(sys, "argv", ["spofa", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out, err = capsys.readouterr()
-        return Run(code, out, err)
-
-    return run
-
-
-def _user_error(r: Run, *needles: str) -> None:
+def _user_error(r, *needles: str) -> None:
     assert r.code == 2, r
     assert "Traceback" not in r.err and r.error().startswith("error: "), r
     for n in needles:
@@ -300,7 +270,7 @@ def test_a_pickle_checkpoint_is_refused_without_the_advice_to_run_it(tmp_path):
     from spofa_deploy.run_files import load_checkpoint
 
     path = tmp_path / "checkpoint-last.pt"
-    torch.save({"epoch": 1, "obj": Run(0, "", "")}, path)
+    torch.save({"epoch": 1, "obj": Path("a pickled object")}, path)  # a class weights_only refuses
     with pytest.raises(UserError) as e:
         load_checkpoint(path)
     assert "could run code" in str(e.value) and "weights_only" not in str(e.value)
