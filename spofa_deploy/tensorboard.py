@@ -35,7 +35,11 @@ class TensorBoard:
                 console.print("note: TensorBoard is not installed, so runs write no TensorBoard scalars "
                               "(pip install 'spofa-deploy[tensorboard]'); metrics.jsonl and trace.csv have them all")
             return None
-        return cls(SummaryWriter(str(Path(run_dir) / FOLDER)))
+        try:
+            return cls(SummaryWriter(str(Path(run_dir) / FOLDER)))
+        except (OSError, UnicodeError) as e:  # TensorBoard's writer takes UTF-8 paths only; a full or read-only disk
+            console.print(f"note: no TensorBoard scalars for this run ({type(e).__name__}: {e})")
+            return None
 
     def hooks(self) -> Hooks:
         return Hooks(on_record=self.record)

@@ -42,3 +42,12 @@ def test_without_tensorboard_a_run_says_so_once_and_writes_none(tmp_path: Path, 
     said = capsys.readouterr().err  # (messages go to stderr: stdout carries results)
     assert said.count("TensorBoard is not installed") == 1
     assert not (tmp_path / "a" / tensorboard.FOLDER).exists()
+
+
+def test_a_run_folder_tensorboard_cannot_write_costs_only_its_scalars(tmp_path: Path, capsys) -> None:
+    import os
+
+    pytest.importorskip("tensorboard")
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/run-\xff"))  # not UTF-8: TensorBoard's writer refuses the path
+    assert tensorboard.TensorBoard.open(odd) is None
+    assert "no TensorBoard scalars for this run" in capsys.readouterr().err

@@ -108,7 +108,9 @@ def _on_match(fn: str, n: int, match: str, fault) -> None:
     calls = itertools.count()
 
     def mentions(args) -> bool:
-        return not match or any(match in os.fspath(a) for a in args if isinstance(a, (str, os.PathLike)))
+        paths = [os.fspath(a) for a in args if isinstance(a, (str, os.PathLike))]
+        paths += [a.name for a in args if hasattr(a, "write") and isinstance(getattr(a, "name", None), str)]
+        return not match or any(match in p for p in paths)
 
     def wrapper(*args, **kwargs):
         if mentions([*args, *kwargs.values()]) and next(calls) == n:
@@ -119,7 +121,8 @@ def _on_match(fn: str, n: int, match: str, fault) -> None:
 
 
 def _half_write(mode: str):
-    """A writer `real(obj, path, ...)` that writes half the bytes `real` would into `path`, then dies."""
+    """A writer `real(obj, f, ...)` that writes half the bytes `real` would into `f` (a path or an open file),
+    then dies."""
     import tempfile
 
     def fault(real, obj, f, *args, **kwargs):
@@ -131,13 +134,20 @@ def _half_write(mode: str):
                 data = fh.read()
         finally:
             os.unlink(scratch)
-        with open(f, "wb") as fh:
-            fh.write(data[: len(data) // 2])
-            fh.flush()
-            os.fsync(fh.fileno())
+        if hasattr(f, "write"):  # a file object the caller opened (checkpoints are written through one)
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            name = getattr(f, "name", "")
+        else:
+            with open(f, "wb") as fh:
+                fh.write(data[: len(data) // 2])
+                fh.flush()
+                os.fsync(fh.fileno())
+            name = str(f)
         if mode == "kill":
             _kill()
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
 
     return fault
 

@@ -149,9 +149,9 @@ def test_disk_full_keeps_the_previous_checkpoint(jobs) -> None:
     assert "Traceback" not in r.err, r
     errs = r.error_lines()  # one line (an internal error adds the --debug hint below it)
     assert len(errs) == 1, r
-    assert "no space left on device" in errs[0].lower(), r
+    assert "the disk is full" in errs[0].lower() and CHECKPOINT in errs[0], r
 
 
 @pytest.mark.uses("killed", "disk_full")
 def test_disk_full_is_a_user_error(jobs) -> None:
-    fk.assert_user_error(jobs.result("disk_full")["result"], "no space left on device")
+    fk.assert_user_error(jobs.result("disk_full")["result"], "the disk is full", "free space")

@@ -313,7 +313,7 @@ def _distill_kill(ctx, c: Campaign, kind: str, nth: int) -> None:
         kind = "checkpoint"
     if kind == "student":
         n = c.rng.randrange(len(writes))
-        fault = {"file": {"half_write": {"fn": "safetensors.torch:save_file", "n": n, "match": "student.safetensors"}},
+        fault = {"file": {"half_write": {"fn": "spofa_deploy.artifacts:write_bytes", "n": n, "match": "student.safetensors"}},
                  "sidecar": {"kill_call": {"fn": "spofa_deploy.artifacts:write_json", "n": n, "match": "student.json"}},
                  }[STUDENT_MOMENTS[nth % len(STUDENT_MOMENTS)]]
     elif kind == "step":
@@ -351,7 +351,7 @@ def _teacher_kill(ctx, c: Campaign, nth: int) -> None:
     fault = {
         "step": {"kill_step": c.rng.randrange(left * ref["steps_per_epoch"])},
         "checkpoint": {"half_write": {"fn": "torch:save", "n": c.rng.randrange(left), "match": "teachers"}},
-        "file": {"half_write": {"fn": "safetensors.torch:save_file", "n": n_write, "match": "teacher.safetensors"}},
+        "file": {"half_write": {"fn": "spofa_deploy.artifacts:write_bytes", "n": n_write, "match": "teacher.safetensors"}},
         "sidecar": {"kill_call": {"fn": "spofa_deploy.artifacts:write_json", "n": n_write, "match": "teacher.json"}},
     }[moment]
     c.kill("teacher", cmd, fault=fault)
