@@ -20,7 +20,8 @@ kernels (test_resnet 85.5 -> 91.4, mobilenetv3_small_050 78.3 -> 83.6), so `keep
 is the default. MinMax, Entropy and Percentile calibration gave the same top-1 within one
 image, and `quant_pre_process` changed nothing, so neither is used.
 
-ModelOpt (`--quantizer modelopt`, which `auto` picks where installed) places its own Q/DQ and
+ModelOpt (`--quantizer modelopt`, which `auto` picks for TensorRT where its ONNX quantizer can run;
+`resolve_quantizer`) places its own Q/DQ and
 calibrates with entropy, but reads the images through the same `calibration_reader` as ORT:
 its own `calibration_data=` split crashes a fixed-batch graph unless N is a multiple of the
 batch, and runs a dynamic graph at batch 1 (here 7.7x slower than batch 32, same top-1 within
@@ -69,6 +70,8 @@ class QuantizeInfo:
     per_channel: bool = True
     symmetric: bool = True
     method: str = "minmax"
+    high_precision: str = "fp32"  # the layers without Q/DQ
+    target: str = "onnx"  # the format it was made for: onnx (ONNX Runtime) or trt (TensorRT)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,16 +81,73 @@ def modelopt_available() -> bool:
     return importlib.util.find_spec("modelopt") is not None
 
 
-def resolve_quantizer(name: str) -> str:
-    """`auto` -> ModelOpt where importable, else ONNX Runtime."""
+MODELOPT_HINT = "pip install -U 'spofa-deploy[modelopt]' (or use --quantizer ort)"
+# What ModelOpt's ONNX quantizer imports besides itself, which a plain `nvidia-modelopt` install lacks.
+MODELOPT_NEEDS = ("onnx_graphsurgeon", "onnxslim")
+MODELOPT_KEYWORDS = ("calibration_data_reader", "high_precision_dtype", "nodes_to_exclude", "calibration_shapes")
+
+
+def modelopt_problem() -> str | None:
+    """Why ModelOpt's ONNX quantizer cannot run here (None: it can), checked before any export work.
+
+    Checks what `_quantize_modelopt` needs: the package, the modules its ONNX quantizer imports,
+    and the keywords this project passes to `modelopt.onnx.quantization.quantize`.
+    """
+    if not modelopt_available():
+        return "NVIDIA ModelOpt is not installed: pip install 'spofa-deploy[modelopt]'"
+    missing = [m for m in MODELOPT_NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"ModelOpt's ONNX quantizer needs {', '.join(missing)}, which is not installed: {MODELOPT_HINT}"
+    try:
+        from modelopt.onnx.quantization import quantize
+    except Exception as e:  # noqa: BLE001 - ImportError, or a broken install raising anything at import
+        return f"ModelOpt's ONNX quantizer fails to import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): {MODELOPT_HINT}"
+    params = inspect.signature(quantize).parameters
+    absent = [k for k in MODELOPT_KEYWORDS if k not in params]
+    if absent:
+        return (f"ModelOpt's quantize() of nvidia-modelopt {importlib.metadata.version('nvidia-modelopt')} takes no "
+                f"{', '.join(absent)}: {MODELOPT_HINT}")
+    return None
+
+
+def resolve_quantizer(name: str, target: str = "onnx", notes: list[str] | None = None) -> str:
+    """The quantizer that makes INT8 pay where the artifact runs.
+
+    `auto`: ModelOpt for a TensorRT engine (its Q/DQ placement is TensorRT's), when its ONNX
+    quantizer can run here, else ONNX Runtime's with a note; ONNX Runtime's for an ONNX (int8
+    weights that ONNX Runtime CPU runs as int8 kernels, where ModelOpt's graph keeps fp32
+    weights for TensorRT to fold and runs slower than fp32 there).
+
+    Args:
+        name: auto | ort | modelopt.
+        target: the export format, "onnx" or "trt".
+        notes: where a fallback is said.
+
+    Raises:
+        UserError: an unknown name. MissingDependency: `modelopt` asked for and unable to run.
+    """
     key = name.strip().lower()
     if key not in QUANTIZERS:
         raise UserError(f"unknown --quantizer '{name}': use one of {', '.join(QUANTIZERS)}")
-    if key == "auto":
-        return "modelopt" if modelopt_available() else "ort"
-    if key == "modelopt" and not modelopt_available():
-        raise MissingDependency("--quantizer modelopt needs NVIDIA ModelOpt: pip install 'spofa-deploy[modelopt]'")
-    return key
+    if key == "ort" or (key == "auto" and target != "trt"):
+        return "ort"
+    problem = modelopt_problem()
+    if problem is None:
+        return "modelopt"
+    if key == "modelopt":
+        raise MissingDependency(f"--quantizer modelopt: {problem}")
+    if notes is not None:
+        notes.append(f"--quantizer auto: ONNX Runtime's quantizer instead of ModelOpt ({problem})")
+    return "ort"
+
+
+def high_precision_for(target: str) -> str:
+    """The precision of the layers left out of INT8: fp16 in a TensorRT engine, fp32 for ONNX Runtime CPU.
+
+    Under strong typing every layer without Q/DQ runs in the ONNX's own type, so an fp32 rest makes
+    an INT8 engine slower than the fp16 one; ONNX Runtime CPU has few fp16 kernels (casts instead).
+    """
+    return "fp16" if target == "trt" else "fp32"
 
 
 def boundary_nodes(model) -> list[str]:
@@ -209,15 +269,12 @@ def _restore_ort_quantization():
                     setattr(owner, key, value)
 
 
-def _quantize_modelopt(src: Path, dst: Path, reader: ArrayReader, exclude: list[str]) -> None:
-    try:
-        from modelopt.onnx.quantization import quantize
-    except ImportError as e:
-        raise MissingDependency("--quantizer modelopt needs NVIDIA ModelOpt: pip install 'spofa-deploy[modelopt]'") from e
-    if "calibration_data_reader" not in inspect.signature(quantize).parameters:  # 0.47 has it, older ones may not
-        raise MissingDependency(f"--quantizer modelopt needs a ModelOpt whose quantize() takes calibration_data_reader; "
-                                f"nvidia-modelopt {importlib.metadata.version('nvidia-modelopt')} has none: "
-                                "pip install -U 'spofa-deploy[modelopt]' (or use --quantizer ort)")
+def _quantize_modelopt(src: Path, dst: Path, reader: ArrayReader, exclude: list[str], high_precision: str) -> None:
+    problem = modelopt_problem()
+    if problem is not None:
+        raise MissingDependency(f"--quantizer modelopt: {problem}")
+    from modelopt.onnx.quantization import quantize
+
     # Our reader, not `calibration_data=`: ModelOpt splits an array into int(N / B) chunks, which gives
     # chunks of B + 1 on a fixed-batch graph whenever N % B != 0, and raises when N < B.
     chw = "x".join(str(d) for d in reader.images.shape[1:])
@@ -231,22 +288,24 @@ def _quantize_modelopt(src: Path, dst: Path, reader: ArrayReader, exclude: list[
             # Node names are regular expressions for ModelOpt: match ours literally.
             nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude] or None,
             output_path=str(dst),
-            # Excluded layers stay fp32 like the ORT path (ModelOpt's default would cast the rest to fp16).
-            high_precision_dtype="fp32",
+            # The layers without Q/DQ (`high_precision_for`); I/O stay fp32 either way.
+            high_precision_dtype=high_precision,
             calibration_eps=["cpu"], log_level="WARNING")
 
 
-def quantize_int8(src: Path, dst: Path, images: np.ndarray, *, quantizer: str = "auto",
-                  keep_ends: bool = True, calib_data: str = "") -> QuantizeInfo:
+def quantize_int8(src: Path, dst: Path, images: np.ndarray, *, quantizer: str = "auto", target: str = "onnx",
+                  keep_ends: bool = True, calib_data: str = "", notes: list[str] | None = None) -> QuantizeInfo:
     """Write a symmetric, per-channel INT8 Q/DQ copy of the fp32 ONNX `src` to `dst`.
 
     Args:
         src: fp32 ONNX with input `images`.
         dst: output path (the caller makes it atomic).
         images: calibration images, float32 (N, C, H, W), preprocessed like the model's input.
-        quantizer: "auto" (ModelOpt where importable, else ORT), "ort" or "modelopt".
+        quantizer: "auto" (by `target`, see `resolve_quantizer`), "ort" or "modelopt".
+        target: the format the INT8 model is for: "onnx" (ONNX Runtime) or "trt" (TensorRT).
         keep_ends: keep the first conv and the classifier in fp32 (measured better, see module doc).
         calib_data: the data spec the images came from (recorded only).
+        notes: where a quantizer fallback is said.
 
     Raises:
         UserError: fewer images than one batch of a fixed-batch `src`, or the result is not a Q/DQ
@@ -254,15 +313,20 @@ def quantize_int8(src: Path, dst: Path, images: np.ndarray, *, quantizer: str = 
     """
     import onnx
 
-    name = resolve_quantizer(quantizer)
+    name = resolve_quantizer(quantizer, target, notes)
+    # ONNX Runtime's quantizer casts nothing: its float layers stay fp32 on every target.
+    high = high_precision_for(target) if name == "modelopt" else "fp32"
     exclude = boundary_nodes(onnx.load(str(src), load_external_data=False)) if keep_ends else []
     reader = calibration_reader(src, images)
-    (_quantize_modelopt if name == "modelopt" else _quantize_ort)(src, dst, reader, exclude)
+    if name == "modelopt":
+        _quantize_modelopt(src, dst, reader, exclude, high)
+    else:
+        _quantize_ort(src, dst, reader, exclude)
     problems = check_trt_qdq(onnx.load(str(dst)))
     if problems:
         raise UserError(f"the {name} INT8 model is not TensorRT-compatible: {'; '.join(problems[:3])}")
     return QuantizeInfo(quantizer=name, excluded_nodes=exclude, calib_samples=reader.samples, calib_data=calib_data,
-                        method="minmax" if name == "ort" else MODELOPT_METHOD)
+                        method="minmax" if name == "ort" else MODELOPT_METHOD, high_precision=high, target=target)
 
 
 def qdq_constants(model) -> list[tuple[str, str, np.ndarray]]:

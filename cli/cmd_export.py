@@ -30,12 +30,21 @@ def export(
     role: Annotated[Optional[str], typer.Option("--role", metavar="student|teacher", show_default=False, help=(
         "Which model of the run to export: its student (the default) or the teacher it was distilled from."))] = None,
     old_teacher: Annotated[bool, typer.Option("--teacher", hidden=True, help="Deprecated: --role teacher.")] = False,
-    quantizer: Annotated[str, typer.Option("--quantizer", help="INT8 quantizer: auto (ModelOpt if installed) | ort | modelopt")] = "auto",
+    quantizer: Annotated[str, typer.Option("--quantizer", help=(
+        "INT8 quantizer: auto (trt: ModelOpt where its ONNX quantizer can run, else ort; onnx: ort, int8 weights "
+        "that ONNX Runtime CPU runs as int8) | ort | modelopt"))] = "auto",
     keep_ends: Annotated[bool, typer.Option("--keep-ends/--quantize-ends",
                          help="INT8: keep the first conv and the classifier in fp32.")] = True,
     slim: Annotated[Optional[bool], typer.Option("--slim/--no-slim",
                     help="Simplify the ONNX with onnxslim (default: when installed).", show_default=False)] = None,
+    max_drop: Annotated[float, typer.Option("--max-drop", help=(
+        "Accuracy gate of fp16/bf16/int8 exports: refuse (exit 2, the artifact set aside as *.refused.*) when val "
+        "top-1 is more than this many points below the PyTorch model's; 0 disables."))] = 1.0,
+    gate_samples: Annotated[int, typer.Option("--gate-samples", help=(
+        "Validation images the accuracy gate scores (stratified, seeded; all of the split when fewer)."))] = 1000,
     workspace: Annotated[float, typer.Option("--workspace", help="TensorRT builder workspace, GiB.")] = 4.0,
+    tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help=(
+        "TensorRT: let fp32 layers run TF32 (its default; parity then judged at a TF32-sized tolerance)."))] = True,
     device: Annotated[str, typer.Option("--device", help="pt2: the device the package is compiled for (cpu | cuda).")] = "cpu",
 ) -> None:
     """Export a trained model to ONNX, a TensorRT engine or a .pt2 package, with a JSON sidecar."""
@@ -47,7 +56,8 @@ def export(
     role = _role(role, old_teacher)
     r = export_model(student, format, precision, batch=batch, dynamic_batch=dynamic_batch, opset=opset, out=out,
                      force=force, calib_data=calib_data, calib_samples=calib_samples, teacher=role == "teacher",
-                     quantizer=quantizer, keep_ends=keep_ends, slim=slim, workspace_gib=workspace, device=device)
+                     quantizer=quantizer, keep_ends=keep_ends, slim=slim, workspace_gib=workspace, device=device,
+                     max_drop=max_drop, eval_samples=gate_samples, tf32=tf32)
     _print_result(r)
 
 
@@ -82,13 +92,21 @@ def _print_result(r) -> None:
     for p in (r.parity, r.parity_engine):
         if p is not None:
             t.add_row(f"parity ({p.checked_on} vs PyTorch)", p.describe())
-    if r.int8_top1 is not None:
-        t.add_row("val top-1 (ORT CPU)", f"int8 {r.int8_top1:.2f}% vs fp32 {r.fp32_top1:.2f}% "
-                                         f"({r.int8_top1 - r.fp32_top1:+.2f}) on {r.eval_samples} images")
+    if r.gate is not None:
+        g = r.gate
+        verdict = "off (--max-drop 0)" if g.max_drop <= 0 else f"passed (--max-drop {g.max_drop:g})"
+        t.add_row("accuracy gate", f"{g.describe()}: {verdict}")
+    if r.int8_top1_ort_kernels is not None:
+        t.add_row("int8 in ORT's int8 kernels", f"val top-1 {r.int8_top1_ort_kernels:.2f}% on {r.eval_samples} images")
     if r.quantization:
         q = r.quantization
-        t.add_row("quantizer", f"{q['quantizer']}, {q['calib_samples']} images of {q['calib_data']}, "
-                               f"fp32 nodes: {', '.join(q['excluded_nodes']) or 'none'}")
+        t.add_row("quantizer", f"{q['quantizer']} for {q.get('target', 'onnx')}, {q['calib_samples']} images of "
+                               f"{q['calib_data']}, kept {q.get('high_precision', 'fp32')}: "
+                               f"{', '.join(q['excluded_nodes']) or 'none'}")
+    if r.payoff:
+        from export.payoff import describe
+
+        t.add_row("int8 vs fp32", describe(r.payoff))
     if r.engine:
         e = r.engine
         t.add_row("TensorRT", f"{e['tensorrt']} on {e['gpu']} (sm {e['compute_capability']}), built in {e['build_seconds']}s")

@@ -387,19 +387,29 @@ def load_checked(path: str | Path, meta: dict, device: str | None = None) -> tup
     return load_pt2(path, device), device
 
 
-def pt2_logits(path: str | Path, images: np.ndarray, batch: BatchProfile, *, device: str = "cpu",
-               chunk: int = 64) -> np.ndarray:
-    """Float32 logits of a package for `images` (N, C, H, W float32), for parity checks.
+def pt2_predictor(path: str | Path, batch: BatchProfile, *, device: str = "cpu",
+                  chunk: int = 64) -> Callable[[np.ndarray], np.ndarray]:
+    """The package loaded once, as a function of images (N, C, H, W float32) -> float32 logits.
 
     Loads the package without a sidecar (the exporter checks the file it has just built).
     Chunks stay within the package's batch range; short ones are padded and the padding dropped.
     """
     fn = load_pt2(path, device)
-    outs = []
-    with torch.inference_mode():
-        for x, n in padded_chunks(images, batch.min, batch.max, chunk):
-            outs.append(fn(torch.from_numpy(x).to(device))[:n].float().cpu())
-    return torch.cat(outs).numpy()
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        outs = []
+        with torch.inference_mode():
+            for x, n in padded_chunks(images, batch.min, batch.max, chunk):
+                outs.append(fn(torch.from_numpy(x).to(device))[:n].float().cpu())
+        return torch.cat(outs).numpy()
+
+    return predict
+
+
+def pt2_logits(path: str | Path, images: np.ndarray, batch: BatchProfile, *, device: str = "cpu",
+               chunk: int = 64) -> np.ndarray:
+    """Float32 logits of a package for `images` (N, C, H, W float32), for parity checks (`pt2_predictor`)."""
+    return pt2_predictor(path, batch, device=device, chunk=chunk)(images)
 
 
 def parity_pt2(reference: np.ndarray, path: str | Path, images: np.ndarray, batch: BatchProfile, source: str, *,

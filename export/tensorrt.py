@@ -26,6 +26,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,6 +41,9 @@ _log = logging.getLogger(__name__)
 TRT_MISSING = "TensorRT is not installed: pip install 'spofa-deploy[trt]' on a machine with an NVIDIA GPU"
 NO_GPU = "no CUDA GPU is visible: TensorRT builds and runs engines on an NVIDIA GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
 DEFAULT_WORKSPACE_GIB = 4.0
+# Parity tolerance of an engine whose fp32 layers may run TF32: products of 10-bit mantissas
+# (relative error ~1e-3 per product, summed over a layer), so 1e-2 of the logit scale.
+TF32_TOLERANCE = {"atol": 1e-2, "rtol": 1e-2}
 _BUILDER_FLAGS = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8"}  # weakly typed TensorRT 10 only
 STRONG_TYPING_FROM = (10, 12)  # the precision builder flags are deprecated from here on
 
@@ -104,9 +108,14 @@ def onnx_precision_for(precision: str) -> str:
     return "fp32"
 
 
-def default_timing_cache() -> Path:
-    """Timing cache reused across builds (`SPOFA_TRT_TIMING_CACHE` overrides it)."""
-    return Path(os.environ.get("SPOFA_TRT_TIMING_CACHE", "~/.cache/spofa/trt-timing.cache")).expanduser()
+def default_timing_cache(tensorrt: str, compute_capability: str) -> Path:
+    """The timing cache of one TensorRT version on one GPU architecture (`SPOFA_TRT_TIMING_CACHE`: a folder).
+
+    TensorRT ignores a cache of another version or GPU (`ignore_mismatch=False`), and one shared
+    file would be overwritten by each: one file per (version, compute capability) keeps them all.
+    """
+    folder = Path(os.environ.get("SPOFA_TRT_TIMING_CACHE", "~/.cache/spofa")).expanduser()
+    return folder / f"trt-timing-{tensorrt}-sm{str(compute_capability).replace('.', '')}.cache"
 
 
 def _parser_error(err) -> str:
@@ -186,8 +195,29 @@ def _save_timing_cache(config, path: Path | None) -> str | None:
     return None
 
 
+def profile_opts(batch: BatchProfile) -> list[int]:
+    """The opt batch of each optimisation profile: 1 and the large batch, the two `spofa bench` reports.
+
+    TensorRT picks kernels for a profile's opt shape, so one profile serves one of them well;
+    each profile spans the whole range, and `TrtEngine` switches to the one nearest the batch.
+    """
+    return sorted({batch.min, batch.max})
+
+
+def _add_profiles(builder, config, inp, batch: BatchProfile) -> list[dict]:
+    chw = tuple(inp.shape)[1:]
+    out = []
+    for opt in profile_opts(batch):
+        profile = builder.create_optimization_profile()
+        profile.set_shape(inp.name, (batch.min, *chw), (opt, *chw), (batch.max, *chw))
+        config.add_optimization_profile(profile)
+        out.append({"min": batch.min, "opt": opt, "max": batch.max})
+    return out
+
+
 def build_engine(onnx_path: Path, engine_path: Path, precision: str, batch: BatchProfile, *,
-                 workspace_gib: float = DEFAULT_WORKSPACE_GIB, timing_cache: Path | None = None) -> dict:
+                 workspace_gib: float = DEFAULT_WORKSPACE_GIB, timing_cache: Path | bool | None = None,
+                 tf32: bool = True) -> dict:
     """Build a serialized engine from an ONNX file with the TensorRT Python API.
 
     Args:
@@ -195,9 +225,11 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, batch: Batc
             fp16/bf16 where strongly typed).
         engine_path: where to write the plan (the caller makes it atomic).
         precision: fp32 | fp16 | bf16 | int8.
-        batch: the optimisation profile for a dynamic-batch ONNX (min/opt/max).
+        batch: the batch range of a dynamic-batch ONNX: one optimisation profile per `profile_opts`.
         workspace_gib: builder workspace memory-pool limit.
-        timing_cache: timing cache file, read before and updated after the build (None: off).
+        timing_cache: timing cache file, read before and updated after the build (True: this
+            TensorRT version's and GPU's `default_timing_cache`; None: off).
+        tf32: let fp32 layers use TF32 (TensorRT's default, like trtexec without --noTF32).
 
     Returns:
         Metadata for the sidecar: tensorrt version, gpu, compute_capability, strongly_typed, ...
@@ -211,6 +243,8 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, batch: Batc
     info = gpu_info()
     if precision == "bf16" and float(info["compute_capability"]) < 8.0:
         raise UserError(f"bf16 needs compute capability >= 8.0; {info['gpu']} has {info['compute_capability']}")
+    if timing_cache is True:
+        timing_cache = default_timing_cache(str(trt.__version__), info["compute_capability"])
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, precision))
@@ -224,14 +258,14 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, batch: Batc
     flag = _builder_flag(trt, precision)
     if flag is not None:
         config.set_flag(flag)
+    if not tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
 
     inp = network.get_input(0)
     shape = tuple(inp.shape)
+    profiles = []
     if shape and shape[0] == -1:
-        profile = builder.create_optimization_profile()
-        chw = shape[1:]
-        profile.set_shape(inp.name, (batch.min, *chw), (batch.opt, *chw), (batch.max, *chw))
-        config.add_optimization_profile(profile)
+        profiles = _add_profiles(builder, config, inp, batch)
     elif batch.dynamic:
         raise UserError(f"{onnx_path.name} has a fixed batch of {shape[0]}: export it with --dynamic-batch")
     warnings = _attach_timing_cache(config, timing_cache)
@@ -245,7 +279,10 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, batch: Batc
         f.write(plan)
     warning = _save_timing_cache(config, timing_cache)
     return {"tensorrt": str(trt.__version__), **info, "strongly_typed": strongly_typed(precision),
-            "workspace_gib": workspace_gib, "build_seconds": round(time.perf_counter() - start, 2),
+            # fp32 layers may run TF32 (10-bit mantissa products): parity is judged at `TF32_TOLERANCE`.
+            "tf32": tf32, "profiles": profiles,
+            "profile_choice": "per batch: the profile whose opt is nearest (set_optimization_profile_async)"
+            if len(profiles) > 1 else None, "workspace_gib": workspace_gib, "build_seconds": round(time.perf_counter() - start, 2),
             "timing_cache": str(timing_cache) if timing_cache else None,
             "warnings": warnings + ([warning] if warning else [])}
 
@@ -346,8 +383,13 @@ class TrtEngine:
         self.input_dtype = self._dtypes[self.input_name]
         shape = tuple(self.engine.get_tensor_shape(self.input_name))
         self.input_shape = shape[1:]
+        profiles = int(getattr(self.engine, "num_optimization_profiles", 1)) if shape[0] == -1 else 1
+        # The opt batch of each profile; `bind` picks the nearest one for the batch it runs.
+        self._opts = [int(self.engine.get_tensor_profile_shape(self.input_name, i)[1][0]) for i in range(profiles)] \
+            if shape[0] == -1 else [int(shape[0])]
         profile = self.engine.get_tensor_profile_shape(self.input_name, 0) if shape[0] == -1 else [shape] * 3
         self.batch = dict(zip(("min", "opt", "max"), (int(s[0]) for s in profile)))
+        self.profile = 0  # the profile the context runs
         self._outputs: dict[int, dict[str, torch.Tensor]] = {}  # per batch size
         self._shape_batch: int | None = None  # the batch size the context's input shape is set to
         self.input_ptr: int | None = None  # the device address bound as the input
@@ -372,6 +414,7 @@ class TrtEngine:
         """
         n = int(x.shape[0])
         if n != self._shape_batch:
+            self._use_profile(self.profile_for(n))
             if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
                 raise UserError(f"TensorRT rejected input shape {tuple(x.shape)}")
             outs = self._outputs.get(n)
@@ -388,6 +431,19 @@ class TrtEngine:
             self.context.set_tensor_address(self.input_name, ptr)
             self.input_ptr = ptr
         return self._outputs[n][self.output_name]
+
+    def profile_for(self, n: int) -> int:
+        """The profile whose opt batch is nearest `n` (by ratio: batch 16 is nearer 1 than 256)."""
+        return min(range(len(self._opts)), key=lambda i: abs(np.log(n / self._opts[i])))
+
+    def _use_profile(self, index: int) -> None:
+        if index == self.profile:
+            return
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        if not self.context.set_optimization_profile_async(index, stream):
+            raise UserError(f"TensorRT refused optimisation profile {index}")
+        self.profile = index
+        self.input_ptr = None  # the caller sets the input shape next; every address is set again
 
     def enqueue(self, stream: int) -> None:
         """Run the engine on the bound tensors, on the CUDA stream handle `stream` (no sync)."""
@@ -419,29 +475,36 @@ class TrtEngine:
         self._shape_batch = self.input_ptr = None
 
 
-def engine_logits(engine_path: Path, images: np.ndarray, *, trust: bool = False, chunk: int = 64) -> np.ndarray:
-    """Float32 logits of a built engine for `images`, computed on the GPU (for parity checks).
+def engine_predictor(engine_path: Path, *, trust: bool = False, chunk: int = 64) -> Callable[[np.ndarray], np.ndarray]:
+    """The engine loaded once, as a function of images (N, C, H, W float32) -> float32 logits on the GPU.
 
     Args:
         engine_path: the `.engine` (plan) file.
-        images: float32 (N, C, H, W), preprocessed like the model's input.
         trust: load it without a sidecar (an engine this process has just built).
         chunk: images per call, within the engine's profile; a chunk below the profile's minimum
             (a fixed batch, or the last chunk) is padded and the padding dropped.
-
-    Returns:
-        (N, num_classes) float32 logits.
 
     Raises:
         MissingDependency: no TensorRT or no GPU.
         UserError: the engine cannot be loaded here, or the images do not fit it.
     """
+    engine = TrtEngine(engine_path, trust=trust)
+    stream = torch.cuda.Stream(engine.device)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        if len(images) == 0:
+            raise ValueError("an engine needs at least one image")
+        outs = []
+        with torch.cuda.stream(stream):
+            for x, n in padded_chunks(images, engine.min_batch, engine.max_batch, chunk):
+                outs.append(engine(torch.from_numpy(x))[:n].float().cpu())  # .cpu() waits for this stream
+        return torch.cat(outs).numpy()
+
+    return predict
+
+
+def engine_logits(engine_path: Path, images: np.ndarray, *, trust: bool = False, chunk: int = 64) -> np.ndarray:
+    """Float32 logits of a built engine for `images`, computed on the GPU (for parity checks; `engine_predictor`)."""
     if len(images) == 0:
         raise ValueError("engine_logits needs at least one image")
-    engine = TrtEngine(engine_path, trust=trust)
-    outs = []
-    stream = torch.cuda.Stream(engine.device)
-    with torch.cuda.stream(stream):
-        for x, n in padded_chunks(images, engine.min_batch, engine.max_batch, chunk):
-            outs.append(engine(torch.from_numpy(x))[:n].float().cpu())  # .cpu() waits for this stream
-    return torch.cat(outs).numpy()
+    return engine_predictor(engine_path, trust=trust, chunk=chunk)(images)

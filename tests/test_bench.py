@@ -530,3 +530,28 @@ def test_cli_bad_input_one_line_exit_2(run, monkeypatch, capsys, args, match):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and match in err and "\n" not in err
+
+
+def test_an_int8_teacher_of_another_quantizer_is_not_reused(run, tmp_path):
+    """After a ModelOpt INT8 export, an ONNX Runtime INT8 student gets its teacher quantized the same way."""
+    pytest.importorskip("modelopt.onnx.quantization", reason="NVIDIA ModelOpt is not installed")
+    from export.bench.teacher import settings_differ, teacher_like
+    from export.exporter import export_model
+
+    d = tmp_path / "r"
+    d.mkdir()
+    for f in ("teacher.safetensors", "teacher.json", "student.safetensors", "student.json"):
+        shutil.copy(run["dir"] / f, d / f)
+    common = dict(dynamic_batch=(1, 8, 16), calib_samples=64, eval_samples=32, max_drop=0)
+    export_model(d / "teacher.safetensors", "onnx", "int8", quantizer="modelopt", **common)
+    student = resolve_artifact(export_model(d / "student.safetensors", "onnx", "int8", quantizer="ort", **common).path)
+    cached = resolve_artifact(d / "teacher.int8.onnx", role="teacher")
+    assert "int8.quantizer modelopt != ort" in settings_differ(cached.meta, student.meta)
+
+    notes: list[str] = []
+    teacher = teacher_like(student, d / "teacher.safetensors", notes)
+    assert teacher.meta["int8"]["quantizer"] == "ort" and settings_differ(teacher.meta, student.meta) == []
+    assert any("int8.quantizer modelopt != ort" in n and "exported again" in n for n in notes)
+    again: list[str] = []
+    assert teacher_like(student, d / "teacher.safetensors", again).path == teacher.path
+    assert any("(reused)" in n for n in again)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from calibration.dataset import calibration_set, load_images
-from calibration.quantize import boundary_nodes, check_trt_qdq, qdq_constants, quantize_int8, resolve_quantizer
+from calibration.quantize import (boundary_nodes, check_trt_qdq, high_precision_for, modelopt_problem, qdq_constants,
+                                  quantize_int8, resolve_quantizer)
 from export.exporter import export_model
 from export.onnx import ort_session
 from spofa_deploy.artifacts import save_model
@@ -196,22 +198,106 @@ def test_calibration_reader_batches(tmp_path):
         calibration_reader(tmp_path / "b4.onnx", x[:3])
 
 
-def test_quantizer_choice():
+def test_quantizer_choice_by_target():
     with pytest.raises(UserError, match="unknown --quantizer"):
         resolve_quantizer("tensorrt")
-    assert resolve_quantizer("ort") == "ort"
-    if importlib.util.find_spec("modelopt") is None:
-        assert resolve_quantizer("auto") == "ort"
+    assert resolve_quantizer("ort", "trt") == "ort"
+    assert resolve_quantizer("auto", "onnx") == "ort"  # ONNX Runtime CPU: int8 weights, int8 kernels
+    if modelopt_problem() is None:
+        assert resolve_quantizer("auto", "trt") == "modelopt"
+    else:
         with pytest.raises(MissingDependency, match=r"spofa-deploy\[modelopt\]"):
             resolve_quantizer("modelopt")
-    else:
-        assert resolve_quantizer("auto") == "modelopt"
+
+
+def test_auto_falls_back_before_the_export_when_modelopt_cannot_quantize_onnx(monkeypatch):
+    """A plain nvidia-modelopt install lacks onnx_graphsurgeon: found before any export work, not after it."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnx_graphsurgeon" else real(name, *a))
+    monkeypatch.setattr("calibration.quantize.modelopt_available", lambda: True)
+    notes: list[str] = []
+    assert resolve_quantizer("auto", "trt", notes) == "ort"
+    assert notes == ["--quantizer auto: ONNX Runtime's quantizer instead of ModelOpt (ModelOpt's ONNX quantizer "
+                     "needs onnx_graphsurgeon, which is not installed: pip install -U 'spofa-deploy[modelopt]' "
+                     "(or use --quantizer ort))"]
+    with pytest.raises(MissingDependency, match="^--quantizer modelopt: ModelOpt's ONNX quantizer needs onnx_graphsurgeon"):
+        resolve_quantizer("modelopt", "trt")
+
+
+def test_high_precision_is_fp16_for_tensorrt_and_fp32_for_onnx_runtime():
+    assert high_precision_for("trt") == "fp16" and high_precision_for("onnx") == "fp32"
 
 
 def test_modelopt_int8_is_trt_compatible(trained_student, tmp_path):
     pytest.importorskip("modelopt.onnx.quantization", reason="NVIDIA ModelOpt is not installed: pip install 'spofa-deploy[modelopt]'")
     r = export_model(trained_student, "onnx", "int8", dynamic_batch=(1, 32, 64), quantizer="modelopt",
-                     out=tmp_path / "mo.int8.onnx")
-    assert r.quantization["quantizer"] == "modelopt"
+                     out=tmp_path / "mo.int8.onnx", eval_samples=200)
+    assert r.quantization["quantizer"] == "modelopt" and r.quantization["high_precision"] == "fp32"
     assert check_trt_qdq(onnx.load(str(r.path))) == []
     assert r.int8_top1 >= r.fp32_top1 - 2.0
+
+
+# ----------------------------------------------------------------------------- accuracy gate
+
+def _grey_folder(root: Path) -> str:
+    """An image folder of flat grey images, one per digit class: a calibration set unlike any real digit."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in range(10):
+            (root / split / str(c)).mkdir(parents=True)
+            Image.new("RGB", (SIZE, SIZE), (128, 128, 128)).save(root / split / str(c) / "0.png")
+    return f"imagefolder:{root}"
+
+
+def test_gate_refuses_an_int8_export_calibrated_on_the_wrong_images(trained_student, tmp_path):
+    out = tmp_path / "student.int8.onnx"
+    with pytest.raises(UserError, match=r"^int8 export refused: val top-1 .* PyTorch .*--max-drop 1\. Kept aside as "
+                                        r"student\.int8\.refused\.onnx, not installed") as err:
+        export_model(trained_student, "onnx", "int8", dynamic_batch=(1, 32, 64), quantizer="ort", out=out,
+                     calib_data=_grey_folder(tmp_path / "grey"), eval_samples=200)
+    assert "\n" not in str(err.value)
+    assert not out.exists() and not out.with_name(out.name + ".json").exists()
+    aside = tmp_path / "student.int8.refused.onnx"
+    side = json.loads((tmp_path / "student.int8.refused.onnx.json").read_text())
+    assert aside.is_file() and side["refused"] is True
+    gate = side["gate"]
+    assert gate["passed"] is False and gate["n"] == 200 and gate["drop"] > 1.0
+    assert gate["disagreement"] > 0 and gate["checked_on"].startswith("onnxruntime-cpu")
+
+    # The same broken set with the gate off: installed, its drop still measured and recorded.
+    r = export_model(trained_student, "onnx", "int8", dynamic_batch=(1, 32, 64), quantizer="ort", out=out,
+                     calib_data=_grey_folder(tmp_path / "grey2"), eval_samples=200, max_drop=0)
+    assert r.path == out and out.is_file()
+    assert r.gate.max_drop == 0 and r.gate.passed and r.gate.drop == pytest.approx(gate["drop"])
+
+
+def test_gate_passes_a_good_int8_export_and_records_it(trained_student, tmp_path):
+    r = export_model(trained_student, "onnx", "int8", dynamic_batch=(1, 32, 64), quantizer="ort",
+                     out=tmp_path / "s.int8.onnx", eval_samples=100)
+    assert r.gate.passed and r.gate.n == 100 and r.gate.drop <= 1.0
+    assert r.fp32_top1 == r.gate.reference_top1 and r.int8_top1 == r.gate.top1
+    side = json.loads(r.sidecar.read_text())
+    assert side["gate"]["passed"] is True and side["gate"]["max_drop"] == 1.0
+    assert side["int8"]["target"] == "onnx" and side["int8"]["high_precision"] == "fp32"
+
+
+def test_gate_options_are_checked_up_front(trained_student):
+    with pytest.raises(UserError, match="--max-drop must be >= 0"):
+        export_model(trained_student, "onnx", "int8", max_drop=-1)
+    with pytest.raises(UserError, match="--gate-samples must be >= 1"):
+        export_model(trained_student, "onnx", "int8", eval_samples=0)
+
+
+def test_int8_for_onnx_runtime_is_smaller_and_its_latency_is_reported(trained_student, tmp_path):
+    r = export_model(trained_student, "onnx", "int8", dynamic_batch=(1, 16, 64), out=tmp_path / "a.int8.onnx",
+                     eval_samples=64)
+    assert r.quantization["quantizer"] == "ort"  # auto, for ONNX Runtime: int8 weights
+    p = r.payoff
+    assert p["backend"] == "onnxruntime-cpu" and set(p["latency_ms"]) == {"1", "32"}
+    assert p["int8_bytes"] < p["fp32_bytes"]
+    for b, ms in p["latency_ms"].items():
+        assert ms["int8"] > 0 and ms["fp32"] > 0
+        said = any(f"not faster than fp32 in ONNX Runtime CPU on this machine at batch {b}" in w for w in r.warnings)
+        assert said == (ms["int8"] >= ms["fp32"])

@@ -442,7 +442,9 @@ def test_bf16_engine_is_checked_on_the_engine_not_in_ort_cpu(student, monkeypatc
     monkeypatch.setattr(trt_export, "build_engine", fake_build)
     monkeypatch.setattr(trt_export, "engine_logits",
                         lambda path, images, trust=False: trust and onnx_export.torch_logits(model, images))
-    r = export_model(student, "trt", "bf16")
+    monkeypatch.setattr(trt_export, "engine_predictor",
+                        lambda path, trust=False: lambda images: onnx_export.torch_logits(model, images))
+    r = export_model(student, "trt", "bf16", eval_samples=64)
     assert fake_build.opset >= 22  # the real bf16 AutoCast graph was built from
     assert opened == ["fp32.onnx"]  # ORT CPU ran the fp32 graph only, never the bf16 one
     assert r.parity is None and r.parity_engine.passed and "H200" in r.parity_engine.checked_on
@@ -450,3 +452,5 @@ def test_bf16_engine_is_checked_on_the_engine_not_in_ort_cpu(student, monkeypatc
     assert side.get("parity") is None and "checked on the engine" in side["parity_note"]
     assert side["parity_fp32"]["checked_on"] == "onnxruntime-cpu" and side["parity_engine"]["checked_on"].startswith("tensorrt")
     assert json.loads((student.parent / "student.bf16.onnx.json").read_text())["opset"] >= 22
+    # The accuracy gate judged the engine (here the stand-in, PyTorch itself: no drop), not ORT CPU.
+    assert "H200" in r.gate.checked_on and r.gate.drop == 0 and r.gate.n == 64 and side["gate"]["passed"]

@@ -118,3 +118,15 @@ def test_modelopt_without_a_reader_parameter_is_one_clear_error(graphs, tmp_path
     monkeypatch.setattr(moq, "quantize", old_quantize)
     with pytest.raises(MissingDependency, match=r"calibration_data_reader.*pip install -U"):
         quantize_int8(graphs[3], tmp_path / "x.onnx", _images(6), quantizer="modelopt")
+
+
+def test_modelopt_int8_for_tensorrt_keeps_the_rest_in_fp16_and_runs_in_onnx_runtime(graphs, tmp_path):
+    info = quantize_int8(graphs["dynamic"], tmp_path / "trt.onnx", _images(64), quantizer="auto", target="trt")
+    assert (info.quantizer, info.high_precision, info.target) == ("modelopt", "fp16", "trt")
+    model = onnx.load(str(tmp_path / "trt.onnx"))
+    assert check_trt_qdq(model) == []
+    fp16 = onnx.TensorProto.FLOAT16
+    assert any(i.data_type == fp16 for i in model.graph.initializer)  # the layers without Q/DQ: fp16
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT]  # I/O stay fp32
+    out = ort_session(tmp_path / "trt.onnx", fused=False).run(["logits"], {"images": _images(3)})[0]
+    assert out.shape == (3, 10) and out.dtype == np.float32

@@ -9,6 +9,7 @@ by the `trt`/`gpu` tests in tests/test_export.py, which skip here.
 """
 from __future__ import annotations
 
+import json
 import contextlib
 import sys
 from pathlib import Path
@@ -289,7 +290,9 @@ def test_trt_runner_timed_call_only_enqueues(use_trt, tmp_path, monkeypatch):
     art = Artifact(path=tmp_path / "m.engine", format="trt", precision="fp16", size_bytes=4, batch_range=(1, 8),
                    meta={"model": "m", "num_classes": CLASSES, "img_size": SHAPE[1], "in_chans": SHAPE[0]})
     sidecar = trt_export.sidecar_path(art.path)
-    sidecar.write_text('{"format": "trt"}')
+    from spofa_deploy.artifacts import file_digest
+
+    sidecar.write_text(json.dumps({"format": "trt", **file_digest(art.path)}))  # the engine's own digest: trusted
     monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: SimpleNamespace(cuda_stream=11))
     er = trt_runner.TrtRunner(art)
     assert er.batch_range == (1, 8) and er._engine is not r
@@ -333,3 +336,67 @@ def test_engine_logits_pads_to_the_profile_and_drops_the_padding(monkeypatch, lo
     out = trt_export.engine_logits(Path("m.engine"), images, trust=True, chunk=4)
     np.testing.assert_array_equal(out, images.reshape(7, -1)[:, :CLASSES])
     assert runner.batches == expected
+
+
+# ----------------------------------------------------------------------------- profiles, TF32, CUDA graphs
+
+def test_two_profiles_opt_1_and_the_large_batch_and_tf32_recorded(use_trt, tmp_path):
+    trt = use_trt("11.0.0")
+    trt.BuilderFlag.TF32 = "TF32"
+    cleared = []
+    real_config = trt.Builder(None).create_builder_config
+
+    def config():
+        c = real_config()
+        c.clear_flag = cleared.append
+        return c
+
+    builder = trt.Builder(None)
+    builder.create_builder_config = config
+    trt.Builder = lambda logger: builder
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"onnx")
+    meta = trt_export.build_engine(onnx_file, tmp_path / "m.engine", "fp32", BatchProfile.dynamic_range(1, 16, 256),
+                                   tf32=False)
+    assert [p["opt"] for p in meta["profiles"]] == [1, 256] and meta["profile_choice"].startswith("per batch")
+    assert meta["tf32"] is False and cleared == ["TF32"]
+    assert trt_export.profile_opts(BatchProfile.fixed(4)) == [4]
+
+
+def test_engine_switches_to_the_nearest_profile(use_trt, tmp_path, monkeypatch):
+    r = _engine(use_trt, tmp_path)
+    switched = []
+    r.context.set_optimization_profile_async = lambda i, stream: switched.append(i) or True
+    r._opts = [1, 256]  # an engine of two profiles, as `build_engine` makes them
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=5))
+    assert [r.profile_for(n) for n in (1, 8, 15, 17, 64, 256)] == [0, 0, 0, 1, 1, 1]
+    r.bind(torch.zeros(1, *SHAPE))
+    r.bind(torch.zeros(8, *SHAPE))
+    assert switched == [] and r.profile == 0
+    x = torch.zeros(64, *SHAPE)
+    r.bind(x)
+    assert switched == [1] and r.profile == 1 and r.context.addresses["images"] == x.data_ptr()
+
+
+@pytest.mark.parametrize("capture_fails", [False, True])
+def test_trt_runner_replays_a_cuda_graph_or_falls_back(monkeypatch, capture_fails):
+    calls = []
+
+    class Graph:
+        def replay(self):
+            calls.append("replay")
+
+    @contextlib.contextmanager
+    def graph(g, stream=None):
+        yield  # the enqueue is captured (recorded, not run) ...
+        if capture_fails:  # ... and the capture fails as it ends
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    runner = object.__new__(trt_runner.TrtRunner)
+    timed = runner._graphed(lambda: calls.append("enqueue"), stream=None)
+    timed()
+    assert runner.graph is (not capture_fails)
+    # The captured call, then the timed one: the plain enqueue again, or the graph's replay.
+    assert calls == (["enqueue", "enqueue"] if capture_fails else ["enqueue", "replay"])

@@ -60,23 +60,59 @@ def _export_options(student: Artifact) -> dict:
     if "int8" in m:
         q = m["int8"]
         opts.update(quantizer=q.get("quantizer", "auto"), calib_samples=int(q.get("calib_samples") or 512),
-                    keep_ends=bool(q.get("excluded_nodes", True)))
+                    calib_data=q.get("calib_data") or None, keep_ends=bool(q.get("excluded_nodes", True)))
+    if m.get("gate"):  # the student's accuracy gate, so a refused teacher is refused by the same rule
+        opts.update(max_drop=float(m["gate"]["max_drop"]), eval_samples=int(m["gate"]["n"]))
     return opts
 
 
-def _reusable(cached: Artifact, source: Path, student: Artifact) -> bool:
-    """A teacher exported earlier from this very teacher file, like this student, and not older than it."""
-    return (cached.source is not None and cached.source.resolve() == source.resolve()
-            and cached.precision == student.precision and _profile(cached.meta) == _profile(student.meta)
-            and cached.path.stat().st_mtime >= source.stat().st_mtime
-            and all(cached.meta.get(k) == student.meta.get(k) for k in ("device", "torch", "tensorrt", "gpu")))
+# What a build must share for two artifacts to be alike: the INT8 recipe, the opset, the typing, the tools.
+_INT8_SETTINGS = ("quantizer", "calib_data", "calib_samples", "method", "high_precision", "target")
+_BUILD_SETTINGS = ("opset", "exporter", "slim", "strongly_typed", "device", "torch", "tensorrt", "gpu",
+                   "compute_capability")
+
+
+def build_settings(meta: dict) -> dict:
+    """The settings of an export's sidecar that change the artifact's speed or accuracy beyond the model itself."""
+    q = meta.get("int8") or {}
+    return {**{k: meta.get(k) for k in _BUILD_SETTINGS}, **{f"int8.{k}": q.get(k) for k in _INT8_SETTINGS},
+            "int8.keep_ends": bool(q.get("excluded_nodes")) if q else None}
+
+
+def settings_differ(cached: dict, wanted: dict) -> list[str]:
+    """The build settings (`build_settings`) that `wanted` records and `cached` does not share, as `name a != b`.
+
+    A setting `wanted` does not record (a sidecar of an older export) cannot be compared: it is left out.
+    """
+    got, want = build_settings(cached), build_settings(wanted)
+    return [f"{k} {got[k]} != {want[k]}" for k in want if want[k] is not None and got[k] != want[k]]
+
+
+def _reusable(cached: Artifact, source: Path, student: Artifact, notes: list[str]) -> bool:
+    """A teacher exported earlier from this very teacher file, like this student, and not older than it.
+
+    "Like" is every build setting: precision, batch profile and `build_settings` (an INT8 teacher of
+    another quantizer or calibration set is another model to compare with). Says why one is not reused.
+    """
+    if cached.source is None or cached.source.resolve() != source.resolve():
+        return False
+    if cached.path.stat().st_mtime < source.stat().st_mtime:
+        return False
+    differ = settings_differ(cached.meta, student.meta)
+    if cached.precision != student.precision or _profile(cached.meta) != _profile(student.meta):
+        differ.insert(0, "precision or batch profile")
+    if differ:
+        notes.append(f"teacher: {cached.path.name} was exported with other settings than {student.path.name} "
+                     f"({'; '.join(differ[:3])}): exported again")
+    return not differ
 
 
 def teacher_like(student: Artifact, source: Path, notes: list[str]) -> Artifact | None:
     """The teacher exported like the student, cached beside it (`teacher.onnx`, `teacher.fp16.engine`, ...).
 
-    Reused while it was exported from the same teacher file with the same precision and
-    batch profile; otherwise exported now (as `spofa export --teacher` would). Where the
+    Reused while it was exported from the same teacher file with the same precision, batch
+    profile and build settings (`build_settings`: quantizer, calibration, opset, typing, tools);
+    otherwise exported now (as `spofa export --role teacher` would). Where the
     export fails, None with a note: the teacher then runs from its weights and the report
     marks the speed-ups as comparing different backends.
     """
@@ -90,7 +126,7 @@ def teacher_like(student: Artifact, source: Path, notes: list[str]) -> Artifact 
             cached = resolve_artifact(dest, role="teacher")
         except UserError:
             cached = None
-        if cached is not None and _reusable(cached, source, student):
+        if cached is not None and _reusable(cached, source, student, notes):
             notes.append(f"teacher: {dest.name}, exported earlier like {student.path.name} (reused)")
             return cached
     what = f"{fmt.name} {opts['precision']}"

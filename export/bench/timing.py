@@ -1,8 +1,11 @@
 """The timing method of `spofa bench`: latency statistics, the timing options, `measure`.
 
-The method follows trtexec: warm up for a fixed time, then run until both a minimum
-time and a minimum number of iterations are reached, synchronising after every
-iteration. Two clocks are kept per iteration:
+The method borrows trtexec's schedule: warm up for a fixed time, then run until both a
+minimum time and a minimum number of iterations are reached. Unlike trtexec, it
+synchronises after every iteration (trtexec keeps inferences in flight); a TensorRT
+engine's compute is a CUDA graph replay where the engine can be captured (as trtexec
+does by default in TensorRT 11), so its GPU figure holds little launch time. Two clocks
+are kept per iteration:
 
 - host latency: wall clock around host->device copy of the input, the compute, the
   device->host copy of the output and the final synchronisation (what a caller sees);
