@@ -30,7 +30,8 @@ def test_a_distillation_writes_its_trace_and_epochs_as_scalars(tiny_run: Path) -
     assert [s.step for s in scalars["trace/loss"]] == [int(r["step"]) for r in rows]
     epochs = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if "val_top1" in e]
-    assert [round(s.value, 4) for s in scalars["epoch/val_top1"]] == [round(e["val_top1"], 4) for e in epochs]
+    # (TensorBoard keeps float32)
+    assert [s.value for s in scalars["epoch/val_top1"]] == pytest.approx([e["val_top1"] for e in epochs], rel=1e-6)
     assert {"epoch/ema_top1", "epoch/lr", "epoch/train_loss"} <= set(scalars)
 
 
