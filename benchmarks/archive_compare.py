@@ -1,7 +1,7 @@
 """Keep a compare's evidence in the repository, and bring it back: every record its report reads, no weights.
 
 A compare folder holds hundreds of MB of weights and checkpoints per run; its report reads only each
-finished run's done.json, metrics.jsonl, trace.csv and student.json (README, "spofa compare"). This
+finished run's done.json, metrics.jsonl, trace.csv and student.json (docs/commands/compare.md). This
 copies compare.json, report.md, report.json and the plots as they are, and packs the finished runs'
 records (plus their log.txt) into runs.tar.gz; a half-done run is left out (it restarts on resume).
 

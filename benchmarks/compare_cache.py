@@ -17,7 +17,7 @@ students are checked bitwise against the others only when its threads per run eq
 From the per-run times we estimate the default `spofa compare` (none, kd, ofa, spofa x 3
 rates, per seed; 5 seeds): `none` runs are unaffected; of the 9 distillation runs of a seed
 the first (kd, first rate) computes the teacher and the other 8 read it. Methods not measured
-here stand in as: ofa = spofa (issue 16: SPOFA costs 1.00x OFA), none = the cached kd runs
+here stand in as: ofa = spofa (SPOFA costs 1.00x OFA: docs/results.md), none = the cached kd runs
 (the same student steps plus a KD loss and a cache read: an upper bound, which makes the
 estimate conservative) unless `none` is among --methods.
 

@@ -5,7 +5,7 @@ student forward/backward, heads, MEMA, optimizer, and the trainer's NaN guard: t
 exact `train_step` the training loop runs). Methods are interleaved in rounds
 (A B C D, A B C D, ...) so clock and thermal drift hit all of them alike; we report
 the median ms/step, its spread (p10-p90), ratios of ms/step against OFA and against the
-student alone (`none`), and `speed` = none's ms / this ms (the issue-16 target: SPOFA >= 0.8).
+student alone (`none`), and `speed` = none's ms / this ms (the target: SPOFA with a warm teacher cache >= 0.8).
 
 "<method> cached" rows run the same step with the teacher's logits read from a warm
 teacher cache (`spofa_deploy.teacher_cache`), as a run's later epochs or a compare's later

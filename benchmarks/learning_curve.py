@@ -1,4 +1,4 @@
-"""The student-alone learning curve that sets `spofa compare`'s default epochs (issue 17).
+"""The student-alone learning curve that sets `spofa compare`'s default epochs (docs/results.md).
 
 Reads compare folders that trained `none` (the student alone) with the same settings but
 different `--epochs` budgets, for example (2-core CPU, about 35 minutes with 2 such jobs at a time):

@@ -1,4 +1,4 @@
-"""How much MEMA's stage weights move from step to step (issue 17, item 5).
+"""How much MEMA's stage weights move from step to step (docs/results.md, "MEMA at batch 16 and 128").
 
 MEMA sets each stage weight from one batch's agreement `s_k` and a slow baseline `b_k`:
 `alpha_k = clip(1 - lambda_f (b_k - s_k), 0.1, alpha_max)`. With small batches `s_k` is

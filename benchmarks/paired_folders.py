@@ -1,4 +1,4 @@
-"""Paired differences between two compare folders that differ in one setting (issue 17).
+"""Paired differences between two compare folders that differ in one setting.
 
 `spofa compare` pairs methods within one folder; a change that needs its own folder (another
 teacher, another weight decay) is measured here: for each method and rate present in both,

@@ -61,7 +61,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "spofa": ("spofa", {}),
     "spofa-nomema": ("spofa", {"mema": False}),
     "spofa-nobeta": ("spofa", {"sample_weights": False}),
-    # MEMA variants beside the paper's formula (issue 17): stage weights capped at 1 (damping only),
+    # MEMA variants beside the paper's formula: stage weights capped at 1 (damping only),
     # and a faster baseline (momentum 0.9 instead of 0.99).
     "spofa-damp": ("spofa", {"alpha_max": 1.0}),
     "spofa-m0.9": ("spofa", {"momentum": 0.9}),
@@ -94,7 +94,7 @@ class CompareConfig:
     methods: tuple[str, ...] = ("none", "kd", "ofa", "spofa")
     seeds: int = 5  # seeds 0 .. seeds-1: enough for a paired t-interval that can exclude zero
     lrs: tuple[float, ...] = DEFAULT_LRS
-    # From the student-alone learning curve (README, "Students trained to convergence"): at the best
+    # From the student-alone learning curve (docs/results.md, "Students trained to convergence"): at the best
     # rate, 25 epochs left the student at 76 % with training CE 0.98; 100 epochs reach 95 % (CE ~0.2),
     # where 150 add little. Earlier defaults (25) measured speed of fitting, not what distillation leaves.
     epochs: int = 100
@@ -102,7 +102,7 @@ class CompareConfig:
     img_size: int | None = None  # None: the data's natural size (32 for digits / CIFAR)
     train_fraction: float = 0.1  # ~14 training images per class on digits
     optimizer: str = "sgd"
-    # Measured (README, "Student weight decay"): for the student alone at 100 epochs, 0.05 ended above
+    # Measured (docs/results.md, "Student weight decay"): for the student alone at 100 epochs, 0.05 ended above
     # 0.005 and 0.0005 on each of 2 seeds (by 2-10 points; not significant with 2 seeds).
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
@@ -294,7 +294,7 @@ def auto_jobs(cfg: CompareConfig, threads: int | None, runs: int) -> int:
     these jobs one thread each (unless `threads`), so the thread count of a run never depends on the memory free.
 
     Small students use threads poorly: on a 2-core CPU, two single-threaded jobs with the teacher cache finished a
-    reduced compare 1.84x sooner than one process of two threads without it (README, issue 16).
+    reduced compare 1.84x sooner than one process of two threads without it (docs/results.md, "Parallel jobs").
     """
     if resolve_device(cfg.device).type != "cpu":
         return 1
@@ -336,7 +336,7 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, 
     num_classes = data_info["num_classes"]
     records = _read_finished(out, plan, num_classes)
     if finished:  # every run finished: the report needs the teacher's record, not its weights (so a compare carried
-        # without them reports again wherever its data is, even where the recipe cannot remake its teacher: README)
+        # without them reports again wherever its data is, even where the recipe cannot remake its teacher: docs/commands/compare.md)
         teacher_path, digest, t_meta = Path(saved["teacher_path"]), saved.get("teacher_sha256"), finished
     else:
         teacher_path = ensure_teacher(cfg, img_size)

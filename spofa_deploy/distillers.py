@@ -22,7 +22,7 @@ from .models import embed_dim, forward_with_stages, stage_taps
 
 @dataclass
 class DistillConfig:
-    """Loss settings of a distillation method (spofa-method.md sections 2-4)."""
+    """Loss settings of a distillation method (docs/method.md)."""
 
     method: str = "spofa"
     gt_weight: float = 1.0  # l_gt: cross-entropy with the labels

@@ -73,7 +73,7 @@ class ProjectorHead(nn.Module):
 
         if num_blocks == 0:
             # Already at the final stride: a plain 1x1 projection with bias, as in the reference
-            # (OFA-KD); the LayerNorm after pooling does the normalising (issue 17).
+            # (OFA-KD); the LayerNorm after pooling does the normalising.
             body: list[nn.Module] = [nn.Conv2d(in_chs, dim, 1)]
         else:
             body, chs = [], in_chs

@@ -5,7 +5,7 @@ One home for the device and capability probes that training, doctor and bench sh
 PyTorch runs one intra-op thread per core by default, and its OpenMP threads wait for each
 other at every operation. When other processes use some of the cores, one descheduled thread
 stalls all the others: on a 2-core machine with one other busy process a training step took
-16.7 s with 2 threads against 0.7 s with 1 (issue 13). `cpu_load()` spots that case from the
+16.7 s with 2 threads against 0.7 s with 1 (docs/results.md, "CPU threads"). `cpu_load()` spots that case from the
 load average; `--threads N` (`set_threads`) is the remedy.
 """
 from __future__ import annotations

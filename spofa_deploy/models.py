@@ -31,7 +31,7 @@ ALIASES: dict[str, str] = {
     "efficientnet_b0": "efficientnet_b0",
 }
 
-# Strides of the four student stages SPOFA taps (spofa-method.md section 1).
+# Strides of the four student stages SPOFA taps (docs/method.md).
 STAGE_REDUCTIONS = (4, 8, 16, 32)
 
 

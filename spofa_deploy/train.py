@@ -36,7 +36,7 @@ from .tensorboard import TensorBoard
 class TrainConfig:
     """Optimisation settings (one set for the teacher stage, one for distillation)."""
 
-    # Defaults: the student recipe measured on digits (README, "Measured results"): SGD at
+    # Defaults: the student recipe measured on digits (docs/results.md, "The main command on digits"): SGD at
     # 0.02 reached 98 % where AdamW at 2e-3 stalled near 85 % for MobileNetV3 from scratch.
     epochs: int = 20
     batch_size: int = 64
@@ -228,7 +228,7 @@ def _setup(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, res
         task.net = nn.SyncBatchNorm.convert_sync_batchnorm(task.net)
     task.to(device)
     if device.type == "cuda":
-        task.to(memory_format=torch.channels_last)  # 1.6x for depthwise CNNs at large batch (anchors.md)
+        task.to(memory_format=torch.channels_last)  # 1.6x for depthwise CNNs at large batch (measured on an H200)
     optimizer = create_optimizer_v2(task, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # The student (+ heads) is replicated by DDP; the frozen teacher inside has no
     # trainable parameters, so DDP only broadcasts it once at start.
