@@ -32,7 +32,7 @@ def compare(
     clip_grad: o.ClipGrad = None,
     amp: Annotated[_Str, typer.Option("--amp", help="auto | bf16 | fp16 | off (default: auto).")] = None,
     teacher_ckpt: Annotated[Optional[Path], typer.Option("--teacher-ckpt", help="A teacher.safetensors to use (default: the teacher trained earlier for this data, else train it once).")] = None,
-    teacher_epochs: Annotated[Optional[int], typer.Option("--teacher-epochs", help="Epochs of the teacher stage, if it runs (default: 8).")] = None,
+    teacher_epochs: Annotated[Optional[int], typer.Option("--teacher-epochs", help="Epochs of the teacher stage, if it runs (default: the recipe's 30, fewer on the CPU for big teachers).")] = None,
     pretrained: Annotated[bool, typer.Option(help="Try timm's pretrained teacher weights first.")] = True,
     device: o.Device = "auto",
     workers: o.Workers = None,

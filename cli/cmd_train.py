@@ -34,6 +34,7 @@ def teacher(
     opts = pipeline.TeacherOptions(name=teacher, weights=_str(teacher_weights), pretrained=pretrained,
                                    label_smoothing=label_smoothing)
     opts.train = o.train_config(given, opts.train)
+    opts.cpu_budget = None if epochs else opts.cpu_budget  # epochs given are taken as given
     path = pipeline.train_teacher(teacher=opts, data=o.data_options(given), out=out, resume=resume)
     typer.echo(str(path))
 
@@ -47,7 +48,7 @@ def distill(
     img_size: o.ImgSize = None,
     teacher_ckpt: Annotated[Optional[Path], typer.Option("--teacher-ckpt", help="A teacher.safetensors from `spofa teacher`.")] = None,
     teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file for the teacher stage.")] = None,
-    teacher_epochs: Annotated[Optional[int], typer.Option(help="Epochs of the teacher stage, if it runs.")] = None,
+    teacher_epochs: Annotated[Optional[int], typer.Option(help="Epochs of the teacher stage, if it runs (default: the recipe's 30, fewer on the CPU for big teachers).")] = None,
     pretrained: Annotated[bool, typer.Option(help="Try timm's pretrained teacher weights first.")] = True,
     teacher_batch_size: Annotated[Optional[int], typer.Option(help="Batch size of the teacher stage (default 32).")] = None,
     epochs: o.Epochs = None, batch_size: o.BatchSize = None, lr: o.Lr = None, opt: o.Optim = None,
@@ -83,6 +84,7 @@ def distill(
     topts = pipeline.TeacherOptions(name=teacher, checkpoint=_str(teacher_ckpt), weights=_str(teacher_weights),
                                     pretrained=pretrained, label_smoothing=teacher_label_smoothing)
     topts.train = o.train_config(given, topts.train, prefix="teacher_")
+    topts.cpu_budget = None if teacher_epochs else topts.cpu_budget  # epochs given are taken as given
     loss = o.loss_config(given)
     r = pipeline.distill(student=student, teacher=topts, method=loss.method, data=o.data_options(given), loss=loss,
                          train=o.train_config(given), cache=o.cache_options(given), out=out, resume=resume)

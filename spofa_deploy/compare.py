@@ -114,7 +114,7 @@ class CompareConfig:
     on_nan: str = "stop"
     clip_grad: float | None = None
     teacher_ckpt: str | None = None  # a teacher.safetensors; default: the teacher folder for this data
-    teacher_epochs: int = 8
+    teacher_epochs: int | None = None  # None: the teacher recipe's (`TeacherOptions`), within its CPU budget
     teacher_pretrained: bool = True
     device: str = "auto"
     workers: int | None = None
@@ -209,8 +209,10 @@ def _plain(v):
 def ensure_teacher(cfg: CompareConfig, img_size: int) -> Path:
     """The one teacher of the compare, through distill's resolver and with the teacher recipe."""
     opts = TeacherOptions(name=cfg.teacher, checkpoint=cfg.teacher_ckpt, pretrained=cfg.teacher_pretrained)
-    # The teacher recipe (AdamW, batch 32, lr 5e-4): the folder is shared with later `spofa distill` runs.
-    opts.train = replace(opts.train, epochs=cfg.teacher_epochs, device=cfg.device, amp=cfg.amp, workers=cfg.workers)
+    # The teacher recipe: the folder is shared with later `spofa distill` runs. Epochs given are taken as given.
+    opts.train = replace(opts.train, device=cfg.device, amp=cfg.amp, workers=cfg.workers)
+    if cfg.teacher_epochs:
+        opts.train, opts.cpu_budget = replace(opts.train, epochs=cfg.teacher_epochs), None
     return find_teacher(teacher=opts, data=DataOptions(cfg.data, img_size, download=cfg.download))
 
 

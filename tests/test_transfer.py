@@ -153,3 +153,32 @@ def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypa
     md = Path("runs/study/report.md").read_text()
     assert "Pre-registered decisions" in md and "agreement with teacher" in md
     assert os.path.isdir("runs/study/none-lr0.01-seed1")
+
+
+def test_the_teacher_recipe_is_cut_to_the_cpu_budget_only_when_not_given() -> None:
+    from spofa_deploy.pipeline import stage_epochs
+
+    recipe = TeacherOptions(train=TrainConfig(epochs=30, lr=5e-4, batch_size=32, optimizer="adamw", device="cpu"))
+    assert TeacherOptions().train.epochs == 30 and TeacherOptions().cpu_budget == pipeline.TEACHER_CPU_BUDGET
+    assert stage_epochs(recipe, 86_000_000, 1438) == 8  # a ViT-B on digits: the main command's budget
+    assert stage_epochs(recipe, 5_500_000, 1438) == 30  # a DeiT-Tiny: the whole recipe
+    assert stage_epochs(recipe, 86_000_000, 50_000) == 1  # never zero
+    given = TeacherOptions(train=recipe.train, cpu_budget=None)
+    assert stage_epochs(given, 86_000_000, 1438) == 30
+
+
+def test_epochs_given_on_the_command_line_are_taken_as_given(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    seen = []
+    monkeypatch.setattr(pipeline, "train_teacher", lambda **k: seen.append(k["teacher"]) or tmp_path / "t.safetensors")
+    for args in (["teacher"], ["teacher", "--epochs", "3"]):
+        assert CliRunner().invoke(app, [*args, "--out", str(tmp_path / "t")]).exit_code == 0
+    assert [(t.train.epochs, t.cpu_budget) for t in seen] == [(30, pipeline.TEACHER_CPU_BUDGET), (3, None)]
+    seen.clear()
+    monkeypatch.chdir(tmp_path)
+    cmp.ensure_teacher(cmp.CompareConfig(teacher="test_vit", device="cpu"), 16)
+    cmp.ensure_teacher(cmp.CompareConfig(teacher="test_vit", device="cpu", teacher_epochs=2), 16)
+    assert [(t.train.epochs, t.cpu_budget) for t in seen] == [(30, pipeline.TEACHER_CPU_BUDGET), (2, None)]
