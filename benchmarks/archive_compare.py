@@ -26,7 +26,7 @@ import tarfile
 from pathlib import Path
 
 from spofa_deploy.artifacts import sidecar_path
-from spofa_deploy.compare_report import REPORT_JSON, REPORT_MD
+from spofa_deploy.compare.report import REPORT_JSON, REPORT_MD
 from spofa_deploy.run_files import COMPARE, DONE, METRICS, RUN_LOG, STUDENT_FILE, TRACE
 
 RECORDS = (DONE, METRICS, TRACE, sidecar_path(STUDENT_FILE).name, RUN_LOG)

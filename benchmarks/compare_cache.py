@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 
 import torch
-from spofa_deploy import compare as cmp
-from spofa_deploy.datasets import parse_data_spec
+from spofa_deploy.compare import run as cmp
+from spofa_deploy.data.datasets import parse_data_spec
 from spofa_deploy.machine import cpu_load, set_threads, usable_cores
 from spofa_deploy.run_files import STUDENT_FILE
 

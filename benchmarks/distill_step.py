@@ -8,7 +8,7 @@ the median ms/step, its spread (p10-p90), ratios of ms/step against OFA and agai
 student alone (`none`), and `speed` = none's ms / this ms (the target: SPOFA with a warm teacher cache >= 0.8).
 
 "<method> cached" rows run the same step with the teacher's logits read from a warm
-teacher cache (`spofa_deploy.teacher_cache`), as a run's later epochs or a compare's later
+teacher cache (`spofa_deploy.teacher.cache`), as a run's later epochs or a compare's later
 runs do: one cold step runs the teacher and stores its logits, the record is written to a
 temp folder and opened again (a cache from an earlier run), and every timed step is
 `train_step(..., teacher=(cache, epoch, indices))`: record lookup and decode, copy to the
@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from spofa_deploy.distillers import DistillConfig, create_task
+from spofa_deploy.method.distillers import DistillConfig, create_task
 from spofa_deploy.machine import cpu_load, set_threads
 from spofa_deploy.models import create_model
-from spofa_deploy.teacher_cache import TeacherCache
-from spofa_deploy.teacher_cache_key import CacheKey, FORMATS
-from spofa_deploy.train import resolve_amp, train_step
+from spofa_deploy.teacher.cache import TeacherCache
+from spofa_deploy.teacher.cache_key import CacheKey, FORMATS
+from spofa_deploy.train.loop import resolve_amp, train_step
 
 CACHED = " cached"  # row-name suffix of a method timed with a warm teacher cache
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from spofa_deploy.artifacts import read_json
 from spofa_deploy.run_files import COMPARE, DONE, METRICS, TRACE
-from spofa_deploy.stability import epoch_records, read_metrics, read_trace
+from spofa_deploy.train.stability import epoch_records, read_metrics, read_trace
 
 
 def _runs(folder: Path) -> list[dict]:

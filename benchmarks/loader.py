@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spofa_deploy.data import load_splits
-from spofa_deploy.loaders import AugSeeded, make_loader
-from spofa_deploy.distillers import DistillConfig, create_task
+from spofa_deploy.data.splits import load_splits
+from spofa_deploy.data.loaders import AugSeeded, make_loader
+from spofa_deploy.method.distillers import DistillConfig, create_task
 from spofa_deploy.models import create_model, data_config
-from spofa_deploy.train import resolve_amp, train_step
+from spofa_deploy.train.loop import resolve_amp, train_step
 from spofa_deploy.models import Preprocessing
 
 

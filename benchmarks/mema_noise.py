@@ -25,7 +25,7 @@ import numpy as np
 
 from spofa_deploy.artifacts import read_json
 from spofa_deploy.run_files import TRACE
-from spofa_deploy.stability import read_trace
+from spofa_deploy.train.stability import read_trace
 
 
 def _run_dirs(paths: list[Path]) -> list[Path]:

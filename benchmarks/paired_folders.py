@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from spofa_deploy.artifacts import read_json
-from spofa_deploy.compare_report import fmt_num, paired_difference
+from spofa_deploy.compare.report import fmt_num, paired_difference
 from spofa_deploy.run_files import DONE
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from calibration.qat import default_train, qat
-from spofa_deploy.compare_report import t_quantile
+from spofa_deploy.compare.report import t_quantile
 from spofa_deploy.console import console
 
 

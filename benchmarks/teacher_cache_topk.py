@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spofa_deploy import teacher_cache_key as tc
-from spofa_deploy.teacher_cache_record import Codec
-from spofa_deploy.losses import cosine_rows, kd_loss, ofa_loss
+from spofa_deploy.teacher import cache_key as tc
+from spofa_deploy.teacher.cache_record import Codec
+from spofa_deploy.method.losses import cosine_rows, kd_loss, ofa_loss
 
 
 # (superclass spread, sample noise, augmentation noise). At 100 classes "soft" gives a teacher of ~83 %

@@ -1,6 +1,6 @@
 """Images for calibration, parity and evaluation, preprocessed exactly as the model expects.
 
-Every draw goes through `spofa_deploy.data.load_splits` with the model's own size, mean/std,
+Every draw goes through `spofa_deploy.data.splits.load_splits` with the model's own size, mean/std,
 interpolation and crop (from its metadata) and the eval transform (`train_aug=False`), and is
 seeded and class-stratified (`stratified_subset`), so two exports of the same model
 calibrate on the same images.
@@ -12,8 +12,8 @@ from typing import Iterator
 
 import numpy as np
 
-from spofa_deploy.data import load_splits
-from spofa_deploy.datasets import stratified_subset
+from spofa_deploy.data.splits import load_splits
+from spofa_deploy.data.datasets import stratified_subset
 from spofa_deploy.errors import UserError
 from spofa_deploy.models import Preprocessing
 

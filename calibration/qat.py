@@ -41,13 +41,13 @@ from calibration.quantize import _quiet
 from spofa_deploy.artifacts import (latest_run, load_model, load_state, read_model_meta, release_run, save_model,
                                     verify_artifact)
 from spofa_deploy.console import console
-from spofa_deploy.data import load_splits
-from spofa_deploy.distillers import KD, DistillConfig, Supervised
+from spofa_deploy.data.splits import load_splits
+from spofa_deploy.method.distillers import KD, DistillConfig, Supervised
 from spofa_deploy.errors import MissingDependency, UserError
-from spofa_deploy.hooks import Hooks
+from spofa_deploy.train.hooks import Hooks
 from spofa_deploy.models import Preprocessing, create_model
 from spofa_deploy.run_files import CHECKPOINT, STUDENT_FILE, TEACHER_FILE
-from spofa_deploy.train import FitResult, TrainConfig, evaluate, fit
+from spofa_deploy.train.loop import FitResult, TrainConfig, evaluate, fit
 
 QAT_FILE = "student.qat.safetensors"  # (+ student.qat.json) beside the student
 QAT_FOLDER = "qat"  # the fine-tuning's checkpoint, metrics and trace, inside the run
@@ -270,7 +270,7 @@ def qat(source: str | Path | None = None, *, train: TrainConfig | None = None, c
 
 
 def _val_loader(splits, train: TrainConfig):
-    from spofa_deploy.loaders import make_loader
+    from spofa_deploy.data.loaders import make_loader
 
     return make_loader(splits.val, train.batch_size * 2, train=False, workers=0)
 

@@ -1,4 +1,4 @@
-"""`spofa compare`: parse options, call `spofa_deploy.compare.run_compare`, print the table."""
+"""`spofa compare`: parse options, call `spofa_deploy.compare.run.run_compare`, print the table."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,7 +49,7 @@ def compare(
 
     from rich.console import Console
 
-    from spofa_deploy.compare import METHOD_ALIASES, VARIANTS, CompareConfig, parse_methods, resume_config, run_compare
+    from spofa_deploy.compare.run import METHOD_ALIASES, VARIANTS, CompareConfig, parse_methods, resume_config, run_compare
 
     o.use_threads(threads)  # the runs train in this process
     loss_given = o.loss_fields(options)
@@ -87,7 +87,7 @@ def summary_table(report: dict):
     from rich import box
     from rich.table import Table
 
-    from spofa_deploy.compare_report import fmt_num, fmt_pm
+    from spofa_deploy.compare.report import fmt_num, fmt_pm
 
     mean = lambda st, d=1: fmt_num(st["mean"], d)  # noqa: E731
     t = Table(title=f"spofa compare: {report['title']}\n{len(report['seeds'])} seeds, {report['config']['epochs']} epochs, "

@@ -29,7 +29,6 @@ def teacher(
     """Train / fine-tune the teacher on the data (teacher.safetensors + teacher.json)."""
     given = dict(locals())  # the option groups are built from the options by name (cli.options)
     from spofa_deploy import pipeline
-
     o.use_threads(threads)
     opts = pipeline.TeacherOptions(name=teacher, weights=_str(teacher_weights), pretrained=pretrained,
                                    label_smoothing=label_smoothing)
@@ -71,12 +70,13 @@ def distill(
     """Distil the teacher into the student (runs the teacher stage first if needed)."""
     given = {**locals(), **loss}  # the option groups are built from the options by name (cli.options)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from spofa_deploy.distributed import relaunch_with_torchrun
+        from spofa_deploy.train.distributed import relaunch_with_torchrun
 
         argv = sys.argv[1:]
         i = argv.index("--nproc")
         raise SystemExit(relaunch_with_torchrun(nproc, argv[:i] + argv[i + 2:]))
-    from spofa_deploy import distributed, pipeline
+    from spofa_deploy import pipeline
+    from spofa_deploy.train import distributed
     from spofa_deploy.errors import UserError
 
     o.use_threads(threads)

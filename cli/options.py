@@ -152,7 +152,7 @@ def train_config(given: Mapping[str, Any], base=None, *, prefix: str = ""):
     With `prefix` (distill's `teacher_` for its teacher stage) only the prefixed options and the
     shared ones (`SHARED_TRAIN`) count.
     """
-    from spofa_deploy.train import TrainConfig
+    from spofa_deploy.train.loop import TrainConfig
 
     names = {"optimizer": prefix + "opt", **({f: f for f in SHARED_TRAIN} if prefix else {})}
     cfg = replace(base or TrainConfig(), **group_fields(TrainConfig, given, prefix=prefix, **names))
@@ -169,7 +169,7 @@ def train_choice(field: str, value: str | None) -> str | None:
 
 def loss_fields(given: Mapping[str, Any]) -> dict:
     """The DistillConfig settings a command's options give (None: the default); `--stage-eps "1,1,1,1"` parsed."""
-    from spofa_deploy.distillers import DistillConfig
+    from spofa_deploy.method.distillers import DistillConfig
 
     from spofa_deploy.limits import check_positive
 
@@ -184,7 +184,7 @@ def loss_fields(given: Mapping[str, Any]) -> dict:
 
 def loss_config(given: Mapping[str, Any]):
     """The DistillConfig of `spofa distill`: `--method` checked, the loss options it gives."""
-    from spofa_deploy.distillers import METHODS, DistillConfig
+    from spofa_deploy.method.distillers import METHODS, DistillConfig
 
     return DistillConfig(method=choice(given["method"], "--method", METHODS), **loss_fields(given))
 
@@ -199,7 +199,7 @@ def data_options(given: Mapping[str, Any]):
 def cache_options(given: Mapping[str, Any]):
     """The TeacherCacheOptions of `spofa distill` (`--teacher-cache DIR`, `--teacher-cache-*`), None without a folder."""
     from spofa_deploy.pipeline import TeacherCacheOptions
-    from spofa_deploy.teacher_cache_key import FORMATS
+    from spofa_deploy.teacher.cache_key import FORMATS
 
     if given.get("teacher_cache") is None:
         return None

@@ -23,8 +23,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import UserError, os_error
-from .limits import MAX_IMG_SIZE, check_int
+from spofa_deploy.errors import UserError, os_error
+from spofa_deploy.limits import MAX_IMG_SIZE, check_int
 
 RUNS_DIR = Path("runs")
 LATEST = "latest"
@@ -113,8 +113,7 @@ def versions() -> dict:
     """Versions of the libraries that shape a result, for metadata and reports."""
     import timm
 
-    from . import __version__
-
+    from spofa_deploy import __version__
     out = {"spofa_deploy": __version__, "torch": torch.__version__, "timm": timm.__version__,
            "python": platform.python_version()}
     for mod in ("onnx", "onnxruntime", "tensorrt"):
@@ -270,7 +269,7 @@ def load_model(path: str | Path, exportable: bool = False, trust: bool = False) 
     Returns:
         (model in eval mode, metadata dict)
     """
-    from .models import create_model
+    from spofa_deploy.models import create_model
 
     meta = read_model_meta(path)
     if not Path(path).is_file():
@@ -336,7 +335,7 @@ def new_run_dir(out: str | Path | None, prefix: str, *, resume: bool = False, wr
 
 
 def _holds_run(folder: Path) -> bool:
-    from .run_files import CHECKPOINT
+    from spofa_deploy.run_files import CHECKPOINT
 
     return (folder / CHECKPOINT).is_file()
 
@@ -437,7 +436,7 @@ def abandon_runs() -> None:
     A run folder it created that still holds nothing is removed; `runs/latest` moved to a run
     without a checkpoint (nothing to resume) points where it pointed before.
     """
-    from .run_files import CHECKPOINT
+    from spofa_deploy.run_files import CHECKPOINT
 
     undo = dict(_LATEST_UNDO)
     if undo and not (Path(undo["run"]) / CHECKPOINT).is_file():

@@ -251,7 +251,7 @@ CPU_COMPONENT = "CPU threads"
 
 def _cpu_check(torch) -> Check:
     """The load average against the cores and PyTorch's default threads (see `machine.py`)."""
-    from .machine import cpu_load, usable_cores
+    from spofa_deploy.machine import cpu_load, usable_cores
 
     try:
         threads = torch.get_num_threads()

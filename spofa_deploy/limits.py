@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import UserError
+from spofa_deploy.errors import UserError
 
 # A square input of this many pixels a side is far beyond what these models train or export at (224 is
 # ImageNet's); larger sizes only end in out-of-memory errors deep inside a model.
@@ -50,7 +50,7 @@ def check_model_input(model_name: str, img_size: int, what: str, in_chans: int =
     """
     import torch
 
-    from .models import create_model
+    from spofa_deploy.models import create_model
 
     try:
         with torch.device("meta"):

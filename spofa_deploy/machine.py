@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import UserError
+from spofa_deploy.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -210,7 +210,7 @@ def machine_info() -> dict:
     import numpy as np
     import torch
 
-    from .artifacts import versions
+    from spofa_deploy.artifacts import versions
 
     info: dict = {
         "hostname": platform.node(), "os": platform.platform(), "python": platform.python_version(),

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError, load_error_line
+from spofa_deploy.errors import UserError, load_error_line
 
 _log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def create_model(
     """
     import timm
 
-    from .foreign import architecture, checkpoint_state, classifier_width
+    from spofa_deploy.teacher.foreign import architecture, checkpoint_state, classifier_width
 
     full = resolve_model_name(name)
     kwargs: dict = {"num_classes": num_classes}

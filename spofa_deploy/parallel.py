@@ -11,7 +11,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from .console import console
+from spofa_deploy.console import console
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -58,7 +58,7 @@ def map_in_processes(fn: Callable[[T], R], items: Iterable[T], *, jobs: int, thr
 
 def _call_logged(fn: Callable[[T], R], item: T, threads: int, log: Path) -> R:
     """In the worker: set the threads, point the console at `log`, call."""
-    from .machine import set_threads
+    from spofa_deploy.machine import set_threads
 
     set_threads(threads)
     log.parent.mkdir(parents=True, exist_ok=True)

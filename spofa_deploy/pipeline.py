@@ -18,21 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed, foreign
-from .artifacts import (RUNS_DIR, latest_run, load_model, mark_latest, new_run_dir, read_model_meta, release_run,
+from spofa_deploy.teacher import foreign
+from spofa_deploy.train import distributed
+from spofa_deploy.artifacts import (RUNS_DIR, latest_run, load_model, mark_latest, new_run_dir, read_model_meta, release_run,
                         save_model, sidecar_path, write_json)
-from .limits import check_img_size, check_model_input, check_workers
-from .console import console
-from .data import load_splits
-from .datasets import Splits, parse_data_spec
-from .distillers import METHODS, DistillConfig, Supervised, create_task
-from .errors import UserError, check_choice, os_error
-from .models import Preprocessing, count_params, create_model, create_teacher_pretrained, data_config, resolve_model_name
-from .hooks import Hooks
-from .run_files import CHECKPOINT, STUDENT_FILE, TEACHER_FILE, TRACE, TRACE_PLOT, load_checkpoint
-from .loaders import make_loader
-from .train import FitResult, TrainConfig, evaluate, fit, resolve_amp
-from .machine import resolve_device
+from spofa_deploy.limits import check_img_size, check_model_input, check_workers
+from spofa_deploy.console import console
+from spofa_deploy.data.splits import load_splits
+from spofa_deploy.data.datasets import Splits, parse_data_spec
+from spofa_deploy.method.distillers import METHODS, DistillConfig, Supervised, create_task
+from spofa_deploy.errors import UserError, check_choice, os_error
+from spofa_deploy.models import Preprocessing, count_params, create_model, create_teacher_pretrained, data_config, resolve_model_name
+from spofa_deploy.train.hooks import Hooks
+from spofa_deploy.run_files import CHECKPOINT, STUDENT_FILE, TEACHER_FILE, TRACE, TRACE_PLOT, load_checkpoint
+from spofa_deploy.data.loaders import make_loader
+from spofa_deploy.train.loop import FitResult, TrainConfig, evaluate, fit, resolve_amp
+from spofa_deploy.machine import resolve_device
 
 
 
@@ -78,7 +79,7 @@ class DataOptions:
 
 @dataclass
 class TeacherCacheOptions:
-    """The teacher-output cache of a distillation (`spofa_deploy.teacher_cache`)."""
+    """The teacher-output cache of a distillation (`spofa_deploy.teacher.cache`)."""
 
     folder: str | Path  # the teacher's logits of every training view, stored once, read by later runs and epochs
     max_gb: float | None = None  # bound on the folder
@@ -355,7 +356,7 @@ def _legacy_run_info(run: Path) -> dict | None:
     meta_path = run / "student.json"
     if not meta_path.is_file():
         return None
-    from .artifacts import read_json
+    from spofa_deploy.artifacts import read_json
 
     m = read_json(meta_path)
     return {"method": m.get("method"), "loss": m.get("loss") or {}}
@@ -442,7 +443,7 @@ def _record_transfer(spath: Path, t_model: torch.nn.Module, t_meta: dict, splits
                      distilled: bool) -> None:
     """`student.json`'s `transfer`: the student's top-1 agreement with its teacher on the validation split, and
     (distilled students) whether the teacher could have taught it anything (`transfer_check`)."""
-    from .accuracy import agreement, transfer_check
+    from spofa_deploy.accuracy import agreement, transfer_check
 
     s_meta = read_model_meta(spath)
     device = next(t_model.parameters()).device
@@ -523,8 +524,8 @@ def _finish(run: Path, splits: Splits, *, is_main: bool) -> None:
 def _open_teacher_cache(cache: TeacherCacheOptions, *, t_model, data: DataOptions, splits: Splits, img_size: int,
                         prep: Preprocessing, train: TrainConfig, loss: DistillConfig, resumed_config: dict | None):
     """The teacher cache of this run's training views, keyed by everything the logits depend on."""
-    from .teacher_cache import TeacherCache
-    from .teacher_cache_key import CacheKey, split_digest, weights_digest
+    from spofa_deploy.teacher.cache import TeacherCache
+    from spofa_deploy.teacher.cache_key import CacheKey, split_digest, weights_digest
 
     if resumed_config is not None:  # the loop trains with the checkpoint's settings: key the cache by them
         train = TrainConfig(**{**train.__dict__, **resumed_config})
@@ -552,7 +553,7 @@ def _open_teacher_cache(cache: TeacherCacheOptions, *, t_model, data: DataOption
 
 
 def _plot_trace(run: Path) -> None:
-    from .plots import plot_trace
+    from spofa_deploy.train.plots import plot_trace
 
     try:
         plot_trace(run / TRACE, run / TRACE_PLOT)

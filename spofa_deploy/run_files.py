@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import atomic_path
-from .errors import UserError, load_error_line
+from spofa_deploy.artifacts import atomic_path
+from spofa_deploy.errors import UserError, load_error_line
 
 # A training run (`spofa teacher`, `spofa distill`).
 CHECKPOINT = "checkpoint-last.pt"

@@ -23,7 +23,7 @@ def tiny_run(tmp_path_factory) -> Path:
     checkpoint-last.pt, metrics.jsonl and trace.csv.
     """
     from spofa_deploy.pipeline import DataOptions, TeacherOptions, distill
-    from spofa_deploy.train import TrainConfig
+    from spofa_deploy.train.loop import TrainConfig
 
     root = tmp_path_factory.mktemp("tiny_run")
     cwd = os.getcwd()

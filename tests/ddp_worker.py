@@ -15,12 +15,14 @@ import timm
 import torch
 from timm.layers import GroupNorm1
 
-from spofa_deploy import distributed, run_files
-from spofa_deploy.data import load_splits
-from spofa_deploy.distillers import DistillConfig, create_task
+from spofa_deploy import run_files
+
+from spofa_deploy.train import distributed
+from spofa_deploy.data.splits import load_splits
+from spofa_deploy.method.distillers import DistillConfig, create_task
 from spofa_deploy.models import create_model, data_config
-from spofa_deploy.hooks import Hooks
-from spofa_deploy.train import TrainConfig, fit
+from spofa_deploy.train.hooks import Hooks
+from spofa_deploy.train.loop import TrainConfig, fit
 from spofa_deploy.models import Preprocessing
 
 

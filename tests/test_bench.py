@@ -48,7 +48,7 @@ def _meta(model, name: str, role: str) -> dict:
 
 
 def _val_tensors(meta: dict):
-    from spofa_deploy.data import load_splits
+    from spofa_deploy.data.splits import load_splits
 
     val = load_splits("digits", Preprocessing.from_meta(meta, 32), train_aug=False).val
     xs, ys = zip(*(val[i] for i in range(len(val))))
@@ -348,7 +348,7 @@ def test_run_folder_torch_eager(run):
     assert s.artifact.endswith("student.safetensors") and t.artifact.endswith("teacher.safetensors")
     assert s.size_bytes == (run["dir"] / "student.safetensors").stat().st_size
     # max_val: the same stratified 200 images for both models.
-    from spofa_deploy.datasets import stratified_subset
+    from spofa_deploy.data.datasets import stratified_subset
 
     idx = stratified_subset(run["y"].numpy(), 200, seed=0)
     x, xt, y = run["x"][idx], run["xt"][idx], run["y"][idx]
@@ -462,7 +462,7 @@ def test_fixed_batch_onnx_runs_its_batch(run):
     rep = run_bench(run["dir"] / "student_b4.onnx", options=replace(FAST, max_val=50, batch_sizes=[4]))
     s = _result(rep, "student")
     assert s.status == "ok" and [b.batch for b in s.batches] == [4]
-    from spofa_deploy.datasets import stratified_subset
+    from spofa_deploy.data.datasets import stratified_subset
 
     idx = stratified_subset(run["y"].numpy(), 50, seed=0)
     x, y = run["x"][idx], run["y"][idx]

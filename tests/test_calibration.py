@@ -34,7 +34,7 @@ def _meta(model: torch.nn.Module, name: str, top1: float) -> dict:
 @pytest.fixture(scope="session")
 def trained_student(tmp_path_factory) -> Path:
     """test_resnet trained on digits at 32 px for 3 epochs (Adam, one-cycle): ~98% val top-1 in ~8 s."""
-    from spofa_deploy.data import load_splits
+    from spofa_deploy.data.splits import load_splits
 
     torch.manual_seed(0)
     model = create_model("test_resnet", 10, img_size=SIZE)

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from spofa_deploy import compare as cmp
-from spofa_deploy import compare_report as report
-from spofa_deploy import pipeline, plots
-from spofa_deploy.hooks import Hooks
+from spofa_deploy.compare import run as cmp
+from spofa_deploy.compare import report
+from spofa_deploy import pipeline
+from spofa_deploy.train import plots
+from spofa_deploy.train.hooks import Hooks
 from spofa_deploy.machine import cpu_isa
 from spofa_deploy.errors import TrainingDiverged, UserError
 from spofa_deploy.run_files import COMPARE, DONE
-from spofa_deploy.stability import (accuracy_figures, divergence, loss_spikes, read_metrics, read_trace, stability,
+from spofa_deploy.train.stability import (accuracy_figures, divergence, loss_spikes, read_metrics, read_trace, stability,
                                     tail_variance)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -473,7 +474,6 @@ def test_a_missing_recipe_teacher_saved_by_absolute_path_is_retrained(tmp_path: 
 
 def test_a_diverged_run_is_recorded_not_fatal(tiny_compare, monkeypatch) -> None:
     from spofa_deploy import pipeline
-
     root, *_ = tiny_compare
     monkeypatch.chdir(root)
     tasks, raised = [], []
@@ -533,7 +533,6 @@ def test_an_interrupted_teacher_stage_is_resumed_not_used(tmp_path: Path, monkey
 def test_compare_trains_its_teacher_with_the_teacher_recipe(tmp_path: Path, monkeypatch) -> None:
     """The teacher folder is shared with later `spofa distill` runs: compare must not train it with student settings."""
     from spofa_deploy import pipeline
-
     monkeypatch.chdir(tmp_path)
     cfg = _tiny(tmp_path / "c")
     seen = []

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from spofa_deploy.data import load_splits
-from spofa_deploy.datasets import DataSpec, FileDataset, parse_data_spec
-from spofa_deploy.loaders import AugSeeded, build_transforms, make_loader, sample_seed
+from spofa_deploy.data.splits import load_splits
+from spofa_deploy.data.datasets import DataSpec, FileDataset, parse_data_spec
+from spofa_deploy.data.loaders import AugSeeded, build_transforms, make_loader, sample_seed
 from spofa_deploy.errors import UserError
 from spofa_deploy.models import Preprocessing
 

@@ -21,7 +21,7 @@ COMMANDS = {
     "distill": (["distill"], "spofa_deploy.pipeline:distill"),
     "export": (["export", "student.safetensors", "--format", "onnx"], "export.exporter:export_model"),
     "bench": (["bench", "student.onnx"], "export.bench.run:run_bench"),
-    "compare": (["compare"], "spofa_deploy.compare:run_compare"),
+    "compare": (["compare"], "spofa_deploy.compare.run:run_compare"),
     "doctor": (["doctor"], "spofa_deploy.doctor:diagnose"),
 }
 

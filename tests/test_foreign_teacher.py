@@ -13,7 +13,7 @@ from spofa_deploy import pipeline
 from spofa_deploy.artifacts import load_state, read_model_meta
 from spofa_deploy.errors import UserError
 from spofa_deploy.pipeline import DataOptions, TeacherOptions, find_teacher
-from spofa_deploy.train import TrainConfig
+from spofa_deploy.train.loop import TrainConfig
 
 DIGITS = [str(d) for d in range(10)]
 TRAIN = TrainConfig(epochs=1, lr=2e-3, batch_size=64, optimizer="adamw", workers=0, device="cpu")

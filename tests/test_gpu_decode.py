@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from spofa_deploy.data import load_splits
-from spofa_deploy.device_augment import DeviceAugment, EncodedSample, read_encoded
-from spofa_deploy.loaders import AugSeeded, make_loader
+from spofa_deploy.data.splits import load_splits
+from spofa_deploy.data.device_augment import DeviceAugment, EncodedSample, read_encoded
+from spofa_deploy.data.loaders import AugSeeded, make_loader
 from spofa_deploy.errors import UserError
 from spofa_deploy.models import Preprocessing
 
@@ -237,8 +237,7 @@ def test_a_jpeg_the_device_decoder_refuses_is_decoded_on_the_cpu(folder: Path, m
 
     The refusal is simulated (the batch call and the file's own call on the device fail once each).
     """
-    from spofa_deploy import device_augment
-
+    from spofa_deploy.data import device_augment
     dev = _splits(folder, "cpu")
     sampler = [(i, 0) for i in range(len(dev.train))]
     want, _, _ = _batches(dev.train, sampler, batch=len(sampler))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spofa_deploy.heads import ProjectorHead, SepConvBlock, build_heads
+from spofa_deploy.method.heads import ProjectorHead, SepConvBlock, build_heads
 from spofa_deploy.models import count_params as count_parameters
 
 NUM_CLASSES = 10

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spofa_deploy.losses import cosine_rows, kd_loss, logit_gradients, ofa_loss
+from spofa_deploy.method.losses import cosine_rows, kd_loss, logit_gradients, ofa_loss
 
 N, C = 6, 7
 

@@ -80,7 +80,6 @@ def test_probe_reads_the_load_average(monkeypatch) -> None:
 def test_doctor_shows_the_line(monkeypatch, capsys) -> None:
     from cli.cmd_doctor import doctor
     from spofa_deploy import doctor as d
-
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # what a fresh process would use on 2 cores
     _machine(monkeypatch, 3.1, 2)
     cpu = {c.component: c for c in d.diagnose()}["CPU threads"]
@@ -99,7 +98,7 @@ def test_doctor_shows_the_line(monkeypatch, capsys) -> None:
 TRAINING = {  # command -> (args, "module:function" it calls)
     "teacher": (["teacher"], "spofa_deploy.pipeline:train_teacher"),
     "distill": (["distill"], "spofa_deploy.pipeline:distill"),
-    "compare": (["compare"], "spofa_deploy.compare:run_compare"),
+    "compare": (["compare"], "spofa_deploy.compare.run:run_compare"),
 }
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from spofa_deploy.mema import MEMA
+from spofa_deploy.method.mema import MEMA
 
 
 def _t(*values: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spofa_deploy.loaders import build_transforms
+from spofa_deploy.data.loaders import build_transforms
 from spofa_deploy.models import Preprocessing
 
 CLASSES = ("bars", "cross", "dots")
@@ -70,7 +70,7 @@ def test_a_client_reading_only_the_sidecar_reproduces_the_recorded_top1(folder: 
     from export.exporter import export_model
     from spofa_deploy.artifacts import read_model_meta
     from spofa_deploy.pipeline import DataOptions, TeacherOptions, train_teacher
-    from spofa_deploy.train import TrainConfig
+    from spofa_deploy.train.loop import TrainConfig
 
     opts = TeacherOptions(name="test_resnet", pretrained=False,
                           train=TrainConfig(epochs=2, lr=3e-3, batch_size=16, optimizer="adamw", workers=0, device="cpu"))

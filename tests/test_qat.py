@@ -24,11 +24,11 @@ from calibration.quantize import check_trt_qdq  # noqa: E402
 from export.exporter import export_model  # noqa: E402
 from export.onnx import ort_session, run_onnx, torch_logits  # noqa: E402
 from spofa_deploy.artifacts import save_model  # noqa: E402
-from spofa_deploy.distillers import KD, DistillConfig  # noqa: E402
+from spofa_deploy.method.distillers import KD, DistillConfig  # noqa: E402
 from spofa_deploy.errors import MissingDependency, UserError  # noqa: E402
-from spofa_deploy.hooks import Hooks, installed_hooks  # noqa: E402
+from spofa_deploy.train.hooks import Hooks, installed_hooks  # noqa: E402
 from spofa_deploy.models import Preprocessing, create_model, data_config  # noqa: E402
-from spofa_deploy.train import train_step  # noqa: E402
+from spofa_deploy.train.loop import train_step  # noqa: E402
 
 SIZE = 32
 FAST = replace(default_train(), epochs=1, batch_size=128, device="cpu", workers=0, log_every=5)

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from spofa_deploy import teacher_cache as tc
-from spofa_deploy import teacher_cache_record as records
+from spofa_deploy.teacher import cache as tc
+from spofa_deploy.teacher import cache_record as records
 from spofa_deploy.errors import UserError
-from spofa_deploy.losses import kd_loss, ofa_loss
-from spofa_deploy.teacher_cache import TeacherCache
-from spofa_deploy.teacher_cache_key import CacheKey, RecordFormat, default_format, fingerprint, split_digest, weights_digest
+from spofa_deploy.method.losses import kd_loss, ofa_loss
+from spofa_deploy.teacher.cache import TeacherCache
+from spofa_deploy.teacher.cache_key import CacheKey, RecordFormat, default_format, fingerprint, split_digest, weights_digest
 
 N, C = 40, 10
 

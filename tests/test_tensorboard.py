@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spofa_deploy import tensorboard
-
-
+from spofa_deploy.train import tensorboard
 def _scalars(folder: Path) -> dict[str, list]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

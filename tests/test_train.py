@@ -20,16 +20,16 @@ from safetensors.torch import load_file
 import spofa_deploy
 from spofa_deploy import pipeline
 from spofa_deploy.artifacts import read_model_meta, save_model
-from spofa_deploy.data import load_splits
-from spofa_deploy.datasets import Splits, stratified_subset
-from spofa_deploy.loaders import make_loader
-from spofa_deploy.distillers import OFA, DistillConfig, create_task
+from spofa_deploy.data.splits import load_splits
+from spofa_deploy.data.datasets import Splits, stratified_subset
+from spofa_deploy.data.loaders import make_loader
+from spofa_deploy.method.distillers import OFA, DistillConfig, create_task
 from spofa_deploy.errors import TrainingDiverged, UserError
 from spofa_deploy.models import count_params, create_model, data_config
 from spofa_deploy.pipeline import DataOptions, TeacherCacheOptions, TeacherOptions, distill
-from spofa_deploy.hooks import Hooks
+from spofa_deploy.train.hooks import Hooks
 from spofa_deploy.run_files import CHECKPOINT
-from spofa_deploy.train import TrainConfig, evaluate, fit
+from spofa_deploy.train.loop import TrainConfig, evaluate, fit
 from spofa_deploy.machine import resolve_device
 from spofa_deploy.models import Preprocessing
 
@@ -411,9 +411,9 @@ def test_nan_skip_leaves_no_nan_in_the_model(digits: Splits, tmp_path: Path) -> 
 
 def test_installed_hooks_run_after_the_runs_own_and_on_loss_replaces_the_loss(digits: Splits, tmp_path: Path) -> None:
     """The process-wide seam (`add_hooks` / `installed_hooks`): what the fault suite installs from outside the CLI."""
-    from spofa_deploy import hooks as hooks_mod
-    from spofa_deploy.hooks import active_hooks
-    from spofa_deploy.hooks import add_hooks, installed_hooks
+    from spofa_deploy.train import hooks as hooks_mod
+    from spofa_deploy.train.hooks import active_hooks
+    from spofa_deploy.train.hooks import add_hooks, installed_hooks
 
     calls, own_saw, ext_saw = [], [], []
 
@@ -596,7 +596,7 @@ def test_exact_teacher_cache_gives_bitwise_the_same_student(tmp_path: Path, shri
 @pytest.mark.parametrize("method", ["kd", "spofa"])
 def test_term_gradient_norms_match_autograd(method: str) -> None:
     """gnorm_<term> is each weighted term's gradient on the student, gnorm_total the whole, update_norm the step."""
-    from spofa_deploy.train import train_step
+    from spofa_deploy.train.loop import train_step
 
     torch.manual_seed(0)
     task = create_task(method, create_model("test_resnet", 10, 32), create_model("test_vit", 10, 32), DistillConfig(), 10)

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from spofa_deploy import compare as cmp
+from spofa_deploy.compare import run as cmp
 from spofa_deploy import models, pipeline
 from spofa_deploy.accuracy import agreement, transfer_check
 from spofa_deploy.artifacts import load_state, read_model_meta
-from spofa_deploy.compare_report import decisions, holm
+from spofa_deploy.compare.report import decisions, holm
 from spofa_deploy.pipeline import DataOptions, TeacherOptions, train_teacher
 from spofa_deploy.run_files import DONE
-from spofa_deploy.train import TrainConfig
+from spofa_deploy.train.loop import TrainConfig
 
 
 def _teacher_cfg(**kw) -> TrainConfig:

@@ -25,7 +25,7 @@ def evaluate(runner: Runner, dataset, batch_size: int, progress=None, task=None)
     A short last batch is padded to `batch_size` (and the padding dropped) where the
     runner has fixed shapes or does not accept that size.
     """
-    from spofa_deploy.loaders import make_loader
+    from spofa_deploy.data.loaders import make_loader
 
     loader = make_loader(dataset, batch_size, train=False, workers=0 if len(dataset) <= 4096 else None)
     correct1 = correct5 = n = 0

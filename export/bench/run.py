@@ -149,8 +149,8 @@ def bench_models(teacher_model: nn.Module | None, student_model: nn.Module, *, i
 
 def _val_sets(spec: str, arts: list[Artifact], max_val: int | None) -> tuple[dict, dict]:
     """One validation dataset per distinct preprocessing, all on the same (sub)set of images."""
-    from spofa_deploy.data import load_splits
-    from spofa_deploy.datasets import stratified_subset
+    from spofa_deploy.data.splits import load_splits
+    from spofa_deploy.data.datasets import stratified_subset
 
     sets: dict[Preprocessing, object] = {}
     info: dict = {"spec": spec}

@@ -26,7 +26,7 @@ this process (a resumed run starts counting again at its first step):
                               `match` (in their str) begins
 
 The step and evaluation faults (kill_step, kill_eval, nan_loss, nan_loss_from, nan_grad,
-scale_loss) are `Hooks` installed with `spofa_deploy.train.add_hooks`, the loop's documented
+scale_loss) are `Hooks` installed with `spofa_deploy.train.loop.add_hooks`, the loop's documented
 seam for code outside a run (docs/CONTRACTS.md): `before_update`, `on_eval` and `on_loss`, each
 counting its own calls; nothing of the training loop is replaced. The other faults replace
 module attributes that the code looks up at call time (`torch.save`, the `fn` named,
@@ -60,7 +60,7 @@ def _kill() -> None:
 
 def _step_hooks(spec: dict):
     """The step and evaluation faults of `spec` as one `Hooks` (each seam counts its calls from 0)."""
-    from spofa_deploy.hooks import Hooks
+    from spofa_deploy.train.hooks import Hooks
 
     nan_loss = set(spec.get("nan_loss", []))
     nan_from = spec.get("nan_loss_from")
@@ -165,7 +165,7 @@ def _fake_trt(version: str) -> None:
 
 def install(spec: dict) -> None:
     if any(k in spec for k in ("kill_step", "kill_eval", "nan_loss", "nan_loss_from", "nan_grad", "scale_loss")):
-        from spofa_deploy.hooks import add_hooks
+        from spofa_deploy.train.hooks import add_hooks
 
         add_hooks(_step_hooks(spec))
     if "ckpt_fault" in spec:
@@ -254,7 +254,7 @@ def serve() -> None:
     import export.bench.run  # noqa: F401
     import export.exporter  # noqa: F401
     import spofa_deploy.pipeline  # noqa: F401
-    import spofa_deploy.plots  # noqa: F401
+    import spofa_deploy.train.plots  # noqa: F401
 
     resp = os.dup(1)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing else may write into the reply pipe

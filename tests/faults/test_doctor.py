@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from spofa_deploy import doctor as d
-
 COMPONENTS = ["torch", "CUDA", "bf16 on the GPU", "timm", "ONNX", "ONNX Runtime", "ONNX Runtime: CPU provider",
               "ONNX Runtime: CUDA provider", "ONNX Runtime: TensorRT provider", "onnxslim", "TensorRT", "ModelOpt",
               "scikit-learn", "matplotlib", "CPU threads"]

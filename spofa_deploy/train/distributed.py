@@ -40,7 +40,7 @@ def init_from_env(device: str = "auto") -> DistInfo:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if rank != 0:
-        from .console import console
+        from spofa_deploy.console import console
 
         console.quiet = True  # rank 0 alone prints progress and messages
     return DistInfo(rank, world, local)

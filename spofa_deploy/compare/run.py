@@ -20,8 +20,8 @@ compare started again with `resume=True` skips finished runs and resumes a half-
 run from its `checkpoint-last.pt`. The compare folder also holds `compare.json` (the
 settings), `report.json`, `report.md` and the PNG plots.
 
-Stability figures are defined in `spofa_deploy.stability`; the report (aggregation, paired
-statistics, markdown) is `spofa_deploy.compare_report`; its plots are in `spofa_deploy.plots`.
+Stability figures are defined in `spofa_deploy.train.stability`; the report (aggregation, paired
+statistics, markdown) is `spofa_deploy.compare.report`; its plots are in `spofa_deploy.train.plots`.
 """
 from __future__ import annotations
 
@@ -33,21 +33,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .artifacts import RUNS_DIR, load_state, read_json, read_model_meta, sidecar_path, write_json
-from .console import console
-from .data import load_splits
-from .datasets import parse_data_spec
-from .models import Preprocessing
-from .distillers import DistillConfig
-from .errors import TrainingDiverged, UserError, check_choice
-from .compare_report import REPORT_JSON, _fmt_secs, fmt_num, write_report
-from .pipeline import DataOptions, TeacherCacheOptions, TeacherOptions, distill, find_teacher, recipe_teacher_path
-from .stability import accuracy_figures, read_metrics, read_trace, stability
-from .machine import available_memory_gb, cpu_isa, resolve_device, usable_cores
-from .parallel import map_in_processes
-from .teacher_cache_key import weights_digest
-from .run_files import CHECKPOINT, COMPARE, DONE, METRICS, RUN_LOG, STUDENT_FILE, TRACE
-from .train import TrainConfig
+from spofa_deploy.artifacts import RUNS_DIR, load_state, read_json, read_model_meta, sidecar_path, write_json
+from spofa_deploy.console import console
+from spofa_deploy.data.splits import load_splits
+from spofa_deploy.data.datasets import parse_data_spec
+from spofa_deploy.models import Preprocessing
+from spofa_deploy.method.distillers import DistillConfig
+from spofa_deploy.errors import TrainingDiverged, UserError, check_choice
+from spofa_deploy.compare.report import REPORT_JSON, _fmt_secs, fmt_num, write_report
+from spofa_deploy.pipeline import DataOptions, TeacherCacheOptions, TeacherOptions, distill, find_teacher, recipe_teacher_path
+from spofa_deploy.train.stability import accuracy_figures, read_metrics, read_trace, stability
+from spofa_deploy.machine import available_memory_gb, cpu_isa, resolve_device, usable_cores
+from spofa_deploy.parallel import map_in_processes
+from spofa_deploy.teacher.cache_key import weights_digest
+from spofa_deploy.run_files import CHECKPOINT, COMPARE, DONE, METRICS, RUN_LOG, STUDENT_FILE, TRACE
+from spofa_deploy.train.loop import TrainConfig
 
 TEACHER_CACHE = "teacher-cache"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from spofa_deploy.errors import UserError
 
 SOURCES = ("hf-hub:", "local-dir:")
 
@@ -28,7 +28,7 @@ def is_hub_or_dir(name: str) -> bool:
 
 def is_foreign(name: str, checkpoint: str | Path | None) -> bool:
     """Whether the teacher was made elsewhere: a checkpoint without our sidecar, or an `hf-hub:`/`local-dir:` name."""
-    from .artifacts import sidecar_path
+    from spofa_deploy.artifacts import sidecar_path
 
     return not sidecar_path(checkpoint).is_file() if checkpoint else is_hub_or_dir(name)
 
@@ -55,7 +55,7 @@ def hub_config(name: str) -> tuple[dict, str]:
 
 def architecture(name: str) -> str:
     """The timm architecture behind a teacher name (an alias, a timm name, or an `hf-hub:`/`local-dir:` name)."""
-    from .models import resolve_model_name
+    from spofa_deploy.models import resolve_model_name
 
     return hub_config(name)[1] if is_hub_or_dir(name) else resolve_model_name(name)
 
@@ -115,7 +115,7 @@ def source_slug(name: str, checkpoint: str | Path | None) -> str:
     """A folder name for the adopted teacher: its architecture and a digest of where it came from."""
     import hashlib
 
-    from .artifacts import file_digest
+    from spofa_deploy.artifacts import file_digest
 
     if checkpoint is not None:
         tag = file_digest(checkpoint)["sha256"]
@@ -129,7 +129,7 @@ def source_slug(name: str, checkpoint: str | Path | None) -> str:
 
 def build(name: str, checkpoint: str | Path | None, num_classes: int, img_size: int) -> torch.nn.Module:
     """The teacher with its own weights and classifier, at `img_size` (timm resamples position embeddings)."""
-    from .models import create_model
+    from spofa_deploy.models import create_model
 
     if checkpoint is not None:
         return create_model(architecture(name), num_classes, img_size, weights=checkpoint)

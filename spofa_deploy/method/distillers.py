@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import build_heads
-from .losses import cosine_rows, kd_loss, logit_gradients, ofa_loss
-from .mema import MEMA
-from .models import embed_dim, forward_with_stages, stage_taps
+from spofa_deploy.method.heads import build_heads
+from spofa_deploy.method.losses import cosine_rows, kd_loss, logit_gradients, ofa_loss
+from spofa_deploy.method.mema import MEMA
+from spofa_deploy.models import embed_dim, forward_with_stages, stage_taps
 
 
 @dataclass
@@ -103,7 +103,7 @@ class Distiller(TrainTask):
 
     @torch.no_grad()
     def cached_teacher_logits(self, images: torch.Tensor, cache, epoch: int, indices: torch.Tensor) -> torch.Tensor:
-        """From the teacher cache (`spofa_deploy.teacher_cache`) where it has them, else run the teacher and store.
+        """From the teacher cache (`spofa_deploy.teacher.cache`) where it has them, else run the teacher and store.
 
         Outside `forward`, so the cache's host I/O never enters a compiled or captured step. The
         logits returned are what a later read gives back, so cold and warm runs see the same targets.

@@ -17,17 +17,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import distributed, run_files
-from .accuracy import topk_correct
-from .console import console, progress
-from .datasets import Splits
-from .distillers import TrainTask
-from .errors import TrainingDiverged, UserError
-from .hooks import Hooks, active_hooks
-from .loaders import AugSeeded, EpochSampler, make_loader
-from .machine import resolve_device
-from .run_files import CHECKPOINT, TRACE, TraceWriter, load_checkpoint
-from .tensorboard import TensorBoard
+from spofa_deploy import run_files
+
+from spofa_deploy.train import distributed
+from spofa_deploy.accuracy import topk_correct
+from spofa_deploy.console import console, progress
+from spofa_deploy.data.datasets import Splits
+from spofa_deploy.method.distillers import TrainTask
+from spofa_deploy.errors import TrainingDiverged, UserError
+from spofa_deploy.train.hooks import Hooks, active_hooks
+from spofa_deploy.data.loaders import AugSeeded, EpochSampler, make_loader
+from spofa_deploy.machine import resolve_device
+from spofa_deploy.run_files import CHECKPOINT, TRACE, TraceWriter, load_checkpoint
+from spofa_deploy.train.tensorboard import TensorBoard
 
 # Importable from here as before the split (pipeline, compare, plots, tests).
 

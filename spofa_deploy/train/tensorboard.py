@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .console import console
-from .hooks import Hooks
+from spofa_deploy.console import console
+from spofa_deploy.train.hooks import Hooks
 
 FOLDER = "tensorboard"
 _said_missing = False  # the note that TensorBoard is missing is said once per process

@@ -1,11 +1,11 @@
 """The report of `spofa compare`: aggregation, paired statistics, report.json / report.md.
 
-Reads the run records `spofa_deploy.compare` collects (one per method x rate x seed) and
+Reads the run records `spofa_deploy.compare.run` collects (one per method x rate x seed) and
 writes what a reviewer reads. The report leads with each method at its own best rate of
 the sweep (the literature's protocol: every method gets the same chance at tuning), then
 paired differences against the student alone, against OFA and (SPOFA's ablations) against
 SPOFA (methods share seeds, so per-seed differences cancel the seed's luck), then the per-rate rows and every run.
-Plots: `spofa_deploy.plots`; the terminal table: `cli`.
+Plots: `spofa_deploy.train.plots`; the terminal table: `cli`.
 """
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
-from .artifacts import versions, write_json
-from .console import console
-from .machine import cpu_isa, cpu_model
-from .stability import SPIKE_FACTOR, SPIKE_MIN_HISTORY, SPIKE_WINDOW, TAIL_FRACTION, COLLAPSE_MARGIN
+from spofa_deploy.artifacts import versions, write_json
+from spofa_deploy.console import console
+from spofa_deploy.machine import cpu_isa, cpu_model
+from spofa_deploy.train.stability import SPIKE_FACTOR, SPIKE_MIN_HISTORY, SPIKE_WINDOW, TAIL_FRACTION, COLLAPSE_MARGIN
 
 if TYPE_CHECKING:
-    from .compare import CompareConfig
+    from spofa_deploy.compare.run import CompareConfig
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -288,7 +288,7 @@ def build_report(cfg: "CompareConfig", header: dict, data_info: dict, t_meta: di
 
 def _transfer_note(t_meta: dict, per_method_lr: Sequence[dict], best: dict[str, float]) -> str | None:
     """`transfer_check`'s note for the compare: the teacher against the student alone at its best rate."""
-    from .accuracy import transfer_check
+    from spofa_deploy.accuracy import transfer_check
 
     alone = next((g for g in per_method_lr if g["method"] == "none" and best.get("none") == g["lr"]), None)
     if alone is None or alone["final_top1"]["mean"] is None:
@@ -421,7 +421,7 @@ def write_report(out: Path, cfg: "CompareConfig", header: dict, data_info: dict,
     report = build_report(cfg, header, data_info, t_meta, runs, wall_s)
     paths: list[Path] = []
     if plots:
-        from .plots import plot_compare
+        from spofa_deploy.train.plots import plot_compare
 
         try:
             paths = plot_compare(out, report)

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import read_json, write_json
-from .errors import UserError
-from .teacher_cache_key import (VERSION, CacheKey,
+from spofa_deploy.artifacts import read_json, write_json
+from spofa_deploy.errors import UserError
+from spofa_deploy.teacher.cache_key import (VERSION, CacheKey,
                                 RecordFormat, fingerprint)
-from .teacher_cache_record import Codec, CorruptRecord, EpochRecords, RecordFile, write_record
+from spofa_deploy.teacher.cache_record import Codec, CorruptRecord, EpochRecords, RecordFile, write_record
 
 
 MANIFEST = "manifest.json"

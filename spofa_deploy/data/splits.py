@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from .datasets import (DataSpec, Splits, parse_data_spec,
+from spofa_deploy.data.datasets import (DataSpec, Splits, parse_data_spec,
                        read_datasets, stratified_subset)
-from .device_augment import DeviceAugment
-from .errors import UserError
-from .loaders import build_transforms
-from .models import Preprocessing
+from spofa_deploy.data.device_augment import DeviceAugment
+from spofa_deploy.errors import UserError
+from spofa_deploy.data.loaders import build_transforms
+from spofa_deploy.models import Preprocessing
 
 
 

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import UserError
+from spofa_deploy.errors import UserError
 
 FORMATS = ("fp32", "fp16", "topk")
 # Default record: fp16 full logits up to this many classes, top-k beyond (as FKD does for ImageNet),

@@ -25,8 +25,8 @@ from typing import BinaryIO, Iterable, Mapping
 import numpy as np
 import torch
 
-from .artifacts import atomic_path
-from .teacher_cache_key import VERSION, RecordFormat
+from spofa_deploy.artifacts import atomic_path
+from spofa_deploy.teacher.cache_key import VERSION, RecordFormat
 
 # The tail's log-mass (per unit of temperature) is clamped here: exp(-60) is far below anything a
 # loss can see, and a finite value keeps `kl_div(log_target=True)` free of 0 * inf = NaN.

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .stability import read_metrics, read_trace
-from .run_files import METRICS, TRACE
+from spofa_deploy.train.stability import read_metrics, read_trace
+from spofa_deploy.run_files import METRICS, TRACE
 
 PLOT_TOP1 = "plot_val_top1.png"
 PLOT_LOSS = "plot_train_loss.png"

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from .device_augment import EncodedBatch, EncodedSample
-from .errors import UserError
-from .models import SMALL_IMAGE, Preprocessing
+from spofa_deploy.data.device_augment import EncodedBatch, EncodedSample
+from spofa_deploy.errors import UserError
+from spofa_deploy.models import SMALL_IMAGE, Preprocessing
 
 
 def build_transforms(prep: Preprocessing, *, train: bool = True, flips: bool = True):

@@ -1,0 +1,1 @@
+"""Teachers: made elsewhere (`foreign`), and the cache of a teacher's logits."""

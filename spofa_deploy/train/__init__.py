@@ -1,0 +1,1 @@
+"""The training loop, its hooks, multi-process training, and what a run records (stability, plots, TensorBoard)."""
