@@ -10,6 +10,7 @@ traceback; Ctrl-C exits 130.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from typing import Annotated
 
@@ -23,6 +24,38 @@ _state = {"debug": False}
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
     _state["debug"] = debug
+    show_library_logs()
+
+
+LIBRARIES = ("spofa_deploy", "export", "calibration")  # the packages that speak through `logging`
+
+
+class _ConsoleHandler(logging.Handler):
+    """A library log record as one line on the rich console (stderr): warnings marked, nothing else added."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.text import Text
+
+        from spofa_deploy.console import console
+
+        try:
+            msg = self.format(record)
+        except Exception:  # noqa: BLE001 - a bad format string must not end the command
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING:
+            console.print(Text("warning: ", style="yellow") + Text(msg), soft_wrap=True)
+        else:
+            console.print(Text(msg), soft_wrap=True)
+
+
+def show_library_logs(level: int = logging.INFO) -> None:
+    """The library's one output channel is `logging`; the command line shows its records on stderr (once per
+    process: the handler replaces any this function installed before)."""
+    for name in LIBRARIES:
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [h for h in lg.handlers if not isinstance(h, _ConsoleHandler)] + [_ConsoleHandler()]
+        lg.setLevel(level)
 
 
 # One module per command group; each command parses options, calls one library function, prints.
