@@ -52,6 +52,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from spofa_deploy.errors import MissingDependency, UserError
 
+_log = logging.getLogger(__name__)
 QUANTIZERS = ("auto", "ort", "modelopt")
 INPUT_NAME = "images"
 _LINEAR_OPS = ("Conv", "Gemm", "MatMul")
@@ -110,7 +111,7 @@ def modelopt_problem() -> str | None:
     return None
 
 
-def resolve_quantizer(name: str, target: str = "onnx", notes: list[str] | None = None) -> str:
+def resolve_quantizer(name: str, target: str = "onnx", *, announce: bool = False) -> str:
     """The quantizer that makes INT8 pay where the artifact runs.
 
     `auto`: ModelOpt for a TensorRT engine (its Q/DQ placement is TensorRT's), when its ONNX
@@ -121,7 +122,7 @@ def resolve_quantizer(name: str, target: str = "onnx", notes: list[str] | None =
     Args:
         name: auto | ort | modelopt.
         target: the export format, "onnx" or "trt".
-        notes: where a fallback is said.
+        announce: log the fallback of `auto` to ONNX Runtime's quantizer as a warning (where it is used).
 
     Raises:
         UserError: an unknown name. MissingDependency: `modelopt` asked for and unable to run.
@@ -136,8 +137,8 @@ def resolve_quantizer(name: str, target: str = "onnx", notes: list[str] | None =
         return "modelopt"
     if key == "modelopt":
         raise MissingDependency(f"--quantizer modelopt: {problem}")
-    if notes is not None:
-        notes.append(f"--quantizer auto: ONNX Runtime's quantizer instead of ModelOpt ({problem})")
+    if announce:
+        _log.warning(f"--quantizer auto: ONNX Runtime's quantizer instead of ModelOpt ({problem})")
     return "ort"
 
 
@@ -294,7 +295,7 @@ def _quantize_modelopt(src: Path, dst: Path, reader: ArrayReader, exclude: list[
 
 
 def quantize_int8(src: Path, dst: Path, images: np.ndarray, *, quantizer: str = "auto", target: str = "onnx",
-                  keep_ends: bool = True, calib_data: str = "", notes: list[str] | None = None) -> QuantizeInfo:
+                  keep_ends: bool = True, calib_data: str = "") -> QuantizeInfo:
     """Write a symmetric, per-channel INT8 Q/DQ copy of the fp32 ONNX `src` to `dst`.
 
     Args:
@@ -304,8 +305,7 @@ def quantize_int8(src: Path, dst: Path, images: np.ndarray, *, quantizer: str = 
         quantizer: "auto" (by `target`, see `resolve_quantizer`), "ort" or "modelopt".
         target: the format the INT8 model is for: "onnx" (ONNX Runtime) or "trt" (TensorRT).
         keep_ends: keep the first conv and the classifier in fp32 (measured better, see module doc).
-        calib_data: the data spec the images came from (recorded only).
-        notes: where a quantizer fallback is said.
+        calib_data: the data spec the images came from (recorded only; a quantizer fallback is logged).
 
     Raises:
         UserError: fewer images than one batch of a fixed-batch `src`, or the result is not a Q/DQ
@@ -313,7 +313,7 @@ def quantize_int8(src: Path, dst: Path, images: np.ndarray, *, quantizer: str = 
     """
     import onnx
 
-    name = resolve_quantizer(quantizer, target, notes)
+    name = resolve_quantizer(quantizer, target, announce=True)
     # ONNX Runtime's quantizer casts nothing: its float layers stay fp32 on every target.
     high = high_precision_for(target) if name == "modelopt" else "fp32"
     exclude = boundary_nodes(onnx.load(str(src), load_external_data=False)) if keep_ends else []

@@ -1,7 +1,7 @@
-"""`spofa bench`: parse options, call `export.bench.run.run_bench`, print the table (`export.bench.report`).
+"""`spofa bench`: parse options into `BenchOptions`, call `export.bench.run.run_bench` (which plans, shows the
+plan as log records, and measures), print the table (`cli.bench_table`).
 
-Each option's parameter is named after its field of `BenchOptions` or `TimingOptions` and is
-passed on by that name (`_options`, through `cli.options.group_fields`): a new option is a field there and a parameter here.
+A new option is a field of `BenchOptions` (or `TimingOptions`), a parameter here, and one keyword in `bench`.
 """
 from __future__ import annotations
 
@@ -11,21 +11,6 @@ from typing import Annotated, Optional
 import typer
 
 from cli import options as o
-
-
-def _options(params: dict):
-    """`BenchOptions` from the command's parameters: by field name, the list options parsed from their text."""
-    from export.bench.run import BenchOptions
-    from export.bench.timing import TimingOptions
-    from export.bench.variants import BACKENDS
-
-    batches, precisions = params["batch_sizes"], params["precisions"]
-    return BenchOptions(**{**o.group_fields(BenchOptions, params),
-                           "timing": TimingOptions(**o.group_fields(TimingOptions, params)),
-                           "backends": o.comma_list(params["backends"], "--backend", choices=BACKENDS, noun="backend"),
-                           "batch_sizes": o.comma_list(batches, "--batch", of=int, positive=True) if batches else None,
-                           "precisions": o.comma_list(precisions, "--precision") if precisions else None,
-                           "accuracy": not params["no_accuracy"]})
 
 
 def bench(
@@ -50,9 +35,19 @@ def bench(
     trust_engine: Annotated[bool, typer.Option("--trust", help="Run a TensorRT engine or .pt2 package that has no sidecar (only ones you built).")] = False,
 ) -> None:
     """Latency (GPU compute and host) and accuracy of a student beside its teacher."""
-    options = _options(locals())
     from cli.bench_table import print_report
+    from export.bench.plan import BenchOptions
     from export.bench.run import run_bench
+    from export.bench.timing import TimingOptions
+    from export.bench.variants import BACKENDS
+
+    options = BenchOptions(
+        data=data, backends=o.comma_list(backends, "--backend", choices=BACKENDS, noun="backend"),
+        batch_sizes=o.comma_list(batch_sizes, "--batch", of=int, positive=True) if batch_sizes else None,
+        precisions=o.comma_list(precisions, "--precision") if precisions else None,
+        timing=TimingOptions(warmup_s=warmup_s, min_s=min_s, min_iters=min_iters, rounds=rounds),
+        max_val=max_val, device=device, teacher_backend=teacher_backend, accuracy=not no_accuracy,
+        trust_engine=trust_engine, threads=threads, json_path=json_path, plot_path=plot_path)
 
     report = run_bench(artifact, teacher=teacher, options=options)
     print_report(report)

@@ -1,4 +1,5 @@
-"""`spofa export`: parse options, call `export.exporter.export_model`, print a short summary."""
+"""`spofa export`: parse options into `ExportOptions` (and its groups), call `export.exporter.export_model`,
+print a short summary (warnings are the library's log records, shown as they happen)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,15 +51,18 @@ def export(
     """Export a trained model to ONNX, a TensorRT engine or a .pt2 package, with a JSON sidecar."""
     from export.exporter import export_model
     from export.formats import FORMATS, PRECISIONS
+    from export.options import ExportOptions, GateOptions, Int8Options, TrtOptions
 
     format = o.choice(format, "--format", [k for k, f in FORMATS.items() if f.exportable], noun="export format")  # noqa: A001
     precision = o.choice(precision, "--precision", PRECISIONS, noun="precision")
     role = _role(role, old_teacher)
-    r = export_model(student, format, precision, batch=batch, dynamic_batch=dynamic_batch, opset=opset, out=out,
-                     force=force, calib_data=calib_data, calib_samples=calib_samples, teacher=role == "teacher",
-                     quantizer=quantizer, keep_ends=keep_ends, slim=slim, workspace_gib=workspace, device=device,
-                     max_drop=max_drop, eval_samples=gate_samples, tf32=tf32)
-    _print_result(r)
+    options = ExportOptions(format, precision, batch=batch, dynamic_batch=dynamic_batch, opset=opset, slim=slim,
+                            device=device, out=out, force=force,
+                            int8=Int8Options(calib_data=calib_data, calib_samples=calib_samples, quantizer=quantizer,
+                                             keep_ends=keep_ends),
+                            gate=GateOptions(max_drop=max_drop, samples=gate_samples),
+                            trt=TrtOptions(workspace_gib=workspace, tf32=tf32))
+    _print_result(export_model(student, options, teacher=role == "teacher"))
 
 
 def _role(role: str | None, old_teacher: bool) -> str:
@@ -104,14 +108,11 @@ def _print_result(r) -> None:
                                f"{q['calib_data']}, kept {q.get('high_precision', 'fp32')}: "
                                f"{', '.join(q['excluded_nodes']) or 'none'}")
     if r.payoff:
-        from export.payoff import describe
+        from export.onnx.payoff import describe
 
         t.add_row("int8 vs fp32", describe(r.payoff))
     if r.engine:
         e = r.engine
         t.add_row("TensorRT", f"{e['tensorrt']} on {e['gpu']} (sm {e['compute_capability']}), built in {e['build_seconds']}s")
     t.add_row("time", f"{r.seconds:.1f}s")
-    console = Console()
-    console.print(t)
-    for w in r.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}")
+    Console().print(t)

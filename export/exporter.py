@@ -1,17 +1,14 @@
 """`export_model`: the one library entry point of `spofa export` (ONNX, TensorRT, .pt2).
 
 student.safetensors + student.json
-  -> fp32 ONNX (checker, onnxslim, ORT parity on real val images; fails beyond
-     1e-3 + 1e-4 x the logit scale, or on a decisive top-1 flip: `onnx.compare_logits`)
-  -> [int8: calibration set -> Q/DQ ONNX (quantizer by target) -> size and ORT CPU latency vs fp32]
-     [fp16/bf16: AutoCast]
-  -> .onnx, or TensorRT engine (the ONNX it was built from is kept beside it; the engine's
-     own output is checked against PyTorch on the GPU, the only place a bf16 graph runs)
+  -> the format's home builds the artifact (`export.formats`: `export.onnx`, `export.tensorrt`, `export.pt2`)
+  -> parity against PyTorch on real val images, through the runner `spofa bench` times (fails beyond
+     1e-3 + 1e-4 x the logit scale, or on a decisive top-1 flip: `export.parity.compare_logits`)
   -> reduced precision: the accuracy gate (`export.gate`): val top-1 of the artifact vs PyTorch;
      beyond `max_drop` the artifact is set aside as `<name>.refused<suffix>` and the export fails
   -> `<artifact>.json` sidecar (what was checked where: `parity`, `parity_fp32`, `parity_engine`, `gate`)
 
-The default batch is dynamic (`DEFAULT_BATCH`, 1..256): one artifact serves `spofa bench`'s
+The default batch is dynamic (`export.options.DEFAULT_BATCH`, 1..256): one artifact serves `spofa bench`'s
 batch-1 latency and its large-batch throughput, and a TensorRT engine gets that profile.
 
 Every file is written under a temp name and renamed when complete, so a failed export leaves
@@ -19,10 +16,13 @@ no partial file; intermediates live in a hidden temp folder beside the output. A
 its sidecar appear as a pair: the artifact first, the sidecar (with the artifact's SHA-256) last,
 under a marker file, so the next export to that place removes the pair a killed export left half
 published, with any temp files. One export writes a target at a time (`artifacts.writing`).
+Warnings are log records (`logging`); those of one export are also kept in its `ExportResult.warnings`.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import logging
 import os
 import shutil
 import tempfile
@@ -30,30 +30,26 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
-import onnx
 
-from calibration.dataset import calibration_set, load_images
-from calibration.quantize import quantize_int8, resolve_quantizer
-from spofa_deploy.artifacts import (DIGEST_KEYS, atomic_path, check_output_file, file_digest, latest_run, load_model,
+from calibration.dataset import load_images
+from spofa_deploy.artifacts import (DIGEST_KEYS, atomic_path, check_output_file, file_digest, latest_run,
                                     read_json, read_model_meta, sidecar_path, versions, write_json, writing)
-from spofa_deploy.errors import MissingDependency, UserError, os_error
+from spofa_deploy.errors import UserError, os_error
 from spofa_deploy.run_files import STUDENT_FILE, TEACHER_FILE
 
 from . import gate as gates
-from . import onnx as onnx_export
-from . import payoff as payoffs
-from . import pt2 as pt2_export
-from . import tensorrt as trt_export
+from .artifact import Artifact, BatchProfile
 from .formats import FORMATS, Format, artifact_name, format_for_path, get_format
 from .gate import GateResult
-from .onnx import BatchProfile, Parity
+from .options import ExportOptions
+from .parity import Parity, compare_logits, torch_logits
+from .runner import Runner
 
-INT8_WARN_DROP = 1.0  # points of val top-1: ORT's fused int8 kernels below the Q/DQ as written
-# Default batch profile MIN:OPT:MAX. MAX 256 is the large batch `spofa bench` reports on a GPU;
-# OPT 16 sits between batch-1 latency and throughput (TensorRT tunes its kernels for OPT).
-DEFAULT_BATCH = "1:16:256"
+_log = logging.getLogger(__name__)
+INPUT_NAME, OUTPUT_NAME = "images", "logits"  # every artifact's one input and one output
 
 
 @dataclass
@@ -65,25 +61,70 @@ class ExportResult:
     format: str
     precision: str
     size_bytes: int
-    opset: int
+    opset: int | None
     batch: dict
     source: Path
-    parity: Parity | None = None  # the artifact's ONNX vs PyTorch in ORT CPU (None: ORT CPU cannot run it)
+    parity: Parity | None = None  # the artifact (or its ONNX) vs PyTorch (None: ORT CPU cannot run a bf16 ONNX)
     parity_engine: Parity | None = None  # a TensorRT engine vs PyTorch, on the GPU
     fp32_top1: float | None = None  # val top-1 of the PyTorch model (int8 exports; QAT: before QAT)
     int8_top1: float | None = None  # same images, the Q/DQ model as written in ORT CPU (no int8 kernel fusion)
     int8_top1_ort_kernels: float | None = None  # same, through ORT's fused int8 CPU kernels
     eval_samples: int = 0
     gate: GateResult | None = None  # the accuracy gate (reduced precision): the artifact vs PyTorch
-    payoff: dict | None = None  # INT8 ONNX vs fp32 ONNX: size and ORT CPU latency (`export.payoff`)
+    payoff: dict | None = None  # INT8 ONNX vs fp32 ONNX: size and ORT CPU latency (`export.onnx.payoff`)
     onnx_path: Path | None = None  # engines: the ONNX they were built from
     quantization: dict | None = None
     engine: dict | None = None
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the warnings logged while it ran
     seconds: float = 0.0
 
 
-def resolve_source(source: str | Path | None, teacher: bool = False) -> Path:
+def export_model(source: Path | str | None, options: ExportOptions, *, teacher: bool = False) -> ExportResult:
+    """Export a student (or its teacher) to ONNX, a TensorRT engine or a `.pt2` package, with a JSON sidecar.
+
+    Args:
+        source: a `.safetensors` model, a run folder, or None for `runs/latest`.
+        options: what to make and how (`ExportOptions` and its groups).
+        teacher: export the teacher of that run (`teacher_file` in the student's metadata).
+
+    Raises:
+        UserError: bad input (unknown format/precision, missing metadata, existing output, ...), or
+            the accuracy gate refused the export.
+        MissingDependency: TensorRT, a GPU, ModelOpt or onnxslim is needed and missing.
+    """
+    start = time.perf_counter()
+    fmt, profile = _checked(options)
+    path = source_file(source, teacher)
+    # The source, described once by the home of PyTorch weights; what follows uses this description.
+    weights = FORMATS["torch"].home
+    src = weights.describe(path)
+    dest = _output_path(options.out, src.path, fmt, options.precision)
+    with writing(dest, "spofa export"), _warnings() as said:
+        _clean_leftovers(dest)
+        if dest.exists() and not options.force:
+            raise UserError(f"{dest} exists: pass --force to overwrite it")
+        result = ExportResult(path=dest, sidecar=sidecar_path(dest), format=fmt.name, precision=options.precision,
+                              size_bytes=0, opset=None if fmt.name == "pt2" else options.opset,
+                              batch=profile.to_dict(), source=src.path, warnings=said)
+        try:
+            fmt.home.export(ExportJob(src, dest, options, profile, result))
+        except OSError as e:  # a full disk, a folder that became read-only: the output's problem, named so
+            raise (os_error(e, dest) or e) from e
+    result.size_bytes, result.seconds = dest.stat().st_size, time.perf_counter() - start
+    return result
+
+
+def _checked(options: ExportOptions) -> tuple[Format, BatchProfile]:
+    """The format and batch profile of `options`, every option checked before any work."""
+    fmt = get_format(options.format)
+    fmt.check_precision(options.precision)
+    profile = options.profile()
+    options.check_gate()
+    fmt.home.check_export(options)
+    return fmt, profile
+
+
+def source_file(source: str | Path | None, teacher: bool = False) -> Path:
     """The .safetensors to export: `runs/latest/student.safetensors` by default, or its teacher.
 
     Args:
@@ -107,14 +148,13 @@ def resolve_source(source: str | Path | None, teacher: bool = False) -> Path:
     meta = read_model_meta(path)
     if meta.get("role") == "teacher":
         return path
-    tfile = meta.get("teacher_file") or TEACHER_FILE
-    tpath = path.parent / tfile
+    tpath = path.parent / (meta.get("teacher_file") or TEACHER_FILE)
     if not tpath.is_file():
         raise UserError(f"--teacher: {tpath} not found beside {path.name} (name the teacher .safetensors instead)")
     return tpath
 
 
-def _output_path(out: str | Path | None, src: Path, fmt: Format, precision: str, force: bool) -> Path:
+def _output_path(out: str | Path | None, src: Path, fmt: Format, precision: str) -> Path:
     default = artifact_name(src.stem, fmt, precision)
     path = src.parent / default if out is None else Path(out)
     if path.is_dir():
@@ -124,9 +164,172 @@ def _output_path(out: str | Path | None, src: Path, fmt: Format, precision: str,
     return check_output_file(path, "--out")
 
 
-def _check_overwrite(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise UserError(f"{path} exists: pass --force to overwrite it")
+class _Said(logging.Handler):
+    """Keeps the message of every warning logged by the library while an export runs."""
+
+    def __init__(self, into: list[str]):
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _warnings() -> Iterator[list[str]]:
+    """The warnings the export, the calibration and the training library log inside the block."""
+    said: list[str] = []
+    handler = _Said(said)
+    loggers = [logging.getLogger(name) for name in ("export", "calibration", "spofa_deploy")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        yield said
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
+# ------------------------------------------------------------------------------ one export under way
+
+class ExportJob:
+    """One export under way, handed to the format's home: the model and its metadata, where it goes, the
+    options, and what every format shares (a work folder, the parity reference, the gate, publishing).
+
+    Attributes:
+        model: the PyTorch model (fp32, CPU, eval; a QAT student with its fake quantizers).
+        meta: its sidecar.
+        source: its `Artifact`.
+        dest: the artifact's final path.
+        options: the `ExportOptions`.
+        profile: the batch profile.
+        result: the `ExportResult` the home fills in.
+        images, kind: the parity images and "val" or "random".
+        reference: PyTorch's fp32 logits of `images`.
+    """
+
+    def __init__(self, source: Artifact, dest: Path, options: ExportOptions, profile: BatchProfile,
+                 result: ExportResult):
+        self.model, self.meta = _load_source(source, options.precision)
+        self.source, self.dest, self.options, self.profile, self.result = source, dest, options, profile, result
+        self.images, self.kind = _parity_images(self.meta, options.parity.samples, options.seed)
+        self.reference = torch_logits(self.model, self.images)
+
+    @property
+    def precision(self) -> str:
+        """The artifact's precision (fp32 | fp16 | bf16 | int8)."""
+        return self.result.precision
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch of a fixed-batch profile (None for a dynamic one)."""
+        return None if self.profile.dynamic else self.profile.opt
+
+    @contextlib.contextmanager
+    def work(self) -> Iterator[Path]:
+        """A hidden temp folder beside the output for the intermediates (removed afterwards)."""
+        with tempfile.TemporaryDirectory(prefix=_work_prefix(self.dest), dir=self.dest.parent) as work:
+            yield Path(work)
+
+    def built(self, path: Path, fmt: str, precision: str, batch_range: tuple[int, int] | None, **meta) -> Artifact:
+        """The `Artifact` of a file this export has just built (trusted: it has no sidecar yet)."""
+        return Artifact(path=path, format=fmt, meta={**self.meta, "format": fmt, "precision": precision,
+                                                     "batch": self.profile.to_dict(), **meta},
+                        precision=precision, size_bytes=path.stat().st_size, batch_range=batch_range,
+                        source=self.source.path)
+
+    def parity(self, runner: Runner, checked_on: str, tolerance: dict | None = None) -> Parity:
+        """The runner's logits of the parity images against PyTorch's (`compare_logits`)."""
+        tol = tolerance or {"atol": self.options.parity.atol, "rtol": self.options.parity.rtol}
+        return compare_logits(self.reference, runner.logits(self.images), self.kind, checked_on=checked_on, **tol)
+
+    def scores(self, runners: dict[str, Runner]) -> gates.Scores | None:
+        """Val top-1 of PyTorch and of each runner, or None (with a warning) without validation images."""
+        try:
+            return gates.score(self.model, self.meta, {k: r.logits for k, r in runners.items()},
+                               self.options.gate.samples, self.options.seed)
+        except UserError as e:
+            _log.warning(f"accuracy not measured: validation images unavailable ({e})")
+            return None
+
+    def judge(self, runner: Runner, checked_on: str, name: str = "artifact") -> GateResult | None:
+        """The gate's result for one runner; None where it is disabled (--max-drop 0) or cannot run."""
+        if self.options.gate.max_drop <= 0:
+            return None
+        scores = self.scores({name: runner})
+        return self.verdict(scores, name, checked_on) if scores else None
+
+    def verdict(self, scores: gates.Scores, name: str, checked_on: str) -> GateResult:
+        """The gate's result for runner `name` of `scores`."""
+        return gates.verdict(scores, name, self.options.gate.max_drop, checked_on)
+
+    def sidecar(self, fmt: str, precision: str, artifact: Path, **extra) -> dict:
+        """The sidecar of an artifact of this export: the source's metadata, what was made, and `extra`."""
+        # The source's own digest describes the source: it is kept as source_sha256; `_publish` adds the artifact's.
+        base = {k: v for k, v in self.meta.items() if k not in ("versions", "saved_at", *DIGEST_KEYS)}
+        src = self.source.path
+        source = src.name if src.resolve().parent == artifact.resolve().parent else str(src.resolve())
+        opset = {"opset": self.result.opset} if self.result.opset is not None else {}
+        return {**base, "format": fmt, "precision": precision, **opset, "batch": self.profile.to_dict(),
+                "input": INPUT_NAME, "output": OUTPUT_NAME, "source": source, "source_sha256": self.meta.get("sha256"),
+                "exported": datetime.now().isoformat(timespec="seconds"),
+                "versions": _tool_versions("onnxslim", "nvidia-modelopt"), "source_versions": self.meta.get("versions"),
+                **{k: v for k, v in extra.items() if v is not None}}
+
+    def install(self, files: list[tuple[Path, Path, dict]]) -> None:
+        """Publish each (file, dest, sidecar) with the gate's result; set aside and refuse when the gate fails.
+
+        Raises:
+            UserError: the gate failed: the files are published under `aside` names, never at `dest`.
+        """
+        gate = self.result.gate
+        entry = {"gate": gate.to_dict()} if gate is not None else {}
+        if gate is None or gate.passed:
+            for file, dest, side in files:
+                _publish(file, dest, {**side, **entry})
+            return
+        for file, dest, side in files:  # overwrites what an earlier refusal set aside
+            _publish(file, aside(dest), {**side, **entry, "refused": True})
+        raise UserError(gates.refusal(gate, self.precision, aside(files[-1][1]).name))
+
+
+def _load_source(source: Artifact, precision: str):
+    """The model to export: a QAT student (`spofa qat`, fake quantizers inside: int8 only) or a plain timm model."""
+    from spofa_deploy.artifacts import load_model
+
+    if not source.meta.get("qat"):
+        return load_model(source.path, exportable=True)
+    if precision != "int8":
+        raise UserError(f"{source.path.name} is a QAT student: it exports at --precision int8 only")
+    from calibration.qat import load_qat_model
+
+    return load_qat_model(source.path)
+
+
+def _parity_images(meta: dict, n: int, seed: int) -> tuple[np.ndarray, str]:
+    try:
+        return load_images(meta, "val", n, seed=seed).images, "val"
+    except UserError as e:
+        _log.warning(f"validation images unavailable ({e}): parity checked on random inputs")
+        size, chans = int(meta["img_size"]), int(meta.get("in_chans", 3))
+        return np.random.default_rng(seed).standard_normal((n, chans, size, size), dtype=np.float32), "random"
+
+
+def _tool_versions(*extra: str) -> dict:
+    out = versions()
+    for dist in extra:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# ------------------------------------------------------------------------------ publishing
+
+def aside(dest: Path) -> Path:
+    """Where a refused artifact is kept: `student.int8.onnx` -> `student.int8.refused.onnx`."""
+    return dest.with_name(f"{dest.stem}.refused{dest.suffix}")
 
 
 def _pending(dest: Path) -> Path:
@@ -138,7 +341,7 @@ def _work_prefix(dest: Path) -> str:
     return f".spofa-export-{dest.name}-"
 
 
-def _clean_leftovers(dest: Path, warnings: list[str]) -> None:
+def _clean_leftovers(dest: Path) -> None:
     """Remove what a killed export to `dest` left: temp files, its work folder, a half-published pair.
 
     Runs under the target's lock, so nothing removed here belongs to a live export.
@@ -157,7 +360,7 @@ def _clean_leftovers(dest: Path, warnings: list[str]) -> None:
         return
     for f in (dest, side, marker):
         f.unlink(missing_ok=True)
-    warnings.append(f"removed {dest.name} and its sidecar, left half written by an interrupted export")
+    _log.warning(f"removed {dest.name} and its sidecar, left half written by an interrupted export")
 
 
 def _pair_complete(dest: Path, side: Path) -> bool:
@@ -166,65 +369,6 @@ def _pair_complete(dest: Path, side: Path) -> bool:
     except UserError:
         return False
     return want is not None and want == file_digest(dest)["sha256"]
-
-
-def _batch_profile(batch: int | None, dynamic_batch) -> BatchProfile:
-    if batch is not None and dynamic_batch is not None:
-        raise UserError("give --batch N (fixed) or --dynamic-batch MIN:OPT:MAX, not both")
-    if batch is not None:
-        return BatchProfile.fixed(batch)
-    if dynamic_batch is None or isinstance(dynamic_batch, str):
-        return BatchProfile.parse(dynamic_batch or DEFAULT_BATCH)
-    try:
-        lo, opt, hi = (int(v) for v in dynamic_batch)
-    except (TypeError, ValueError):
-        raise UserError(f"dynamic_batch must be (min, opt, max), got {dynamic_batch!r}") from None
-    return BatchProfile.dynamic_range(lo, opt, hi)
-
-
-def _check_dependencies(fmt: Format, precision: str, slim: bool | None, quantizer: str, device: str) -> None:
-    """Fail before any work when something the export needs is missing."""
-    if fmt.name == "pt2":
-        pt2_export.require_toolchain(device)
-        pt2_export.check_precision(precision, device)
-        return
-    if fmt.name == "trt":
-        fmt.require()
-        trt_export.require_gpu()
-        if trt_export.onnx_precision_for(precision) in ("fp16", "bf16"):
-            onnx_export.require_autocast(f"{precision} on TensorRT {trt_export.trt_version()[0]} (strongly typed)")
-    else:
-        fmt.require(precision)
-        if precision in ("fp16", "bf16"):
-            onnx_export.require_autocast(f"{precision} ONNX")
-    if slim and not onnx_export.slim_available():
-        raise MissingDependency("onnxslim is not installed: pip install 'spofa-deploy[slim]' (or pass --no-slim)")
-    if precision == "int8":
-        resolve_quantizer(quantizer, fmt.name)
-
-
-def _tool_versions(*extra: str) -> dict:
-    out = versions()
-    for dist in extra:
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def _sidecar(meta: dict, *, fmt: str, precision: str, opset: int, batch: BatchProfile, source: Path,
-             artifact: Path, **extra) -> dict:
-    # The source's own digest describes the source: it is kept as source_sha256; `_publish` adds the artifact's.
-    base = {k: v for k, v in meta.items() if k not in ("versions", "saved_at", *DIGEST_KEYS)}
-    src = source.name if source.resolve().parent == artifact.resolve().parent else str(source.resolve())
-    return {**base, "format": fmt, "precision": precision, **({"opset": opset} if opset is not None else {}),
-            "batch": batch.to_dict(),
-            "input": onnx_export.INPUT_NAME, "output": onnx_export.OUTPUT_NAME, "source": src,
-            "source_sha256": meta.get("sha256"),
-            "exported": datetime.now().isoformat(timespec="seconds"),
-            "versions": _tool_versions("onnxslim", "nvidia-modelopt"), "source_versions": meta.get("versions"),
-            **{k: v for k, v in extra.items() if v is not None}}
 
 
 def _publish(tmp_file: Path, dest: Path, sidecar: dict) -> None:
@@ -246,389 +390,3 @@ def _publish(tmp_file: Path, dest: Path, sidecar: dict) -> None:
 
 def _after_artifact(dest: Path) -> None:
     """A seam between the two renames of `_publish` (fault injection in tests)."""
-
-
-def _parity_images(meta: dict, n: int, seed: int, warnings: list[str]) -> tuple[np.ndarray, str]:
-    try:
-        return load_images(meta, "val", n, seed=seed).images, "val"
-    except UserError as e:
-        warnings.append(f"validation images unavailable ({e}): parity checked on random inputs")
-        size, chans = int(meta["img_size"]), int(meta.get("in_chans", 3))
-        return np.random.default_rng(seed).standard_normal((n, chans, size, size), dtype=np.float32), "random"
-
-
-class _Gate:
-    """The accuracy gate of one export (`export.gate`): scores the artifact against PyTorch on val images."""
-
-    def __init__(self, model, meta: dict, max_drop: float, samples: int, seed: int, warnings: list[str]):
-        self.model, self.meta, self.max_drop, self.samples, self.seed = model, meta, max_drop, samples, seed
-        self.warnings = warnings
-
-    def scores(self, predictors: dict) -> gates.Scores | None:
-        """Val top-1 of PyTorch and each predictor, or None (with a warning) without validation images."""
-        try:
-            return gates.score(self.model, self.meta, predictors, self.samples, self.seed)
-        except UserError as e:
-            self.warnings.append(f"accuracy not measured: validation images unavailable ({e})")
-            return None
-
-    def judge(self, predict, checked_on: str) -> GateResult | None:
-        """The gate's result for one predictor; None where it is disabled (--max-drop 0) or cannot run."""
-        if self.max_drop <= 0:
-            return None
-        scores = self.scores({"artifact": predict})
-        return gates.verdict(scores, "artifact", self.max_drop, checked_on) if scores else None
-
-
-def _aside(dest: Path) -> Path:
-    """Where a refused artifact is kept: `student.int8.onnx` -> `student.int8.refused.onnx`."""
-    return dest.with_name(f"{dest.stem}.refused{dest.suffix}")
-
-
-def _install(files: list[tuple[Path, Path, dict]], result: ExportResult) -> None:
-    """Publish each (file, dest, sidecar) with the gate's result; set aside and refuse when the gate fails.
-
-    Raises:
-        UserError: the gate failed: the files are published under `_aside` names, never at `dest`.
-    """
-    gate = result.gate
-    entry = {"gate": gate.to_dict()} if gate is not None else {}
-    if gate is None or gate.passed:
-        for file, dest, side in files:
-            _publish(file, dest, {**side, **entry})
-        return
-    for file, dest, side in files:  # overwrites what an earlier refusal set aside
-        _publish(file, _aside(dest), {**side, **entry, "refused": True})
-    raise UserError(gates.refusal(gate, result.precision, _aside(files[-1][1]).name))
-
-
-@dataclass(frozen=True)
-class _Int8Options:
-    """How an INT8 ONNX is calibrated and judged (the `export_model` keywords of the same names)."""
-
-    calib_data: str | None
-    calib_samples: int
-    quantizer: str
-    keep_ends: bool
-    seed: int
-    target: str  # the export format: onnx or trt
-
-
-def _int8_onnx(fp32: Path, dest: Path, meta: dict, result: ExportResult, opts: _Int8Options, gate: _Gate,
-               fixed: int | None) -> dict:
-    """Calibrate and quantize `fp32` into `dest`; its val top-1 against PyTorch and its payoff into `result`."""
-    calib = calibration_set(meta, opts.calib_data, opts.calib_samples, opts.seed)
-    info = quantize_int8(fp32, dest, calib.images, quantizer=opts.quantizer, target=opts.target,
-                         keep_ends=opts.keep_ends, calib_data=calib.spec, notes=result.warnings)
-    onnx_export.check_onnx(dest)
-    result.quantization = info.to_dict()
-    written, kernels = onnx_export.ort_session(dest, fused=False), onnx_export.ort_session(dest)
-    scores = gate.scores({"written": lambda x: onnx_export.run_onnx(written, x, fixed),
-                          "kernels": lambda x: onnx_export.run_onnx(kernels, x, fixed)})
-    if scores is not None:
-        result.fp32_top1, result.eval_samples = scores.reference, scores.n
-        result.int8_top1, result.int8_top1_ort_kernels = scores.top1["written"], scores.top1["kernels"]
-        # The Q/DQ arithmetic as written is what the graph means and what TensorRT reproduces.
-        result.gate = gates.verdict(scores, "written", gate.max_drop, "onnxruntime-cpu, Q/DQ as written")
-        if result.int8_top1 - result.int8_top1_ort_kernels > INT8_WARN_DROP:
-            result.warnings.append(f"ONNX Runtime's fused int8 CPU kernels score {result.int8_top1_ort_kernels:.2f}% "
-                                   f"here (vs {result.int8_top1:.2f}% with the Q/DQ as written): int16 saturation on "
-                                   "CPUs without VNNI; TensorRT is not affected")
-    if opts.target == "onnx":
-        _int8_payoff(fp32, dest, meta, result)
-    return {**info.to_dict(), "fp32_top1": result.fp32_top1, "int8_top1": result.int8_top1,
-            "int8_top1_ort_kernels": result.int8_top1_ort_kernels, "eval_samples": result.eval_samples,
-            "payoff": result.payoff}
-
-
-def _int8_payoff(fp32: Path, int8: Path, meta: dict, result: ExportResult) -> None:
-    """INT8 against fp32 where the ONNX runs (ONNX Runtime CPU): size and latency, said plainly when worse."""
-    batch = result.batch
-    lo, hi = (batch["min"], batch["max"]) if batch["dynamic"] else (batch["opt"], batch["opt"])
-    shape = (int(meta.get("in_chans", 3)), int(meta["img_size"]), int(meta["img_size"]))
-    result.payoff = payoffs.int8_payoff(fp32, int8, shape, payoffs.payoff_batches(lo, hi))
-    result.warnings.extend(payoffs.slower(result.payoff))
-
-
-def _engine(onnx_file: Path, dest: Path, work: Path, side: dict, extra: dict, result: ExportResult,
-            check: _ParityCheck, gate: _Gate, *, onnx_prec: str, workspace_gib: float, timing_cache,
-            tf32: bool) -> None:
-    """Build the engine from the ONNX, check and gate it on the GPU, publish both (the ONNX kept beside it)."""
-    src, precision = side["source"], result.precision
-    onnx_dest = dest.parent / artifact_name(src.stem, FORMATS["onnx"], onnx_prec)
-    cache = None if timing_cache in (None, False) else timing_cache  # True: the default, keyed by version and GPU
-    plan = work / "model.engine"
-    engine = trt_export.build_engine(onnx_file, plan, precision, side["batch"], workspace_gib=workspace_gib,
-                                     timing_cache=cache, tf32=tf32)
-    result.warnings.extend(engine.pop("warnings", []))
-    result.engine = engine
-    where = f"tensorrt {engine.get('tensorrt')} on {engine.get('gpu')}"
-    # The engine's own output, on the GPU that built it: the one check a bf16 graph can have here.
-    result.parity_engine = check.engine(plan, where, tf32=engine.get("tf32", False))
-    if result.parity_engine.top1_agreement < 99.0:
-        result.warnings.append(f"engine top-1 agrees with PyTorch on {result.parity_engine.top1_agreement:.1f}% "
-                               f"of {result.parity_engine.n} images only")
-    if precision != "fp32":  # the engine, not its ONNX in ORT CPU, is what the gate judges
-        result.gate = gate.judge(trt_export.engine_predictor(plan, trust=True), where)
-    if onnx_dest.exists():  # an intermediate, regenerated from the same source: replaced, with a note
-        result.warnings.append(f"replaced {onnx_dest.name} with the ONNX this engine is built from")
-    onnx_name = (_aside(onnx_dest) if result.gate and not result.gate.passed else onnx_dest).name
-    _install([(onnx_file, onnx_dest, _sidecar(**side, fmt="onnx", precision=onnx_prec, artifact=onnx_dest, **extra)),
-              (plan, dest, _sidecar(**side, fmt="trt", precision=precision, artifact=dest, onnx=onnx_name,
-                                    parity_engine=result.parity_engine.to_dict(), **engine, **extra))], result)
-    result.onnx_path = onnx_dest
-
-
-def _pt2(model, meta: dict, src: Path, dest: Path, profile: BatchProfile, device: str, result: ExportResult,
-         check: _ParityCheck, gate: _Gate) -> None:
-    """Compile the .pt2 in a temp folder, check and gate it against PyTorch, publish it with its sidecar."""
-    with tempfile.TemporaryDirectory(prefix=_work_prefix(dest), dir=dest.parent) as work:
-        pkg = Path(work) / "model.pt2"
-        facts = pt2_export.export_pt2(model, pkg, img_size=int(meta["img_size"]), batch=profile,
-                                      precision=result.precision, device=device, in_chans=int(meta.get("in_chans", 3)))
-        result.warnings.extend(facts.pop("warnings"))
-        for k in ("precision", "batch", "input", "output"):  # `_sidecar` writes these itself
-            facts.pop(k)
-        result.parity = check.pt2(pkg, profile, device)
-        if result.precision == "fp32" and not result.parity.passed:
-            raise UserError(f"the .pt2 package differs from PyTorch beyond tolerance: {result.parity.describe()}"
-                            f"{_flips(result.parity)}: nothing written")
-        if result.parity.top1_agreement < 99.0:
-            result.warnings.append(f".pt2 top-1 agrees with PyTorch on {result.parity.top1_agreement:.1f}% "
-                                   f"of {result.parity.n} images only")
-        if result.precision != "fp32":
-            result.gate = gate.judge(pt2_export.pt2_predictor(pkg, profile, device=device), result.parity.checked_on)
-        _install([(pkg, dest, _sidecar(meta, fmt="pt2", precision=result.precision, opset=None, batch=profile,
-                                       source=src, artifact=dest, parity=result.parity.to_dict(), **facts))], result)
-
-
-class _ParityCheck:
-    """The exported model against PyTorch on the same images: in ONNX Runtime CPU, or on a built engine."""
-
-    def __init__(self, model, meta: dict, n: int, seed: int, warnings: list[str], fixed: int | None,
-                 tolerance: dict):
-        self.images, self.kind = _parity_images(meta, n, seed, warnings)
-        self.reference = onnx_export.torch_logits(model, self.images)
-        self.fixed, self.tolerance = fixed, tolerance
-
-    def onnx(self, path: Path, fused: bool = True) -> Parity:
-        return onnx_export.parity(self.reference, onnx_export.ort_session(path, fused=fused), self.images,
-                                  self.fixed, self.kind, **self.tolerance)
-
-    def pt2(self, path: Path, batch: BatchProfile, device: str) -> Parity:
-        return pt2_export.parity_pt2(self.reference, path, self.images, batch, self.kind, device=device,
-                                     **self.tolerance)
-
-    def engine(self, path: Path, where: str, tf32: bool = False) -> Parity:
-        # The plan has no sidecar yet (it is published after this check): built here a moment ago, so trusted.
-        tolerance = ({k: max(v, trt_export.TF32_TOLERANCE[k]) for k, v in self.tolerance.items()} if tf32
-                     else self.tolerance)  # an fp32 engine's TF32 layers: TF32-sized, not an fp32 failure
-        return onnx_export.compare_logits(self.reference, trt_export.engine_logits(path, self.images, trust=True), self.kind,
-                                          checked_on=where, **tolerance)
-
-
-def _flips(p: Parity) -> str:
-    return f"; {p.decisive_disagreements} decisive top-1 flip(s)" if p.decisive_disagreements else ""
-
-
-def _fp32_onnx(model, meta: dict, path: Path, profile: BatchProfile, check: _ParityCheck, *, opset: int,
-               exporter: str, slim: bool) -> tuple[Parity, dict]:
-    """Export, check and optionally slim the fp32 ONNX at `path`, then check it against PyTorch.
-
-    Returns:
-        Its parity, and the sidecar entries of how it was made (slim, slim_nodes, exporter).
-    """
-    onnx_export.export_onnx(model, path, img_size=int(meta["img_size"]), batch=profile, opset=opset,
-                            exporter=exporter, in_chans=int(meta.get("in_chans", 3)))
-    onnx_export.check_onnx(path)
-    nodes = onnx_export.slim_onnx(path) if slim else None
-    onnx_export.check_onnx(path)
-    parity = check.onnx(path, fused=not meta.get("qat"))  # a QAT graph is Q/DQ: judged as written, like int8
-    # A QAT graph may differ by a rounding step where PyTorch's fake quant and ORT's QuantizeLinear break a tie
-    # differently: beyond the fp32 tolerance, but it fails only on a decisive top-1 flip.
-    if not parity.passed and not (meta.get("qat") and parity.decisive_disagreements == 0):
-        raise UserError(f"ONNX Runtime output differs from PyTorch beyond tolerance: {parity.describe()}"
-                        f"{_flips(parity)}: nothing written (try --no-slim or another --opset)")
-    return parity, {"slim": nodes is not None, "slim_nodes": list(nodes) if nodes else None, "exporter": exporter}
-
-
-def _reduced_onnx(fp32: Path, onnx_prec: str, meta: dict, result: ExportResult, check: _ParityCheck,
-                  int8: _Int8Options, gate: _Gate, extra: dict) -> Path:
-    """The ONNX of `onnx_prec` made from `fp32` (Q/DQ, AutoCast, or `fp32` itself); its parity and gate into `result`."""
-    if onnx_prec == "int8" and meta.get("qat"):  # a QAT student exports its own Q/DQ: nothing to calibrate
-        extra["int8"] = _qat_onnx(fp32, meta, result, check.fixed, gate)
-        return fp32
-    if onnx_prec == "int8":
-        final = fp32.with_name("int8.onnx")
-        extra["int8"] = _int8_onnx(fp32, final, meta, result, int8, gate, check.fixed)
-        result.parity = check.onnx(final, fused=False)
-        return final
-    if onnx_prec in ("fp16", "bf16"):
-        final = fp32.with_name(f"{onnx_prec}.onnx")
-        onnx_export.autocast(fp32, final, onnx_prec)
-        onnx_export.check_onnx(final)
-        # ORT's CPU provider has no bf16 Conv kernel: such a graph is checked on its engine only.
-        if onnx_export.ort_runs(onnx_prec):
-            session = onnx_export.ort_session(final)
-            result.parity = check.onnx(final)
-            result.gate = gate.judge(lambda x: onnx_export.run_onnx(session, x, check.fixed), "onnxruntime-cpu")
-        else:
-            result.parity = None
-        return final
-    return fp32
-
-
-def _onnx_artifact(model, meta: dict, src: Path, dest: Path, fmt: Format, profile: BatchProfile,
-                   result: ExportResult, check: _ParityCheck, *, opset: int, exporter: str, slim: bool,
-                   int8: _Int8Options, gate: _Gate, workspace_gib: float, timing_cache, tf32: bool) -> None:
-    """fp32 ONNX -> [INT8 / AutoCast] -> the `.onnx`, or the engine built from it; gated, published with sidecars."""
-    with tempfile.TemporaryDirectory(prefix=_work_prefix(dest), dir=dest.parent) as work:
-        fp32 = Path(work) / "fp32.onnx"
-        fp32_parity, extra = _fp32_onnx(model, meta, fp32, profile, check, opset=opset, exporter=exporter, slim=slim)
-        # The ONNX the artifact is (format onnx) or is built from (format trt).
-        onnx_prec = trt_export.onnx_precision_for(result.precision) if fmt.name == "trt" else result.precision
-        result.parity = fp32_parity
-        final = _reduced_onnx(fp32, onnx_prec, meta, result, check, int8, gate, extra)
-        if final != fp32:
-            extra["parity_fp32"] = fp32_parity.to_dict()
-        result.opset = onnx_export.model_opset(onnx.load(str(final), load_external_data=False))
-        extra["parity"] = result.parity.to_dict() if result.parity else None
-        if result.parity is None:
-            extra["parity_note"] = f"{onnx_prec} ONNX not run by ONNX Runtime CPU (no kernels): checked on the engine"
-        side = dict(meta=meta, opset=result.opset, batch=profile, source=src)
-        if fmt.name == "onnx":
-            _install([(final, dest, _sidecar(**side, fmt="onnx", precision=result.precision, artifact=dest,
-                                             **extra))], result)
-        else:
-            _engine(final, dest, Path(work), side, extra, result, check, gate, onnx_prec=onnx_prec,
-                    workspace_gib=workspace_gib, timing_cache=timing_cache, tf32=tf32)
-
-
-def _load_source(src: Path, precision: str):
-    """The model to export: a QAT student (`spofa qat`, fake quantizers inside: int8 only) or a plain timm model."""
-    if not read_model_meta(src).get("qat"):
-        return load_model(src, exportable=True)
-    if precision != "int8":
-        raise UserError(f"{src.name} is a QAT student: it exports at --precision int8 only")
-    from calibration.qat import load_qat_model
-
-    return load_qat_model(src)
-
-
-def _qat_onnx(qdq: Path, meta: dict, result: ExportResult, fixed: int | None, gate: _Gate) -> dict:
-    """Check the Q/DQ graph a QAT student exported (TensorRT's rules); its val top-1 and gate into `result`.
-
-    The gate's PyTorch model is the QAT student itself (fake quantizers in): what was exported.
-    """
-    from calibration.quantize import check_trt_qdq
-
-    problems = check_trt_qdq(onnx.load(str(qdq)))
-    if problems:
-        raise UserError(f"the QAT student's ONNX is not TensorRT-compatible: {'; '.join(problems[:3])}")
-    settings = meta["qat_settings"]
-    result.quantization = {"quantizer": "qat", "calib_samples": settings["calib_samples"],
-                           "calib_data": settings["calib_data"],
-                           "excluded_nodes": settings.get("kept_float", [])}  # (module names: float in training)
-    session = onnx_export.ort_session(qdq, fused=False)
-    scores = gate.scores({"written": lambda x: onnx_export.run_onnx(session, x, fixed)})
-    if scores is not None:
-        result.int8_top1, result.eval_samples = scores.top1["written"], scores.n
-        result.fp32_top1 = settings["fp32_top1"]  # (the student before QAT, in PyTorch, on the same val split)
-        result.gate = gates.verdict(scores, "written", gate.max_drop, "onnxruntime-cpu, Q/DQ as written")
-    return {**result.quantization, "qat": True, "qat_settings": settings, "int8_top1": result.int8_top1,
-            "eval_samples": result.eval_samples}
-
-
-def export_model(source: Path | str | None, fmt: str, precision: str = "fp32", *, batch: int | None = None,
-                 dynamic_batch: tuple[int, int, int] | str | None = None, opset: int = onnx_export.MIN_OPSET,
-                 out: Path | str | None = None, force: bool = False, calib_data: str | None = None,
-                 calib_samples: int = 512, teacher: bool = False, quantizer: str = "auto", keep_ends: bool = True,
-                 slim: bool | None = None, parity_samples: int = 64, parity_atol: float = onnx_export.PARITY_ATOL,
-                 parity_rtol: float = onnx_export.PARITY_RTOL, eval_samples: int = gates.DEFAULT_SAMPLES,
-                 max_drop: float = gates.DEFAULT_MAX_DROP, workspace_gib: float = 4.0, tf32: bool = True,
-                 timing_cache: Path | None | bool = True, exporter: str = "torchscript", device: str = "cpu",
-                 seed: int = 0) -> ExportResult:
-    """Export a student (or its teacher) to ONNX or a TensorRT engine, with a JSON sidecar.
-
-    Args:
-        source: a `.safetensors` model, a run folder, or None for `runs/latest`.
-        fmt: "onnx" or "trt" (see `export.formats.FORMATS`).
-        precision: fp32 | fp16 | bf16 | int8 (what the format allows).
-        batch: a fixed batch size (not with `dynamic_batch`).
-        dynamic_batch: (min, opt, max) or "MIN:OPT:MAX": symbolic batch + TensorRT profile
-            (default, with neither given: `DEFAULT_BATCH`).
-        opset: ONNX opset, >= 17.
-        out: output file or folder (default: beside the source, e.g. `student.int8.onnx`).
-        force: overwrite an existing output.
-        calib_data: data spec for INT8 calibration (default: the model's own data).
-        calib_samples: calibration images (seeded, stratified, from the training split).
-        teacher: export the run's teacher instead of the student.
-        quantizer: auto (ModelOpt for TensorRT where its ONNX quantizer can run, ONNX Runtime's for
-            ONNX: `calibration.quantize.resolve_quantizer`) | ort | modelopt.
-        keep_ends: INT8 keeps the first conv and the classifier in fp32 (measured better).
-        slim: simplify with onnxslim (None: when installed).
-        parity_samples: validation images for the ORT-vs-PyTorch check.
-        parity_atol, parity_rtol: the fp32 export fails where |ORT - PyTorch| > atol + rtol x the
-            image's largest |logit|, or where a decisive top-1 differs (`onnx.compare_logits`).
-        eval_samples: validation images of the accuracy gate (and of the INT8 top-1).
-        max_drop: the accuracy gate of a reduced-precision export: refused (set aside as
-            `<name>.refused<suffix>`, UserError) when its val top-1 is more than this many points
-            below the PyTorch model's; 0 disables the refusal (`export.gate`).
-        workspace_gib: TensorRT builder workspace.
-        tf32: TensorRT may run fp32 layers in TF32 (its default; recorded in the sidecar, the engine's
-            parity then judged at `tensorrt.TF32_TOLERANCE`); False clears the flag (trtexec's --noTF32).
-        timing_cache: TensorRT timing cache file (True: one per TensorRT version and GPU
-            architecture under `~/.cache/spofa/`, `tensorrt.default_timing_cache`; None/False: off).
-        exporter: "torchscript" (default) or "dynamo", see `export/onnx.py`.
-        device: the device a `.pt2` package is compiled for (cpu | cuda); other formats ignore it.
-        seed: seed of every image draw.
-
-    Raises:
-        UserError: bad input (unknown format/precision, missing metadata, existing output, ...), or
-            the accuracy gate refused the export.
-        MissingDependency: TensorRT, a GPU, ModelOpt or onnxslim is needed and missing.
-    """
-    start = time.perf_counter()
-    f = get_format(fmt)
-    precision = f.check_precision(precision)
-    if f.name != "pt2":
-        onnx_export.check_opset(opset, exporter)
-    profile = _batch_profile(batch, dynamic_batch)
-    gates.check_max_drop(max_drop, eval_samples)
-    _check_dependencies(f, precision, slim, quantizer, device)
-    src = resolve_source(source, teacher)
-    dest = _output_path(out, src, f, precision, force)
-    with writing(dest, "spofa export"):
-        notes: list[str] = []
-        _clean_leftovers(dest, notes)
-        _check_overwrite(dest, force)
-        model, meta = _load_source(src, precision)
-        result = ExportResult(path=dest, sidecar=sidecar_path(dest), format=f.name, precision=precision, size_bytes=0,
-                              opset=None if f.name == "pt2" else opset, batch=profile.to_dict(), source=src,
-                              warnings=notes)
-        try:
-            _export(model, meta, src, dest, f, profile, result, opset=opset, exporter=exporter, slim=slim,
-                    int8=_Int8Options(calib_data, calib_samples, quantizer, keep_ends, seed, f.name),
-                    parity=(parity_samples, seed, {"atol": parity_atol, "rtol": parity_rtol}),
-                    gate=(max_drop, eval_samples), device=device,
-                    workspace_gib=workspace_gib, timing_cache=timing_cache, tf32=tf32)
-        except OSError as e:  # a full disk, a folder that became read-only: the output's problem, named so
-            raise (os_error(e, dest) or e) from e
-    result.size_bytes, result.seconds = dest.stat().st_size, time.perf_counter() - start
-    return result
-
-
-def _export(model, meta: dict, src: Path, dest: Path, f: Format, profile: BatchProfile, result: ExportResult, *,
-            opset: int, exporter: str, slim: bool | None, int8: _Int8Options, parity: tuple, gate: tuple,
-            device: str, workspace_gib: float, timing_cache, tf32: bool) -> None:
-    """Build, check, gate and publish the artifact of format `f` (the work of `export_model`, under its lock)."""
-    samples, seed, tolerance = parity
-    check = _ParityCheck(model, meta, samples, seed, result.warnings, None if profile.dynamic else profile.opt,
-                         tolerance)
-    judge = _Gate(model, meta, *gate, seed, result.warnings)
-    if f.name == "pt2":
-        _pt2(model, meta, src, dest, profile, device, result, check, judge)
-    else:
-        _onnx_artifact(model, meta, src, dest, f, profile, result, check, opset=opset, exporter=exporter,
-                       slim=onnx_export.slim_available() if slim is None else slim, int8=int8, gate=judge,
-                       workspace_gib=workspace_gib, timing_cache=timing_cache, tf32=tf32)

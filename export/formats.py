@@ -1,14 +1,26 @@
-"""The one table of model formats: suffix, precisions, what each needs, what runs it.
+"""The one table of model formats: suffix, precisions, what each needs, what runs it, and its home.
 
-`spofa export` validates `--format` / `--precision` against it; `spofa bench` finds a file's
-format from its suffix (`format_for_path`) and the backends that can run it here (`BACKENDS` is
-their union). Adding a format means adding one row here (and a runner for a new backend).
+`spofa export` validates `--format` / `--precision` against it and hands the work to the format's
+home; `spofa bench` finds a file's format from its suffix (`format_for_path`), has the home describe
+it, and runs it on the backends of its row (`BACKENDS` is their union). Adding a format means one
+home and one row here.
+
+A format's home (`Format.home`: `export.pytorch`, `export.onnx`, `export.pt2`, `export.tensorrt`) is
+one module or folder holding its export, the description of its files and its runner, behind one
+small protocol of four functions:
+
+    check_export(options: ExportOptions) -> None          refuse, before any work, what this machine lacks
+    export(job: ExportJob) -> None                        build, check, gate and publish (`job.install`)
+    describe(path: Path, trust: bool = False) -> Artifact read and check a file and its sidecar, here
+    runner(art, backend, device, precision, options: RunOptions) -> Runner    made, not yet activated
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from spofa_deploy.errors import MissingDependency, UserError, check_choice
 
@@ -37,6 +49,8 @@ class Format:
         exportable: whether `spofa export` produces it.
         note: one line for help texts.
         title: what a file of this format is, for messages ("an ONNX model").
+        module: the format's home (`FormatHome`).
+        native: a file holds native code (run as soon as it is loaded): its sidecar's digest is required.
     """
 
     name: str
@@ -48,6 +62,13 @@ class Format:
     exportable: bool = True
     note: str = ""
     title: str = ""
+    module: str = ""
+    native: bool = False
+
+    @property
+    def home(self) -> ModuleType:
+        """The format's home module (the protocol above), imported on first use."""
+        return importlib.import_module(self.module)
 
     def modules_for(self, precision: str | None = None) -> tuple[str, ...]:
         """Modules needed for this format (and precision, if given)."""
@@ -80,21 +101,23 @@ FORMATS: dict[str, Format] = {
     "torch": Format(
         "torch", ".safetensors", ("fp32", "bf16", "fp16"), needs=("torch", "timm", "safetensors"),
         backends=("torch-eager", "torch-compile", "torch-cudagraph"), exportable=False,
-        note="the trained timm model (source of every export)", title="a PyTorch model (.safetensors)"),
+        note="the trained timm model (source of every export)", title="a PyTorch model (.safetensors)",
+        module="export.pytorch"),
     "onnx": Format(
         "onnx", ".onnx", ("fp32", "fp16", "int8"), needs=("onnx", "onnxruntime"),
         # fp16 is an AutoCast mixed-precision graph; int8 is a Q/DQ graph (ORT quantize_static or ModelOpt).
         precision_needs=(("fp16", ("modelopt",)),),
         backends=("ort-cuda", "ort-cpu"),
-        note="fp32; int8 = Q/DQ ONNX; fp16 via ModelOpt AutoCast", title="an ONNX model"),
+        note="fp32; int8 = Q/DQ ONNX; fp16 via ModelOpt AutoCast", title="an ONNX model", module="export.onnx"),
     "pt2": Format(
         "pt2", ".pt2", ("fp32", "bf16", "fp16"), needs=("torch",), backends=("aoti",),
         note="torch.export + AOTInductor package, for the torch release and device (CPU ISA / GPU) that built it",
-        title="a PyTorch AOTInductor package (.pt2)"),
+        title="a PyTorch AOTInductor package (.pt2)", module="export.pt2", native=True),
     "trt": Format(
         "trt", ".engine", ("fp32", "fp16", "bf16", "int8"), needs=("tensorrt",),
         backends=("trt",),
-        note="TensorRT engine for the GPU and TensorRT version that built it", title="a TensorRT engine"),
+        note="TensorRT engine for the GPU and TensorRT version that built it", title="a TensorRT engine",
+        module="export.tensorrt", native=True),
 }
 
 

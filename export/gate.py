@@ -72,7 +72,7 @@ def score(model, meta: dict, predictors: Mapping[str, Predict], n: int, seed: in
     Raises:
         UserError: the model's validation split cannot be loaded or is empty.
     """
-    from export.onnx import torch_logits
+    from export.parity import torch_logits
 
     ds, _ = load_split(meta, "val")
     ref_hits, total = 0, 0

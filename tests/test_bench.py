@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+from export.artifact import describe
 from export.bench.report import BenchReport
 from export.bench.run import BenchOptions, run_bench
-from export.bench.target import resolve_artifact
-from export.bench.timing import LatencyStats, Summary, TimedStep, TimingOptions, measure, percentile
+from export.bench.timing import LatencyStats, Summary, TimingOptions, measure, percentile
+from export.runner import TimedStep
 from spofa_deploy.artifacts import file_digest, read_json, save_model, sidecar_path, write_json
 from spofa_deploy.errors import UserError
 from spofa_deploy.models import Preprocessing
@@ -325,10 +326,33 @@ def test_plot_and_table(onnx_report):
         assert word in text, word
 
 
+def test_the_plan_decides_everything_before_anything_runs(run, tmp_path):
+    """`plan_bench` loads, exports and times nothing: the teacher's export is a step of the plan, carried out by
+    `measure`; the runners are made, not loaded."""
+    from export.bench.plan import plan_bench
+    from export.bench.run import measure
+
+    d = tmp_path / "r"
+    d.mkdir()
+    for f in ("student.onnx", "student.onnx.json", "teacher.safetensors", "teacher.json", "student.safetensors",
+              "student.json"):
+        shutil.copy(run["dir"] / f, d / f)
+    plan = plan_bench(describe(d / "student.onnx"), options=replace(FAST, accuracy=False, batch_sizes=None))
+    assert plan.teacher.how == "export" and plan.teacher.options.format == "onnx" and not (d / "teacher.onnx").exists()
+    assert [c.result.role for c in plan.candidates] == ["student", "teacher"]
+    assert all(c.runner is not None and not c.runner.active for c in plan.candidates)
+    assert plan.batches == [1, 64] and any("auto: student student.onnx -> ort-cpu" in n for n in plan.notes)
+    assert "to be exported to onnx fp32 like student.onnx (as teacher.onnx)" in "\n".join(plan.lines())
+    report = measure(replace(plan, batches=[1]))
+    assert (d / "teacher.onnx").is_file() and any("exported to teacher.onnx" in n for n in report.notes)
+    assert {r.role: r.backend for r in report.results} == {"student": "ort-cpu", "teacher": "ort-cpu"}
+    assert report.settings["teacher"] == str(d / "teacher.onnx")
+
+
 # ----------------------------------------------------------------------------- INT8 Q/DQ ONNX
 
 def test_int8_qdq_onnx(run):
-    art = resolve_artifact(run["dir"] / "student_int8.onnx")
+    art = describe(run["dir"] / "student_int8.onnx")
     assert art.onnx.qdq and art.precision == "int8"
     rep = run_bench(art.path, options=replace(FAST, backends=["ort-cpu"]))
     s = _result(rep, "student")
@@ -473,10 +497,10 @@ def test_fixed_batch_onnx_runs_its_batch(run):
 
 def _fake_tensorrt(monkeypatch, error: Exception):
     """A stand-in for `export.tensorrt.TrtEngine` on a machine without TensorRT or a GPU: it raises `error`."""
-    import export.bench.runners.trt as trt_runner
+    import export.tensorrt.trt as trt_runner
 
     class TrtEngine:
-        def __init__(self, engine, trust=False, device=0):
+        def __init__(self, engine, device=0):
             raise error
 
     monkeypatch.setattr(trt_runner, "cuda_skip_reason", lambda: None)  # pretend a GPU, so the engine path is taken
@@ -511,8 +535,10 @@ def test_cli_bench_prints_table_and_writes_json(run, tmp_path, monkeypatch, caps
                                       "--rounds", "1", "--max-val", "40", "--threads", "1", "--device", "cpu",
                                       "--json", str(out)])
     cli_main.main()
-    text = capsys.readouterr().out
+    said = capsys.readouterr()
+    text = said.out
     assert "spofa bench" in text and "ort-cpu" in text and "test_vit" in text
+    assert "bench plan: student.onnx" in said.err and "batches: 2" in said.err  # the plan, shown before timing
     data = json.loads(out.read_text())
     assert data["settings"]["batch_sizes"] == [2] and data["data"]["val_size"] == 40
 
@@ -535,23 +561,30 @@ def test_cli_bad_input_one_line_exit_2(run, monkeypatch, capsys, args, match):
 def test_an_int8_teacher_of_another_quantizer_is_not_reused(run, tmp_path):
     """After a ModelOpt INT8 export, an ONNX Runtime INT8 student gets its teacher quantized the same way."""
     pytest.importorskip("modelopt.onnx.quantization", reason="NVIDIA ModelOpt is not installed")
-    from export.bench.teacher import settings_differ, teacher_like
+    from export.bench.teacher import export_teacher, plan_like, settings_differ
     from export.exporter import export_model
+    from export.options import ExportOptions, GateOptions, Int8Options
 
     d = tmp_path / "r"
     d.mkdir()
     for f in ("teacher.safetensors", "teacher.json", "student.safetensors", "student.json"):
         shutil.copy(run["dir"] / f, d / f)
-    common = dict(dynamic_batch=(1, 8, 16), calib_samples=64, eval_samples=32, max_drop=0)
-    export_model(d / "teacher.safetensors", "onnx", "int8", quantizer="modelopt", **common)
-    student = resolve_artifact(export_model(d / "student.safetensors", "onnx", "int8", quantizer="ort", **common).path)
-    cached = resolve_artifact(d / "teacher.int8.onnx", role="teacher")
+
+    def int8(quantizer: str) -> ExportOptions:
+        return ExportOptions("onnx", "int8", dynamic_batch=(1, 8, 16), gate=GateOptions(max_drop=0, samples=32),
+                             int8=Int8Options(calib_samples=64, quantizer=quantizer))
+
+    export_model(d / "teacher.safetensors", int8("modelopt"))
+    student = describe(export_model(d / "student.safetensors", int8("ort")).path)
+    cached = describe(d / "teacher.int8.onnx", role="teacher")
     assert "int8.quantizer modelopt != ort" in settings_differ(cached.meta, student.meta)
 
-    notes: list[str] = []
-    teacher = teacher_like(student, d / "teacher.safetensors", notes)
-    assert teacher.meta["int8"]["quantizer"] == "ort" and settings_differ(teacher.meta, student.meta) == []
-    assert any("int8.quantizer modelopt != ort" in n and "exported again" in n for n in notes)
-    again: list[str] = []
-    assert teacher_like(student, d / "teacher.safetensors", again).path == teacher.path
-    assert any("(reused)" in n for n in again)
+    step = plan_like(student, d / "teacher.safetensors")
+    assert step.how == "export" and step.options.int8.quantizer == "ort" and step.options.out == d / "teacher.int8.onnx"
+    assert any("int8.quantizer modelopt != ort" in n and "exported again" in n for n in step.notes)
+    teacher = export_teacher(step)
+    assert teacher.how == "exported" and teacher.artifact.meta["int8"]["quantizer"] == "ort"
+    assert settings_differ(teacher.artifact.meta, student.meta) == []
+    again = plan_like(student, d / "teacher.safetensors")
+    assert again.how == "reused" and again.artifact.path == teacher.artifact.path
+    assert any("(reused)" in n for n in again.notes)

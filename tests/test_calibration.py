@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from calibration.dataset import calibration_set, load_images
 from calibration.quantize import (boundary_nodes, check_trt_qdq, high_precision_for, modelopt_problem, qdq_constants,
                                   quantize_int8, resolve_quantizer)
 from export.exporter import export_model
+from export.options import ExportOptions, GateOptions, Int8Options
 from export.onnx import ort_session
 from spofa_deploy.artifacts import save_model
 from spofa_deploy.errors import MissingDependency, UserError
@@ -110,7 +112,7 @@ def _qdq_zero_points(model) -> list[np.ndarray]:
 
 
 def test_int8_export_is_symmetric_per_channel_and_accurate(trained_student):
-    r = export_model(trained_student, "onnx", "int8", dynamic_batch=(1, 32, 64), quantizer="ort")
+    r = export_model(trained_student, ExportOptions("onnx", "int8", dynamic_batch=(1, 32, 64), int8=Int8Options(quantizer="ort")))
     assert r.path.name == "student.int8.onnx"
     model = onnx.load(str(r.path))
     onnx.checker.check_model(model)
@@ -144,7 +146,7 @@ def test_int8_export_is_symmetric_per_channel_and_accurate(trained_student):
 
 def test_quantize_ends_option_quantizes_first_conv(trained_student, tmp_path):
     meta = _meta_of(trained_student)
-    fp32 = export_model(trained_student, "onnx", dynamic_batch=(1, 8, 16), out=tmp_path / "m.onnx").path
+    fp32 = export_model(trained_student, ExportOptions("onnx", dynamic_batch=(1, 8, 16), out=tmp_path / "m.onnx")).path
     calib = calibration_set(meta, n=64)
     info = quantize_int8(fp32, tmp_path / "all.onnx", calib.images, quantizer="ort", keep_ends=False)
     assert info.excluded_nodes == []
@@ -162,7 +164,7 @@ def test_trt_check_catches_asymmetric_and_unquantized_graphs(trained_student, tm
 
     from calibration.quantize import ArrayReader
 
-    fp32 = export_model(trained_student, "onnx", dynamic_batch=(1, 8, 16), out=tmp_path / "m.onnx").path
+    fp32 = export_model(trained_student, ExportOptions("onnx", dynamic_batch=(1, 8, 16), out=tmp_path / "m.onnx")).path
     assert check_trt_qdq(onnx.load(str(fp32))) == ["no QuantizeLinear/DequantizeLinear nodes"]
     images = calibration_set(_meta_of(trained_student), n=32).images
     # ORT's defaults (uint8 activations with zero points, int32 biases) are what TensorRT refuses.
@@ -210,17 +212,19 @@ def test_quantizer_choice_by_target():
             resolve_quantizer("modelopt")
 
 
-def test_auto_falls_back_before_the_export_when_modelopt_cannot_quantize_onnx(monkeypatch):
+def test_auto_falls_back_before_the_export_when_modelopt_cannot_quantize_onnx(monkeypatch, caplog):
     """A plain nvidia-modelopt install lacks onnx_graphsurgeon: found before any export work, not after it."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnx_graphsurgeon" else real(name, *a))
     monkeypatch.setattr("calibration.quantize.modelopt_available", lambda: True)
-    notes: list[str] = []
-    assert resolve_quantizer("auto", "trt", notes) == "ort"
-    assert notes == ["--quantizer auto: ONNX Runtime's quantizer instead of ModelOpt (ModelOpt's ONNX quantizer "
-                     "needs onnx_graphsurgeon, which is not installed: pip install -U 'spofa-deploy[modelopt]' "
-                     "(or use --quantizer ort))"]
+    with caplog.at_level(logging.WARNING, logger="calibration"):
+        assert resolve_quantizer("auto", "trt") == "ort"  # a check before the export: nothing said yet
+        assert caplog.messages == []
+        assert resolve_quantizer("auto", "trt", announce=True) == "ort"  # where it quantizes: said once
+    assert caplog.messages == ["--quantizer auto: ONNX Runtime's quantizer instead of ModelOpt (ModelOpt's ONNX "
+                               "quantizer needs onnx_graphsurgeon, which is not installed: pip install -U "
+                               "'spofa-deploy[modelopt]' (or use --quantizer ort))"]
     with pytest.raises(MissingDependency, match="^--quantizer modelopt: ModelOpt's ONNX quantizer needs onnx_graphsurgeon"):
         resolve_quantizer("modelopt", "trt")
 
@@ -231,8 +235,8 @@ def test_high_precision_is_fp16_for_tensorrt_and_fp32_for_onnx_runtime():
 
 def test_modelopt_int8_is_trt_compatible(trained_student, tmp_path):
     pytest.importorskip("modelopt.onnx.quantization", reason="NVIDIA ModelOpt is not installed: pip install 'spofa-deploy[modelopt]'")
-    r = export_model(trained_student, "onnx", "int8", dynamic_batch=(1, 32, 64), quantizer="modelopt",
-                     out=tmp_path / "mo.int8.onnx", eval_samples=200)
+    r = export_model(trained_student, ExportOptions("onnx", "int8", dynamic_batch=(1, 32, 64), out=tmp_path / "mo.int8.onnx",
+                                                    int8=Int8Options(quantizer="modelopt"), gate=GateOptions(samples=200)))
     assert r.quantization["quantizer"] == "modelopt" and r.quantization["high_precision"] == "fp32"
     assert check_trt_qdq(onnx.load(str(r.path))) == []
     assert r.int8_top1 >= r.fp32_top1 - 2.0
@@ -255,8 +259,9 @@ def test_gate_refuses_an_int8_export_calibrated_on_the_wrong_images(trained_stud
     out = tmp_path / "student.int8.onnx"
     with pytest.raises(UserError, match=r"^int8 export refused: val top-1 .* PyTorch .*--max-drop 1\. Kept aside as "
                                         r"student\.int8\.refused\.onnx, not installed") as err:
-        export_model(trained_student, "onnx", "int8", dynamic_batch=(1, 32, 64), quantizer="ort", out=out,
-                     calib_data=_grey_folder(tmp_path / "grey"), eval_samples=200)
+        export_model(trained_student, ExportOptions("onnx", "int8", dynamic_batch=(1, 32, 64), out=out,
+                                                    int8=Int8Options(quantizer="ort", calib_data=_grey_folder(tmp_path / "grey")),
+                                                    gate=GateOptions(samples=200)))
     assert "\n" not in str(err.value)
     assert not out.exists() and not out.with_name(out.name + ".json").exists()
     aside = tmp_path / "student.int8.refused.onnx"
@@ -267,15 +272,16 @@ def test_gate_refuses_an_int8_export_calibrated_on_the_wrong_images(trained_stud
     assert gate["disagreement"] > 0 and gate["checked_on"].startswith("onnxruntime-cpu")
 
     # The same broken set with the gate off: installed, its drop still measured and recorded.
-    r = export_model(trained_student, "onnx", "int8", dynamic_batch=(1, 32, 64), quantizer="ort", out=out,
-                     calib_data=_grey_folder(tmp_path / "grey2"), eval_samples=200, max_drop=0)
+    r = export_model(trained_student, ExportOptions("onnx", "int8", dynamic_batch=(1, 32, 64), out=out,
+                                                    int8=Int8Options(quantizer="ort", calib_data=_grey_folder(tmp_path / "grey2")),
+                                                    gate=GateOptions(samples=200, max_drop=0)))
     assert r.path == out and out.is_file()
     assert r.gate.max_drop == 0 and r.gate.passed and r.gate.drop == pytest.approx(gate["drop"])
 
 
 def test_gate_passes_a_good_int8_export_and_records_it(trained_student, tmp_path):
-    r = export_model(trained_student, "onnx", "int8", dynamic_batch=(1, 32, 64), quantizer="ort",
-                     out=tmp_path / "s.int8.onnx", eval_samples=100)
+    r = export_model(trained_student, ExportOptions("onnx", "int8", dynamic_batch=(1, 32, 64), out=tmp_path / "s.int8.onnx",
+                                                    int8=Int8Options(quantizer="ort"), gate=GateOptions(samples=100)))
     assert r.gate.passed and r.gate.n == 100 and r.gate.drop <= 1.0
     assert r.fp32_top1 == r.gate.reference_top1 and r.int8_top1 == r.gate.top1
     side = json.loads(r.sidecar.read_text())
@@ -285,14 +291,14 @@ def test_gate_passes_a_good_int8_export_and_records_it(trained_student, tmp_path
 
 def test_gate_options_are_checked_up_front(trained_student):
     with pytest.raises(UserError, match="--max-drop must be >= 0"):
-        export_model(trained_student, "onnx", "int8", max_drop=-1)
+        export_model(trained_student, ExportOptions("onnx", "int8", gate=GateOptions(max_drop=-1)))
     with pytest.raises(UserError, match="--gate-samples must be >= 1"):
-        export_model(trained_student, "onnx", "int8", eval_samples=0)
+        export_model(trained_student, ExportOptions("onnx", "int8", gate=GateOptions(samples=0)))
 
 
 def test_int8_for_onnx_runtime_is_smaller_and_its_latency_is_reported(trained_student, tmp_path):
-    r = export_model(trained_student, "onnx", "int8", dynamic_batch=(1, 16, 64), out=tmp_path / "a.int8.onnx",
-                     eval_samples=64)
+    r = export_model(trained_student, ExportOptions("onnx", "int8", dynamic_batch=(1, 16, 64), out=tmp_path / "a.int8.onnx",
+                                                    gate=GateOptions(samples=64)))
     assert r.quantization["quantizer"] == "ort"  # auto, for ONNX Runtime: int8 weights
     p = r.payoff
     assert p["backend"] == "onnxruntime-cpu" and set(p["latency_ms"]) == {"1", "32"}

@@ -12,9 +12,11 @@ import onnx
 import pytest
 import torch
 
+from export.artifact import describe
 from export.exporter import export_model
 from export.formats import FORMATS, artifact_name, format_for_path, get_format
 from export.onnx import ort_session
+from export.options import ExportOptions, GateOptions, Int8Options, ParityOptions, TrtOptions
 from export.tensorrt import TrtEngine, check_engine_meta
 from spofa_deploy.artifacts import load_model, mark_latest, save_model
 from spofa_deploy.errors import MissingDependency, UserError
@@ -69,7 +71,7 @@ def _torch_logits(path: Path, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("model_name", ["test_resnet", "mobilenetv3_small_050"])
 def test_onnx_export_two_families(tmp_path, model_name):
     src = _save(tmp_path, "student", model_name, "student")
-    r = export_model(src, "onnx")
+    r = export_model(src, ExportOptions("onnx"))
 
     assert r.path == tmp_path / "student.onnx" and r.path.is_file()
     model = onnx.load(str(r.path))
@@ -95,7 +97,7 @@ def test_onnx_export_two_families(tmp_path, model_name):
 
 
 def test_dynamic_batch_runs_batch_1_and_7(student):
-    r = export_model(student, "onnx", dynamic_batch=(1, 4, 8))
+    r = export_model(student, ExportOptions("onnx", dynamic_batch=(1, 4, 8)))
     dim0 = onnx.load(str(r.path)).graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param and not dim0.dim_value
     assert json.loads(r.sidecar.read_text())["batch"] == {"min": 1, "opt": 4, "max": 8, "dynamic": True}
@@ -109,7 +111,7 @@ def test_dynamic_batch_runs_batch_1_and_7(student):
 
 
 def test_fixed_batch_graph_rejects_other_batches(student):
-    r = export_model(student, "onnx", batch=2)
+    r = export_model(student, ExportOptions("onnx", batch=2))
     session = ort_session(r.path)
     assert session.run(["logits"], {"images": np.zeros((2, 3, SIZE, SIZE), np.float32)})[0].shape == (2, 10)
     with pytest.raises(Exception, match="(?i)dimension|shape"):
@@ -117,7 +119,7 @@ def test_fixed_batch_graph_rejects_other_batches(student):
 
 
 def test_teacher_export_keeps_layernorm_one_node(run_dir, tmp_path):
-    r = export_model(run_dir / "student.safetensors", "onnx", teacher=True, out=tmp_path)
+    r = export_model(run_dir / "student.safetensors", ExportOptions("onnx", out=tmp_path), teacher=True)
     assert r.path == tmp_path / "teacher.onnx"
     ops = [n.op_type for n in onnx.load(str(r.path)).graph.node]
     assert ops.count("LayerNormalization") >= 2  # opset 17: one node per LayerNorm, not a decomposed chain
@@ -139,78 +141,78 @@ def test_no_source_exports_the_latest_run(tmp_path, monkeypatch, run_dir, where)
     monkeypatch.chdir(tmp_path)
     mark_latest(old)
     mark_latest(run)
-    r = export_model(None, "onnx")
+    r = export_model(None, ExportOptions("onnx"))
     assert r.path.resolve() == (run / "student.onnx").resolve()
     assert not (old / "student.onnx").exists()
 
 
 def test_slim_off_and_on_keep_parity(student):
-    plain = export_model(student, "onnx", slim=False, out=student.parent / "plain.onnx")
+    plain = export_model(student, ExportOptions("onnx", slim=False, out=student.parent / "plain.onnx"))
     assert json.loads(plain.sidecar.read_text())["slim"] is False
     if importlib.util.find_spec("onnxslim"):
-        slim = export_model(student, "onnx", slim=True)
+        slim = export_model(student, ExportOptions("onnx", slim=True))
         assert json.loads(slim.sidecar.read_text())["slim"] is True
         assert slim.parity.max_abs_err < 1e-4
 
 
 def test_dynamo_exporter_switch(student):
-    r = export_model(student, "onnx", exporter="dynamo", dynamic_batch=(1, 2, 8))
+    r = export_model(student, ExportOptions("onnx", exporter="dynamo", dynamic_batch=(1, 2, 8)))
     assert r.opset >= 18 and r.parity.max_abs_err < 1e-4
     assert _files(student.parent) == {"student.safetensors", "student.json", "student.onnx", "student.onnx.json"}
 
 
 # ------------------------------------------------------------------------------------ bad input
 
-def _refused(folder: Path, match: str, *args, **kwargs) -> UserError:
+def _refused(folder: Path, match: str, source, options: ExportOptions) -> UserError:
     before = _files(folder)
     with pytest.raises(UserError, match=match) as info:
-        export_model(*args, **kwargs)
+        export_model(source, options)
     assert _files(folder) == before, "a failed export left files behind"
     return info.value
 
 
 def test_refuses_student_without_metadata(student):
     (student.parent / "student.json").unlink()
-    _refused(student.parent, "no sidecar", student, "onnx")
+    _refused(student.parent, "no sidecar", student, ExportOptions("onnx"))
 
 
 def test_refuses_metadata_of_another_model(student):
     side = student.parent / "student.json"
     meta = json.loads(side.read_text())
     side.write_text(json.dumps({**meta, "model": "mobilenetv3_small_050"}))
-    _refused(student.parent, "does not match mobilenetv3_small_050", student, "onnx")
+    _refused(student.parent, "does not match mobilenetv3_small_050", student, ExportOptions("onnx"))
 
 
 def test_refuses_unknown_format_with_suggestion(student):
-    _refused(student.parent, "did you mean 'onnx'", student, "onnxx")
+    _refused(student.parent, "did you mean 'onnx'", student, ExportOptions("onnxx"))
 
 
 def test_refuses_unknown_precision_with_suggestion(student):
-    _refused(student.parent, "did you mean 'fp16'", student, "onnx", "fp61")
+    _refused(student.parent, "did you mean 'fp16'", student, ExportOptions("onnx", "fp61"))
 
 
 def test_refuses_precision_the_format_lacks(student):
-    _refused(student.parent, "does not support bf16", student, "onnx", "bf16")
+    _refused(student.parent, "does not support bf16", student, ExportOptions("onnx", "bf16"))
 
 
 def test_refuses_int8_without_calibration_data(student):
-    _refused(student.parent, "calibration images", student, "onnx", "int8",
-             calib_data=f"imagefolder:{student.parent / 'no-such-folder'}")
+    _refused(student.parent, "calibration images", student,
+             ExportOptions("onnx", "int8", int8=Int8Options(calib_data=f"imagefolder:{student.parent / 'no-such-folder'}")))
     side = student.parent / "student.json"
     side.write_text(json.dumps({k: v for k, v in json.loads(side.read_text()).items() if k != "data"}))
-    _refused(student.parent, "--calib-data", student, "onnx", "int8")
+    _refused(student.parent, "--calib-data", student, ExportOptions("onnx", "int8"))
 
 
 def test_refuses_output_in_missing_folder(student):
-    _refused(student.parent, "does not exist", student, "onnx", out=student.parent / "nope" / "m.onnx")
+    _refused(student.parent, "does not exist", student, ExportOptions("onnx", out=student.parent / "nope" / "m.onnx"))
 
 
 def test_refuses_existing_output_unless_forced(student):
-    first = export_model(student, "onnx")
+    first = export_model(student, ExportOptions("onnx"))
     stamp = first.path.stat().st_mtime_ns
-    _refused(student.parent, "--force", student, "onnx")
+    _refused(student.parent, "--force", student, ExportOptions("onnx"))
     assert first.path.stat().st_mtime_ns == stamp
-    again = export_model(student, "onnx", force=True, dynamic_batch="1:2:4")
+    again = export_model(student, ExportOptions("onnx", force=True, dynamic_batch="1:2:4"))
     assert json.loads(again.sidecar.read_text())["batch"]["dynamic"] is True
 
 
@@ -224,21 +226,21 @@ def test_refuses_existing_output_unless_forced(student):
 def test_refuses_bad_options(student, kwargs, match):
     if "out" in kwargs:
         kwargs = {**kwargs, "out": student.parent / kwargs["out"]}
-    _refused(student.parent, match, student, "onnx", **kwargs)
+    _refused(student.parent, match, student, ExportOptions("onnx", **kwargs))
 
 
 def test_refuses_exported_artifact_as_source(student):
-    r = export_model(student, "onnx")
-    _refused(student.parent, "already an exported onnx", r.path, "onnx")
+    r = export_model(student, ExportOptions("onnx"))
+    _refused(student.parent, "already an exported onnx", r.path, ExportOptions("onnx"))
 
 
 def test_parity_failure_writes_nothing(student):
-    err = _refused(student.parent, "differs from PyTorch", student, "onnx", parity_atol=1e-12, parity_rtol=0.0)
+    err = _refused(student.parent, "differs from PyTorch", student, ExportOptions("onnx", parity=ParityOptions(atol=1e-12, rtol=0.0)))
     assert "nothing written" in str(err)
 
 
 def test_batch_and_dynamic_batch_together_are_refused(student):
-    _refused(student.parent, "not both", student, "onnx", batch=4, dynamic_batch="1:4:8")
+    _refused(student.parent, "not both", student, ExportOptions("onnx", batch=4, dynamic_batch="1:4:8"))
 
 
 def _scaled_classifier(src: Path, factor: float) -> Path:
@@ -257,7 +259,7 @@ def _scaled_classifier(src: Path, factor: float) -> Path:
 def test_parity_scales_with_large_logits(student):
     """Logits ~1e4: fp32 rounding alone gives absolute errors above 1e-3, which must not refuse a valid model."""
     big = _scaled_classifier(student, 3e4)
-    r = export_model(big, "onnx", force=True)
+    r = export_model(big, ExportOptions("onnx", force=True))
     p = r.parity
     assert p.logit_scale > 1e3 and p.passed and p.decisive_disagreements == 0 and p.top1_agreement == 100.0
     assert p.max_rel_err < 1e-5  # fp32 precision, relative to the logits' scale
@@ -267,9 +269,9 @@ def test_parity_scales_with_large_logits(student):
 
 def test_a_real_mismatch_fails_parity(student, monkeypatch):
     """A graph that is really another model (one weight changed before export) is refused, not rounded away."""
-    from export import onnx as onnx_export
+    from export.onnx import graph
 
-    real = onnx_export.export_onnx
+    real = graph.export_onnx
 
     def tampered(model, path, **kw):
         twin = copy.deepcopy(model)
@@ -277,13 +279,13 @@ def test_a_real_mismatch_fails_parity(student, monkeypatch):
             twin.get_classifier().bias[0] += 0.5
         return real(twin, path, **kw)
 
-    monkeypatch.setattr(onnx_export, "export_onnx", tampered)
-    err = _refused(student.parent, "differs from PyTorch beyond tolerance", student, "onnx")
+    monkeypatch.setattr(graph, "export_onnx", tampered)
+    err = _refused(student.parent, "differs from PyTorch beyond tolerance", student, ExportOptions("onnx"))
     assert "logit scale" in str(err) and "nothing written" in str(err)
 
 
 def test_compare_logits_judges_scale_and_decisive_flips():
-    from export.onnx import compare_logits
+    from export.parity import compare_logits
 
     ref = np.array([[1e4, 0.0, -1e4], [1.0, 0.9999, 0.0]])
     ok = compare_logits(ref, ref + np.array([[0.5, 0.0, -0.5], [0.0, 0.0, 0.0]]), "random")
@@ -310,6 +312,20 @@ def test_formats_table_drives_names_and_lookup():
         get_format("torch")  # a row, but not something `spofa export` produces
 
 
+def test_every_format_has_a_home_with_the_one_protocol():
+    """Each row of the table names a home that exports, describes and runs that format, by the same four
+    functions (export.formats): adding a format is one home and one row."""
+    import inspect
+
+    protocol = {"check_export": ["options"], "export": ["job"], "describe": ["path", "trust"],
+                "runner": ["art", "backend", "device", "precision", "options"]}
+    for fmt in FORMATS.values():
+        for name, params in protocol.items():
+            fn = getattr(fmt.home, name, None)
+            assert callable(fn), f"{fmt.module} has no {name}()"
+            assert list(inspect.signature(fn).parameters) == params, f"{fmt.module}.{name}{inspect.signature(fn)}"
+
+
 # ------------------------------------------------------------------------------------ CLI
 
 def test_cli_export_prints_summary(student):
@@ -328,22 +344,102 @@ def test_cli_export_prints_summary(student):
     assert isinstance(bad.exception, UserError)
 
 
+# Per command: its arguments, the library function it calls, and a valid non-default value of each flag that
+# takes one and that a made-up value would not pass (the CLI checks these before the call).
+FLAG_CASES = {
+    "export": (["export", "--format", "onnx"], "export.exporter:export_model",
+               {"--format": "pt2", "--precision": "fp16", "--dynamic-batch": "1:2:4", "--role": "teacher",
+                "--device": "cuda", "--quantizer": "modelopt"}),
+    "bench": (["bench", "student.onnx"], "export.bench.run:run_bench",
+              {"--backend": "ort-cpu", "--batch": "2,4", "--precision": "fp16", "--device": "cpu",
+               "--teacher-backend": "ort-cpu"}),
+}
+
+
+def _recorded_call(spofa, monkeypatch, target: str, args: list[str]):
+    """The arguments `spofa ARGS` passes to `target` ("module:function"), replaced by a recorder."""
+    import dataclasses
+    import importlib
+
+    calls = []
+
+    def record(*a, **k):
+        calls.append(repr([dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in (*a, *k.values())]))
+
+    module, name = target.split(":")
+    monkeypatch.setattr(importlib.import_module(module), name, record)
+    monkeypatch.setattr("cli.bench_table.print_report", lambda report: None)
+    monkeypatch.setattr("cli.cmd_export._print_result", lambda result: None)
+    monkeypatch.setattr("spofa_deploy.machine.oversubscribed", lambda: None)
+    r = spofa(*args)
+    assert len(calls) == 1, f"spofa {' '.join(args)} did not reach {target}: {r}"
+    return calls[0]
+
+
+def _non_default(option, kind: type, values: dict, tmp_path: Path) -> list[str]:
+    """The command-line words that give `option` (of Python type `kind`) a value other than its default."""
+    flag = option.opts[0]
+    if option.is_flag:
+        return [option.secondary_opts[0] if option.default is True and option.secondary_opts else flag]
+    if flag in values:
+        return [flag, values[flag]]
+    if kind is Path:
+        return [flag, str(tmp_path / f"{option.name}.out")]
+    if kind in (int, float):
+        return [flag, str((option.default or 0) + 3)]
+    return [flag, f"{option.name}-value"]
+
+
+def _kind(hint) -> type:
+    """`int` of `Annotated[Optional[int], ...]`."""
+    import typing
+
+    base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+    args = [a for a in typing.get_args(base) if a is not type(None)]
+    return args[0] if typing.get_origin(base) is typing.Union and len(args) == 1 else base
+
+
+@pytest.mark.parametrize("command", sorted(FLAG_CASES))
+def test_every_flag_reaches_the_library(command, spofa, monkeypatch, tmp_path):
+    """Each flag of `spofa export` / `spofa bench`, given alone with a non-default value, changes what the
+    library call receives: a flag that reaches no field fails here."""
+    import importlib
+    import typing
+
+    import typer.main
+
+    from cli.main import app
+
+    base, target, values = FLAG_CASES[command]
+    hints = typing.get_type_hints(getattr(importlib.import_module(f"cli.cmd_{command}"), command), include_extras=True)
+    baseline = _recorded_call(spofa, monkeypatch, target, base)
+    options = [p for p in typer.main.get_command(app).commands[command].params
+               if p.param_type_name == "option" and p.name != "help"]
+    assert len(options) >= 15
+    for option in options:
+        words = _non_default(option, _kind(hints[option.name]), values, tmp_path)
+        got = _recorded_call(spofa, monkeypatch, target, [*base, *words])
+        assert got != baseline, f"spofa {command} {option.opts[0]} reaches no field of {target}"
+
+
 # ------------------------------------------------------------------------------------ TensorRT
 
 def test_trt_missing_is_one_clear_error(student):
     if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
         pytest.skip("TensorRT and a GPU are present: the build test covers this machine")
-    err = _refused(student.parent, "TensorRT|GPU", student, "trt", "fp16")
+    err = _refused(student.parent, "TensorRT|GPU", student, ExportOptions("trt", "fp16"))
     assert isinstance(err, MissingDependency)
     if importlib.util.find_spec("tensorrt") is None:
         assert "pip install 'spofa-deploy[trt]'" in str(err)
 
 
 def test_engine_without_sidecar_is_refused(tmp_path):
+    from export import tensorrt
+
     engine = tmp_path / "x.engine"
     engine.write_bytes(b"not an engine")
     with pytest.raises(UserError, match="no sidecar"):
-        TrtEngine(engine)
+        tensorrt.describe(engine)
 
 
 def test_engine_from_other_tensorrt_or_gpu_is_refused(tmp_path):
@@ -371,7 +467,8 @@ def test_trt_engine_build_and_run(trt_ready, student, tmp_path, precision):
     if precision in ("fp16", "bf16") and trt_export.strongly_typed(precision) and importlib.util.find_spec("modelopt") is None:
         pytest.skip(f"{precision} on a strongly typed TensorRT needs ModelOpt AutoCast")
     cache = tmp_path / "timing.cache"
-    r = export_model(student, "trt", precision, dynamic_batch=(1, 4, 8), timing_cache=cache, calib_samples=64)
+    r = export_model(student, ExportOptions("trt", precision, dynamic_batch=(1, 4, 8), int8=Int8Options(calib_samples=64),
+                                            trt=TrtOptions(timing_cache=cache)))
     assert r.path.suffix == ".engine" and r.onnx_path.is_file() and cache.is_file()
     side = json.loads(r.sidecar.read_text())
     assert {"tensorrt", "gpu", "compute_capability"} <= set(side) and side["format"] == "trt"
@@ -388,8 +485,8 @@ def test_trt_engine_build_and_run(trt_ready, student, tmp_path, precision):
         runner(torch.randn(9, 3, SIZE, SIZE).cuda())
     os.remove(r.sidecar)
     with pytest.raises(UserError, match="no sidecar"):
-        TrtEngine(r.path)
-    assert TrtEngine(r.path, trust=True).max_batch == 8
+        describe(r.path)
+    assert describe(r.path, trust=True).batch_range == (1, 8)
 
 
 @pytest.mark.gpu
@@ -398,7 +495,7 @@ def test_onnx_matches_cuda_pytorch(student, tmp_path):
     from export.onnx import run_onnx
     from spofa_deploy.artifacts import load_model
 
-    r = export_model(student, "onnx", dynamic_batch=(1, 4, 8), out=tmp_path / "s.onnx")
+    r = export_model(student, ExportOptions("onnx", dynamic_batch=(1, 4, 8), out=tmp_path / "s.onnx"))
     model, _ = load_model(student)
     model = model.cuda().eval()
     x = torch.randn(7, 3, SIZE, SIZE)
@@ -418,33 +515,47 @@ def test_bf16_engine_is_checked_on_the_engine_not_in_ort_cpu(student, monkeypatc
     check the built engine instead. TensorRT is not installable here, so its two calls (build, run)
     are stood in for; the AutoCast conversion and everything around it are real."""
     pytest.importorskip("modelopt.onnx.autocast", reason="NVIDIA ModelOpt is not installed")
-    from export import exporter
-    from export import onnx as onnx_export
-    from export import tensorrt as trt_export
+    import export.tensorrt as trt_home
+    from export.onnx import graph
+    from export.parity import torch_logits
+    from export.runner import Runner
 
     opened: list[str] = []
-    real_session = onnx_export.ort_session
+    real_session = graph.ort_session
 
     def recording_session(path, **kw):
         opened.append(Path(path).name)
         return real_session(path, **kw)
 
     def fake_build(onnx_path, engine_path, precision, batch, **kw):
-        graph = onnx.load(str(onnx_path))
-        fake_build.opset = onnx_export.model_opset(graph)
+        graph_ = onnx.load(str(onnx_path))
+        fake_build.opset = graph.model_opset(graph_)
         Path(engine_path).write_bytes(b"stand-in engine")
         return {"tensorrt": "11.0.0", "gpu": "NVIDIA H200", "compute_capability": "9.0", "build_seconds": 0.1}
 
     model, _ = load_model(student)
-    monkeypatch.setattr(onnx_export, "ort_session", recording_session)
-    monkeypatch.setattr(exporter, "_check_dependencies", lambda *a, **k: None)
-    monkeypatch.setattr(trt_export, "onnx_precision_for", lambda p: p)  # TensorRT 11: strongly typed
-    monkeypatch.setattr(trt_export, "build_engine", fake_build)
-    monkeypatch.setattr(trt_export, "engine_logits",
-                        lambda path, images, trust=False: trust and onnx_export.torch_logits(model, images))
-    monkeypatch.setattr(trt_export, "engine_predictor",
-                        lambda path, trust=False: lambda images: onnx_export.torch_logits(model, images))
-    r = export_model(student, "trt", "bf16", eval_samples=64)
+
+    class StandIn(Runner):
+        """The engine's runner, stood in for by PyTorch itself."""
+
+        def __init__(self, art):
+            super().__init__(**self.of_artifact(art), backend="trt", device="cuda")
+
+        def _load(self):
+            pass
+
+        def _prepare(self, batch):
+            raise NotImplementedError
+
+        def _infer(self, x):
+            return torch.from_numpy(torch_logits(model, x.numpy()))
+
+    monkeypatch.setattr(graph, "ort_session", recording_session)
+    monkeypatch.setattr(trt_home, "check_export", lambda options: None)
+    monkeypatch.setattr(trt_home, "onnx_precision_for", lambda p: p)  # TensorRT 11: strongly typed
+    monkeypatch.setattr(trt_home, "build_engine", fake_build)
+    monkeypatch.setattr(trt_home, "TrtRunner", StandIn)
+    r = export_model(student, ExportOptions("trt", "bf16", gate=GateOptions(samples=64)))
     assert fake_build.opset >= 22  # the real bf16 AutoCast graph was built from
     assert opened == ["fp32.onnx"]  # ORT CPU ran the fp32 graph only, never the bf16 one
     assert r.parity is None and r.parity_engine.passed and "H200" in r.parity_engine.checked_on

@@ -68,15 +68,17 @@ def _client_top1(onnx_path: Path, folder: Path) -> tuple[float, list[np.ndarray]
 @pytest.mark.parametrize("size", [32, 64])
 def test_a_client_reading_only_the_sidecar_reproduces_the_recorded_top1(folder: Path, tmp_path: Path, size: int) -> None:
     from export.exporter import export_model
+    from export.options import ExportOptions, ParityOptions
     from spofa_deploy.artifacts import read_model_meta
-    from spofa_deploy.pipeline import DataOptions, TeacherOptions, train_teacher
+    from spofa_deploy.data.splits import DataOptions
+    from spofa_deploy.teacher.stage import TeacherOptions, train_teacher
     from spofa_deploy.train.loop import TrainConfig
 
     opts = TeacherOptions(name="test_resnet", pretrained=False,
                           train=TrainConfig(epochs=2, lr=3e-3, batch_size=16, optimizer="adamw", workers=0, device="cpu"))
     model = train_teacher(teacher=opts, data=DataOptions(f"imagefolder:{folder}", size), out=tmp_path / "run")
     recorded = read_model_meta(model)
-    onnx_path = export_model(model, "onnx", out=tmp_path / "model.onnx", parity_samples=8).path
+    onnx_path = export_model(model, ExportOptions("onnx", out=tmp_path / "model.onnx", parity=ParityOptions(samples=8))).path
     side = json.loads(Path(str(onnx_path) + ".json").read_text())
     assert (side["crop_pct"], side["crop_mode"]) == ((1.0, "squash") if size < 64 else (recorded["crop_pct"], "center"))
 

@@ -14,11 +14,11 @@ import pytest
 import timm
 import torch
 
-from export.bench.runners import Pt2Runner, TorchRunner, check_compile_mode
-from export.bench.target import Artifact
+from export.artifact import Artifact, BatchProfile
 from export.bench.timing import TimingOptions, measure
-from export.onnx import BatchProfile, torch_logits
-from export.pt2 import check_pt2_meta, export_pt2, load_pt2, package_facts, parity_pt2, read_pt2_meta
+from export.parity import compare_logits, torch_logits
+from export.pt2 import Pt2Runner, check_package, check_pt2_meta, describe, export_pt2, load_pt2, package_facts
+from export.pytorch import TorchRunner, check_compile_mode
 from spofa_deploy.artifacts import file_digest, sidecar_path, write_json
 from spofa_deploy.errors import MissingDependency, UserError
 
@@ -100,7 +100,9 @@ def test_parity_against_eager(which, dynamic_pkg, fixed_pkg, model):
     b = meta["batch"]
     profile = BatchProfile(b["min"], b["opt"], b["max"], b["dynamic"])
     images = _images(13)  # 13: chunks of the max batch plus a short (padded) last one
-    p = parity_pt2(torch_logits(model, images), path, images, profile, "random")
+    with Pt2Runner(_artifact(path, meta)) as runner:
+        assert runner.batch_range == (profile.min, profile.max)
+        p = compare_logits(torch_logits(model, images), runner.logits(images), "random", checked_on="aoti-cpu")
     assert p.passed and p.n == 13 and p.top1_agreement == 100.0 and p.max_abs_err < 1e-4
     assert p.checked_on.startswith("aoti-cpu")
 
@@ -150,7 +152,7 @@ def test_other_torch_version_is_refused_with_both_named(dynamic_pkg):
         check_pt2_meta({**meta, "torch": "2.0.1"}, path)
     assert torch.__version__ in str(e.value)
     with pytest.raises(UserError, match="2.0.1"):
-        Pt2Runner(_artifact(path, {**meta, "torch": "2.0.1"}))
+        check_package(path, {**meta, "torch": "2.0.1"})
     # Another build of the same release (+cpu vs +cu130) runs a CPU package.
     check_pt2_meta({**meta, "torch": torch.__version__.split("+")[0] + "+cpu"}, path)
 
@@ -166,7 +168,7 @@ def test_other_device_is_refused_with_both_named(dynamic_pkg):
         check_pt2_meta(cuda_meta, path, here={"torch": torch.__version__, "device": "cuda", "gpu": "RTX 3090",
                                               "compute_capability": "8.6"})
     with pytest.raises(UserError, match="sidecar does not belong"):  # the package itself says cpu
-        Pt2Runner(_artifact(path, cuda_meta))
+        check_package(path, cuda_meta)
 
 
 def test_package_for_a_richer_cpu_is_refused(dynamic_pkg):
@@ -183,11 +185,12 @@ def test_missing_sidecar_is_refused_unless_trusted(dynamic_pkg, tmp_path):
     bare = tmp_path / "bare.pt2"
     shutil.copy(path, bare)
     with pytest.raises(UserError, match="no sidecar bare.pt2.json.*--trust"):
-        read_pt2_meta(bare)
-    trusted = read_pt2_meta(bare, trust=True)
-    assert trusted["trusted_without_sidecar"] and trusted["img_size"] == IMG and trusted["num_classes"] == CLASSES
-    assert trusted["batch"] == meta["batch"] and trusted["torch"] == torch.__version__
-    assert read_pt2_meta(path)["compile_seconds"] == meta["compile_seconds"]
+        describe(bare)
+    trusted = describe(bare, trust=True)
+    assert trusted.trusted and trusted.img_size == IMG and trusted.meta["num_classes"] == CLASSES
+    assert trusted.meta["batch"] == meta["batch"] and trusted.meta["torch"] == torch.__version__
+    assert trusted.batch_range == (meta["batch"]["min"], meta["batch"]["max"])
+    assert describe(path).meta["compile_seconds"] == meta["compile_seconds"]
 
 
 def test_missing_compiler_is_a_missing_dependency_before_any_work(monkeypatch, tmp_path):
@@ -202,7 +205,7 @@ def test_missing_compiler_is_a_missing_dependency_before_any_work(monkeypatch, t
 
 
 def test_reduced_precision_on_a_cpu_without_its_arithmetic_is_flagged(monkeypatch):
-    import export.pt2 as pt2
+    import export.pt2.package as pt2
 
     monkeypatch.setattr(pt2, "_cpu_flags", lambda: {"avx2", "fma"})
     assert "no native bf16" in pt2._precision_warnings("bf16", "cpu")[0]

@@ -9,7 +9,6 @@ by the `trt`/`gpu` tests in tests/test_export.py, which skip here.
 """
 from __future__ import annotations
 
-import json
 import contextlib
 import sys
 from pathlib import Path
@@ -19,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-import export.bench.runners.trt as trt_runner
 import export.tensorrt as trt_export
-from export.bench.target import Artifact
-from export.onnx import BatchProfile
+import export.tensorrt.build as trt_build
+import export.tensorrt.trt as trt_runner
+from export.artifact import Artifact, BatchProfile
+from export.runner import Runner
 
 SHAPE = (3, 8, 8)
 CLASSES = 10
@@ -165,16 +165,16 @@ def use_trt(monkeypatch):
     def install(version: str, *, autocast: bool = True, **kw) -> SimpleNamespace:
         trt = _fake_trt(version, **kw)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
-        trt_export.trt_version.cache_clear()
-        monkeypatch.setattr(trt_export, "_autocast_available", lambda: autocast)
-        monkeypatch.setattr(trt_export, "require_gpu", lambda: None)
+        trt_build.trt_version.cache_clear()
+        monkeypatch.setattr(trt_build, "_autocast_available", lambda: autocast)
+        monkeypatch.setattr(trt_build, "require_gpu", lambda: None)
         h100 = {"gpu": "NVIDIA H100", "compute_capability": "9.0"}
-        monkeypatch.setattr(trt_export, "gpu_info", lambda device=0: h100)
+        monkeypatch.setattr(trt_build, "gpu_info", lambda device=0: h100)
         monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
         return trt
 
     yield install
-    trt_export.trt_version.cache_clear()  # the fake version must not outlive the test
+    trt_build.trt_version.cache_clear()  # the fake version must not outlive the test
 
 
 def _build(tmp_path: Path, precision: str, cache: Path | None = None) -> dict:
@@ -261,7 +261,7 @@ def _engine(use_trt, tmp_path) -> trt_export.TrtEngine:
     use_trt("10.16.1")
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"plan")
-    return trt_export.TrtEngine(engine, trust=True)
+    return trt_export.TrtEngine(engine)
 
 
 def test_trtengine_binds_once_per_batch(use_trt, tmp_path):
@@ -287,15 +287,13 @@ def test_trtengine_binds_once_per_batch(use_trt, tmp_path):
 def test_trt_runner_timed_call_only_enqueues(use_trt, tmp_path, monkeypatch):
     r = _engine(use_trt, tmp_path)  # installs the fake; TrtRunner builds its own TrtEngine on it
     monkeypatch.setattr(trt_runner, "cuda_skip_reason", lambda: None)
-    art = Artifact(path=tmp_path / "m.engine", format="trt", precision="fp16", size_bytes=4, batch_range=(1, 8),
+    art = Artifact(path=tmp_path / "m.engine", format="trt", precision="fp16", size_bytes=4, batch_range=(1, 4),
                    meta={"model": "m", "num_classes": CLASSES, "img_size": SHAPE[1], "in_chans": SHAPE[0]})
-    sidecar = trt_export.sidecar_path(art.path)
-    from spofa_deploy.artifacts import file_digest
-
-    sidecar.write_text(json.dumps({"format": "trt", **file_digest(art.path)}))  # the engine's own digest: trusted
     monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: SimpleNamespace(cuda_stream=11))
     er = trt_runner.TrtRunner(art)
-    assert er.batch_range == (1, 8) and er._engine is not r
+    assert er._engine is None  # made, not loaded: the engine loads as the runner is activated
+    er.activate()
+    assert er.batch_range == (1, 8) and er._engine is not r  # the engine's own profile
     ctx = er._engine.context
     x_dev = torch.zeros(8, *SHAPE)
     compute, out = er._compute(x_dev, 11)
@@ -312,30 +310,36 @@ def test_trt_runner_timed_call_only_enqueues(use_trt, tmp_path, monkeypatch):
     assert ctx.calls["set_tensor_address"] == 4 and ctx.calls["set_input_shape"] == 1
 
 
-# ----------------------------------------------------------------------------- engine_logits
+# ----------------------------------------------------------------------------- Runner.logits
 
-class _EchoRunner:
-    """A TrtEngine stand-in whose logits are the first pixels of each image (so order is checkable)."""
+class _EchoRunner(Runner):
+    """A runner of batch range lo..hi whose logits are the first pixels of each image (so order is checkable)."""
 
     def __init__(self, lo: int, hi: int):
-        self.min_batch, self.max_batch, self.device, self.batches = lo, hi, "cpu", []
+        super().__init__(name="echo", backend="trt", precision="fp32", device="cpu", size_bytes=None,
+                         input_shape=SHAPE, batch_range=(lo, hi))
+        self.batches = []
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.min_batch <= len(x) <= self.max_batch
+    def _load(self):
+        pass
+
+    def _prepare(self, batch):
+        raise NotImplementedError
+
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.batch_range[0] <= len(x) <= self.batch_range[1]
         self.batches.append(len(x))
         return x.flatten(1)[:, :CLASSES]
 
 
 @pytest.mark.parametrize("lo, hi, expected", [(3, 3, [3, 3, 3]), (1, 8, [4, 3]), (4, 16, [4, 4]), (8, 8, [8])])
-def test_engine_logits_pads_to_the_profile_and_drops_the_padding(monkeypatch, lo, hi, expected):
+def test_logits_pad_to_the_batch_range_and_drop_the_padding(lo, hi, expected):
+    """How an export's parity check runs an engine (or any runner) on any number of images."""
     images = np.random.default_rng(0).standard_normal((7, *SHAPE)).astype(np.float32)
     runner = _EchoRunner(lo, hi)
-    monkeypatch.setattr(trt_export, "TrtEngine", lambda path, trust=False: runner)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: None)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    out = trt_export.engine_logits(Path("m.engine"), images, trust=True, chunk=4)
+    out = runner.logits(images, chunk=4)
     np.testing.assert_array_equal(out, images.reshape(7, -1)[:, :CLASSES])
-    assert runner.batches == expected
+    assert runner.batches == expected and runner.active
 
 
 # ----------------------------------------------------------------------------- profiles, TF32, CUDA graphs
@@ -360,7 +364,7 @@ def test_two_profiles_opt_1_and_the_large_batch_and_tf32_recorded(use_trt, tmp_p
                                    tf32=False)
     assert [p["opt"] for p in meta["profiles"]] == [1, 256] and meta["profile_choice"].startswith("per batch")
     assert meta["tf32"] is False and cleared == ["TF32"]
-    assert trt_export.profile_opts(BatchProfile.fixed(4)) == [4]
+    assert trt_build.profile_opts(BatchProfile.fixed(4)) == [4]
 
 
 def test_engine_switches_to_the_nearest_profile(use_trt, tmp_path, monkeypatch):

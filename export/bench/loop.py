@@ -12,11 +12,23 @@ import numpy as np
 import torch
 
 from export.bench.report import Accuracy, BatchResult, VariantResult
-from export.bench.runners import Runner
-from export.bench.timing import LatencyStats, TimedStep, TimingOptions, measure
+from export.bench.timing import LatencyStats, TimingOptions, measure
 from export.bench.variants import Candidate
+from export.runner import BackendUnavailable, Runner, TimedStep
 from spofa_deploy.accuracy import topk_correct
 from spofa_deploy.errors import UserError
+
+
+def activate(candidates: list[Candidate]) -> None:
+    """Load every candidate's runner; one whose backend turns out to be missing here is skipped with the reason."""
+    for c in candidates:
+        if c.runner is None:
+            continue
+        try:
+            c.runner.activate()
+        except BackendUnavailable as e:
+            c.result.status, c.result.reason = "skipped", str(e)
+            c.runner = None
 
 
 def evaluate(runner: Runner, dataset, batch_size: int, progress=None, task=None) -> Accuracy:
@@ -125,7 +137,7 @@ def _evaluate_all(live: list[Candidate], eval_batch: int, prog) -> None:
 
 def bench_runners(candidates: list[Candidate], *, batch_sizes: list[int], timing: TimingOptions,
                   eval_batch: int = 64, progress: bool = True) -> list[VariantResult]:
-    """Time and evaluate prepared candidates; fills and returns their `VariantResult`s.
+    """Time and evaluate the candidates (their runners active: `activate`); fills and returns their `VariantResult`s.
 
     Raises:
         UserError: a batch size a runner does not accept, or a runner's own UserError.
@@ -136,11 +148,15 @@ def bench_runners(candidates: list[Candidate], *, batch_sizes: list[int], timing
     live = [c for c in candidates if c.runner is not None]
     prog = make_progress(transient=True)
     prog.disable = not progress
-    with prog:
-        task = prog.add_task("timing", total=len(live) * len(batch_sizes) * timing.rounds, info="")
-        for b in batch_sizes:
-            _time_batch(live, b, timing, prog, task)
-        _evaluate_all(live, eval_batch, prog)
+    try:
+        with prog:
+            task = prog.add_task("timing", total=len(live) * len(batch_sizes) * timing.rounds, info="")
+            for b in batch_sizes:
+                _time_batch(live, b, timing, prog, task)
+            _evaluate_all(live, eval_batch, prog)
+    finally:
+        for c in live:
+            c.runner.deactivate()
     _pair(candidates)
     return [c.result for c in candidates]
 

@@ -1,69 +1,99 @@
-"""The teacher `spofa bench` compares a student with: the run's own, exported like the student.
+"""The teacher `spofa bench` compares a student with, and how it is obtained (`TeacherStep`).
 
-`teacher_artifact` finds it (`--teacher`, or the `teacher_file` of the student's run); for an
-exported student, `teacher_like` exports the teacher the same way (format, precision, batch
-profile) and caches it beside the student, so both run on one backend.
+`plan_teacher` finds it (`--teacher`, or the `teacher_file` of the student's run). For an exported
+student the teacher is exported the same way (format, precision, batch profile, build settings:
+`options_like`) and cached beside it, so both run on one backend: an export made earlier in that
+way is reused, otherwise the plan holds the export as a step of its own, which `export_teacher`
+carries out before anything is timed. Where that export fails, the teacher runs from its weights.
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from export.bench.target import Artifact, resolve_artifact
+from export.artifact import Artifact, BatchProfile, describe
 from export.formats import FORMATS, artifact_name
+from export.options import ExportOptions, GateOptions, Int8Options
+from spofa_deploy.artifacts import read_model_meta
 from spofa_deploy.errors import UserError
 
+_log = logging.getLogger(__name__)
 
-def teacher_artifact(student: Artifact, teacher: str | Path | None, notes: list[str], *,
-                     like_student: bool = True) -> Artifact | None:
+
+@dataclass
+class TeacherStep:
+    """The teacher of a bench and how it is obtained.
+
+    Attributes:
+        how: "given" (--teacher), "run" (the run's teacher file), "reused" (exported earlier like the
+            student), "export" (to be exported like the student: `options`), "exported", "eager" (its
+            export failed: it runs from its weights) or "none".
+        artifact: the teacher that runs (for "export": as it will be once exported); None for "none".
+        source: its `.safetensors` (what is exported; what runs where the export fails).
+        like: the student file it is exported like.
+        options: how it is exported ("export").
+        notes: what the step found, for the report.
+    """
+
+    how: str
+    artifact: Artifact | None = None
+    source: Path | None = None
+    like: Path | None = None
+    options: ExportOptions | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line for the plan."""
+        if self.artifact is None:
+            return "none"
+        name = self.artifact.path.name
+        if self.how == "export":
+            return (f"{self.source.name}, to be exported to {self.options.format} {self.options.precision} like "
+                    f"{self.like.name} (as {name})")
+        return {"given": f"{name} (--teacher)", "run": f"{name} (the run's teacher)",
+                "reused": f"{name} (exported earlier like {self.like.name if self.like else 'the student'})",
+                "exported": f"{name} (exported like the student)", "eager": f"{name} (its export failed)"}[self.how]
+
+
+def plan_teacher(student: Artifact, teacher: str | Path | None, *, like_student: bool = True) -> TeacherStep:
     """The teacher to compare with: `teacher` if given, else the `teacher_file` of the student's run.
 
-    With `like_student`, an exported student gets its teacher exported the same way (format,
-    precision, batch profile), so both run on one backend: see `teacher_like`.
+    With `like_student`, an exported student gets its teacher exported the same way (`plan_like`).
     """
     if teacher is not None:
-        return resolve_artifact(teacher, role="teacher")
+        return TeacherStep("given", describe(teacher, role="teacher"))
     if student.meta.get("role") == "teacher":
-        return None
+        return TeacherStep("none")
     tfile = student.meta.get("teacher_file")
     if not tfile:
-        notes.append("no teacher_file in the student's metadata: no teacher comparison (pass --teacher)")
-        return None
+        return TeacherStep("none", notes=["no teacher_file in the student's metadata: no teacher comparison "
+                                          "(pass --teacher)"])
     base = student.source.parent if student.source is not None else student.path.parent
     path = base / tfile
     if not path.is_file():
-        notes.append(f"teacher {path} not found: no teacher comparison (pass --teacher)")
-        return None
+        return TeacherStep("none", notes=[f"teacher {path} not found: no teacher comparison (pass --teacher)"])
     if like_student and student.format != "torch":
-        like = teacher_like(student, path, notes)
-        if like is not None:
-            return like
-    return resolve_artifact(path, role="teacher")
+        return plan_like(student, path)
+    return TeacherStep("run", describe(path, role="teacher"), source=path)
 
 
-def _profile(meta: dict) -> tuple | None:
-    """(min, opt, max, dynamic) of an export's sidecar batch entry."""
-    b = meta.get("batch")
-    if not b:
-        return None
-    return int(b["min"]), int(b["opt"]), int(b["max"]), bool(b.get("dynamic", b["min"] != b["max"]))
-
-
-def _export_options(student: Artifact) -> dict:
-    """`export_model` keywords that reproduce how the student artifact was exported."""
+def options_like(student: Artifact, dest: Path) -> ExportOptions:
+    """The `ExportOptions` that reproduce how the student artifact was exported, written to `dest`."""
     m = student.meta
-    lo, opt, hi, dynamic = _profile(m) or (1, 1, 1, False)
-    batch = dict(dynamic_batch=(lo, opt, hi)) if dynamic else dict(batch=opt)
-    opts = dict(precision=student.precision or "fp32", opset=int(m.get("opset") or 17), slim=m.get("slim"),
-                exporter=m.get("exporter", "torchscript"), **batch)
-    if student.format == "pt2":
-        opts["device"] = m.get("device", "cpu")
+    p = BatchProfile.of_meta(m) or BatchProfile(1, 1, 1, False)
+    batch = dict(dynamic_batch=(p.min, p.opt, p.max)) if p.dynamic else dict(batch=p.opt)
+    int8, gate = Int8Options(), GateOptions()
     if "int8" in m:
         q = m["int8"]
-        opts.update(quantizer=q.get("quantizer", "auto"), calib_samples=int(q.get("calib_samples") or 512),
-                    calib_data=q.get("calib_data") or None, keep_ends=bool(q.get("excluded_nodes", True)))
+        int8 = Int8Options(quantizer=q.get("quantizer", "auto"), calib_samples=int(q.get("calib_samples") or 512),
+                           calib_data=q.get("calib_data") or None, keep_ends=bool(q.get("excluded_nodes", True)))
     if m.get("gate"):  # the student's accuracy gate, so a refused teacher is refused by the same rule
-        opts.update(max_drop=float(m["gate"]["max_drop"]), eval_samples=int(m["gate"]["n"]))
-    return opts
+        gate = GateOptions(max_drop=float(m["gate"]["max_drop"]), samples=int(m["gate"]["n"]))
+    return ExportOptions(student.format, student.precision or "fp32", **batch, opset=int(m.get("opset") or 17),
+                         slim=m.get("slim"), exporter=m.get("exporter", "torchscript"),
+                         device=m.get("device", "cpu") if student.format == "pt2" else "cpu",
+                         out=dest, force=True, int8=int8, gate=gate)
 
 
 # What a build must share for two artifacts to be alike: the INT8 recipe, the opset, the typing, the tools.
@@ -88,59 +118,74 @@ def settings_differ(cached: dict, wanted: dict) -> list[str]:
     return [f"{k} {got[k]} != {want[k]}" for k in want if want[k] is not None and got[k] != want[k]]
 
 
-def _reusable(cached: Artifact, source: Path, student: Artifact, notes: list[str]) -> bool:
-    """A teacher exported earlier from this very teacher file, like this student, and not older than it.
+def _differs(cached: Artifact, source: Path, student: Artifact) -> list[str] | None:
+    """Why a teacher exported earlier is not like this student (empty: it is); None where it is another
+    teacher's, or older than its source.
 
     "Like" is every build setting: precision, batch profile and `build_settings` (an INT8 teacher of
-    another quantizer or calibration set is another model to compare with). Says why one is not reused.
+    another quantizer or calibration set is another model to compare with).
     """
     if cached.source is None or cached.source.resolve() != source.resolve():
-        return False
+        return None
     if cached.path.stat().st_mtime < source.stat().st_mtime:
-        return False
+        return None
     differ = settings_differ(cached.meta, student.meta)
-    if cached.precision != student.precision or _profile(cached.meta) != _profile(student.meta):
+    if cached.precision != student.precision or BatchProfile.of_meta(cached.meta) != BatchProfile.of_meta(student.meta):
         differ.insert(0, "precision or batch profile")
-    if differ:
-        notes.append(f"teacher: {cached.path.name} was exported with other settings than {student.path.name} "
-                     f"({'; '.join(differ[:3])}): exported again")
-    return not differ
+    return differ
 
 
-def teacher_like(student: Artifact, source: Path, notes: list[str]) -> Artifact | None:
+def plan_like(student: Artifact, source: Path) -> TeacherStep:
     """The teacher exported like the student, cached beside it (`teacher.onnx`, `teacher.fp16.engine`, ...).
 
     Reused while it was exported from the same teacher file with the same precision, batch
     profile and build settings (`build_settings`: quantizer, calibration, opset, typing, tools);
-    otherwise exported now (as `spofa export --role teacher` would). Where the
-    export fails, None with a note: the teacher then runs from its weights and the report
-    marks the speed-ups as comparing different backends.
+    otherwise an export to carry out (as `spofa export --role teacher` would).
     """
-    from spofa_deploy.console import console
-
     fmt = FORMATS[student.format]
-    opts = _export_options(student)
-    dest = student.path.parent / artifact_name(source.stem, fmt, opts["precision"])
-    if dest.is_file():
-        try:
-            cached = resolve_artifact(dest, role="teacher")
-        except UserError:
-            cached = None
-        if cached is not None and _reusable(cached, source, student, notes):
-            notes.append(f"teacher: {dest.name}, exported earlier like {student.path.name} (reused)")
-            return cached
-    what = f"{fmt.name} {opts['precision']}"
-    console.print(f"exporting the teacher {source.name} to {what} like {student.path.name}, for a like-for-like "
-                  f"comparison (kept as {dest.name}) ...")
-    try:
-        from export.exporter import export_model
+    dest = student.path.parent / artifact_name(source.stem, fmt, student.precision or "fp32")
+    notes = []
+    cached = _cached(dest)
+    differ = _differs(cached, source, student) if cached is not None else None
+    if differ == []:
+        return TeacherStep("reused", cached, source, student.path,
+                           notes=[f"teacher: {dest.name}, exported earlier like {student.path.name} (reused)"])
+    if differ:
+        notes.append(f"teacher: {dest.name} was exported with other settings than {student.path.name} "
+                     f"({'; '.join(differ[:3])}): exported again")
+    options = options_like(student, dest)
+    meta = {**read_model_meta(source), "format": fmt.name, "precision": options.precision,
+            "batch": student.meta.get("batch"), "device": options.device}
+    planned = Artifact(path=dest, format=fmt.name, meta=meta, precision=options.precision, size_bytes=0,
+                       batch_range=student.batch_range, source=source)
+    return TeacherStep("export", planned, source, student.path, options, notes)
 
-        export_model(source, fmt.name, out=dest, force=True, **opts)
-        art = resolve_artifact(dest, role="teacher")
-    except Exception as e:  # any failure leaves the eager teacher, said plainly, never a crash of the bench
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        notes.append(f"the teacher could not be exported to {what} ({reason}): it runs from {source.name}, "
-                     "so its speed-ups compare different backends")
+
+def _cached(dest: Path) -> Artifact | None:
+    if not dest.is_file():
         return None
-    notes.append(f"teacher: exported to {dest.name} like {student.path.name}")
-    return art
+    try:
+        return describe(dest, role="teacher")
+    except UserError:
+        return None
+
+
+def export_teacher(step: TeacherStep) -> TeacherStep:
+    """Carry out an "export" step: the teacher exported like the student, or (where that fails, said plainly,
+    never a crash of the bench) the teacher's weights, so its speed-ups compare different backends."""
+    from export import exporter
+
+    o, dest = step.options, step.artifact.path
+    what = f"{o.format} {o.precision}"
+    _log.info(f"exporting the teacher {step.source.name} to {what} like {step.like.name}, for a like-for-like "
+              f"comparison (kept as {dest.name}) ...")
+    try:
+        exporter.export_model(step.source, o)
+        art = describe(dest, role="teacher")
+    except Exception as e:  # noqa: BLE001 - any failure leaves the eager teacher
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        note = (f"the teacher could not be exported to {what} ({reason}): it runs from {step.source.name}, "
+                "so its speed-ups compare different backends")
+        return replace(step, how="eager", artifact=describe(step.source, role="teacher"), notes=[note])
+    return replace(step, how="exported", artifact=art,
+                   notes=[f"teacher: exported to {dest.name} like {step.like.name}"])

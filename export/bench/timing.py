@@ -12,8 +12,7 @@ are kept per iteration:
 - GPU compute time: CUDA events recorded on the compute stream around the compute only
   (input already on the device). On CPU it is `None`, never estimated.
 
-A runner prepares a `TimedStep` (the closures `measure` times) per batch size; `cuda_step`
-builds the `TimedStep` of a GPU runner, the same way for every backend.
+A runner prepares a `TimedStep` (the closures `measure` times) per batch size (`export.runner`).
 """
 from __future__ import annotations
 
@@ -21,11 +20,11 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 import torch
 
+from export.runner import TimedStep
 from spofa_deploy.errors import UserError
 
 
@@ -174,24 +173,6 @@ class TimingOptions:
                              rounds=1)
 
 
-@dataclass
-class TimedStep:
-    """What `measure` times for one batch: closures prepared by a runner.
-
-    compute: enqueue the inference on device-resident input (bracketed by CUDA events).
-    copy_in / copy_out: host->device input copy and device->host output copy (host latency only).
-    sync: wait for the device; None on CPU where calls are synchronous.
-    stream: the CUDA stream the work runs on (events are recorded there); None = current stream.
-    """
-
-    compute: Callable[[], object]
-    copy_in: Callable[[], object] | None = None
-    copy_out: Callable[[], object] | None = None
-    sync: Callable[[], object] | None = None
-    cuda_events: bool = False
-    stream: "torch.cuda.Stream | None" = None
-
-
 def _once(step: TimedStep, events) -> tuple[float, float | None]:
     """One timed iteration: (host ms, GPU compute ms or None)."""
     t0 = time.perf_counter_ns()
@@ -247,36 +228,6 @@ def measure(step: TimedStep, *, batch: int, timing: TimingOptions) -> LatencySta
             if len(host_ms) >= timing.min_iters and elapsed >= timing.min_s:
                 break
     return LatencyStats.from_samples(batch, host_ms, gpu_ms or None, warm, elapsed)
-
-
-class OutputSlot:
-    """Keeps the latest output alive between compute and copy_out."""
-
-    out: torch.Tensor | None = None
-
-
-def cuda_step(compute: Callable[[], object], slot: OutputSlot, x_host: torch.Tensor, x_dev: torch.Tensor, *,
-              sync: Callable[[], object], stream: "torch.cuda.Stream | None" = None) -> TimedStep:
-    """The `TimedStep` of a GPU runner whose first output is already in `slot.out`.
-
-    copy_in: pinned `x_host` -> `x_dev`; copy_out: `slot.out` (as `compute` last left it) -> a
-    pinned host buffer; both asynchronous on `stream` (None: the current one), so only `sync`
-    waits for them.
-    """
-    out_host = torch.empty(slot.out.shape, dtype=slot.out.dtype, pin_memory=True)
-
-    def copy_in() -> None:
-        x_dev.copy_(x_host, non_blocking=True)
-
-    def copy_out() -> None:
-        out_host.copy_(slot.out, non_blocking=True)
-
-    return TimedStep(compute=compute, copy_in=copy_in, copy_out=copy_out, sync=sync, cuda_events=True, stream=stream)
-
-
-def random_input(shape: tuple, seed: int) -> torch.Tensor:
-    """A reproducible standard-normal CPU tensor: the timed input of every runner."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 @contextlib.contextmanager

@@ -53,10 +53,10 @@ TEACHER_EPOCHS = 2  # two, so a stage killed in its first epoch is seen not to b
 TEACHER_ARGS = ["--teacher-epochs", str(TEACHER_EPOCHS), "--teacher-batch-size", "64", "--no-pretrained"]
 TEACHERS = Path("runs") / "teachers" / "test_vit-digits-32px"  # under the campaign's working folder
 
-# pipeline.find_teacher takes a teacher.safetensors whose stage never wrote a checkpoint (killed
+# teacher.stage.find_teacher takes a teacher.safetensors whose stage never wrote a checkpoint (killed
 # in its first epoch, between the teacher file and the checkpoint) for a finished teacher: the rerun
 # distils from a one-epoch teacher (or exits 2 when teacher.json was not written yet). Reported to
-# the lead with the fix (pipeline.py is not this suite's); set to False once it is fixed.
+# the lead with the fix (teacher/stage.py is not this suite's); set to False once it is fixed.
 KNOWN_FIND_TEACHER_BUG = False
 
 
@@ -97,8 +97,8 @@ PLAN = plan(SEED, KILLS)
 STUDENT_MOMENTS = ["file", "sidecar"]
 TEACHER_MOMENTS = ["step", "checkpoint", "file", "sidecar", "clock"]
 EXPORT_POINTS = [  # (function, path fragment its call names): kill as it begins; None: the clock
-    ("export.onnx:check_onnx", ""),  # the fp32 ONNX is written (in the hidden work folder)
-    ("export.onnx:ort_session", ""),  # parity check
+    ("export.onnx.graph:check_onnx", ""),  # the fp32 ONNX is written (in the hidden work folder)
+    ("export.onnx.graph:ort_session", ""),  # parity check
     ("export.exporter:_publish", ""),  # before the artifact is moved into place
     ("export.exporter:write_json", ".onnx.json"),  # the artifact is in place, its sidecar not yet
     None,
@@ -462,7 +462,7 @@ def _judge(jobs, c: Campaign) -> None:
             if c.index in SUMMARY["campaigns"]:
                 SUMMARY["campaigns"][c.index]["known_bug"] = True
             pytest.xfail("known bug: a teacher stage killed before its first checkpoint is taken for a finished "
-                         f"teacher (pipeline.find_teacher)\n{c.where()}")
+                         f"teacher (teacher.stage.find_teacher)\n{c.where()}")
         raise
 
 
@@ -492,8 +492,8 @@ def _teacher_first_checkpoint(ctx) -> Campaign:
     return c
 
 
-@pytest.mark.xfail(KNOWN_FIND_TEACHER_BUG, strict=True, reason="pipeline.find_teacher takes a teacher.safetensors "
-                   "without its stage's checkpoint for a finished teacher (reported; fix in pipeline.py)")
+@pytest.mark.xfail(KNOWN_FIND_TEACHER_BUG, strict=True, reason="teacher.stage.find_teacher takes a teacher.safetensors "
+                   "without its stage's checkpoint for a finished teacher (reported; fix in teacher/stage.py)")
 @pytest.mark.uses("teacher", "soak:ref:teacher", "soak:teacher-first-checkpoint")
 def test_teacher_stage_killed_at_its_first_checkpoint(jobs) -> None:
     """Deterministic: SIGKILL while the teacher stage writes its first checkpoint; the rerun must redo the stage."""

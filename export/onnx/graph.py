@@ -1,4 +1,5 @@
-"""PyTorch -> ONNX: export, checker, optional onnxslim, ONNX Runtime (CPU) parity and evaluation.
+"""The ONNX graph toolkit of the onnx and trt homes: PyTorch -> ONNX, checker, onnxslim, AutoCast, and
+`ort_session` (the one place ONNX Runtime sessions are built).
 
 Exporter choice: the TorchScript exporter (`dynamo=False`, `dynamic_axes`). Measured here
 (torch 2.14, onnxscript 0.7, 2 CPU cores) on test_resnet / mobilenetv3_small_050 /
@@ -19,120 +20,21 @@ import contextlib
 import importlib.util
 import logging
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from export.artifact import BatchProfile
+from export.options import MIN_OPSET
+from export.parity import padded_chunks
 from spofa_deploy.errors import MissingDependency, UserError
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
-MIN_OPSET = 17  # LayerNormalization is one node from opset 17 (a ViT teacher overflows in FP16 otherwise)
 DYNAMO_MIN_OPSET = 18
 EXPORTERS = ("torchscript", "dynamo")
-
-
-@dataclass(frozen=True)
-class BatchProfile:
-    """Batch sizes an artifact accepts: fixed (min == opt == max) or a dynamic range."""
-
-    min: int
-    opt: int
-    max: int
-    dynamic: bool = False
-
-    @classmethod
-    def fixed(cls, batch: int) -> "BatchProfile":
-        if batch < 1:
-            raise UserError(f"--batch must be >= 1, got {batch}")
-        return cls(batch, batch, batch, dynamic=False)
-
-    @classmethod
-    def dynamic_range(cls, lo: int, opt: int, hi: int) -> "BatchProfile":
-        if not 1 <= lo <= opt <= hi:
-            raise UserError(f"--dynamic-batch needs 1 <= MIN <= OPT <= MAX, got {lo}:{opt}:{hi}")
-        return cls(lo, opt, hi, dynamic=True)
-
-    @classmethod
-    def parse(cls, spec: str) -> "BatchProfile":
-        """Parse `MIN:OPT:MAX` (e.g. `1:8:32`)."""
-        try:
-            lo, opt, hi = (int(v) for v in spec.split(":"))
-        except ValueError:
-            raise UserError(f"--dynamic-batch takes MIN:OPT:MAX (e.g. 1:8:32), got '{spec}'") from None
-        return cls.dynamic_range(lo, opt, hi)
-
-    def to_dict(self) -> dict:
-        return {"min": self.min, "opt": self.opt, "max": self.max, "dynamic": self.dynamic}
-
-
-# fp32 parity tolerance, judged like `torch.testing.assert_close` but against each image's logit scale:
-# |ort - torch| <= atol + rtol * max|torch logits of that image|. A student whose logits reach 3e4
-# matches ONNX Runtime to ~3e-7 relative (fp32 rounding) yet to 3e-2 absolute, so a fixed absolute
-# bound refuses valid models; a relative one alone would pass garbage near zero.
-PARITY_ATOL = 1e-3
-PARITY_RTOL = 1e-4
-
-
-@dataclass(frozen=True)
-class Parity:
-    """An exported model's output vs PyTorch on the same images.
-
-    `max_rel_err` is the largest error divided by its image's logit scale (max |logit|);
-    `top1_agreement` counts every image, `decisive_disagreements` only images whose PyTorch
-    top-1 beats its runner-up by more than the tolerance (a near tie may flip legitimately).
-    """
-
-    max_abs_err: float
-    mean_abs_err: float
-    top1_agreement: float  # percent of images with the same arg-max
-    n: int
-    images: str  # "val" (real validation images) or "random"
-    max_rel_err: float = 0.0
-    logit_scale: float = 0.0  # largest |PyTorch logit|
-    atol: float = PARITY_ATOL
-    rtol: float = PARITY_RTOL
-    worst_excess: float = 0.0  # max of err / (atol + rtol * scale): > 1 fails
-    decisive_disagreements: int = 0
-    checked_on: str = "onnxruntime-cpu"
-
-    @property
-    def passed(self) -> bool:
-        """Within tolerance everywhere and the same top-1 wherever it is decisive."""
-        return self.worst_excess <= 1.0 and self.decisive_disagreements == 0
-
-    def describe(self) -> str:
-        """One line: the errors, the tolerance and the top-1 agreement."""
-        return (f"max abs err {self.max_abs_err:.2e} ({self.max_rel_err:.1e} of the logit scale {self.logit_scale:.3g}; "
-                f"tolerance {self.atol:g} + {self.rtol:g} x scale), top-1 agreement {self.top1_agreement:.1f}% "
-                f"on {self.n} {self.images} images")
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
-
-
-def compare_logits(reference: np.ndarray, out: np.ndarray, source: str, *, atol: float = PARITY_ATOL,
-                   rtol: float = PARITY_RTOL, checked_on: str = "onnxruntime-cpu") -> Parity:
-    """Judge `out` against the PyTorch `reference` logits (both (N, classes))."""
-    if out.shape != reference.shape:
-        raise UserError(f"exported model output shape {out.shape} differs from PyTorch {reference.shape}")
-    ref, got = reference.astype(np.float64), out.astype(np.float64)
-    err = np.abs(got - ref)
-    scale = np.abs(ref).max(axis=1, keepdims=True)
-    tol = atol + rtol * scale
-    top_ref, top_got = ref.argmax(1), got.argmax(1)
-    # A top-1 flip counts only where PyTorch's winner beats its runner-up by more than the tolerance.
-    srt = np.sort(ref, axis=1)
-    margin = srt[:, -1] - srt[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
-    decisive = int(((top_ref != top_got) & (margin > 2 * tol[:, 0])).sum())
-    return Parity(max_abs_err=float(err.max()), mean_abs_err=float(err.mean()),
-                  top1_agreement=float((top_ref == top_got).mean() * 100), n=len(ref), images=source,
-                  max_rel_err=float((err / np.maximum(scale, 1e-30)).max()), logit_scale=float(scale.max()),
-                  atol=atol, rtol=rtol, worst_excess=float((err / tol).max()), decisive_disagreements=decisive,
-                  checked_on=checked_on)
 
 
 def max_opset(exporter: str) -> int:
@@ -283,39 +185,11 @@ def ort_session(path: Path, *, fused: bool = True, threads: int | None = None, p
         raise UserError(f"ONNX Runtime cannot load {Path(path).name}: {str(e).splitlines()[0]}") from e
 
 
-def padded_chunks(images: np.ndarray, lo: int, hi: int, size: int):
-    """(chunk, n_real) pairs of at most min(hi, size) images, padded up to `lo` by repeating the first.
-
-    How a model with a batch range (a fixed batch: lo == hi) runs any number of images.
-    """
-    step = max(lo, min(hi, size))
-    for i in range(0, len(images), step):
-        x = images[i:i + step]
-        n = len(x)
-        if n < lo:
-            x = np.concatenate([x, np.repeat(x[:1], lo - n, axis=0)])
-        yield np.ascontiguousarray(x, dtype=np.float32), n
-
-
 def run_onnx(session, images: np.ndarray, fixed_batch: int | None = None, chunk: int = 64) -> np.ndarray:
     """Logits for `images` (N, C, H, W float32), in chunks; a fixed-batch graph gets padded chunks."""
     lo, hi = (fixed_batch, fixed_batch) if fixed_batch else (1, chunk)
     outs = [session.run([OUTPUT_NAME], {INPUT_NAME: x})[0][:n] for x, n in padded_chunks(images, lo, hi, chunk)]
     return np.concatenate(outs).astype(np.float32)
-
-
-def torch_logits(model: nn.Module, images: np.ndarray, chunk: int = 64) -> np.ndarray:
-    """PyTorch fp32 logits on CPU (the parity reference)."""
-    model = model.eval()
-    with torch.no_grad():
-        return np.concatenate([model(torch.from_numpy(images[i:i + chunk])).float().numpy()
-                               for i in range(0, len(images), chunk)])
-
-
-def parity(reference: np.ndarray, session, images: np.ndarray, fixed_batch: int | None, source: str,
-           **tolerance) -> Parity:
-    """Compare ONNX Runtime logits of `images` with the PyTorch `reference` logits (see `compare_logits`)."""
-    return compare_logits(reference, run_onnx(session, images, fixed_batch), source, **tolerance)
 
 
 AUTOCAST_MIN_MODELOPT = (0, 33)  # `convert_to_mixed_precision` appears in 0.33 (0.31 calls it `convert`)

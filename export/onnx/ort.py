@@ -4,13 +4,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from export.bench.target import Artifact
-from export.bench.timing import OutputSlot, TimedStep, cuda_step
-from export.onnx import ort_session
+from export.artifact import Artifact
+from export.runner import BackendUnavailable, OutputSlot, Runner, RunOptions, TimedStep, cuda_step
 from spofa_deploy.errors import UserError
 from spofa_deploy.machine import cuda_skip_reason
 
-from .base import BackendUnavailable, Runner
+from . import graph
 
 _ORT_TYPES = {"tensor(float)": (np.float32, torch.float32), "tensor(float16)": (np.float16, torch.float16)}
 
@@ -38,31 +37,43 @@ class OrtRunner(Runner):
     already on the device when the compute is timed.
     """
 
-    def __init__(self, art: Artifact, provider: str, threads: int | None = None):
+    def __init__(self, art: Artifact, provider: str, options: RunOptions = RunOptions()):
         if provider not in ("cpu", "cuda"):
             raise ValueError(provider)
         super().__init__(**self.of_artifact(art), backend=f"ort-{provider}", device=provider)
+        self.path, self.options = art.path, options
         self.num_classes = int(art.meta["num_classes"])
-        self._stream, self._device_id = None, 0
-        if provider == "cuda":
-            reason = ort_cuda_reason()
-            if reason:
-                raise BackendUnavailable(reason)
+        self.session = self._stream = None
+        self._device_id = 0
+        self._bindings: dict[int, tuple] = {}
+
+    def unavailable(self) -> str | None:
+        return ort_cuda_reason() if self.device == "cuda" else None
+
+    def _load(self) -> None:
+        reason = self.unavailable()
+        if reason:
+            raise BackendUnavailable(reason)
+        if self.device == "cuda":
             self._device_id = torch.cuda.current_device()
             self._stream = torch.cuda.Stream()
-        # Timed like a deployment: ORT's own thread behaviour (spinning), full graph optimisation.
-        self.session = ort_session(art.path, threads=threads, provider=provider, device_id=self._device_id,
-                                   cuda_stream=self._stream.cuda_stream if self._stream is not None else None, spin=True)
-        if provider == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+        o = self.options
+        # Timed like a deployment by default: ORT's own thread behaviour (spinning), full graph optimisation.
+        self.session = graph.ort_session(self.path, fused=o.fused, threads=o.threads, provider=self.device,
+                                         device_id=self._device_id, spin=o.spin,
+                                         cuda_stream=self._stream.cuda_stream if self._stream is not None else None)
+        if self.device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise BackendUnavailable("onnxruntime could not start its CUDA provider (CUDA/cuDNN libraries missing or "
                                      "of another major version); ort-cpu runs this model")
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         if inp.type not in _ORT_TYPES or out.type not in _ORT_TYPES:
-            raise UserError(f"{art.path.name} has {inp.type} input / {out.type} output; spofa bench feeds float32 or float16")
+            raise UserError(f"{self.path.name} has {inp.type} input / {out.type} output; spofa bench feeds float32 or float16")
         self._in_name, self._out_name = inp.name, out.name
         self._in_np, self._in_torch = _ORT_TYPES[inp.type]
         self._out_np, self._out_torch = _ORT_TYPES[out.type]
-        self._bindings: dict[int, tuple] = {}
+
+    def _unload(self) -> None:
+        self.session = self._stream = None
 
     def _binding(self, batch: int) -> tuple:
         """IOBinding with device-resident input and output buffers for `batch` (CUDA only)."""
@@ -77,7 +88,7 @@ class OrtRunner(Runner):
             self._bindings[batch] = (io, x_dev, out_dev)
         return self._bindings[batch]
 
-    def prepare(self, batch: int) -> TimedStep:
+    def _prepare(self, batch: int) -> TimedStep:
         x_cpu = self.timed_input(batch).to(self._in_torch)
         slot = OutputSlot()
         if self.device == "cpu":
@@ -98,7 +109,7 @@ class OrtRunner(Runner):
         s.synchronize()
         return cuda_step(lambda: self.session.run_with_iobinding(io), slot, x_host, x_dev, sync=s.synchronize, stream=s)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
         if self.device == "cpu":
             out = self.session.run([self._out_name], {self._in_name: x.to(self._in_torch).numpy()})[0]
             return torch.from_numpy(np.asarray(out)).float()

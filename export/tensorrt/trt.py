@@ -1,45 +1,56 @@
-"""The TensorRT runner: an engine (`export.tensorrt.TrtEngine`) enqueued on a stream we own."""
+"""The TensorRT runner: an engine (`TrtEngine`) enqueued on a stream we own."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
 
-from export.bench.target import Artifact
-from export.bench.timing import OutputSlot, TimedStep, cuda_step
-from export.tensorrt import TrtEngine
+from export.artifact import Artifact
+from export.runner import BackendUnavailable, OutputSlot, Runner, TimedStep, cuda_step
 from spofa_deploy.errors import MissingDependency, UserError
 from spofa_deploy.machine import cuda_skip_reason
 
-from .base import BackendUnavailable, Runner
+from .engine import TrtEngine
 
 
 class TrtRunner(Runner):
     """A TensorRT engine through `TrtEngine` (`execute_async_v3` on torch CUDA tensors).
 
     Work is issued on a stream we own, so TensorRT does not run on the legacy default
-    stream and the CUDA events bracket only its compute. `batch_range` is the engine's own
-    profile.
+    stream and the CUDA events bracket only its compute. Once active, `batch_range` is the
+    engine's own profile.
     """
 
-    def __init__(self, art: Artifact, *, trust: bool = False):
-        reason = cuda_skip_reason()
-        if reason:
-            raise BackendUnavailable(f"TensorRT needs a CUDA GPU: {reason}")
+    def __init__(self, art: Artifact):
         super().__init__(**self.of_artifact(art), backend="trt", device="cuda")
+        self.path = art.path
+        self._engine: TrtEngine | None = None
+        self._stream = None
+        self.graph: bool | None = None  # whether the last `prepare` replays a CUDA graph (None: not prepared)
+
+    def unavailable(self) -> str | None:
+        reason = cuda_skip_reason()
+        return f"TensorRT needs a CUDA GPU: {reason}" if reason else None
+
+    def _load(self) -> None:
+        reason = self.unavailable()
+        if reason:
+            raise BackendUnavailable(reason)
         try:
             device = torch.cuda.current_device() if torch.cuda.is_available() else 0
-            self._engine = TrtEngine(str(art.path), trust=trust, device=device)
+            self._engine = TrtEngine(str(self.path), device=device)
         except MissingDependency as e:  # TensorRT not installed (or no GPU): a missing backend
             raise BackendUnavailable(str(e)) from None
-        # Any other UserError (engine from another TensorRT version or GPU) is the user's to fix: it propagates.
+        # Any other UserError (a damaged engine) is the user's to fix: it propagates.
         engine_shape = tuple(int(d) for d in self._engine.input_shape)
         if engine_shape != self.input_shape:
-            raise UserError(f"{art.path.name} takes images of shape {engine_shape} but its sidecar says "
+            raise UserError(f"{self.path.name} takes images of shape {engine_shape} but its sidecar says "
                             f"{self.input_shape}: the sidecar does not belong to this engine")
         self.batch_range = (self._engine.min_batch, self._engine.max_batch)
         self._stream = torch.cuda.Stream()
-        self.graph: bool | None = None  # whether the last `prepare` replays a CUDA graph (None: not prepared)
+
+    def _unload(self) -> None:
+        self._engine = self._stream = None
 
     def _compute(self, x_dev: torch.Tensor, stream: int) -> tuple[Callable[[], None], torch.Tensor]:
         """The timed call on the device input `x_dev`, and the buffer it writes the logits into.
@@ -75,7 +86,7 @@ class TrtRunner(Runner):
         self.graph = True
         return graph.replay
 
-    def prepare(self, batch: int) -> TimedStep:
+    def _prepare(self, batch: int) -> TimedStep:
         x_host = self.timed_input(batch).to(self._engine.input_dtype).pin_memory()
         x_dev = torch.empty_like(x_host, device=self._engine.device)
         slot = OutputSlot()
@@ -89,10 +100,11 @@ class TrtRunner(Runner):
         s.synchronize()
         return cuda_step(compute, slot, x_host, x_dev, sync=s.synchronize, stream=s)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
         with torch.cuda.stream(self._stream):
             out = self._engine(x).float().cpu()  # .cpu() copies out of the cached buffer and waits
         return out
 
     def release(self) -> None:
-        self._engine.release()
+        if self._engine is not None:
+            self._engine.release()

@@ -31,14 +31,13 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-from export.onnx import INPUT_NAME, OUTPUT_NAME, BatchProfile, Parity, compare_logits, padded_chunks
-from spofa_deploy.artifacts import read_json, sidecar_path, verify_artifact
+from export.artifact import BatchProfile
 from spofa_deploy.errors import MissingDependency, UserError
 
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
 SUFFIX = ".pt2"
 DEVICES = ("cpu", "cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -238,27 +237,6 @@ def package_facts(path: str | Path) -> dict:
     return facts
 
 
-def read_pt2_meta(path: str | Path, trust: bool = False) -> dict:
-    """The package's sidecar; without one, refused unless `trust` (then its embedded facts).
-
-    Args:
-        path: the `.pt2` file.
-        trust: accept a package without its sidecar (only for packages you built yourself).
-    """
-    path = Path(path)
-    side = sidecar_path(path)
-    if side.is_file():
-        meta = read_json(side)
-        if meta.get("format", "pt2") != "pt2":
-            raise UserError(f"{side.name} describes a '{meta.get('format')}' artifact, not a .pt2 package")
-        verify_artifact(path, meta, trust=trust, native=True)  # a package is native code: only the exported bytes
-        return meta
-    if not trust:
-        raise UserError(f"{path} has no sidecar {side.name}: refusing to load a .pt2 of unknown origin "
-                        "(a package is compiled code; pass --trust only for packages you built)")
-    return trusted_meta(path)
-
-
 def trusted_meta(path: str | Path) -> dict:
     """A sidecar-like dict for a package without sidecar, from the facts embedded in it."""
     path = Path(path)
@@ -361,20 +339,12 @@ def load_pt2(path: str | Path, device: str = "cpu") -> Callable[[torch.Tensor], 
         raise UserError(f"torch {torch.__version__} cannot load {path.name}: {_first_line(e)}") from e
 
 
-def load_checked(path: str | Path, meta: dict, device: str | None = None) -> tuple[Callable, str]:
-    """A package checked against its sidecar `meta` and this machine, then loaded.
-
-    Args:
-        path: the `.pt2` file.
-        meta: its sidecar (or `trusted_meta`).
-        device: where to run (default: the device the package was built for).
-
-    Returns:
-        (the loaded callable, the device it runs on).
+def check_package(path: str | Path, meta: dict) -> None:
+    """Refuse a package whose sidecar `meta` is another file's, or that another torch or machine built.
 
     Raises:
-        UserError: built by another torch, for another device/GPU/CPU, corrupt, or a sidecar
-            that does not belong to the package.
+        UserError: a sidecar naming another device than the package itself, another torch version,
+            device, GPU or CPU instruction set than this machine's, or a corrupt file.
     """
     path = Path(path)
     built_for = package_facts(path)["device"]
@@ -382,48 +352,4 @@ def load_checked(path: str | Path, meta: dict, device: str | None = None) -> tup
     if side_device != built_for:
         raise UserError(f"{path.name} is a {built_for} package but its sidecar says {side_device}: "
                         "the sidecar does not belong to this file")
-    device = device or built_for
-    check_pt2_meta(meta, path, here=machine_facts(device))
-    return load_pt2(path, device), device
-
-
-def pt2_predictor(path: str | Path, batch: BatchProfile, *, device: str = "cpu",
-                  chunk: int = 64) -> Callable[[np.ndarray], np.ndarray]:
-    """The package loaded once, as a function of images (N, C, H, W float32) -> float32 logits.
-
-    Loads the package without a sidecar (the exporter checks the file it has just built).
-    Chunks stay within the package's batch range; short ones are padded and the padding dropped.
-    """
-    fn = load_pt2(path, device)
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        outs = []
-        with torch.inference_mode():
-            for x, n in padded_chunks(images, batch.min, batch.max, chunk):
-                outs.append(fn(torch.from_numpy(x).to(device))[:n].float().cpu())
-        return torch.cat(outs).numpy()
-
-    return predict
-
-
-def pt2_logits(path: str | Path, images: np.ndarray, batch: BatchProfile, *, device: str = "cpu",
-               chunk: int = 64) -> np.ndarray:
-    """Float32 logits of a package for `images` (N, C, H, W float32), for parity checks (`pt2_predictor`)."""
-    return pt2_predictor(path, batch, device=device, chunk=chunk)(images)
-
-
-def parity_pt2(reference: np.ndarray, path: str | Path, images: np.ndarray, batch: BatchProfile, source: str, *,
-               device: str = "cpu", **tolerance) -> Parity:
-    """The package's logits against the eager `reference` logits (`export.onnx.compare_logits`).
-
-    Args:
-        reference: eager fp32 logits of `images` (`export.onnx.torch_logits`).
-        path: the package.
-        images: float32 (N, C, H, W).
-        batch: the package's batch profile.
-        source: "val" or "random", recorded in the result.
-        device: where the package runs.
-        **tolerance: atol / rtol for `compare_logits`.
-    """
-    out = pt2_logits(path, images, batch, device=device)
-    return compare_logits(reference, out, source, checked_on=f"aoti-{device} (torch {torch.__version__})", **tolerance)
+    check_pt2_meta(meta, path, here=machine_facts(built_for))

@@ -1,18 +1,24 @@
-"""The PyTorch runner: a model run eagerly, through `torch.compile` (as deployed), or by CUDA-graph replay."""
+"""The home of the torch format (`export.formats`): the trained `.safetensors` weights, run by PyTorch eagerly,
+through `torch.compile` (as deployed), or by CUDA-graph replay. Every export starts from one; none makes one."""
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-from export.bench.timing import OutputSlot, TimedStep, cuda_step
+from export.artifact import Artifact, read_sidecar
 from export.formats import FORMATS
+from export.runner import BackendUnavailable, OutputSlot, Runner, RunOptions, TimedStep, cuda_step
 from spofa_deploy.errors import UserError
+from spofa_deploy.machine import cuda_skip_reason
 
-from .base import Runner
+if TYPE_CHECKING:
+    from export.exporter import ExportJob
+    from export.options import ExportOptions
 
 TORCH_BACKENDS = FORMATS["torch"].backends
 TORCH_PRECISIONS = FORMATS["torch"].precisions
@@ -25,6 +31,40 @@ DEFAULT_COMPILE_MODE = {"cuda": "reduce-overhead", "cpu": "default"}
 # so it must be the global config at that moment: `torch.compile(options=...)` is too late.
 COMPILE_CONFIG = {"freezing": True}
 
+
+# ------------------------------------------------------------------------------ the format's protocol
+
+def check_export(options: "ExportOptions") -> None:
+    """PyTorch weights are the source of exports, not one of them."""
+    raise UserError("a .safetensors model is the source of an export, not its result")
+
+
+def export(job: "ExportJob") -> None:
+    """PyTorch weights are the source of exports, not one of them."""
+    raise UserError("a .safetensors model is the source of an export, not its result")
+
+
+def describe(path: Path, trust: bool = False) -> Artifact:
+    """A `.safetensors` model and its sidecar (`spofa distill`'s metadata), its digest checked unless `trust`."""
+    meta = read_sidecar(path, "torch", trust=trust)
+    return Artifact(path=path, format="torch", meta=meta, precision=None, size_bytes=path.stat().st_size,
+                    batch_range=None, source=path)
+
+
+def runner(art: Artifact, backend: str, device: str, precision: str, options: RunOptions) -> "TorchRunner":
+    """The model of `art` (loaded when the runner is activated) on a torch backend at an autocast `precision`."""
+    return TorchRunner(lambda: _load(art, options.trust), backend=backend, device=device, precision=precision,
+                       img_size=art.img_size, in_chans=art.in_chans, name=art.model, size_bytes=art.size_bytes,
+                       compile_mode=options.compile_mode)
+
+
+def _load(art: Artifact, trust: bool) -> nn.Module:
+    from spofa_deploy.artifacts import load_model
+
+    return load_model(art.path, trust=trust)[0]
+
+
+# ------------------------------------------------------------------------------ the runner
 
 def state_dict_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers (what a safetensors file would hold)."""
@@ -54,32 +94,53 @@ class TorchRunner(Runner):
     `COMPILE_CONFIG`), static shapes, CUDA graphs on a GPU ("reduce-overhead") unless
     `compile_mode` says otherwise. `compile_seconds` holds, per batch size, the first call
     (compile + one run) of torch-compile or the graph capture of torch-cudagraph.
+
+    Args:
+        model: the model, or a function that loads it (called by `activate`).
     """
 
-    def __init__(self, model: nn.Module, *, backend: str = "torch-eager", device: str = "cpu",
-                 precision: str = "fp32", img_size: int = 224, in_chans: int = 3, name: str | None = None,
-                 size_bytes: int | None = None, compile_mode: str | None = None, seed: int = 0):
+    def __init__(self, model: nn.Module | Callable[[], nn.Module], *, backend: str = "torch-eager",
+                 device: str = "cpu", precision: str = "fp32", img_size: int = 224, in_chans: int = 3,
+                 name: str | None = None, size_bytes: int | None = None, compile_mode: str | None = None,
+                 seed: int = 0):
         if backend not in TORCH_BACKENDS:
             raise ValueError(f"unknown torch backend {backend}")
         if precision not in TORCH_PRECISIONS:
             raise ValueError(f"torch backends run {', '.join(TORCH_PRECISIONS)}, not {precision}")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("CUDA is not available")
         if backend == "torch-cudagraph" and device != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
-        super().__init__(name=name or type(model).__name__, backend=backend, precision=precision, device=device,
-                         size_bytes=state_dict_bytes(model) if size_bytes is None else size_bytes,
+        given = isinstance(model, nn.Module)
+        if size_bytes is None and given:
+            size_bytes = state_dict_bytes(model)
+        super().__init__(name=name or (type(model).__name__ if given else "model"), backend=backend,
+                         precision=precision, device=device, size_bytes=size_bytes,
                          input_shape=(in_chans, img_size, img_size))
+        self._source = model
         self.fixed_shapes = backend != "torch-eager"
         self.seed = seed
         self._memory_format = torch.channels_last if device == "cuda" else torch.contiguous_format
-        self.model = model.eval().to(device=device, memory_format=self._memory_format)
-        self._fn: Callable[[torch.Tensor], torch.Tensor] = self.model
         self.compile_mode = check_compile_mode(compile_mode, device) if backend == "torch-compile" else None
-        if backend == "torch-compile":
+        self.model: nn.Module | None = None
+        self._fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    def unavailable(self) -> str | None:
+        reason = cuda_skip_reason() if self.device == "cuda" else None
+        return f"{self.backend} needs a CUDA GPU: {reason}" if reason else None
+
+    def _load(self) -> None:
+        reason = self.unavailable()
+        if reason:
+            raise BackendUnavailable(reason)
+        model = self._source if isinstance(self._source, nn.Module) else self._source()
+        self.model = model.eval().to(device=self.device, memory_format=self._memory_format)
+        self._fn = self.model
+        if self.backend == "torch-compile":
             # Static shapes: one specialised graph per batch size (dynamic=False), as deployed.
             self._fn = torch.compile(self.model, mode=self.compile_mode, dynamic=False)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    def _unload(self) -> None:
+        self.model = self._fn = None
 
     def _autocast(self):
         dtype = _AUTOCAST[self.precision]
@@ -134,8 +195,7 @@ class TorchRunner(Runner):
         self._graphs[batch] = (graph, static_in, static_out)
         return self._graphs[batch]
 
-    def prepare(self, batch: int) -> TimedStep:
-        """Allocate buffers for `batch`, compile or capture, and return the closures to time."""
+    def _prepare(self, batch: int) -> TimedStep:
         x_cpu = self.timed_input(batch)
         slot = OutputSlot()
         if self.device == "cpu":
@@ -165,8 +225,7 @@ class TorchRunner(Runner):
             torch.cuda.synchronize()
         return cuda_step(compute, slot, x_host, x_dev, sync=torch.cuda.synchronize)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (float32, CPU) for a CPU batch, through the same backend and precision."""
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "torch-cudagraph":
             graph, static_in, static_out = self._graph(x.shape[0])
             static_in.copy_(x)

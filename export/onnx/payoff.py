@@ -43,7 +43,7 @@ def int8_payoff(fp32: Path, int8: Path, shape: tuple[int, int, int], batches: li
         shape: (C, H, W) of one image.
         batches: batch sizes the graphs accept.
     """
-    from export.onnx import ort_session
+    from .graph import ort_session
 
     rng = np.random.default_rng(0)
     latency = {}
