@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from spofa_deploy.compare import plan
 from spofa_deploy.compare import run as cmp
 from spofa_deploy.data.datasets import parse_data_spec
 from spofa_deploy.machine import cpu_load, set_threads, usable_cores
@@ -186,7 +187,7 @@ def main() -> None:
     cpu = cpu_load().line()
 
     t0 = time.perf_counter()
-    base.teacher_ckpt = str(cmp.ensure_teacher(base, base.img_size or parse_data_spec(base.data).natural_size))
+    base.teacher_ckpt = str(plan.ensure_teacher(base, base.img_size or parse_data_spec(base.data).natural_size))
     teacher_s = time.perf_counter() - t0 if a.teacher_ckpt is None else None
 
     threads = torch.get_num_threads()  # the sequential compares' (--threads, else one per core)

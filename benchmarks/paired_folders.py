@@ -3,7 +3,7 @@
 `spofa compare` pairs methods within one folder; a change that needs its own folder (another
 teacher, another weight decay) is measured here: for each method and rate present in both,
 per-seed differences B minus A (same seed: same initialisation, data subset and order), their
-mean and a 95 % Student-t interval (`compare_report.paired_difference`).
+mean and a 95 % Student-t interval (`compare.stats.paired_difference`).
 
     python benchmarks/paired_folders.py runs/ls0-kd-spofa runs/ls0.1-kd-spofa --labels "LS 0,LS 0.1"
     python benchmarks/paired_folders.py runs/curve-e100 runs/ls0-kd-spofa --baseline none --labels "none,method"
@@ -14,7 +14,8 @@ import argparse
 from pathlib import Path
 
 from spofa_deploy.artifacts import read_json
-from spofa_deploy.compare.report import fmt_num, paired_difference
+from spofa_deploy.compare.report import fmt_num
+from spofa_deploy.compare.stats import paired_difference
 from spofa_deploy.run_files import DONE
 
 

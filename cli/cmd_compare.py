@@ -8,32 +8,41 @@ import typer
 
 from cli import options as o
 
-# Result-shaping options default to None: a new compare fills in CompareConfig's defaults,
+# Result-shaping options default to None: a new compare fills in CompareConfig's defaults (named in their help),
 # `--resume` keeps the saved settings (and refuses ones given that differ).
+_Teacher = o.defaulting(o.Teacher, "vit_b")
+_Student = o.defaulting(o.Student, "mobilenetv3")
+_Data = o.defaulting(o.Data, "digits")
+_Epochs = o.defaulting(o.Epochs, "100, from the student-alone learning curve")
+_TrainFraction = o.defaulting(o.TrainFraction, "0.1, ~14 images per class on digits")
+_BatchSize = o.defaulting(o.BatchSize, "16")
+_Optim = o.defaulting(o.Optim, "sgd, as spofa distill")
+_Amp = o.defaulting(o.Amp, "auto")
+_TeacherCkpt = o.defaulting(o.TeacherCkpt, "the teacher trained earlier for this data, else train it once")
 _Str = Optional[str]
 
 
 @o.with_options(o.loss_options)
 def compare(
-    teacher: Annotated[_Str, typer.Option("--teacher", help="Teacher: alias (vit_b, vit_s, deit_t, swin_t) or any timm name (default: vit_b).")] = None,
-    student: Annotated[_Str, typer.Option("--student", help="Student: alias (mobilenetv3, mobilenetv2, resnet18) or any timm CNN (default: mobilenetv3).")] = None,
-    data: Annotated[_Str, typer.Option("--data", help="digits | cifar10[:DIR] | cifar100[:DIR] | imagefolder:DIR (default: digits).")] = None,
+    teacher: _Teacher = None,
+    student: _Student = None,
+    data: _Data = None,
     methods: Annotated[_Str, typer.Option("--methods", help="Comma list of none, kd, ofa, spofa, spofa-nomema, spofa-nobeta, spofa-damp, spofa-m0.9, ofa-fw0.1, spofa-fw0.1 (stage-head weight 0.1) (spofa-noln = ofa) (default: none,kd,ofa,spofa).")] = None,
     ablations: Annotated[bool, typer.Option("--ablations", help="Add the SPOFA ablations: spofa-nomema, spofa-nobeta, spofa-damp (alpha <= 1), spofa-m0.9 (MEMA momentum 0.9), ofa (= spofa without the LayerNorm).")] = False,
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Number of seeds (0..N-1) per method and rate (default: 5).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs of every run (default: 100, from the student-alone learning curve).")] = None,
+    epochs: _Epochs = None,
     lr_sweep: Annotated[_Str, typer.Option("--lr-sweep", help="Peak learning rates, comma separated (default: 0.005,0.02,0.1 (SGD); the last one is fragile on purpose).")] = None,
-    train_fraction: Annotated[Optional[float], typer.Option("--train-fraction", help="Stratified fraction of the training split the student sees (default: 0.1, ~14 images per class on digits).")] = None,
+    train_fraction: _TrainFraction = None,
     img_size: o.ImgSize = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size (default: 16).")] = None,
-    opt: Annotated[_Str, typer.Option("--opt", help="sgd | adamw (default: sgd, as spofa distill).")] = None,
+    batch_size: _BatchSize = None,
+    opt: _Optim = None,
     weight_decay: o.WeightDecay = None,
     teacher_cache: Annotated[bool, typer.Option("--teacher-cache/--no-teacher-cache", help="Compute each teacher output once per seed and read it back in the other runs (exact: the same results).")] = True,
     clip_grad: o.ClipGrad = None,
-    amp: Annotated[_Str, typer.Option("--amp", help="auto | bf16 | fp16 | off (default: auto).")] = None,
-    teacher_ckpt: Annotated[Optional[Path], typer.Option("--teacher-ckpt", help="A teacher.safetensors to use (default: the teacher trained earlier for this data, else train it once).")] = None,
-    teacher_epochs: Annotated[Optional[int], typer.Option("--teacher-epochs", help="Epochs of the teacher stage, if it runs (default: the recipe's 30, fewer on the CPU for big teachers).")] = None,
-    pretrained: Annotated[bool, typer.Option(help="Try timm's pretrained teacher weights first.")] = True,
+    amp: _Amp = None,
+    teacher_ckpt: _TeacherCkpt = None,
+    teacher_epochs: o.TeacherEpochs = None,
+    pretrained: o.Pretrained = True,
     device: o.Device = "auto",
     workers: o.Workers = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Compare folder (default runs/compare-<student>-<time>).")] = None,
@@ -44,31 +53,33 @@ def compare(
     **loss,
 ) -> None:
     """Train none / kd / ofa / spofa (and ablations) the same way and report accuracy and stability side by side."""
-    options = {**locals(), **loss}  # the loss options are read from it by name (cli.options.loss_fields)
     from dataclasses import replace
 
     from rich.console import Console
 
-    from spofa_deploy.compare.run import METHOD_ALIASES, VARIANTS, CompareConfig, parse_methods, resume_config, run_compare
+    from spofa_deploy.compare.config import METHOD_ALIASES, VARIANTS, CompareConfig, parse_methods
+    from spofa_deploy.compare.plan import resume_config
+    from spofa_deploy.compare.run import run_compare
 
     o.use_threads(threads)  # the runs train in this process
-    loss_given = o.loss_fields(options)
+    loss_changes = o.loss_options(**loss)
     if methods:
         methods = parse_methods(o.comma_list(methods, "--methods", choices=[*VARIANTS, *METHOD_ALIASES], noun="method"))
     opt, amp = o.train_choice("optimizer", opt), o.train_choice("amp", amp)
-    given = {"teacher": teacher, "student": student, "data": data, "seeds": seeds, "epochs": epochs,
-             "methods": tuple(methods) if methods else None,
-             "lrs": tuple(o.comma_list(lr_sweep, "--lr-sweep", of=float, positive=True)) if lr_sweep else None,
-             "train_fraction": train_fraction, "img_size": img_size,
-             "batch_size": batch_size, "optimizer": opt, "weight_decay": weight_decay, "clip_grad": clip_grad, "amp": amp,
-             "teacher_ckpt": str(teacher_ckpt) if teacher_ckpt else None, "teacher_epochs": teacher_epochs,
-             "teacher_pretrained": None if pretrained else False, "device": device, "workers": workers,
-             "download": download or None, "teacher_cache": None if teacher_cache else False}
+    # CompareConfig's fields the options set (None: not given).
+    given = dict(teacher=teacher, student=student, data=data, seeds=seeds, epochs=epochs,
+                 methods=tuple(methods) if methods else None,
+                 lrs=tuple(o.comma_list(lr_sweep, "--lr-sweep", of=float, positive=True)) if lr_sweep else None,
+                 train_fraction=train_fraction, img_size=img_size, batch_size=batch_size,
+                 optimizer=opt, weight_decay=weight_decay, clip_grad=clip_grad,
+                 amp=amp, teacher_ckpt=str(teacher_ckpt) if teacher_ckpt else None,
+                 teacher_epochs=teacher_epochs, teacher_pretrained=None if pretrained else False, device=device,
+                 workers=workers, download=download or None, teacher_cache=None if teacher_cache else False)
     if resume:  # the saved settings; a loss flag given that differs is refused by run_compare
         cfg = resume_config(out, **given)
     else:
         cfg = CompareConfig(**{k: v for k, v in given.items() if v is not None}, out=str(out) if out else None)
-    cfg.loss = replace(cfg.loss, **loss_given)
+    cfg.loss = replace(cfg.loss, **loss_changes)
     if ablations:
         cfg.methods = tuple(parse_methods(cfg.methods, ablations=True))
     result = run_compare(cfg, resume=resume, jobs=jobs, threads=threads)
@@ -78,7 +89,6 @@ def compare(
     typer.echo(f"{result.runs_done} runs trained now, {result.runs_skipped} finished earlier")
     if note := result.report.get("transfer_note"):
         Console().print(f"[yellow]note:[/] {note}")
-
 
 
 def summary_table(report: dict):

@@ -1,4 +1,5 @@
-"""`spofa teacher` and `spofa distill`: parse options, call `spofa_deploy.pipeline`, print the result."""
+"""`spofa teacher` and `spofa distill`: parse options, call `spofa_deploy.teacher.stage.train_teacher` or
+`spofa_deploy.pipeline.distill`, print the result."""
 from __future__ import annotations
 
 import os
@@ -15,8 +16,8 @@ def teacher(
     teacher: o.Teacher = "vit_b",
     data: o.Data = "digits",
     img_size: o.ImgSize = None,
-    teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file to start from.")] = None,
-    pretrained: Annotated[bool, typer.Option(help="Try timm's pretrained weights first.")] = True,
+    teacher_weights: o.TeacherWeights = None,
+    pretrained: o.Pretrained = True,
     epochs: o.Epochs = None, batch_size: o.BatchSize = None, lr: o.Lr = None, opt: o.Optim = None,
     device: o.Device = "auto", amp: o.Amp = "auto", out: o.Out = None, resume: o.Resume = False,
     seed: o.Seed = 0, workers: o.Workers = None, download: o.Download = False, on_nan: o.OnNan = "stop",
@@ -27,14 +28,19 @@ def teacher(
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of the teacher's CE (0: soft targets that teach).")] = 0.0,
 ) -> None:
     """Train / fine-tune the teacher on the data (teacher.safetensors + teacher.json)."""
-    given = dict(locals())  # the option groups are built from the options by name (cli.options)
-    from spofa_deploy import pipeline
+    from spofa_deploy.data.splits import DataOptions
+    from spofa_deploy.teacher import stage
+
     o.use_threads(threads)
-    opts = pipeline.TeacherOptions(name=teacher, weights=_str(teacher_weights), pretrained=pretrained,
-                                   label_smoothing=label_smoothing)
-    opts.train = o.train_config(given, opts.train)
-    opts.cpu_budget = None if epochs else opts.cpu_budget  # epochs given are taken as given
-    path = pipeline.train_teacher(teacher=opts, data=o.data_options(given), out=out, resume=resume)
+    recipe = stage.TeacherOptions().train
+    opts = stage.TeacherOptions(
+        name=teacher, weights=_str(teacher_weights), pretrained=pretrained, label_smoothing=label_smoothing,
+        train=o.train_settings(recipe, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=opt, device=device,
+                               amp=amp, seed=seed, workers=workers, on_nan=on_nan, clip_grad=clip_grad,
+                               weight_decay=weight_decay),
+        cpu_budget=None if epochs else stage.TEACHER_CPU_BUDGET)  # epochs given are taken as given
+    data_opts = DataOptions(spec=data, img_size=img_size, skip_corrupt=skip_corrupt, download=download)
+    path = stage.train_teacher(teacher=opts, data=data_opts, out=out, resume=resume)
     typer.echo(str(path))
 
 
@@ -45,30 +51,29 @@ def distill(
     data: o.Data = "digits",
     method: Annotated[str, typer.Option("--method", help="spofa | ofa | kd | none")] = "spofa",
     img_size: o.ImgSize = None,
-    teacher_ckpt: Annotated[Optional[Path], typer.Option("--teacher-ckpt", help="A teacher.safetensors from `spofa teacher`, or a checkpoint of timm's training script (model_best.pth.tar, .pth, .safetensors) of the --teacher architecture, used as it is.")] = None,
+    teacher_ckpt: o.TeacherCkpt = None,
     teacher_finetune: Annotated[bool, typer.Option("--teacher-finetune", help="Fine-tune a teacher made elsewhere (--teacher-ckpt of timm, or --teacher hf-hub:ID / local-dir:DIR) on the data by the teacher stage, its classifier re-initialised where the classes differ; without it the teacher is used as it is.")] = False,
-    teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file for the teacher stage.")] = None,
-    teacher_epochs: Annotated[Optional[int], typer.Option(help="Epochs of the teacher stage, if it runs (default: the recipe's 30, fewer on the CPU for big teachers).")] = None,
-    pretrained: Annotated[bool, typer.Option(help="Try timm's pretrained teacher weights first.")] = True,
-    teacher_batch_size: Annotated[Optional[int], typer.Option(help="Batch size of the teacher stage (default 32).")] = None,
+    teacher_weights: o.TeacherWeights = None,
+    teacher_epochs: o.TeacherEpochs = None,
+    pretrained: o.Pretrained = True,
+    teacher_batch_size: Annotated[Optional[int], typer.Option("--teacher-batch-size", help="Batch size of the teacher stage (default 32).")] = None,
     epochs: o.Epochs = None, batch_size: o.BatchSize = None, lr: o.Lr = None, opt: o.Optim = None,
     device: o.Device = "auto", amp: o.Amp = "auto", out: o.Out = None, resume: o.Resume = False,
     seed: o.Seed = 0, workers: o.Workers = None, download: o.Download = False, on_nan: o.OnNan = "stop",
     clip_grad: o.ClipGrad = None,
     weight_decay: o.WeightDecay = None,
-    teacher_label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the teacher stage, if it runs (0: soft targets that teach).")] = 0.0,
+    teacher_label_smoothing: Annotated[float, typer.Option("--teacher-label-smoothing", help="Label smoothing of the teacher stage, if it runs (0: soft targets that teach).")] = 0.0,
     teacher_cache: Annotated[Optional[Path], typer.Option("--teacher-cache", metavar="DIR", help="Store the teacher's logits of every training view here once; later runs with the same teacher, data, size and seed read them instead of running the teacher.")] = None,
     teacher_cache_max_gb: Annotated[Optional[float], typer.Option("--teacher-cache-max-gb", help="Bound on the teacher cache folder (GB).")] = None,
     teacher_cache_format: Annotated[Optional[str], typer.Option("--teacher-cache-format", help="fp32 (exact) | fp16 | topk [default: fp16, top-50 beyond 100 classes at temperature 1].")] = None,
     gpu_decode: Annotated[bool, typer.Option("--gpu-decode", help="Decode and augment training JPEGs on the GPU (nvJPEG): for image folders whose loader cannot keep up (benchmarks/loader.py).")] = False,
-    train_fraction: Annotated[float, typer.Option(help="Train on this stratified fraction of the training split.")] = 1.0,
+    train_fraction: o.TrainFraction = 1.0,
     skip_corrupt: o.SkipCorrupt = False,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this node: re-launches through torchrun.")] = 1,
     threads: o.Threads = None,
     **loss,
 ) -> None:
     """Distil the teacher into the student (runs the teacher stage first if needed)."""
-    given = {**locals(), **loss}  # the option groups are built from the options by name (cli.options)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from spofa_deploy.train.distributed import relaunch_with_torchrun
 
@@ -76,20 +81,31 @@ def distill(
         i = argv.index("--nproc")
         raise SystemExit(relaunch_with_torchrun(nproc, argv[:i] + argv[i + 2:]))
     from spofa_deploy import pipeline
-    from spofa_deploy.train import distributed
+    from spofa_deploy.data.splits import DataOptions
     from spofa_deploy.errors import UserError
+    from spofa_deploy.method.distillers import METHODS, DistillConfig
+    from spofa_deploy.teacher.stage import TEACHER_CPU_BUDGET, TeacherOptions
+    from spofa_deploy.train import distributed
+    from spofa_deploy.train.loop import TrainConfig
 
     o.use_threads(threads)
     if gpu_decode and device.strip().lower() == "cpu":
         raise UserError("--gpu-decode decodes on the GPU: it cannot run with --device cpu")
-    topts = pipeline.TeacherOptions(name=teacher, checkpoint=_str(teacher_ckpt), weights=_str(teacher_weights),
-                                    pretrained=pretrained, label_smoothing=teacher_label_smoothing,
-                                    finetune=teacher_finetune)
-    topts.train = o.train_config(given, topts.train, prefix="teacher_")
-    topts.cpu_budget = None if teacher_epochs else topts.cpu_budget  # epochs given are taken as given
-    loss = o.loss_config(given)
-    r = pipeline.distill(student=student, teacher=topts, method=loss.method, data=o.data_options(given), loss=loss,
-                         train=o.train_config(given), cache=o.cache_options(given), out=out, resume=resume)
+    shared = dict(device=device, amp=amp, seed=seed, workers=workers, on_nan=on_nan, clip_grad=clip_grad)
+    recipe = TeacherOptions().train
+    topts = TeacherOptions(name=teacher, checkpoint=_str(teacher_ckpt), weights=_str(teacher_weights),
+                           pretrained=pretrained, label_smoothing=teacher_label_smoothing, finetune=teacher_finetune,
+                           train=o.train_settings(recipe, epochs=teacher_epochs, batch_size=teacher_batch_size, **shared),
+                           cpu_budget=None if teacher_epochs else TEACHER_CPU_BUDGET)  # epochs given are taken as given
+    loss_cfg = DistillConfig(method=o.choice(method, "--method", METHODS), **o.loss_options(**loss))
+    r = pipeline.distill(
+        student=student, teacher=topts, method=loss_cfg.method, loss=loss_cfg,
+        data=DataOptions(spec=data, img_size=img_size, train_fraction=train_fraction, skip_corrupt=skip_corrupt,
+                         download=download, gpu_decode=gpu_decode),
+        train=o.train_settings(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, optimizer=opt,
+                               weight_decay=weight_decay, **shared),
+        cache=o.teacher_cache(teacher_cache, max_gb=teacher_cache_max_gb, fmt=teacher_cache_format),
+        out=out, resume=resume)
     if distributed.info().is_main:
         print_summary(r)
 

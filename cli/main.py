@@ -30,32 +30,12 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
 LIBRARIES = ("spofa_deploy", "export", "calibration")  # the packages that speak through `logging`
 
 
-class _ConsoleHandler(logging.Handler):
-    """A library log record as one line on the rich console (stderr): warnings marked, nothing else added."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from rich.text import Text
-
-        from spofa_deploy.console import console
-
-        try:
-            msg = self.format(record)
-        except Exception:  # noqa: BLE001 - a bad format string must not end the command
-            self.handleError(record)
-            return
-        if record.levelno >= logging.WARNING:
-            console.print(Text("warning: ", style="yellow") + Text(msg), soft_wrap=True)
-        else:
-            console.print(Text(msg), soft_wrap=True)
-
-
 def show_library_logs(level: int = logging.INFO) -> None:
-    """The library's one output channel is `logging`; the command line shows its records on stderr (once per
-    process: the handler replaces any this function installed before)."""
-    for name in LIBRARIES:
-        lg = logging.getLogger(name)
-        lg.handlers[:] = [h for h in lg.handlers if not isinstance(h, _ConsoleHandler)] + [_ConsoleHandler()]
-        lg.setLevel(level)
+    """The library's one output channel is `logging`; the command line shows its records on stderr, one plain
+    line each, warnings as `warning: <msg>` (once per process: the handler replaces any installed before)."""
+    from spofa_deploy.console import show_logs
+
+    show_logs(LIBRARIES, level)
 
 
 # One module per command group; each command parses options, calls one library function, prints.
@@ -96,8 +76,8 @@ def main() -> None:
 def _abandon() -> None:
     """A failed command leaves no empty run folder it made and no `runs/latest` pointing at a run with nothing
     to resume; its folder locks are released (the kernel would release them at exit anyway)."""
-    if "spofa_deploy.artifacts" in sys.modules:  # (a command that failed before it wrote anything)
-        sys.modules["spofa_deploy.artifacts"].abandon_runs()
+    if "spofa_deploy.run_dirs" in sys.modules:  # (a command that failed before it wrote anything)
+        sys.modules["spofa_deploy.run_dirs"].abandon_runs()
 
 
 def _is_click(e: BaseException, name: str) -> bool:

@@ -1,14 +1,18 @@
 """Shared Typer options, declared once; the one parser of option values (choices, comma lists); the option
-groups (library dataclasses) built from a command's parsed options; and what `--threads` does.
+groups (library dataclasses) built from a command's options; and what `--threads` does.
 
-A command captures its options first (`given = dict(locals())`) and builds each group from them
-(`data_options(given)`, ...): the parameter `teacher_cache_max_gb` fills `TeacherCacheOptions.max_gb`.
-So a new option of a group is two lines: its Typer parameter and its dataclass field.
+A training command (`spofa teacher`, `distill`, `compare`) builds each group by a constructor call that
+names every field it sets (`DataOptions(spec=data, img_size=img_size, ...)`, `train_settings(base,
+epochs=epochs, ...)`), so a renamed field fails at once; `tests/test_cli_options.py` checks that every
+flag reaches the library. `group_fields` builds a group from a command's options by field name (`train_config`,
+which `spofa qat` uses).
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
+import re
 import typing
 from dataclasses import fields, replace
 from pathlib import Path
@@ -35,10 +39,28 @@ Optim = Annotated[Optional[str], typer.Option("--opt", help="sgd | adamw (defaul
 OnNan = Annotated[str, typer.Option("--on-nan", help="stop | skip (skip non-finite steps; stop after 5 in a row)")]
 ClipGrad = Annotated[Optional[float], typer.Option("--clip-grad", help="Clip the gradient norm to this value.")]
 WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay of the optimizer (default: 0.05 student, 0.05 teacher).")]
+TrainFraction = Annotated[float, typer.Option("--train-fraction", help="Train on this stratified fraction of the training split.")]
+# Where the teacher comes from and how its stage trains (TeacherOptions), for `spofa teacher`, `distill` and `compare`.
+TeacherCkpt = Annotated[Optional[Path], typer.Option("--teacher-ckpt", help="A teacher.safetensors from `spofa teacher`, or a checkpoint of timm's training script (model_best.pth.tar, .pth, .safetensors) of the --teacher architecture, used as it is.")]
+TeacherWeights = Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file (timm / torchvision format) the teacher stage starts from.")]
+TeacherEpochs = Annotated[Optional[int], typer.Option("--teacher-epochs", help="Epochs of the teacher stage, if it runs (default: the recipe's 30, fewer on the CPU for big teachers).")]
+Pretrained = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Try timm's pretrained teacher weights first.")]
 # The same meaning everywhere: CPU threads of this process's PyTorch (and ONNX Runtime, where a command runs it).
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", min=1, help="CPU threads of PyTorch (and ONNX Runtime, where used); default: one per core. "
                              "1 on a busy machine (see `spofa doctor`).")]
+
+
+def defaulting(option: Any, default: str) -> Any:
+    """`option` for a parameter whose default is None, its help naming `default` (what None stands for) in place
+    of the default it names: `spofa compare`'s result-shaping options, where None also keeps a resumed
+    compare's setting."""
+    kind, info = typing.get_args(option)
+    info = copy.copy(info)
+    text = re.sub(r"\s*\(default: [^)]*\)", "", info.help).rstrip(".")
+    info.help = f"{text} (default: {default})."
+    return Annotated[Optional[kind], info]
+
 
 # Distillation settings (DistillConfig), declared once for `spofa distill` and `spofa compare`.
 GtWeight = Annotated[Optional[float], typer.Option("--gt-weight", help="Weight of the CE loss (l_gt) [default: 1].")]
@@ -63,8 +85,22 @@ def loss_options(
     label_smoothing: LabelSmoothing = None, mema: Mema = None, sample_weights: SampleWeights = None,
     momentum: Momentum = None, lambda_feat: LambdaFeat = None, lambda_out: LambdaOut = None,
     alpha_max: AlphaMax = None,
-) -> None:
-    """The distillation settings (`DistillConfig`'s fields) as one option group: `@with_options(loss_options)`."""
+) -> dict:
+    """The distillation settings (`DistillConfig`'s fields) as one option group: `@with_options(loss_options)`.
+
+    Called with a command's options, it returns the `DistillConfig` fields they set (None: the default),
+    `--temperature` and `--kd-temperature` checked and `--stage-eps "1,1,1,1"` parsed.
+    """
+    from spofa_deploy.limits import check_positive
+
+    for value, flag in ((temperature, "--temperature"), (kd_temperature, "--kd-temperature")):
+        check_positive(value, flag)  # logits / 0: not a divergence the learning rate could fix
+    changes = dict(gt_weight=gt_weight, kd_weight=kd_weight, feat_weight=feat_weight, eps=eps,
+                   stage_eps=tuple(comma_list(stage_eps, "--stage-eps", of=float)) if stage_eps is not None else None,
+                   temperature=temperature, kd_temperature=kd_temperature, label_smoothing=label_smoothing, mema=mema,
+                   sample_weights=sample_weights, momentum=momentum, lambda_feat=lambda_feat, lambda_out=lambda_out,
+                   alpha_max=alpha_max)
+    return {k: v for k, v in changes.items() if v is not None}
 
 
 def with_options(*groups: Callable) -> Callable:
@@ -89,12 +125,11 @@ def with_options(*groups: Callable) -> Callable:
 
     return add
 
+
 # Choices of the training options, as TrainConfig.validate accepts them: (flag, what it names, choices) per field.
 TRAIN_CHOICES = {"optimizer": ("--opt", "optimizer", ("sgd", "adamw")),
                  "amp": ("--amp", "AMP mode", ("auto", "bf16", "fp16", "off")),
                  "on_nan": ("--on-nan", "on-NaN policy", ("stop", "skip"))}
-# What `spofa distill` gives its teacher stage besides --teacher-epochs and --teacher-batch-size.
-SHARED_TRAIN = ("device", "amp", "seed", "workers", "on_nan", "clip_grad")
 
 
 # ---------------------------------------------------------------- the one parser of option values
@@ -132,33 +167,6 @@ def comma_list(value: str, flag: str, *, of: type = str, choices: Iterable[str] 
     return out
 
 
-# ---------------------------------------------------------------- option groups from a command's options
-
-
-def group_fields(cls, given: Mapping[str, Any], *, prefix: str = "", **names: str) -> dict:
-    """The fields of dataclass `cls` that a command's options set: field `f` takes option `names[f]`, else
-    `prefix + f`; an option that is absent or None leaves the field to its default."""
-    out = {}
-    for f in fields(cls):
-        key = names.get(f.name, prefix + f.name)
-        if given.get(key) is not None:
-            out[f.name] = given[key]
-    return out
-
-
-def train_config(given: Mapping[str, Any], base=None, *, prefix: str = ""):
-    """A TrainConfig (or `base` with changes) from a command's options, `--opt`, `--amp` and `--on-nan` checked.
-
-    With `prefix` (distill's `teacher_` for its teacher stage) only the prefixed options and the
-    shared ones (`SHARED_TRAIN`) count.
-    """
-    from spofa_deploy.train.loop import TrainConfig
-
-    names = {"optimizer": prefix + "opt", **({f: f for f in SHARED_TRAIN} if prefix else {})}
-    cfg = replace(base or TrainConfig(), **group_fields(TrainConfig, given, prefix=prefix, **names))
-    return replace(cfg, **{field: train_choice(field, getattr(cfg, field)) for field in TRAIN_CHOICES})
-
-
 def train_choice(field: str, value: str | None) -> str | None:
     """The value of a training option with choices (TrainConfig's `optimizer`, `amp`, `on_nan`) checked; None stays."""
     if value is None:
@@ -167,46 +175,44 @@ def train_choice(field: str, value: str | None) -> str | None:
     return choice(value, flag, options, noun=noun)
 
 
-def loss_fields(given: Mapping[str, Any]) -> dict:
-    """The DistillConfig settings a command's options give (None: the default); `--stage-eps "1,1,1,1"` parsed."""
-    from spofa_deploy.method.distillers import DistillConfig
+# ---------------------------------------------------------------- option groups from a command's options
 
-    from spofa_deploy.limits import check_positive
 
-    out = group_fields(DistillConfig, given)
-    out.pop("method", None)  # (distill: --method; compare: --methods)
-    for key in ("temperature", "kd_temperature"):  # logits / 0: not a divergence the learning rate could fix
-        check_positive(out.get(key), "--" + key.replace("_", "-"))
-    if "stage_eps" in out:
-        out["stage_eps"] = tuple(comma_list(out["stage_eps"], "--stage-eps", of=float))
+def train_settings(base, **changes):
+    """`base` (a TrainConfig) with the training options a command gives, by field (None: `base`'s value), and
+    `--opt`, `--amp` and `--on-nan` checked."""
+    cfg = replace(base, **{k: v for k, v in changes.items() if v is not None})
+    return replace(cfg, **{field: train_choice(field, getattr(cfg, field)) for field in TRAIN_CHOICES})
+
+
+def teacher_cache(folder: Path | None, *, max_gb: float | None, fmt: str | None):
+    """The TeacherCacheOptions of `spofa distill` (`--teacher-cache DIR`, `--teacher-cache-*`), None without a folder."""
+    from spofa_deploy.teacher.cache import TeacherCacheOptions
+    from spofa_deploy.teacher.cache_key import FORMATS
+
+    if folder is None:
+        return None
+    fmt = choice(fmt, "--teacher-cache-format", FORMATS, noun="teacher cache format") if fmt is not None else None
+    return TeacherCacheOptions(folder=folder, max_gb=max_gb, format=fmt)
+
+
+def group_fields(cls, given: Mapping[str, Any], *, prefix: str = "", **names: str) -> dict:
+    """The fields of dataclass `cls` that a command's options set, by name: field `f` takes option `names[f]`,
+    else `prefix + f`; an option that is absent or None leaves the field to its default."""
+    out = {}
+    for f in fields(cls):
+        key = names.get(f.name, prefix + f.name)
+        if given.get(key) is not None:
+            out[f.name] = given[key]
     return out
 
 
-def loss_config(given: Mapping[str, Any]):
-    """The DistillConfig of `spofa distill`: `--method` checked, the loss options it gives."""
-    from spofa_deploy.method.distillers import METHODS, DistillConfig
+def train_config(given: Mapping[str, Any], base=None):
+    """A TrainConfig (or `base` with changes) from a command's options by field name (`--opt` fills
+    `optimizer`), `--opt`, `--amp` and `--on-nan` checked."""
+    from spofa_deploy.train.loop import TrainConfig
 
-    return DistillConfig(method=choice(given["method"], "--method", METHODS), **loss_fields(given))
-
-
-def data_options(given: Mapping[str, Any]):
-    """The DataOptions of a training command (`--data` is its `spec`)."""
-    from spofa_deploy.pipeline import DataOptions
-
-    return DataOptions(**group_fields(DataOptions, given, spec="data"))
-
-
-def cache_options(given: Mapping[str, Any]):
-    """The TeacherCacheOptions of `spofa distill` (`--teacher-cache DIR`, `--teacher-cache-*`), None without a folder."""
-    from spofa_deploy.pipeline import TeacherCacheOptions
-    from spofa_deploy.teacher.cache_key import FORMATS
-
-    if given.get("teacher_cache") is None:
-        return None
-    opts = TeacherCacheOptions(**group_fields(TeacherCacheOptions, given, prefix="teacher_cache_", folder="teacher_cache"))
-    if opts.format is not None:
-        opts.format = choice(opts.format, "--teacher-cache-format", FORMATS, noun="teacher cache format")
-    return opts
+    return train_settings(base or TrainConfig(), **group_fields(TrainConfig, given, optimizer="opt"))
 
 
 def use_threads(n: int | None) -> None:

@@ -59,6 +59,7 @@ def create_model(
     pretrained: bool = False,
     weights: str | Path | None = None,
     exportable: bool = False,
+    architecture: str | None = None,
 ) -> nn.Module:
     """Create a timm model for `num_classes` classes.
 
@@ -70,23 +71,25 @@ def create_model(
         weights: a local weights file (timm/torchvision format) loaded through timm's
             pretrained path, so the classifier is re-initialised when its width differs.
         exportable: build layers that export cleanly (ONNX / TensorRT).
+        architecture: the timm architecture of `name` where the caller knows it (an `hf-hub:` or
+            `local-dir:` name whose config it has read), else looked up.
     """
     import timm
 
-    from spofa_deploy.teacher.foreign import architecture, checkpoint_state, classifier_width
+    from spofa_deploy.teacher import foreign
 
     full = resolve_model_name(name)
     kwargs: dict = {"num_classes": num_classes}
     if exportable:
         kwargs["exportable"] = True
-    if img_size is not None and _takes_img_size(architecture(full)):
+    if img_size is not None and _takes_img_size(architecture or foreign.architecture(full)):
         kwargs["img_size"] = img_size
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
             raise UserError(f"weights file not found: {path}")
         # timm keeps the file's classifier when its width is the model's, and re-initialises it otherwise.
-        width = classifier_width(full, checkpoint_state(path))
+        width = foreign.classifier_width(full, foreign.checkpoint_state(path))
         kwargs["pretrained_cfg_overlay"] = {"file": str(path), **({"num_classes": width} if width else {})}
         pretrained = True
     try:

@@ -243,7 +243,8 @@ def test_distill_end_to_end(e2e) -> None:
                  "metrics.jsonl", "trace.csv", "trace.png"):
         assert (out / name).is_file(), name
     assert (cwd / "runs" / "latest").resolve() == out.resolve()
-    from spofa_deploy.artifacts import latest_run, read_model_meta
+    from spofa_deploy.artifacts import read_model_meta
+    from spofa_deploy.run_dirs import latest_run
 
     assert latest_run(cwd / "runs") == out.resolve()
     # The teacher stage ran first (no teacher for this data yet) and is cached for later runs.
@@ -363,7 +364,7 @@ def test_distill_option_groups_reach_the_library(monkeypatch, capsys, tmp_path: 
                              target="spofa_deploy.pipeline:distill")
     assert code == 0 and seen[0]["cache"] is None and seen[0]["data"] == DataOptions(), err  # no folder, no cache
     code, seen, err = _spofa(monkeypatch, capsys, "teacher", "--data", "digits", "--img-size", "16", "--skip-corrupt",
-                             "--epochs", "2", target="spofa_deploy.pipeline:train_teacher")
+                             "--epochs", "2", target="spofa_deploy.teacher.stage:train_teacher")
     assert code == 0, err
     assert seen[0]["data"] == DataOptions("digits", 16, skip_corrupt=True) and seen[0]["teacher"].train.epochs == 2
 

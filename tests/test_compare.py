@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from spofa_deploy.compare import run as cmp
-from spofa_deploy.compare import report
-from spofa_deploy import pipeline
+from spofa_deploy.compare import plan, report, stats
+from spofa_deploy.teacher import stage
 from spofa_deploy.train import plots
 from spofa_deploy.train.hooks import Hooks
 from spofa_deploy.machine import cpu_isa
@@ -133,7 +133,7 @@ def test_summarize_mean_std_and_diverged_runs() -> None:
     runs = [_rec("kd", 0.01, 0, 80.0), _rec("kd", 0.01, 1, 90.0), _rec("kd", 0.01, 2, 70.0, spikes=3),
             _rec("kd", 0.1, 0, 40.0), _rec("kd", 0.1, 1, 60.0, "stopped", 2, ("nonfinite",)),
             _rec("kd", 0.1, 2, 10.0, reasons=("collapse",))]
-    s = report.summarize(runs, ["kd"], [0.01, 0.1])
+    s = stats.summarize(runs, ["kd"], [0.01, 0.1])
     lo, hi = s["per_method_lr"]
     assert lo["final_top1"]["mean"] == pytest.approx(80.0) and lo["final_top1"]["std"] == pytest.approx(10.0)
     assert lo["loss_spikes"]["mean"] == pytest.approx(1.0) and lo["diverged"] == 0
@@ -146,7 +146,7 @@ def test_summarize_mean_std_and_diverged_runs() -> None:
     pooled = s["per_method"][0]
     assert pooled["runs"] == 6 and pooled["diverged"] == 2 and pooled["loss_spikes_total"] == 5
     assert pooled["worst_lr"] == 0.1 and pooled["worst_lr_final_top1"] == pytest.approx(110 / 3)
-    one = report.summarize([_rec("none", 0.01, 0, 50.0)], ["none"], [0.01])["per_method_lr"][0]
+    one = stats.summarize([_rec("none", 0.01, 0, 50.0)], ["none"], [0.01])["per_method_lr"][0]
     assert one["final_top1"]["std"] is None  # one seed: no spread to report
 
 
@@ -154,31 +154,31 @@ def test_paired_statistics_on_a_hand_computed_example() -> None:
     """Three seeds, differences 2, 4, 6: mean 4, sd 2, t(0.975, 2) = 4.302653, half-width 4.302653 * 2 / sqrt(3)."""
     runs = [_rec("spofa", 0.01, s, v) for s, v in ((0, 82.0), (1, 84.0), (2, 86.0))]
     runs += [_rec("none", 0.01, s, 80.0) for s in range(3)] + [_rec("none", 0.1, s, 90.0 + s) for s in range(3)]
-    p = report.paired_difference(runs, "spofa", "none", 0.01, 0.01)
+    p = stats.paired_difference(runs, "spofa", "none", 0.01, 0.01)
     half = 4.302653 * 2.0 / math.sqrt(3)
     assert p["diffs"] == [2.0, 4.0, 6.0] and p["mean"] == pytest.approx(4.0)
     assert p["ci95"] == pytest.approx([4.0 - half, 4.0 + half], abs=1e-5)
     assert p["significant"] is False  # the interval [-0.97, 8.97] holds zero: three seeds are not enough here
     for r, v in zip(runs[:3], (83.0, 83.0, 85.0)):  # differences 3, 3, 5
         r["final_top1"] = v
-    p = report.paired_difference(runs, "spofa", "none", 0.01, 0.01)
+    p = stats.paired_difference(runs, "spofa", "none", 0.01, 0.01)
     assert p["diffs"] == [3.0, 3.0, 5.0] and p["significant"] is True  # mean 3.67, half-width 2.87
     # At each method's own best rate: none is best at 0.1 (91 on average), spofa at 0.01.
-    best = report.best_rates(report.summarize(runs, ["spofa", "none"], [0.01, 0.1])["per_method_lr"])
+    best = stats.best_rates(stats.summarize(runs, ["spofa", "none"], [0.01, 0.1])["per_method_lr"])
     assert best == {"spofa": 0.01, "none": 0.1}
-    (at_best,) = [c for c in report.paired_comparisons(runs, ["none", "spofa"], [0.01, 0.1], best)
+    (at_best,) = [c for c in stats.paired_comparisons(runs, ["none", "spofa"], [0.01, 0.1], best)
                   if c["at"] == "best rates"]
     assert at_best["diffs"] == [83.0 - 90.0, 83.0 - 91.0, 85.0 - 92.0] and at_best["significant"] is True
     # A seed without a figure on either side does not count.
     runs.append(_rec("spofa", 0.1, 0, None, "stopped", reasons=("nonfinite",)))
-    assert report.paired_difference(runs, "spofa", "none", 0.1, 0.1)["n"] == 0
+    assert stats.paired_difference(runs, "spofa", "none", 0.1, 0.1)["n"] == 0
 
 
 def test_paired_comparisons_pair_each_method_with_its_baselines() -> None:
     """Every method against the student alone; feature methods against OFA; SPOFA's variants against SPOFA."""
     methods = cmp.parse_methods("none,kd,ofa,spofa", ablations=True)
     runs = [_rec(m, 0.01, s, 80.0 + s) for m in methods for s in range(2)]
-    pairs = {(c["method"], c["baseline"]) for c in report.paired_comparisons(runs, methods, [0.01], {m: 0.01 for m in methods})}
+    pairs = {(c["method"], c["baseline"]) for c in stats.paired_comparisons(runs, methods, [0.01], {m: 0.01 for m in methods})}
     variants = {m for m in methods if m.startswith("spofa-")}
     assert variants == {"spofa-nomema", "spofa-nobeta", "spofa-damp", "spofa-m0.9"}
     assert pairs == ({(m, "none") for m in methods if m != "none"} | {(m, "ofa") for m in variants | {"spofa"}}
@@ -209,7 +209,7 @@ def test_eta_from_finished_runs() -> None:
     remaining = [("none", 0.1, 1), ("spofa", 0.1, 1), ("spofa", 0.1, 2), ("kd", 0.1, 1)]
     assert cmp._eta(done, remaining) == pytest.approx(10 + 40 + 40 + 30)
     assert cmp._eta({}, remaining) is None
-    assert [cmp._fmt_secs(s) for s in (42, 125, 3725, None)] == ["42s", "2m05s", "1h02m", "?"]
+    assert [report.fmt_secs(s) for s in (42, 125, 3725, None)] == ["42s", "2m05s", "1h02m", "?"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -239,8 +239,8 @@ def tiny_compare(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)  # the shared teacher goes to ./runs/teachers
     mp = pytest.MonkeyPatch()
-    teacher_calls, distill_calls = Counter(pipeline.train_teacher), Counter(cmp.distill)
-    mp.setattr(pipeline, "train_teacher", teacher_calls)
+    teacher_calls, distill_calls = Counter(stage.train_teacher), Counter(cmp.distill)
+    mp.setattr(stage, "train_teacher", teacher_calls)
     mp.setattr(cmp, "distill", distill_calls)
     try:
         result = cmp.run_compare(_tiny(root / "runs" / "cmp"))
@@ -346,7 +346,7 @@ def test_resume_skips_finished_runs(tiny_compare, monkeypatch) -> None:
     assert rec["resumed"] is True and rec["epochs_run"] == 1 and rec["status"] == "finished"
     assert third.report["complete"] and len(third.report["runs"]) == 2
     # resume_config reads the saved settings back (what `spofa compare --resume --out DIR` uses).
-    cfg = cmp.resume_config(out, device="cpu")
+    cfg = plan.resume_config(out, device="cpu")
     assert (cfg.student, cfg.img_size, cfg.methods, cfg.lrs) == ("test_resnet", 16, ("none", "spofa"), (0.01,))
 
 
@@ -364,8 +364,8 @@ def test_a_compare_copied_without_weights_resumes_on_a_fresh_machine(tmp_path: P
     assert not Path(saved["teacher_path"]).exists() and len(saved["teacher_sha256"]) == 64
     assert saved["cpu_isa"] == cpu_isa() and saved["teacher"]["model"] == "test_vit"  # (its record: see below)
     assert {r["cpu_isa"] for r in first.report["runs"]} == {cpu_isa()}
-    retrained = Counter(pipeline.train_teacher)
-    monkeypatch.setattr(pipeline, "train_teacher", retrained)
+    retrained = Counter(stage.train_teacher)
+    monkeypatch.setattr(stage, "train_teacher", retrained)
     more = cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 2}), resume=True)
     assert len(retrained.calls) == 1 and more.runs_skipped == 2 and more.runs_done == 2
     old = {r["name"]: r for r in first.report["runs"]}
@@ -376,18 +376,18 @@ def test_a_compare_copied_without_weights_resumes_on_a_fresh_machine(tmp_path: P
     # another teacher, refused by its digest after the whole stage; the refusal comes at once and says why.
     shutil.rmtree(tmp_path / "runs" / "teachers")
     header = (tmp_path / "b" / COMPARE).read_text()
-    monkeypatch.setattr(cmp, "cpu_isa", lambda: "OTHER")
-    monkeypatch.setattr(pipeline, "train_teacher", lambda **k: pytest.fail("no teacher stage"))
+    monkeypatch.setattr(plan, "cpu_isa", lambda: "OTHER")
+    monkeypatch.setattr(stage, "train_teacher", lambda **k: pytest.fail("no teacher stage"))
     kernels = f"this CPU's kernels are OTHER, the compare started with {saved['cpu_isa']} CPU kernels"
     with pytest.raises(UserError, match=f"missing and retrained here it would be another teacher: {kernels}"):
         cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 3}), resume=True)
     # Another teacher (here: trained longer) is refused, before any run; found on another kind of CPU, the
     # refusal names the kernels.
-    monkeypatch.setattr(cmp, "cpu_isa", cpu_isa)
-    monkeypatch.setattr(pipeline, "train_teacher", retrained)
+    monkeypatch.setattr(plan, "cpu_isa", cpu_isa)
+    monkeypatch.setattr(stage, "train_teacher", retrained)
     with pytest.raises(UserError, match=r"teacher_sha256\)\. Pass its teacher"):
         cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 3, "teacher_epochs": 2}), resume=True)
-    monkeypatch.setattr(cmp, "cpu_isa", lambda: "OTHER")
+    monkeypatch.setattr(plan, "cpu_isa", lambda: "OTHER")
     with pytest.raises(UserError, match=f"teacher_sha256\\): {kernels}"):
         cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 3, "teacher_epochs": 2}), resume=True)
     assert not list((tmp_path / "b").glob("*-seed2")) and (tmp_path / "b" / COMPARE).read_text() == header
@@ -396,7 +396,7 @@ def test_a_compare_copied_without_weights_resumes_on_a_fresh_machine(tmp_path: P
     # left, above), and a --teacher-ckpt given is not used nor recorded. A compare from before compare.json kept
     # that record reads it from its report.json; with neither, the teacher is found or retrained as before.
     shutil.rmtree(tmp_path / "runs" / "teachers")
-    monkeypatch.setattr(pipeline, "train_teacher", lambda **k: pytest.fail("no teacher stage"))
+    monkeypatch.setattr(stage, "train_teacher", lambda **k: pytest.fail("no teacher stage"))
     for legacy in (False, True):
         if legacy:
             (tmp_path / "b" / COMPARE).write_text(json.dumps({k: v for k, v in json.loads(header).items() if k != "teacher"}))
@@ -418,8 +418,8 @@ def test_a_compare_copied_without_weights_resumes_on_a_fresh_machine(tmp_path: P
     def train_teacher(**kwargs):
         raise Retrained
 
-    monkeypatch.setattr(cmp, "cpu_isa", cpu_isa)
-    monkeypatch.setattr(pipeline, "train_teacher", train_teacher)
+    monkeypatch.setattr(plan, "cpu_isa", cpu_isa)
+    monkeypatch.setattr(stage, "train_teacher", train_teacher)
     with pytest.raises(Retrained):
         cmp.run_compare(_tiny(tmp_path / "b", **{**base, "seeds": 2}), resume=True)
 
@@ -439,7 +439,7 @@ def test_a_missing_given_teacher_is_asked_for_not_retrained(tmp_path: Path, monk
         header["teacher_sha256"] = "0" * 64
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / COMPARE).write_text(json.dumps(header))
-    monkeypatch.setattr(pipeline, "train_teacher", lambda **k: pytest.fail("no teacher stage"))
+    monkeypatch.setattr(stage, "train_teacher", lambda **k: pytest.fail("no teacher stage"))
     monkeypatch.setattr(cmp, "distill", lambda *a, **k: pytest.fail("no run"))
     with pytest.raises(UserError, match=r"mine/teacher\.safetensors.*--teacher-ckpt" if digest else "not found"):
         cmp.run_compare(_tiny(tmp_path / "c"), resume=True)
@@ -451,7 +451,7 @@ def test_a_missing_recipe_teacher_saved_by_absolute_path_is_retrained(tmp_path: 
     the recipe retrains it (then its digest decides)."""
     from dataclasses import asdict
 
-    from spofa_deploy.pipeline import default_teacher_dir
+    from spofa_deploy.teacher.stage import default_teacher_dir
 
     monkeypatch.chdir(tmp_path)
     cfg = _tiny(tmp_path / "c")
@@ -467,7 +467,7 @@ def test_a_missing_recipe_teacher_saved_by_absolute_path_is_retrained(tmp_path: 
     def train_teacher(**kwargs):
         raise Retrained
 
-    monkeypatch.setattr(pipeline, "train_teacher", train_teacher)
+    monkeypatch.setattr(stage, "train_teacher", train_teacher)
     with pytest.raises(Retrained):
         cmp.run_compare(_tiny(tmp_path / "c"), resume=True)
 
@@ -508,8 +508,7 @@ def test_a_diverged_run_is_recorded_not_fatal(tiny_compare, monkeypatch) -> None
 
 
 def test_an_interrupted_teacher_stage_is_resumed_not_used(tmp_path: Path, monkeypatch) -> None:
-    from spofa_deploy import pipeline
-    from spofa_deploy.pipeline import default_teacher_dir
+    from spofa_deploy.teacher.stage import default_teacher_dir
 
     monkeypatch.chdir(tmp_path)
     cfg = _tiny(tmp_path / "c")
@@ -523,23 +522,22 @@ def test_an_interrupted_teacher_stage_is_resumed_not_used(tmp_path: Path, monkey
         calls.append((Path(out), resume, data.img_size, teacher.train))
         return Path(out) / "teacher.safetensors"
 
-    monkeypatch.setattr(pipeline, "train_teacher", fake_train_teacher)
-    assert cmp.ensure_teacher(cfg, 16) == tdir / "teacher.safetensors"
+    monkeypatch.setattr(stage, "train_teacher", fake_train_teacher)
+    assert plan.ensure_teacher(cfg, 16) == tdir / "teacher.safetensors"
     assert [c[:3] for c in calls] == [(tdir, True, 16)]  # stopped at epoch 1/2: resumed, not used half-trained
     torch.save({"epoch": 2, "config": {"epochs": 2}}, tdir / "checkpoint-last.pt")
-    assert cmp.ensure_teacher(cfg, 16) == tdir / "teacher.safetensors" and len(calls) == 1  # finished: used
+    assert plan.ensure_teacher(cfg, 16) == tdir / "teacher.safetensors" and len(calls) == 1  # finished: used
 
 
 def test_compare_trains_its_teacher_with_the_teacher_recipe(tmp_path: Path, monkeypatch) -> None:
     """The teacher folder is shared with later `spofa distill` runs: compare must not train it with student settings."""
-    from spofa_deploy import pipeline
     monkeypatch.chdir(tmp_path)
     cfg = _tiny(tmp_path / "c")
     seen = []
-    monkeypatch.setattr(pipeline, "train_teacher",
+    monkeypatch.setattr(stage, "train_teacher",
                         lambda **k: seen.append(k["teacher"].train) or Path(k["out"]) / "teacher.safetensors")
-    cmp.ensure_teacher(cfg, 16)
-    recipe = pipeline.TeacherOptions().train
+    plan.ensure_teacher(cfg, 16)
+    recipe = stage.TeacherOptions().train
     (t,) = seen
     assert (t.optimizer, t.batch_size, t.lr) == (recipe.optimizer, recipe.batch_size, recipe.lr) == ("adamw", 32, 5e-4)
     assert t.epochs == cfg.teacher_epochs and t.device == cfg.device
@@ -655,10 +653,10 @@ def test_the_default_jobs_run_single_threaded_workers_even_when_one_fits(tmp_pat
 def test_cpu_kernels_are_those_of_a_compare_on_the_cpu_only(monkeypatch) -> None:
     """compare.json's `cpu_isa` (and the resume check on it) concern compares trained on the CPU; on a GPU the
     CPU's instruction set does not decide the teacher's weights."""
-    monkeypatch.setattr(cmp, "cpu_isa", lambda: "AVX2")
-    assert cmp._cpu_kernels(_tiny(Path("x"))) == "AVX2"
-    monkeypatch.setattr(cmp, "resolve_device", lambda name: torch.device("cuda"))
-    assert cmp._cpu_kernels(_tiny(Path("x"), device="cuda")) is None
+    monkeypatch.setattr(plan, "cpu_isa", lambda: "AVX2")
+    assert plan.cpu_kernels(_tiny(Path("x"))) == "AVX2"
+    monkeypatch.setattr(plan, "resolve_device", lambda name: torch.device("cuda"))
+    assert plan.cpu_kernels(_tiny(Path("x"), device="cuda")) is None
 
 
 def test_the_default_jobs_fill_the_cores_as_memory_allows(monkeypatch) -> None:

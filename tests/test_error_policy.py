@@ -17,7 +17,7 @@ from spofa_deploy.errors import UserError
 
 # command -> (its arguments, "module:function" of the one library call it makes)
 COMMANDS = {
-    "teacher": (["teacher"], "spofa_deploy.pipeline:train_teacher"),
+    "teacher": (["teacher"], "spofa_deploy.teacher.stage:train_teacher"),
     "distill": (["distill"], "spofa_deploy.pipeline:distill"),
     "export": (["export", "student.safetensors", "--format", "onnx"], "export.exporter:export_model"),
     "bench": (["bench", "student.onnx"], "export.bench.run:run_bench"),

@@ -11,8 +11,10 @@ import torch
 
 from spofa_deploy import pipeline
 from spofa_deploy.artifacts import load_state, read_model_meta
+from spofa_deploy.data.splits import DataOptions
 from spofa_deploy.errors import UserError
-from spofa_deploy.pipeline import DataOptions, TeacherOptions, find_teacher
+from spofa_deploy.teacher import stage
+from spofa_deploy.teacher.stage import TeacherOptions, find_teacher
 from spofa_deploy.train.loop import TrainConfig
 
 DIGITS = [str(d) for d in range(10)]
@@ -25,7 +27,7 @@ def _model(classes: int = 10) -> torch.nn.Module:
 
 
 def _no_stage(monkeypatch) -> None:
-    monkeypatch.setattr(pipeline, "train_teacher", lambda **k: pytest.fail("a teacher made elsewhere is used as it is"))
+    monkeypatch.setattr(stage, "train_teacher", lambda **k: pytest.fail("a teacher made elsewhere is used as it is"))
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -104,7 +106,7 @@ def test_fine_tuning_on_request_starts_the_stage_from_the_teachers_weights(tmp_p
     monkeypatch.chdir(tmp_path)
     save_file(_model(5).state_dict(), tmp_path / "five.safetensors")
     seen = []
-    monkeypatch.setattr(pipeline, "train_teacher",
+    monkeypatch.setattr(stage, "train_teacher",
                         lambda **k: seen.append(k["teacher"]) or Path(k["out"]) / "teacher.safetensors")
     five = TeacherOptions(name="test_resnet", checkpoint=str(tmp_path / "five.safetensors"), train=TRAIN, finetune=True)
     find_teacher(teacher=five, data=DataOptions("digits", 32))
@@ -127,3 +129,16 @@ def test_a_pickled_object_is_refused_not_run(tmp_path: Path, monkeypatch) -> Non
     with pytest.raises(UserError, match="cannot read checkpoint"):
         find_teacher(teacher=TeacherOptions(name="test_resnet", checkpoint=str(bad), train=TRAIN),
                      data=DataOptions("digits", 32))
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit", "convnext_tiny.fb_in22k", "vit_base_resnet26d_224"])
+def test_the_classifier_width_is_read_without_building_a_model(name: str, monkeypatch) -> None:
+    """The classifier's name comes from timm's pretrained config of the name (its tag's, for a tagged name): the
+    one a built model carries, so the width read from a state dict is the width of its classifier."""
+    from spofa_deploy.teacher import foreign
+
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=7)
+    assert foreign._classifier_name(name) == model.pretrained_cfg["classifier"]
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built to find its classifier"))
+    assert foreign.classifier_width(name, model.state_dict()) == 7

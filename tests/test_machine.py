@@ -96,7 +96,7 @@ def test_doctor_shows_the_line(monkeypatch, capsys) -> None:
 # ---------------------------------------------------------------- the option reaches the library
 
 TRAINING = {  # command -> (args, "module:function" it calls)
-    "teacher": (["teacher"], "spofa_deploy.pipeline:train_teacher"),
+    "teacher": (["teacher"], "spofa_deploy.teacher.stage:train_teacher"),
     "distill": (["distill"], "spofa_deploy.pipeline:distill"),
     "compare": (["compare"], "spofa_deploy.compare.run:run_compare"),
 }

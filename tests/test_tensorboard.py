@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -33,20 +34,21 @@ def test_a_distillation_writes_its_trace_and_epochs_as_scalars(tiny_run: Path) -
     assert {"epoch/ema_top1", "epoch/lr", "epoch/train_loss"} <= set(scalars)
 
 
-def test_without_tensorboard_a_run_says_so_once_and_writes_none(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_without_tensorboard_a_run_says_so_once_and_writes_none(tmp_path: Path, monkeypatch, caplog) -> None:
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now fails as if not installed
     monkeypatch.setattr(tensorboard, "_said_missing", False)
-    assert tensorboard.TensorBoard.open(tmp_path / "a") is None
-    assert tensorboard.TensorBoard.open(tmp_path / "b") is None
-    said = capsys.readouterr().err  # (messages go to stderr: stdout carries results)
-    assert said.count("TensorBoard is not installed") == 1
+    with caplog.at_level(logging.INFO, logger="spofa_deploy"):  # (the library's one output channel)
+        assert tensorboard.TensorBoard.open(tmp_path / "a") is None
+        assert tensorboard.TensorBoard.open(tmp_path / "b") is None
+    assert caplog.text.count("TensorBoard is not installed") == 1
     assert not (tmp_path / "a" / tensorboard.FOLDER).exists()
 
 
-def test_a_run_folder_tensorboard_cannot_write_costs_only_its_scalars(tmp_path: Path, capsys) -> None:
+def test_a_run_folder_tensorboard_cannot_write_costs_only_its_scalars(tmp_path: Path, caplog) -> None:
     import os
 
     pytest.importorskip("tensorboard")
     odd = Path(os.fsdecode(bytes(tmp_path) + b"/run-\xff"))  # not UTF-8: TensorBoard's writer refuses the path
-    assert tensorboard.TensorBoard.open(odd) is None
-    assert "no TensorBoard scalars for this run" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="spofa_deploy"):
+        assert tensorboard.TensorBoard.open(odd) is None
+    assert "no TensorBoard scalars for this run" in caplog.text

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import spofa_deploy
 from spofa_deploy import pipeline
-from spofa_deploy.artifacts import read_model_meta, save_model
+from spofa_deploy.artifacts import load_model, read_model_meta, save_model
 from spofa_deploy.data.splits import load_splits
 from spofa_deploy.data.datasets import Splits, stratified_subset
 from spofa_deploy.data.loaders import make_loader
@@ -27,6 +27,7 @@ from spofa_deploy.method.distillers import OFA, DistillConfig, create_task
 from spofa_deploy.errors import TrainingDiverged, UserError
 from spofa_deploy.models import count_params, create_model, data_config
 from spofa_deploy.pipeline import DataOptions, TeacherCacheOptions, TeacherOptions, distill
+from spofa_deploy.teacher import stage
 from spofa_deploy.train.hooks import Hooks
 from spofa_deploy.run_files import CHECKPOINT
 from spofa_deploy.train.loop import TrainConfig, evaluate, fit
@@ -261,13 +262,13 @@ def test_trace_csv_of_a_spofa_run(tiny_run: Path) -> None:
 @pytest.fixture
 def shrink_val(monkeypatch):
     """Pipeline runs on a 60-image val split (the training split is cut by train_fraction)."""
-    orig = pipeline._splits
+    orig = pipeline.load_data
 
     def small(*a, **kw):
         s = orig(*a, **kw)
         return Splits(s.train, s.val.subset(stratified_subset(s.val.labels, 60, 0)), s.classes, s.spec, s.info)
 
-    monkeypatch.setattr(pipeline, "_splits", small)
+    monkeypatch.setattr(pipeline, "load_data", small)
 
 
 def _run(method: str, out: Path, teacher: Path, resume: bool = False, hooks: Hooks | None = None):
@@ -540,12 +541,12 @@ def test_distill_step_no_sync_on_gpu(method: str) -> None:
 def test_teacher_stage_has_no_label_smoothing_and_records_its_soft_target_entropy(tmp_path: Path, monkeypatch) -> None:
     import random
 
-    from spofa_deploy.pipeline import soft_target_entropy, train_teacher
+    from spofa_deploy.teacher.stage import soft_target_entropy, train_teacher
 
     assert TeacherOptions().label_smoothing == 0.0
     smoothing = []
-    real = pipeline.Supervised
-    monkeypatch.setattr(pipeline, "Supervised", lambda net, ls: smoothing.append(ls) or real(net, ls))
+    real = stage.Supervised
+    monkeypatch.setattr(stage, "Supervised", lambda net, ls: smoothing.append(ls) or real(net, ls))
     opts = TeacherOptions(name="test_vit", pretrained=False, train=_cfg(epochs=1, batch_size=64, optimizer="adamw"))
     path = train_teacher(teacher=opts, data=DataOptions("digits", 16), out=tmp_path / "t")
     assert smoothing == [0.0]
@@ -554,7 +555,7 @@ def test_teacher_stage_has_no_label_smoothing_and_records_its_soft_target_entrop
     assert meta["label_smoothing"] == 0.0 and soft["temperature"] == 4.0 and soft["images"] == 512
     assert 0.0 < soft["entropy_nats"] <= soft["max_nats"] == pytest.approx(math.log(10), abs=1e-4)
     # The measurement uses a private RNG: global state untouched, and the same value twice.
-    model, _ = pipeline.load_model(path)
+    model, _ = load_model(path)
     splits = load_splits("digits", Preprocessing.from_meta(meta, 16))
     torch_state, py_state = torch.get_rng_state(), random.getstate()
     again = soft_target_entropy(model, splits.train, 4.0)

@@ -9,12 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from spofa_deploy.compare import plan
 from spofa_deploy.compare import run as cmp
 from spofa_deploy import models, pipeline
 from spofa_deploy.accuracy import agreement, transfer_check
 from spofa_deploy.artifacts import load_state, read_model_meta
-from spofa_deploy.compare.report import decisions, holm
-from spofa_deploy.pipeline import DataOptions, TeacherOptions, train_teacher
+from spofa_deploy.compare.stats import decisions, holm
+from spofa_deploy.data.splits import DataOptions
+from spofa_deploy.teacher import stage
+from spofa_deploy.teacher.stage import TeacherOptions, train_teacher
 from spofa_deploy.run_files import DONE
 from spofa_deploy.train.loop import TrainConfig
 
@@ -35,15 +38,15 @@ def test_the_teacher_stage_draws_once_whatever_the_hub_answers(tmp_path: Path, m
             raise RuntimeError("no pretrained weights in the cache")
         return model
 
-    def stage(name: str, pretrained: bool, hub: bool) -> dict[str, torch.Tensor]:
+    def run_stage(name: str, pretrained: bool, hub: bool) -> dict[str, torch.Tensor]:
         monkeypatch.setattr(models, "_hub_reachable", lambda: hub)
         opts = TeacherOptions(name="test_vit", pretrained=pretrained, train=_teacher_cfg())
         return load_state(train_teacher(teacher=opts, data=DataOptions("digits", 16), out=tmp_path / name))
 
     monkeypatch.setattr(models, "create_model", no_weights)
-    asked = stage("hub-no-weights", pretrained=True, hub=True)
-    unreachable = stage("no-hub", pretrained=True, hub=False)
-    plain = stage("no-pretrained", pretrained=False, hub=True)
+    asked = run_stage("hub-no-weights", pretrained=True, hub=True)
+    unreachable = run_stage("no-hub", pretrained=True, hub=False)
+    plain = run_stage("no-pretrained", pretrained=False, hub=True)
     for other in (unreachable, plain):
         assert asked.keys() == other.keys()
         assert all(torch.equal(asked[k], other[k]) for k in asked)
@@ -156,10 +159,10 @@ def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypa
 
 
 def test_the_teacher_recipe_is_cut_to_the_cpu_budget_only_when_not_given() -> None:
-    from spofa_deploy.pipeline import stage_epochs
+    from spofa_deploy.teacher.stage import stage_epochs
 
     recipe = TeacherOptions(train=TrainConfig(epochs=30, lr=5e-4, batch_size=32, optimizer="adamw", device="cpu"))
-    assert TeacherOptions().train.epochs == 30 and TeacherOptions().cpu_budget == pipeline.TEACHER_CPU_BUDGET
+    assert TeacherOptions().train.epochs == 30 and TeacherOptions().cpu_budget == stage.TEACHER_CPU_BUDGET
     assert stage_epochs(recipe, 86_000_000, 1438) == 8  # a ViT-B on digits: the main command's budget
     assert stage_epochs(recipe, 5_500_000, 1438) == 30  # a DeiT-Tiny: the whole recipe
     assert stage_epochs(recipe, 86_000_000, 50_000) == 1  # never zero
@@ -173,12 +176,12 @@ def test_epochs_given_on_the_command_line_are_taken_as_given(tmp_path: Path, mon
     from cli.main import app
 
     seen = []
-    monkeypatch.setattr(pipeline, "train_teacher", lambda **k: seen.append(k["teacher"]) or tmp_path / "t.safetensors")
+    monkeypatch.setattr(stage, "train_teacher", lambda **k: seen.append(k["teacher"]) or tmp_path / "t.safetensors")
     for args in (["teacher"], ["teacher", "--epochs", "3"]):
         assert CliRunner().invoke(app, [*args, "--out", str(tmp_path / "t")]).exit_code == 0
-    assert [(t.train.epochs, t.cpu_budget) for t in seen] == [(30, pipeline.TEACHER_CPU_BUDGET), (3, None)]
+    assert [(t.train.epochs, t.cpu_budget) for t in seen] == [(30, stage.TEACHER_CPU_BUDGET), (3, None)]
     seen.clear()
     monkeypatch.chdir(tmp_path)
-    cmp.ensure_teacher(cmp.CompareConfig(teacher="test_vit", device="cpu"), 16)
-    cmp.ensure_teacher(cmp.CompareConfig(teacher="test_vit", device="cpu", teacher_epochs=2), 16)
-    assert [(t.train.epochs, t.cpu_budget) for t in seen] == [(30, pipeline.TEACHER_CPU_BUDGET), (2, None)]
+    plan.ensure_teacher(cmp.CompareConfig(teacher="test_vit", device="cpu"), 16)
+    plan.ensure_teacher(cmp.CompareConfig(teacher="test_vit", device="cpu", teacher_epochs=2), 16)
+    assert [(t.train.epochs, t.cpu_budget) for t in seen] == [(30, stage.TEACHER_CPU_BUDGET), (2, None)]

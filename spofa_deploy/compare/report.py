@@ -1,7 +1,7 @@
-"""The report of `spofa compare`: aggregation, paired statistics, report.json / report.md.
+"""The report of `spofa compare`: report.json / report.md (and the plots).
 
 Reads the run records `spofa_deploy.compare.run` collects (one per method x rate x seed) and
-writes what a reviewer reads. The report leads with each method at its own best rate of
+writes what a reviewer reads, with the statistics of `spofa_deploy.compare.stats`. The report leads with each method at its own best rate of
 the sweep (the literature's protocol: every method gets the same chance at tuning), then
 paired differences against the student alone, against OFA and (SPOFA's ablations) against
 SPOFA (methods share seeds, so per-seed differences cancel the seed's luck), then the per-rate rows and every run.
@@ -9,83 +9,26 @@ Plots: `spofa_deploy.train.plots`; the terminal table: `cli`.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
-import statistics
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from spofa_deploy.artifacts import versions, write_json
-from spofa_deploy.console import console
+from spofa_deploy.compare.config import CompareConfig
+from spofa_deploy.compare.stats import CONFIDENCE, best_rates, decisions, paired_comparisons, summarize
+from spofa_deploy.compare.stats import t_quantile  # noqa: F401 - importable from here too (benchmarks use it)
 from spofa_deploy.machine import cpu_isa, cpu_model
 from spofa_deploy.train.stability import SPIKE_FACTOR, SPIKE_MIN_HISTORY, SPIKE_WINDOW, TAIL_FRACTION, COLLAPSE_MARGIN
 
-if TYPE_CHECKING:
-    from spofa_deploy.compare.run import CompareConfig
+_log = logging.getLogger(__name__)
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
-CONFIDENCE = 0.95
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Aggregation
-
-def _stats(values: Iterable[float | None]) -> dict:
-    """mean, std (sample, ddof = 1; None for one value), min, max and n of the finite values."""
-    v = [float(x) for x in values if x is not None and math.isfinite(x)]
-    if not v:
-        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
-    return {"n": len(v), "mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else None,
-            "min": min(v), "max": max(v)}
-
-
-ACC_KEYS = ("final_top1", "best_top1", "final_ema_top1", "best_ema_top1")
-STAB_KEYS = ("loss_spikes", "ce_spikes", "loss_peak_ratio", "ce_peak_ratio", "loss_var_tail", "ce_var_tail", "grad_cos_mean")
-
-
-def _group(runs: Sequence[dict]) -> dict:
-    """Figures of a group of runs. Tail variances: runs that trained to the end; everything else: every run,
-    a run stopped on NaN/Inf with the accuracy of its last evaluated epoch (the checkpoint it leaves), so a
-    method whose runs blow up is not averaged over its survivors only. `diverged` counts runs with any
-    divergence reason."""
-    finished = [r for r in runs if r["status"] == "finished"]
-    out = {"runs": len(runs), "finished": len(finished), "stopped": len(runs) - len(finished),
-           "diverged": sum(r["stability"]["diverged"] for r in runs),
-           "nonfinite": sum("nonfinite" in r["stability"]["divergence"] for r in runs),
-           "collapsed": sum("collapse" in r["stability"]["divergence"] for r in runs)}
-    for k in ACC_KEYS:
-        out[k] = _stats(r[k] for r in runs)
-    for k in STAB_KEYS:
-        out[k] = _stats(r["stability"].get(k) for r in (finished if k.endswith("_tail") else runs))
-    out["loss_spikes_total"] = sum(r["stability"]["loss_spikes"] for r in runs)
-    out["update_norm"] = _stats(r.get("update_norm") for r in runs)
-    out["grad_over_ce"] = _stats(r.get("grad_over_ce") for r in runs)
-    out["agreement"] = _stats(r.get("agreement") for r in runs)
-    out["wall_s"] = _stats(r.get("wall_s") for r in runs)
-    out["img_per_s"] = _stats(r.get("img_per_s") for r in runs)
-    return out
-
-
-def summarize(runs: Sequence[dict], methods: Sequence[str], lrs: Sequence[float]) -> dict:
-    """`per_method_lr` (mean +- std over seeds) and `per_method` (pooled over the sweep, plus the worst rate)."""
-    per_lr, per_method = [], []
-    for m in methods:
-        groups = []
-        for lr in lrs:
-            g = {"method": m, "lr": lr, **_group([r for r in runs if r["method"] == m and r["lr"] == lr])}
-            groups.append(g)
-            per_lr.append(g)
-        pooled = {"method": m, **_group([r for r in runs if r["method"] == m])}
-        means = [(g["final_top1"]["mean"], g["lr"]) for g in groups]
-        worst = min(((v if v is not None else -1.0), lr) for v, lr in means)  # a rate where every run stopped is worst
-        pooled["worst_lr"] = worst[1]
-        pooled["worst_lr_final_top1"] = worst[0] if worst[0] >= 0 else None
-        per_method.append(pooled)
-    return {"per_method": per_method, "per_method_lr": per_lr}
 
 
 DEFINITIONS = {
@@ -114,124 +57,6 @@ DEFINITIONS = {
 }
 
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Fair comparisons: each method at its own best rate; paired differences with intervals
-
-def best_rates(per_method_lr: Sequence[dict]) -> dict[str, float]:
-    """Each method's rate with the highest mean final top-1 over seeds (ties: the lower rate)."""
-    best: dict[str, tuple[float, float]] = {}
-    for g in per_method_lr:
-        mean = g["final_top1"]["mean"]
-        score = -1.0 if mean is None else mean  # a rate where every run stopped before an epoch is worst
-        if g["method"] not in best or score > best[g["method"]][0]:
-            best[g["method"]] = (score, g["lr"])
-    return {m: lr for m, (_, lr) in best.items()}
-
-
-def t_quantile(p: float, df: int) -> float:
-    """Student's t quantile (scipy, a dependency of scikit-learn)."""
-    from scipy.stats import t
-
-    return float(t.ppf(p, df))
-
-
-def paired_difference(runs: Sequence[dict], method: str, baseline: str, lr: float, lr_baseline: float,
-                      key: str = "final_top1") -> dict:
-    """Per-seed differences `method` minus `baseline` (same seed), their mean and a 95 % t-interval.
-
-    A seed counts when both runs have the figure (a stopped run has the top-1 of its last
-    evaluated epoch). `significant` is None below two seeds (no interval), else whether the
-    interval excludes zero.
-    """
-    a = {r["seed"]: r[key] for r in runs if r["method"] == method and r["lr"] == lr}
-    b = {r["seed"]: r[key] for r in runs if r["method"] == baseline and r["lr"] == lr_baseline}
-    seeds = sorted(s for s in set(a) & set(b) if _finite(a[s]) and _finite(b[s]))
-    diffs = [a[s] - b[s] for s in seeds]
-    out = {"method": method, "baseline": baseline, "lr": lr, "lr_baseline": lr_baseline, "key": key,
-           "seeds": seeds, "diffs": diffs, "n": len(diffs), "mean": statistics.fmean(diffs) if diffs else None,
-           "ci95": None, "significant": None, "p": None}
-    if len(diffs) >= 2:
-        se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-        half = t_quantile(0.5 + CONFIDENCE / 2, len(diffs) - 1) * se
-        out["ci95"] = [out["mean"] - half, out["mean"] + half]
-        out["significant"] = not out["ci95"][0] <= 0.0 <= out["ci95"][1]
-        out["p"] = _t_two_sided_p(out["mean"] / se, len(diffs) - 1) if se > 0 else (1.0 if out["mean"] == 0 else 0.0)
-    return out
-
-
-def _t_two_sided_p(t_stat: float, df: int) -> float:
-    from scipy.stats import t
-
-    return float(2 * t.sf(abs(t_stat), df))
-
-
-# The study's decision rules, fixed before its runs (docs/results.md, "Does the knowledge transfer?"): each
-# method at its own best rate, paired by seed against its baseline.
-PRIMARY_MIN_GAIN = 1.0  # points of top-1: "SPOFA helps" needs at least this mean gain over the student alone
-SECONDARY = (("ofa", "none"), ("spofa", "ofa"), ("spofa-fw0.1", "spofa"), ("ofa-fw0.1", "ofa"))
-
-
-def holm(pvalues: Sequence[float | None], alpha: float = 1 - CONFIDENCE) -> list[bool | None]:
-    """Holm's step-down rejections of a family of p-values (None: not tested, not counted)."""
-    order = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
-    out: list[bool | None] = [None] * len(pvalues)
-    rejecting = True
-    for k, (p, i) in enumerate(order):
-        rejecting = rejecting and p <= alpha / (len(order) - k)
-        out[i] = rejecting
-    return out
-
-
-def decisions(paired: Sequence[dict]) -> list[dict]:
-    """The pre-registered rules applied to the best-rate paired differences, in order: the gate (plain KD must beat
-    the student alone, or the task cannot show transfer), the primary claim (SPOFA at least `PRIMARY_MIN_GAIN`
-    points above the student alone, interval above zero), then the secondary comparisons, Holm-corrected."""
-    best = {(p["method"], p["baseline"]): p for p in paired if p["at"] == "best rates"}
-    out = []
-    gate = best.get(("kd", "none"))
-    if gate is not None:
-        shown = bool(gate["ci95"]) and gate["ci95"][0] > 0
-        out.append({"rule": "gate: kd - none, 95 % interval above zero", "comparison": "kd - none", **_fig(gate),
-                    "holds": shown})
-    primary = best.get(("spofa", "none"))
-    if primary is not None:
-        holds = bool(primary["ci95"]) and primary["ci95"][0] > 0 and primary["mean"] >= PRIMARY_MIN_GAIN
-        out.append({"rule": f"primary: spofa - none >= +{PRIMARY_MIN_GAIN:g} with the 95 % interval above zero",
-                    "comparison": "spofa - none", **_fig(primary), "holds": holds})
-    family = [best.get(pair) for pair in SECONDARY]
-    tested = [p for p in family if p is not None]
-    for p, rejected in zip(tested, holm([p["p"] for p in tested])):
-        out.append({"rule": f"secondary (Holm over {len(tested)}): differs from zero",
-                    "comparison": f"{p['method']} - {p['baseline']}", **_fig(p), "holds": rejected})
-    return out
-
-
-def _fig(p: dict) -> dict:
-    return {"n": p["n"], "mean": p["mean"], "ci95": p["ci95"], "p": p["p"], "lr": p["lr"], "lr_baseline": p["lr_baseline"]}
-
-
-def _finite(x) -> bool:
-    return x is not None and math.isfinite(x)
-
-
-def paired_comparisons(runs: Sequence[dict], methods: Sequence[str], lrs: Sequence[float],
-                       best: dict[str, float]) -> list[dict]:
-    """Every method against `none`, the feature methods against `ofa`, and SPOFA's variants (the ablations) against
-    `spofa`, each where present: at each method's own best rate, then per rate."""
-    against = {"none": lambda m: True, "ofa": lambda m: m not in ("none", "kd"), "spofa": lambda m: m.startswith("spofa-")}
-    out = []
-    for base, compared in against.items():
-        if base not in methods:
-            continue
-        for m in methods:
-            if m == base or not compared(m):
-                continue
-            out.append({**paired_difference(runs, m, base, best[m], best[base]), "at": "best rates"})
-            out.extend({**paired_difference(runs, m, base, lr, lr), "at": f"lr {lr:g}"} for lr in lrs)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -254,7 +79,7 @@ def _g(v, fmt: str = ".3g") -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def build_report(cfg: "CompareConfig", header: dict, data_info: dict, t_meta: dict, runs: Sequence[dict],
+def build_report(cfg: CompareConfig, header: dict, data_info: dict, t_meta: dict, runs: Sequence[dict],
                  wall_s: float) -> dict:
     complete = len(runs) == len(cfg.methods) * len(cfg.lrs) * cfg.seeds
     summary = summarize(runs, cfg.methods, cfg.lrs)
@@ -378,7 +203,7 @@ def render_markdown(report: dict) -> str:
         f"seeds {', '.join(map(str, report['seeds']))}, l_ofa {c['loss']['feat_weight']:g}, KD T {c['loss']['kd_temperature']:g}, label smoothing {c['loss']['label_smoothing']:g}, clip {c['clip_grad'] or 'none'}; "
         "identical for every method",
         f"- machine of this report: {m.get('gpu') or m['cpu']} ({m['device']}, {m['cpu_count']} cores{', ' + m['cpu_isa'] + ' kernels' if m.get('cpu_isa') else ''}), {m['platform']}; "
-        f"total wall time {_fmt_secs(report['wall_s'])}"
+        f"total wall time {fmt_secs(report['wall_s'])}"
         + ("; the runs' CPU kernels: " + ", ".join(f"{k} ({n} runs)" for k, n in report.get("runs_cpu_isa", {}).items())
            if m["device"] == "cpu" else ""),
         "",
@@ -415,7 +240,7 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, cfg: "CompareConfig", header: dict, data_info: dict, t_meta: dict, runs: Sequence[dict],
+def write_report(out: Path, cfg: CompareConfig, header: dict, data_info: dict, t_meta: dict, runs: Sequence[dict],
                  wall_s: float, plots: bool = True) -> tuple[dict, list[Path]]:
     """report.json + report.md (+ the PNGs when `plots`); returns (report, plot paths)."""
     report = build_report(cfg, header, data_info, t_meta, runs, wall_s)
@@ -426,7 +251,7 @@ def write_report(out: Path, cfg: "CompareConfig", header: dict, data_info: dict,
         try:
             paths = plot_compare(out, report)
         except Exception as e:  # a missing plot must not lose the numbers
-            console.print(f"[yellow]warning:[/] could not draw the compare plots: {e}")
+            _log.warning(f"could not draw the compare plots: {e}")
     report["plots"] = [p.name for p in paths]
     write_json(out / REPORT_JSON, report)
     with open(out / REPORT_MD, "w", encoding="utf-8") as f:
@@ -434,8 +259,7 @@ def write_report(out: Path, cfg: "CompareConfig", header: dict, data_info: dict,
     return report, paths
 
 
-
-def _fmt_secs(s: float | None) -> str:
+def fmt_secs(s: float | None) -> str:
     if s is None or not math.isfinite(s):
         return "?"
     s = int(round(s))

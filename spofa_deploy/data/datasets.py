@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from spofa_deploy.data.device_augment import EncodedImage, read_encoded
 from spofa_deploy.errors import UserError
 
-_log = logging.getLogger("spofa_deploy.data")  # the data path's one logger (users may filter it by name)
+_log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 KINDS = ("digits", "cifar10", "cifar100", "imagefolder")

@@ -20,7 +20,7 @@ from PIL import Image
 
 from spofa_deploy.errors import UserError
 
-_log = logging.getLogger("spofa_deploy.data")  # the data path's one logger (users may filter it by name)
+_log = logging.getLogger(__name__)
 
 
 @dataclass

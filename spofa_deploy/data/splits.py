@@ -14,6 +14,8 @@ nvJPEG and applies them there (`DeviceAugment`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from spofa_deploy.data.datasets import (DataSpec, Splits, parse_data_spec,
@@ -21,8 +23,27 @@ from spofa_deploy.data.datasets import (DataSpec, Splits, parse_data_spec,
 from spofa_deploy.data.device_augment import DeviceAugment
 from spofa_deploy.errors import UserError
 from spofa_deploy.data.loaders import build_transforms
+from spofa_deploy.machine import resolve_device
 from spofa_deploy.models import Preprocessing
 
+
+@dataclass
+class DataOptions:
+    """What a stage trains on and how it is read: the `--data` options of `spofa teacher` and `spofa distill`."""
+
+    spec: str = "digits"  # digits | cifar10[:DIR] | cifar100[:DIR] | imagefolder:DIR
+    img_size: int | None = None  # None: the teacher's size (distill), else the data's natural size
+    train_fraction: float = 1.0  # train on this stratified fraction of the training split
+    skip_corrupt: bool = False  # skip unreadable images with a warning instead of failing
+    download: bool = False  # let torchvision fetch CIFAR (needs a network)
+    gpu_decode: bool = False  # decode and augment training images on the training device (nvJPEG on a GPU)
+
+
+def load_data(data: DataOptions, prep: Preprocessing, *, seed: int, device: str) -> Splits:
+    """The splits of `data` with a model's preprocessing (`gpu_decode`: training images decode on `device`)."""
+    return load_splits(data.spec, prep, download=data.download, seed=seed, train_fraction=data.train_fraction,
+                       skip_corrupt=data.skip_corrupt,
+                       decode_device=resolve_device(device).type if data.gpu_decode else None)
 
 
 def load_splits(spec: str | DataSpec, prep: Preprocessing, *, train_aug: bool = True, download: bool = False,

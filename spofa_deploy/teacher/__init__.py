@@ -1,1 +1,2 @@
-"""Teachers: made elsewhere (`foreign`), and the cache of a teacher's logits."""
+"""Teachers: the teacher stage and where a teacher is found (`stage`), teachers made elsewhere (`foreign`), and the
+cache of a teacher's logits."""

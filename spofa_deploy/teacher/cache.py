@@ -20,6 +20,7 @@ Nothing here prints: the caller prints `note` and the warnings.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -36,6 +37,15 @@ from spofa_deploy.teacher.cache_record import Codec, CorruptRecord, EpochRecords
 MANIFEST = "manifest.json"
 STALE_TMP_S = 3600.0  # temp files older than this were left by a killed writer
 _FOLDER_HEX = 16
+
+
+@dataclass
+class TeacherCacheOptions:
+    """The teacher-output cache of a distillation: where it lives, its bound, its record format."""
+
+    folder: str | Path  # the teacher's logits of every training view, stored once, read by later runs and epochs
+    max_gb: float | None = None  # bound on the folder
+    format: str | None = None  # fp32 (exact) | fp16 | topk; None: fp16, top-k beyond 100 classes at temperature 1
 
 
 class TeacherCache:

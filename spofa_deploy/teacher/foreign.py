@@ -60,6 +60,24 @@ def architecture(name: str) -> str:
     return hub_config(name)[1] if is_hub_or_dir(name) else resolve_model_name(name)
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a teacher made elsewhere comes from, its `hf-hub:`/`local-dir:` config read once for its adoption."""
+
+    name: str  # --teacher: an alias, a timm name, or an `hf-hub:`/`local-dir:` name
+    checkpoint: str | Path | None  # a timm checkpoint of that architecture, or None: the hub / folder weights
+    architecture: str  # the timm architecture
+    config: dict | None  # timm's pretrained config of an `hf-hub:`/`local-dir:` name (None for other names)
+
+    @classmethod
+    def read(cls, name: str, checkpoint: str | Path | None) -> "Origin":
+        """The origin of teacher `name` (with `checkpoint`), reading a hub or folder config once."""
+        from spofa_deploy.models import resolve_model_name
+
+        config, arch = hub_config(name) if is_hub_or_dir(name) else (None, resolve_model_name(name))
+        return cls(name, checkpoint, arch, config)
+
+
 def checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a timm checkpoint (its EMA weights where it has them), read with `weights_only`."""
     from timm.models import load_state_dict
@@ -72,23 +90,32 @@ def checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 def classifier_width(name: str, state: dict[str, torch.Tensor]) -> int | None:
     """The output width of the classifier in `state`, for timm architecture `name` (None: no classifier found)."""
-    import timm
-
-    head = timm.create_model(name, pretrained=False, num_classes=2).pretrained_cfg.get("classifier")
+    head = _classifier_name(name)
     heads = head if isinstance(head, (list, tuple)) else [head]
     weight = next((state[f"{h}.weight"] for h in heads if h and f"{h}.weight" in state), None)
     return int(weight.shape[0]) if weight is not None else None
 
 
-def trained_for(name: str, checkpoint: str | Path | None) -> TrainedFor:
+def _classifier_name(name: str) -> str | list[str] | None:
+    """The classifier's module name(s) in timm's pretrained config of model `name`: the config the model would be
+    built with (the registry's, with a pretrained tag's; a hub or folder's own), read without building it."""
+    if is_hub_or_dir(name):
+        return hub_config(name)[0].get("classifier")
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)  # (None: no config registered; timm then builds with a default one)
+    return cfg.classifier if cfg is not None else None
+
+
+def trained_for(origin: Origin) -> TrainedFor:
     """The classes of a teacher made elsewhere: from its checkpoint's classifier, or its hub / folder config."""
-    if checkpoint is not None:
-        width = classifier_width(architecture(name), checkpoint_state(checkpoint))
+    if origin.checkpoint is not None:
+        width = classifier_width(origin.architecture, checkpoint_state(origin.checkpoint))
         if width is None:
-            raise UserError(f"checkpoint {checkpoint} has no classifier weights for {architecture(name)}: is "
+            raise UserError(f"checkpoint {origin.checkpoint} has no classifier weights for {origin.architecture}: is "
                             "--teacher the architecture it was trained as?")
         return TrainedFor(width, None)
-    cfg, _ = hub_config(name)
+    cfg = origin.config
     labels = cfg.get("label_names")
     return TrainedFor(int(cfg.get("num_classes", 0)), tuple(labels) if labels else None)
 
@@ -111,26 +138,27 @@ def check_classes(found: TrainedFor, classes: list[str], who: str) -> str:
     return "count only"
 
 
-def source_slug(name: str, checkpoint: str | Path | None) -> str:
+def source_slug(origin: Origin) -> str:
     """A folder name for the adopted teacher: its architecture and a digest of where it came from."""
     import hashlib
 
     from spofa_deploy.artifacts import file_digest
 
-    if checkpoint is not None:
-        tag = file_digest(checkpoint)["sha256"]
+    name = origin.name
+    if origin.checkpoint is not None:
+        tag = file_digest(origin.checkpoint)["sha256"]
     elif name.startswith("local-dir:"):
         files = sorted(p for p in Path(name.partition(":")[2]).rglob("*") if p.is_file())
         tag = hashlib.sha256("".join(file_digest(p)["sha256"] for p in files).encode()).hexdigest()
     else:
         tag = hashlib.sha256(name.encode()).hexdigest()
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{architecture(name)}-adopted-{tag[:12]}")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{origin.architecture}-adopted-{tag[:12]}")
 
 
-def build(name: str, checkpoint: str | Path | None, num_classes: int, img_size: int) -> torch.nn.Module:
+def build(origin: Origin, num_classes: int, img_size: int) -> torch.nn.Module:
     """The teacher with its own weights and classifier, at `img_size` (timm resamples position embeddings)."""
     from spofa_deploy.models import create_model
 
-    if checkpoint is not None:
-        return create_model(architecture(name), num_classes, img_size, weights=checkpoint)
-    return create_model(name, num_classes, img_size, pretrained=True)
+    if origin.checkpoint is not None:
+        return create_model(origin.architecture, num_classes, img_size, weights=origin.checkpoint)
+    return create_model(origin.name, num_classes, img_size, pretrained=True, architecture=origin.architecture)

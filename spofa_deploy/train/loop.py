@@ -7,6 +7,7 @@ are `hooks.Hooks` (a run's own, plus those installed process-wide with `add_hook
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -21,7 +22,7 @@ from spofa_deploy import run_files
 
 from spofa_deploy.train import distributed
 from spofa_deploy.accuracy import topk_correct
-from spofa_deploy.console import console, progress
+from spofa_deploy.console import progress
 from spofa_deploy.data.datasets import Splits
 from spofa_deploy.method.distillers import TrainTask
 from spofa_deploy.errors import TrainingDiverged, UserError
@@ -31,7 +32,7 @@ from spofa_deploy.machine import resolve_device
 from spofa_deploy.run_files import CHECKPOINT, TRACE, TraceWriter, load_checkpoint
 from spofa_deploy.train.tensorboard import TensorBoard
 
-# Importable from here as before the split (pipeline, compare, plots, tests).
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -196,7 +197,8 @@ def fit(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, *, res
                 n, loss_sum = _train_one_epoch(loop, epoch, hooks, lambda info: bar.update(job, advance=1, info=info))
                 _end_of_epoch(loop, epoch, n, loss_sum, t_epoch, hooks)
     finally:
-        board and board.close()
+        if board:
+            board.close()
     epochs = [h for h in loop.history if "val_top1" in h]
     final = epochs[-1] if epochs else {"val_top1": 0.0, "val_top5": 0.0, "ema_top1": 0.0}
     secs = time.perf_counter() - t_start
@@ -222,7 +224,8 @@ def _setup(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, res
         # What shapes the result comes from the checkpoint (exact resume); the NaN policy from the command line.
         cfg = TrainConfig(**{**asdict(cfg), **state["config"], "device": cfg.device, "workers": cfg.workers,
                              "on_nan": cfg.on_nan})
-        dist.is_main and console.print(f"[bold]resuming[/] {label} from {ckpt_path} (epoch {state['epoch']}/{cfg.epochs})")
+        if dist.is_main:
+            _log.info(f"resuming {label} from {ckpt_path} (epoch {state['epoch']}/{cfg.epochs})")
 
     if dist.enabled and device.type == "cuda":
         # Per-rank BatchNorm statistics would make N GPUs train a different model than one:
@@ -316,7 +319,7 @@ def _train_one_epoch(loop: _Loop, epoch: int, hooks: Hooks, advance: Callable[[s
     if loop.teacher_cache is not None and distributed.info().is_main:
         loop.teacher_cache.commit(epoch)  # atomic; never raises: a failed write only warns
         for w in loop.teacher_cache.pop_warnings():
-            console.print(f"[yellow]warning:[/] {w}")
+            _log.warning(w)
     return n_epoch, loss_sum
 
 
@@ -325,7 +328,8 @@ def _nonfinite(loop: _Loop, epoch: int, step: int, loss_value: float) -> None:
     loop.nan_skips += 1
     loop.history.append({"event": "nonfinite", "step": step, "epoch": epoch, "loss": str(loss_value)})
     if loop.cfg.on_nan == "stop" or loop.nan_skips > loop.cfg.max_nan_skips:
-        distributed.info().is_main and run_files.write_metrics(loop.run_dir, loop.history)
+        if distributed.info().is_main:
+            run_files.write_metrics(loop.run_dir, loop.history)
         raise TrainingDiverged(f"{loop.label}: loss/gradients became non-finite at step {step} (epoch {epoch + 1}); "
                                f"the last good checkpoint is kept. Try a lower --lr or --clip-grad 1.0")
 
@@ -366,12 +370,13 @@ def _end_of_epoch(loop: _Loop, epoch: int, n_epoch: int, loss_sum: float, t_epoc
     if hooks.on_checkpoint:
         hooks.on_checkpoint(loop.step)
     extra = loop.task.extra_state()
-    is_main and run_files.save_checkpoint(loop.ckpt_path, {
-        "epoch": epoch + 1, "step": loop.step, "config": asdict(loop.cfg), "history": loop.history, "best": loop.best,
-        "net": loop.task.net.state_dict(), "extra": extra.state_dict() if extra is not None else {},
-        "ema": loop.ema.state_dict(), "optimizer": loop.optimizer.state_dict(),
-        "scheduler": loop.scheduler.state_dict(), "scaler": loop.scaler.state_dict(), "run": loop.run_info})
-    is_main and run_files.write_metrics(loop.run_dir, loop.history)
+    if is_main:
+        run_files.save_checkpoint(loop.ckpt_path, {
+            "epoch": epoch + 1, "step": loop.step, "config": asdict(loop.cfg), "history": loop.history,
+            "best": loop.best, "net": loop.task.net.state_dict(), "extra": extra.state_dict() if extra is not None else {},
+            "ema": loop.ema.state_dict(), "optimizer": loop.optimizer.state_dict(),
+            "scheduler": loop.scheduler.state_dict(), "scaler": loop.scaler.state_dict(), "run": loop.run_info})
+        run_files.write_metrics(loop.run_dir, loop.history)
     distributed.barrier()  # no rank runs ahead of the checkpoint it might resume from
 
 

@@ -7,11 +7,13 @@ loss, rate) of a run go to `<run>/tensorboard/` as `trace/<field>` and `epoch/<f
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
-from spofa_deploy.console import console
 from spofa_deploy.train.hooks import Hooks
+
+_log = logging.getLogger(__name__)
 
 FOLDER = "tensorboard"
 _said_missing = False  # the note that TensorBoard is missing is said once per process
@@ -32,13 +34,13 @@ class TensorBoard:
         except ImportError:
             if not _said_missing:
                 _said_missing = True
-                console.print("note: TensorBoard is not installed, so runs write no TensorBoard scalars "
-                              "(pip install 'spofa-deploy[tensorboard]'); metrics.jsonl and trace.csv have them all")
+                _log.info("note: TensorBoard is not installed, so runs write no TensorBoard scalars "
+                          "(pip install 'spofa-deploy[tensorboard]'); metrics.jsonl and trace.csv have them all")
             return None
         try:
             return cls(SummaryWriter(str(Path(run_dir) / FOLDER)))
         except (OSError, UnicodeError) as e:  # TensorBoard's writer takes UTF-8 paths only; a full or read-only disk
-            console.print(f"note: no TensorBoard scalars for this run ({type(e).__name__}: {e})")
+            _log.info(f"note: no TensorBoard scalars for this run ({type(e).__name__}: {e})")
             return None
 
     def hooks(self) -> Hooks:

@@ -52,8 +52,10 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def onnx_export(run_dir) -> Path:
     from export.exporter import export_model
+    from export.options import ExportOptions, ParityOptions
 
-    return export_model(run_dir / "student.safetensors", "onnx", dynamic_batch=(1, 2, 4), parity_samples=8).path
+    return export_model(run_dir / "student.safetensors",
+                        ExportOptions("onnx", dynamic_batch=(1, 2, 4), parity=ParityOptions(samples=8))).path
 
 
 def _copy_pair(src: Path, folder: Path) -> Path:
@@ -120,8 +122,9 @@ __attribute__((constructor)) static void forged(void) {
 @pytest.fixture(scope="module")
 def pt2_export(run_dir) -> Path:
     from export.exporter import export_model
+    from export.options import ExportOptions, ParityOptions
 
-    return export_model(run_dir / "student.safetensors", "pt2", batch=1, parity_samples=4).path
+    return export_model(run_dir / "student.safetensors", ExportOptions("pt2", batch=1, parity=ParityOptions(samples=4))).path
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs the system C compiler (gcc) to build a forged library")
@@ -177,7 +180,7 @@ def holder(tmp_path):
     procs = []
 
     def hold(lock_file: Path, target: Path, writer: str) -> subprocess.Popen:
-        code = ("import sys; from pathlib import Path; from spofa_deploy.artifacts import hold; "
+        code = ("import sys; from pathlib import Path; from spofa_deploy.run_dirs import hold; "
                 f"hold(Path({str(lock_file)!r}), Path({str(target)!r}), {writer!r}); print('held', flush=True); "
                 "sys.stdin.read()")
         p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -193,7 +196,7 @@ def holder(tmp_path):
 
 
 def test_second_writer_of_a_run_folder_is_refused_naming_the_first(tmp_path, holder, spofa, run_dir):
-    from spofa_deploy.artifacts import lock_file
+    from spofa_deploy.run_dirs import lock_file
 
     out = tmp_path / "run"
     out.mkdir()
@@ -204,7 +207,7 @@ def test_second_writer_of_a_run_folder_is_refused_naming_the_first(tmp_path, hol
     assert list(out.iterdir()) == []  # nothing of the second writer's
     first.kill()
     first.wait()
-    from spofa_deploy.artifacts import new_run_dir, release_run
+    from spofa_deploy.run_dirs import new_run_dir, release_run
 
     release_run(new_run_dir(out, "x"))  # a killed holder's lock is free at once
 
@@ -242,7 +245,8 @@ def test_resume_never_creates_a_folder(tmp_path, spofa, run_dir):
 def test_teacher_weights_refused_when_a_teacher_of_other_weights_is_cached(tmp_path, spofa, monkeypatch):
     import torch
 
-    from spofa_deploy.pipeline import DataOptions, recipe_teacher_path
+    from spofa_deploy.data.splits import DataOptions
+    from spofa_deploy.teacher.stage import recipe_teacher_path
 
     monkeypatch.chdir(tmp_path)
     cached = recipe_teacher_path("test_vit", DataOptions("digits"))
