@@ -25,6 +25,7 @@ TORCH_PRECISIONS = FORMATS["torch"].precisions
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # torch-compile's mode where none is given: CUDA graphs on a GPU (launch-bound at small batch), plain inductor on CPU.
 DEFAULT_COMPILE_MODE = {"cuda": "reduce-overhead", "cpu": "default"}
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that capture CUDA graphs
 # Inductor settings patched in while torch-compile traces and compiles (never left on): frozen
 # weights become constants of the graph, so BatchNorm folds into the convolutions, weight casts
 # fold away and CPU weights are prepacked for oneDNN. Dynamo reads `freezing` while tracing,
@@ -210,6 +211,8 @@ class TorchRunner(Runner):
         # Pinned host buffer in the device buffer's layout, so the H2D copy is one plain DMA.
         xc = x_cpu.contiguous(memory_format=self._memory_format)
         x_host = torch.empty_strided(xc.shape, xc.stride(), dtype=xc.dtype, pin_memory=True).copy_(xc)
+        # torch-compile replays CUDA graphs in the modes that use them (its CUDA-graph trees).
+        self.cuda_graph = self.backend == "torch-cudagraph" or self.compile_mode in CUDA_GRAPH_MODES
         if self.backend == "torch-cudagraph":
             graph, x_dev, static_out = self._graph(batch)
             slot.out = static_out

@@ -106,10 +106,12 @@ class Runner(abc.ABC):
         compile_seconds: per batch size, compile or graph-capture time spent in `prepare` or a
             first call, kept out of the latency (empty for backends that compile nothing here).
         seed: the timed input of batch b is `random_input(..., seed + b)`.
+        cuda_graph: whether the last `prepare` replays a CUDA graph (None: not on a GPU, or not prepared).
     """
 
     fixed_shapes = False
     seed = 0
+    cuda_graph: bool | None = None
 
     def __init__(self, *, name: str, backend: str, precision: str, device: str, size_bytes: int | None,
                  input_shape: tuple[int, int, int], batch_range: tuple[int, int] | None = None):

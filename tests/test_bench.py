@@ -22,7 +22,7 @@ import torch
 from export.artifact import describe
 from export.bench.report import BenchReport
 from export.bench.run import BenchOptions, run_bench
-from export.bench.timing import LatencyStats, Summary, TimingOptions, measure, percentile
+from export.bench.timing import LatencyStats, Summary, TimingOptions, back_to_back, measure, percentile
 from export.runner import TimedStep
 from spofa_deploy.artifacts import file_digest, read_json, save_model, sidecar_path, write_json
 from spofa_deploy.errors import UserError
@@ -187,6 +187,57 @@ def test_measure_counts_copies_in_host_latency_only():
     st = measure(TimedStep(lambda: None, copy_in=lambda: time.sleep(0.003), copy_out=lambda: time.sleep(0.003)),
                  batch=1, timing=TimingOptions(warmup_s=0.0, min_s=0.0, min_iters=5))
     assert st.host.min >= 6.0
+
+
+class _FakeGpu:
+    """A stream on virtual clocks: each enqueue costs the host `enqueue_ms`, each inference the GPU `run_ms`;
+    an event completes when the stream reaches it (at once on an idle GPU)."""
+
+    def __init__(self, enqueue_ms: float, run_ms: float):
+        self.host = self.free = 0.0
+        self.enqueue_ms, self.run_ms = enqueue_ms, run_ms
+
+    def compute(self) -> None:
+        self.host += self.enqueue_ms
+        self.free = max(self.free, self.host) + self.run_ms
+
+    def event(self):
+        gpu = self
+
+        class Event:
+            def record(self) -> None:
+                self.t = max(gpu.free, gpu.host)
+
+            def synchronize(self) -> None:
+                gpu.host = max(gpu.host, self.t)
+
+            def elapsed_time(self, other) -> float:
+                return other.t - self.t
+
+        return Event()
+
+
+@pytest.mark.parametrize("enqueue_ms, run_ms", [(0.01, 0.5), (0.3, 0.1)])
+def test_back_to_back_times_the_gpu_work_not_the_launch(enqueue_ms, run_ms):
+    gpu = _FakeGpu(enqueue_ms, run_ms)
+    gpu_ms, enq = back_to_back(gpu.compute, 20, new_event=gpu.event, block=8)
+    # 3 blocks of 8 give 7 samples each: a block's first interval (launch on an idle GPU) is dropped.
+    assert len(gpu_ms) == 21 and len(enq) == 24
+    # GPU-bound: each interval is one inference's GPU time, the launch hidden behind the previous one;
+    # launch-bound: the GPU waits for the host, and the figure shows the host's pace.
+    assert gpu_ms == pytest.approx([max(run_ms, enqueue_ms)] * 21)
+    assert all(e >= 0 for e in enq)
+
+
+def test_a_per_call_event_pair_would_count_the_launch():
+    # What the back-to-back schedule avoids: events around one call on an idle GPU include the launch.
+    gpu = _FakeGpu(enqueue_ms=0.2, run_ms=0.5)
+    a, b = gpu.event(), gpu.event()
+    a.record()
+    gpu.compute()
+    b.record()
+    assert a.elapsed_time(b) == pytest.approx(0.7)
+    assert back_to_back(gpu.compute, 4, new_event=gpu.event, block=5)[0] == pytest.approx([0.5] * 4)
 
 
 def test_pool_merges_rounds():

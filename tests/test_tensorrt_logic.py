@@ -401,6 +401,6 @@ def test_trt_runner_replays_a_cuda_graph_or_falls_back(monkeypatch, capture_fail
     runner = object.__new__(trt_runner.TrtRunner)
     timed = runner._graphed(lambda: calls.append("enqueue"), stream=None)
     timed()
-    assert runner.graph is (not capture_fails)
+    assert runner.cuda_graph is (not capture_fails)
     # The captured call, then the timed one: the plain enqueue again, or the graph's replay.
     assert calls == (["enqueue", "enqueue"] if capture_fails else ["enqueue", "replay"])

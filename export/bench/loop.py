@@ -112,7 +112,8 @@ def _time_batch(live: list[Candidate], b: int, timing: TimingOptions, prog, task
         c = live[i]
         if c.result.status == "ok":  # compile / capture time is reported apart, never inside the latency
             c.result.batches.append(BatchResult(batch=b, latency=LatencyStats.pool(ps),
-                                                compile_s=c.runner.compile_seconds.get(b)))
+                                                compile_s=c.runner.compile_seconds.get(b),
+                                                cuda_graph=c.runner.cuda_graph))
     steps.clear()
     for c in live:
         c.runner.release()

@@ -48,11 +48,12 @@ class BatchResult:
     teacher_median_ms: float | None = None
     speedup_like_for_like: bool | None = None  # False: teacher on another backend/precision/device
     compile_s: float | None = None  # compile (or graph capture) at this batch, measured apart from the latency
+    cuda_graph: bool | None = None  # the timed compute was a CUDA graph replay (None: not on a GPU)
 
     def to_dict(self) -> dict:
         return {**self.latency.to_dict(), "speedup_vs_teacher": self.speedup_vs_teacher,
                 "teacher_median_ms": self.teacher_median_ms, "speedup_like_for_like": self.speedup_like_for_like,
-                "compile_s": self.compile_s}
+                "compile_s": self.compile_s, "cuda_graph": self.cuda_graph}
 
 
 @dataclass

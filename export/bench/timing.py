@@ -1,16 +1,21 @@
 """The timing method of `spofa bench`: latency statistics, the timing options, `measure`.
 
 The method borrows trtexec's schedule: warm up for a fixed time, then run until both a
-minimum time and a minimum number of iterations are reached. Unlike trtexec, it
-synchronises after every iteration (trtexec keeps inferences in flight); a TensorRT
-engine's compute is a CUDA graph replay where the engine can be captured (as trtexec
-does by default in TensorRT 11), so its GPU figure holds little launch time. Two clocks
-are kept per iteration:
+minimum time and a minimum number of iterations are reached. Three figures, as trtexec
+reports them:
 
-- host latency: wall clock around host->device copy of the input, the compute, the
-  device->host copy of the output and the final synchronisation (what a caller sees);
-- GPU compute time: CUDA events recorded on the compute stream around the compute only
-  (input already on the device). On CPU it is `None`, never estimated.
+- host latency: wall clock per iteration around the host->device copy of the input, the
+  compute, the device->host copy of the output and the final synchronisation (what a
+  caller that waits for each result sees);
+- GPU compute time (`back_to_back`): the same number of inferences enqueued back to back,
+  the host waiting only every `BLOCK` of them, with a CUDA event recorded on the stream
+  after each; the time between consecutive events is one inference's GPU work on a busy
+  GPU, so the host's launch time stays out of it (trtexec keeps inferences in flight the
+  same way). The compute is a CUDA graph replay where the runner could capture one (a
+  TensorRT engine, torch-cudagraph, torch-compile's "reduce-overhead"), else the plain
+  enqueue. On CPU it is `None`, never estimated;
+- enqueue time: host time of each of those enqueue calls, reported separately: where it
+  exceeds the GPU compute time the GPU waits for the host, and the GPU figure says so.
 
 A runner prepares a `TimedStep` (the closures `measure` times) per batch size (`export.runner`).
 """
@@ -20,6 +25,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -89,13 +95,18 @@ class LatencyStats:
     gpu: Summary | None
     host_ms: list[float] = field(default_factory=list, repr=False)
     gpu_ms: list[float] | None = field(default=None, repr=False)
+    enqueue: Summary | None = None  # host time of each back-to-back enqueue (GPU runners only)
+    enqueue_ms: list[float] | None = field(default=None, repr=False)
 
     @classmethod
     def from_samples(cls, batch: int, host_ms: list[float], gpu_ms: list[float] | None,
-                     warmup_iters: int, measured_s: float, rounds: int = 1) -> "LatencyStats":
+                     warmup_iters: int, measured_s: float, rounds: int = 1,
+                     enqueue_ms: list[float] | None = None) -> "LatencyStats":
         return cls(batch=batch, iters=len(host_ms), warmup_iters=warmup_iters, measured_s=measured_s,
                    rounds=rounds, host=Summary.of(host_ms), gpu=Summary.of(gpu_ms) if gpu_ms else None,
-                   host_ms=list(host_ms), gpu_ms=list(gpu_ms) if gpu_ms else None)
+                   host_ms=list(host_ms), gpu_ms=list(gpu_ms) if gpu_ms else None,
+                   enqueue=Summary.of(enqueue_ms) if enqueue_ms else None,
+                   enqueue_ms=list(enqueue_ms) if enqueue_ms else None)
 
     @classmethod
     def pool(cls, parts: list["LatencyStats"]) -> "LatencyStats":
@@ -104,8 +115,10 @@ class LatencyStats:
             raise ValueError("nothing to pool")
         host = [v for p in parts for v in p.host_ms]
         gpu = [v for p in parts for v in p.gpu_ms] if all(p.gpu_ms for p in parts) else None
+        enqueue = [v for p in parts for v in p.enqueue_ms] if all(p.enqueue_ms for p in parts) else None
         return cls.from_samples(parts[0].batch, host, gpu, sum(p.warmup_iters for p in parts),
-                                sum(p.measured_s for p in parts), rounds=sum(p.rounds for p in parts))
+                                sum(p.measured_s for p in parts), rounds=sum(p.rounds for p in parts),
+                                enqueue_ms=enqueue)
 
     @property
     def timing(self) -> str:
@@ -137,7 +150,8 @@ class LatencyStats:
                 "measured_s": self.measured_s, "rounds": self.rounds, "timing": self.timing,
                 "median_ms": self.median_ms, "p99_ms": self.p99_ms, "throughput_ips": self.throughput_ips,
                 "host_throughput_ips": self.host_throughput_ips,
-                "host_latency": self.host.to_dict(), "gpu_compute": self.gpu.to_dict() if self.gpu else None}
+                "host_latency": self.host.to_dict(), "gpu_compute": self.gpu.to_dict() if self.gpu else None,
+                "enqueue": self.enqueue.to_dict() if self.enqueue else None}
 
 
 # --------------------------------------------------------------------------- the method
@@ -173,30 +187,62 @@ class TimingOptions:
                              rounds=1)
 
 
-def _once(step: TimedStep, events) -> tuple[float, float | None]:
-    """One timed iteration: (host ms, GPU compute ms or None)."""
+BLOCK = 16  # inferences in flight at most: enough to hide launches, few enough that an enqueue never waits on the queue
+
+
+def _once(step: TimedStep) -> float:
+    """One iteration as a caller runs it (copy in, compute, copy out, wait): host ms."""
     t0 = time.perf_counter_ns()
     if step.copy_in is not None:
         step.copy_in()
-    if events is not None:
-        events[0].record()
     step.compute()
-    if events is not None:
-        events[1].record()
     if step.copy_out is not None:
         step.copy_out()
     if step.sync is not None:
         step.sync()
-    t1 = time.perf_counter_ns()
-    gpu = None
-    if events is not None:
-        events[1].synchronize()  # already complete after sync(); elapsed_time needs it recorded
-        gpu = float(events[0].elapsed_time(events[1]))
-    return (t1 - t0) / 1e6, gpu
+    return (time.perf_counter_ns() - t0) / 1e6
+
+
+def back_to_back(compute: Callable[[], object], n: int, *, new_event: Callable[[], object],
+                 block: int = BLOCK) -> tuple[list[float], list[float]]:
+    """GPU compute and host enqueue time per inference (ms), measured as trtexec does.
+
+    Inferences are enqueued back to back in blocks of `block`, an event recorded on the stream
+    after each, and the host waits only at the end of a block. While the GPU runs one inference
+    the host enqueues the next, so the interval between consecutive events is one inference's
+    GPU time without the host's launch time (unless the host cannot keep up, which the enqueue
+    figure then shows). A block's first interval starts on an idle GPU and is dropped.
+
+    Args:
+        compute: enqueue one inference on the current stream (a CUDA graph replay or a plain enqueue).
+        n: GPU samples wanted (at least one block's worth are taken).
+        new_event: a timing event recorded on the current stream (`torch.cuda.Event(enable_timing=True)`).
+
+    Returns:
+        (GPU compute ms per inference, host enqueue ms per call).
+    """
+    if block < 2:
+        raise ValueError("block must be >= 2")
+    gpu: list[float] = []
+    enqueue: list[float] = []
+    while len(gpu) < n:
+        events = [new_event() for _ in range(block + 1)]
+        events[0].record()
+        for e in events[1:]:
+            t0 = time.perf_counter_ns()
+            compute()
+            enqueue.append((time.perf_counter_ns() - t0) / 1e6)
+            e.record()
+        events[-1].synchronize()
+        gpu += [float(a.elapsed_time(b)) for a, b in zip(events[1:-1], events[2:])]
+    return gpu, enqueue
 
 
 def measure(step: TimedStep, *, batch: int, timing: TimingOptions) -> LatencyStats:
     """Time `step` like trtexec: warm up by time, then >= `min_s` seconds and >= `min_iters` runs.
+
+    Host latency comes from those runs; on a GPU, GPU compute and enqueue time from as many
+    inferences again, enqueued back to back (`back_to_back`).
 
     Args:
         step: the runner's prepared closures (`Runner.prepare`).
@@ -207,27 +253,24 @@ def measure(step: TimedStep, *, batch: int, timing: TimingOptions) -> LatencySta
         raise ValueError("cuda_events=True needs a CUDA device")
     ctx = torch.cuda.stream(step.stream) if step.stream is not None else contextlib.nullcontext()
     with ctx:
-        events = None
-        if step.cuda_events:
-            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            if step.sync is None:  # wait for the whole stream, copy_out included, not just the end event
-                step = replace(step, sync=torch.cuda.current_stream().synchronize)
+        if step.cuda_events and step.sync is None:  # wait for the whole stream, copy_out included
+            step = replace(step, sync=torch.cuda.current_stream().synchronize)
         warm, t_end = 0, time.perf_counter() + timing.warmup_s
         while warm == 0 or time.perf_counter() < t_end:
-            _once(step, events)
+            _once(step)
             warm += 1
         host_ms: list[float] = []
-        gpu_ms: list[float] = []
         t_start = time.perf_counter()
         while True:
-            h, g = _once(step, events)
-            host_ms.append(h)
-            if g is not None:
-                gpu_ms.append(g)
+            host_ms.append(_once(step))
             elapsed = time.perf_counter() - t_start
             if len(host_ms) >= timing.min_iters and elapsed >= timing.min_s:
                 break
-    return LatencyStats.from_samples(batch, host_ms, gpu_ms or None, warm, elapsed)
+        gpu_ms = enqueue_ms = None
+        if step.cuda_events:
+            gpu_ms, enqueue_ms = back_to_back(step.compute, len(host_ms),
+                                              new_event=lambda: torch.cuda.Event(enable_timing=True))
+    return LatencyStats.from_samples(batch, host_ms, gpu_ms, warm, elapsed, enqueue_ms=enqueue_ms)
 
 
 @contextlib.contextmanager

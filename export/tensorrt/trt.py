@@ -26,7 +26,6 @@ class TrtRunner(Runner):
         self.path = art.path
         self._engine: TrtEngine | None = None
         self._stream = None
-        self.graph: bool | None = None  # whether the last `prepare` replays a CUDA graph (None: not prepared)
 
     def unavailable(self) -> str | None:
         reason = cuda_skip_reason()
@@ -74,16 +73,16 @@ class TrtRunner(Runner):
         The launch of a small engine at batch 1 is mostly host enqueue time, which a graph replay
         removes from the GPU figure. Capture runs after `compute` has run once (TensorRT sets up
         on its first enqueue); where it fails (an engine TensorRT cannot capture), the plain
-        enqueue is timed and `graph` says so.
+        enqueue is timed and `cuda_graph` says so.
         """
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream):
                 compute()
         except Exception:  # noqa: BLE001 - any capture failure: time the plain enqueue instead
-            self.graph = False
+            self.cuda_graph = False
             return compute
-        self.graph = True
+        self.cuda_graph = True
         return graph.replay
 
     def _prepare(self, batch: int) -> TimedStep:
