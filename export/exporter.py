@@ -15,7 +15,7 @@ Every file is written under a temp name and renamed when complete, so a failed e
 no partial file; intermediates live in a hidden temp folder beside the output. An artifact and
 its sidecar appear as a pair: the artifact first, the sidecar (with the artifact's SHA-256) last,
 under a marker file, so the next export to that place removes the pair a killed export left half
-published, with any temp files. One export writes a target at a time (`artifacts.writing`).
+published, with any temp files. One export writes a target at a time (`run_dirs.writing`).
 Warnings are log records (`logging`); those of one export are also kept in its `ExportResult.warnings`.
 """
 from __future__ import annotations
@@ -35,9 +35,10 @@ from typing import Iterator
 import numpy as np
 
 from calibration.dataset import load_images
-from spofa_deploy.artifacts import (DIGEST_KEYS, atomic_path, check_output_file, file_digest, latest_run,
-                                    read_json, read_model_meta, sidecar_path, versions, write_json, writing)
+from spofa_deploy.artifacts import (DIGEST_KEYS, atomic_path, check_output_file, file_digest, read_json,
+                                    read_model_meta, sidecar_path, versions, write_json)
 from spofa_deploy.errors import UserError, os_error
+from spofa_deploy.run_dirs import latest_run, writing
 from spofa_deploy.run_files import STUDENT_FILE, TEACHER_FILE
 
 from . import gate as gates

@@ -18,9 +18,10 @@ from export.formats import FORMATS, artifact_name, format_for_path, get_format
 from export.onnx import ort_session
 from export.options import ExportOptions, GateOptions, Int8Options, ParityOptions, TrtOptions
 from export.tensorrt import TrtEngine, check_engine_meta
-from spofa_deploy.artifacts import load_model, mark_latest, save_model
+from spofa_deploy.artifacts import load_model, save_model
 from spofa_deploy.errors import MissingDependency, UserError
 from spofa_deploy.models import create_model, data_config
+from spofa_deploy.run_dirs import mark_latest
 
 SIZE = 32
 

@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -75,15 +76,29 @@ _procs_lock = threading.Lock()
 FRESH = bool(os.environ.get("SPOFA_FAULTS_FRESH"))
 
 
-def spofa(args: list, *, cwd: Path = REPO, fault: dict | None = None, timeout: float = TIMEOUT,
+_scratch: list[Path] = []
+
+
+def scratch_cwd() -> Path:
+    """The working folder of runs that name none: a temp folder, so nothing lands in the checkout's runs/."""
+    if not _scratch:
+        _scratch.append(Path(tempfile.mkdtemp(prefix="spofa-faults-cwd-")))
+    return _scratch[0]
+
+
+def spofa(args: list, *, cwd: Path | None = None, fault: dict | None = None, timeout: float = TIMEOUT,
           fresh: bool = False, kill_after: float | None = None) -> Result:
     """Run `spofa ARGS` as a subprocess (with `fault` injected) and wait for it.
+
+    `cwd`: its working folder (default `scratch_cwd()`, never the checkout: runs/latest and the teacher
+    folder are relative to it).
 
     By default the process is forked from the preloaded fork server (see inject.py); with
     `fresh` (or SPOFA_FAULTS_FRESH=1) it is a new `python -m cli.main` (inject.py with a fault).
     `kill_after`: SIGKILL it from the outside that many seconds after it started (if still running).
     """
     args = [os.fsdecode(a) if isinstance(a, bytes) else os.fspath(a) if not isinstance(a, str) else a for a in args]
+    cwd = scratch_cwd() if cwd is None else cwd
     start = time.perf_counter()
     if fresh or FRESH or _server is None:
         rc, out, err = _run_fresh(args, cwd, fault, timeout, kill_after)

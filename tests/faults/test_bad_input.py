@@ -187,7 +187,7 @@ def _run_case(name: str):
         spec = CASES[name](ctx, i)
         protect = [i["root"], *spec.get("protect", [])]
         before = [fk.tree_hash(p) for p in protect]
-        r = spofa(spec["args"], fault=spec.get("fault"), cwd=spec.get("cwd", fk.REPO))
+        r = spofa(spec["args"], fault=spec.get("fault"), cwd=spec.get("cwd"))
         changed = [f"{p.name}/{f}" for p, b in zip(protect, before) for f in fk.changed(b, fk.tree_hash(p))]
         return {"result": r, "changed": changed, "inputs": i}
     return run
