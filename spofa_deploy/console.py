@@ -24,9 +24,24 @@ def progress(transient: bool = False, disable: bool = False) -> Progress:
 
 
 class ConsoleHandler(logging.Handler):
-    """A log record as one line on the console: warnings marked, nothing else added (no markup read)."""
+    """Log records as one line each on the console: warnings marked, nothing else added (no markup read).
+
+    It sits on the root logger and shows the records of the loggers in `names` (and their children) at
+    their own levels, and other libraries' warnings, as Python's last-resort handler would. Being a root
+    handler keeps a library's `logging.warning(...)` from installing a second one (`basicConfig`), which
+    would print every record twice; records still propagate, so pytest's `caplog` sees them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def ours(self, name: str) -> bool:
+        return any(name == n or name.startswith(n + ".") for n in self.names)
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING and not self.ours(record.name):
+            return
         try:
             msg = self.format(record)
         except Exception:  # noqa: BLE001 - a bad format string must not end the command
@@ -40,16 +55,23 @@ class ConsoleHandler(logging.Handler):
             console.print(Text(msg), soft_wrap=True)
 
 
+def _handler() -> ConsoleHandler | None:
+    return next((h for h in logging.getLogger().handlers if isinstance(h, ConsoleHandler)), None)
+
+
 def show_logs(names: Iterable[str], level: int = logging.INFO) -> None:
-    """Show the records of loggers `names` at `level` and above on the console (one handler per logger: it
-    replaces the one this function installed before)."""
+    """Show the records of loggers `names` at `level` and above on the console (one handler in all, however
+    often this is called)."""
+    handler = _handler()
+    if handler is None:
+        handler = ConsoleHandler()
+        logging.getLogger().addHandler(handler)
     for name in names:
-        lg = logging.getLogger(name)
-        lg.handlers[:] = [h for h in lg.handlers if not isinstance(h, ConsoleHandler)] + [ConsoleHandler()]
-        lg.setLevel(level)
+        handler.names.add(name)
+        logging.getLogger(name).setLevel(level)
 
 
 def shown_logs() -> dict[str, int]:
     """The loggers `show_logs` shows, with their levels (a worker process shows the same)."""
-    return {name: lg.level for name, lg in logging.Logger.manager.loggerDict.items()
-            if isinstance(lg, logging.Logger) and any(isinstance(h, ConsoleHandler) for h in lg.handlers)}
+    handler = _handler()
+    return {name: logging.getLogger(name).level for name in sorted(handler.names)} if handler else {}

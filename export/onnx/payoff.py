@@ -4,8 +4,8 @@ A user asking for INT8 expects a smaller and faster model on the machine they ru
 INT8 graph can be neither (Q/DQ nodes around fp32 weights, int8 kernels slower than fp32 ones
 at batch 1). `int8_payoff` measures both ONNX files the way ONNX Runtime CPU runs them (full
 graph optimisation, so int8 kernels where ORT fuses Q/DQ) and `slower` names where INT8 is not
-faster. A short measurement (median of `iters` runs after warm-up) on a shared machine: a
-guide, not a benchmark (`spofa bench` is one).
+faster. A short measurement (median of `iters` runs after warm-up, the two files timed in turn) on a
+shared machine: a guide, not a benchmark (`spofa bench` is one).
 """
 from __future__ import annotations
 
@@ -17,16 +17,19 @@ import numpy as np
 LARGE_BATCH = 32  # the throughput batch of the check (the profile's maximum when smaller)
 
 
-def _median_ms(session, x: np.ndarray, warmup: int, iters: int) -> float:
-    feed = {session.get_inputs()[0].name: x}
+def _interleaved_medians(sessions: dict, x: np.ndarray, warmup: int, iters: int) -> dict[str, float]:
+    """Median ms of each session on `x`, timed in turn (fp32, int8, fp32, ...) so load drift hits both alike."""
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     for _ in range(warmup):
-        session.run(None, feed)
-    times = []
+        for k, s in sessions.items():
+            s.run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def payoff_batches(lo: int, hi: int) -> list[int]:
@@ -50,7 +53,7 @@ def int8_payoff(fp32: Path, int8: Path, shape: tuple[int, int, int], batches: li
     sessions = {"fp32": ort_session(fp32), "int8": ort_session(int8)}
     for b in batches:
         x = rng.standard_normal((b, *shape), dtype=np.float32)
-        latency[str(b)] = {k: _median_ms(s, x, warmup, iters) for k, s in sessions.items()}
+        latency[str(b)] = _interleaved_medians(sessions, x, warmup, iters)
     return {"backend": "onnxruntime-cpu", "fp32_bytes": fp32.stat().st_size, "int8_bytes": int8.stat().st_size,
             "latency_ms": latency, "iters": iters}
 
