@@ -11,7 +11,9 @@
   3. fine-tunes it a few epochs at a low rate through the project's training loop (`fit`:
      checkpoint every epoch, `--resume` after a kill, EMA, best-of kept) with the KD loss of
      the distillers against the run's FP32 teacher plus the labels (labels only, said once,
-     where no teacher is found);
+     where no teacher is found), on the student's own training split (its `train_fraction`);
+     with a teacher cache the teacher's logits are read from it where its key matches
+     (`open_teacher_cache`);
   4. writes `student.qat.safetensors` + `student.qat.json` (`qat: true` and the settings) into
      the run folder; its fine-tuning files go to `RUN/qat/`.
 
@@ -25,29 +27,39 @@ fake-quant model.
 Why the KD loss on the final logits whatever the run's method: the OFA/SPOFA stage heads are
 training-only modules that are not in the student file; a short low-rate fine-tuning only has
 to pull the quantized logits back to the teacher's, which the logit KD term does.
+
+Why the distillation's teacher cache can serve QAT: the loop seeds each training view from
+(seed, epoch, sample index), so QAT's epoch e with the distillation's seed, batch size, device and
+data feeds the teacher exactly the images the distillation's epoch e did; the cache key names all
+of these, so a QAT run with other settings is another key (a miss, said once) and never reads
+logits of other images.
 """
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from calibration.dataset import calibration_set
 from calibration.quantize import _quiet
-from spofa_deploy.artifacts import (latest_run, load_model, load_state, read_model_meta, release_run, save_model,
-                                    verify_artifact)
-from spofa_deploy.console import console
+from spofa_deploy.artifacts import load_model, load_state, read_model_meta, save_model, verify_artifact
 from spofa_deploy.data.splits import load_splits
 from spofa_deploy.method.distillers import KD, DistillConfig, Supervised
 from spofa_deploy.errors import MissingDependency, UserError
 from spofa_deploy.train.hooks import Hooks
 from spofa_deploy.models import Preprocessing, create_model
+from spofa_deploy.run_dirs import latest_run, release_run
 from spofa_deploy.run_files import CHECKPOINT, STUDENT_FILE, TEACHER_FILE
 from spofa_deploy.train.loop import FitResult, TrainConfig, evaluate, fit
+
+_log = logging.getLogger(__name__)
 
 QAT_FILE = "student.qat.safetensors"  # (+ student.qat.json) beside the student
 QAT_FOLDER = "qat"  # the fine-tuning's checkpoint, metrics and trace, inside the run
@@ -206,7 +218,7 @@ def _save_hook(path: Path, meta: dict):
 
 def qat(source: str | Path | None = None, *, train: TrainConfig | None = None, calib_samples: int = 512,
         keep_ends: bool = True, labels_only: bool = False, resume: bool = False,
-        per_channel: bool = True) -> QatResult:
+        per_channel: bool = True, teacher_cache: str | Path | None = None) -> QatResult:
     """Quantization-aware fine-tuning of a distilled student with its FP32 teacher (see the module docstring).
 
     Args:
@@ -216,13 +228,15 @@ def qat(source: str | Path | None = None, *, train: TrainConfig | None = None, c
         keep_ends: keep the first conv and the classifier in float (as `spofa export --keep-ends`).
         labels_only: fine-tune on the labels alone, even where the run has a teacher.
         resume: continue the fine-tuning in `RUN/qat/` from its last checkpoint.
-        per_channel: per-channel weight scales (TensorRT's default); False: per tensor (studies).
+        per_channel: per-channel weight scales (TensorRT's default); False: per tensor.
+        teacher_cache: the distillation's `--teacher-cache` folder: the teacher's logits are read from
+            it where its key matches QAT's views (else the teacher runs and they are added to it).
 
     Raises:
         UserError: bad input (no student, a non-quantizable model, a fine-tuning already there without `resume`).
         MissingDependency: ModelOpt's torch quantization is not installed.
     """
-    from spofa_deploy.artifacts import new_run_dir
+    from spofa_deploy.run_dirs import new_run_dir
 
     start = time.perf_counter()
     require_modelopt()
@@ -240,10 +254,13 @@ def qat(source: str | Path | None = None, *, train: TrainConfig | None = None, c
     if tpath is None and not labels_only:
         notes.append(f"no teacher beside {student.name} ({meta.get('teacher_file') or TEACHER_FILE}): "
                      "QAT fine-tunes on the labels only")
-        console.print(f"[yellow]note:[/] {notes[-1]}")
+        _log.info("note: %s", notes[-1])
     torch.manual_seed(train.seed)
     calib = calibration_set(meta, n=calib_samples, seed=train.seed)
-    splits = load_splits(meta["data"], Preprocessing.from_meta(meta), seed=train.seed)
+    # The student's own training split: its image-folder split and `train_fraction` subset are drawn
+    # with the distillation's seed, so QAT neither trains on its validation images nor on other data.
+    splits = load_splits(meta["data"], Preprocessing.from_meta(meta), seed=int(meta.get("train", {}).get("seed", 0)),
+                         train_fraction=float(meta.get("train_fraction") or 1.0))
     device = torch.device("cpu")
     fp32_top1 = evaluate(model, _val_loader(splits, train), device)["top1"]
     images = torch.from_numpy(calib.images)
@@ -251,22 +268,93 @@ def qat(source: str | Path | None = None, *, train: TrainConfig | None = None, c
     model = insert_fake_quant(model, images, keep_ends=keep_ends, per_channel=per_channel)
     ptq_top1 = evaluate(model, _val_loader(splits, train), device)["top1"]
     task, teacher = _task(model, tpath, meta)
+    tcache = None
+    if teacher_cache is not None and teacher is not None:
+        tcache = open_teacher_cache(teacher_cache, task, splits, meta, _resumed_config(work, train) if resume else train)
+        notes.append(tcache.note)
     settings = {"keep_ends": keep_ends, "kept_float": kept, "per_channel": per_channel, "calib_samples": len(calib),
                 "calib_data": calib.spec, "method": "kd" if teacher else "none", "teacher": teacher,
                 "backend": "modelopt", "config": f"INT8_DEFAULT_CFG: symmetric, max calibration, weights per "
                                                  f"{'channel' if per_channel else 'tensor'}, activations per tensor",
-                "train": asdict(train), "fp32_top1": fp32_top1, "ptq_top1": ptq_top1}
+                "train": asdict(train), "fp32_top1": fp32_top1, "ptq_top1": ptq_top1,
+                "teacher_cache": None if tcache is None else {"folder": str(tcache.folder),
+                                                               "epochs_cached_at_start": tcache.cached_epochs()}}
     out = student.with_name(QAT_FILE)
     qmeta = {**{k: v for k, v in meta.items() if k not in ("sha256", "size_bytes", "versions", "saved_at")},
              "qat": True, "qat_settings": settings, "source": student.name}
-    console.print(f"[bold]qat:[/] {meta['model']} INT8 fake quant ({len(quantizers(model))} quantizers), "
-                  f"fp32 {fp32_top1:.2f}% -> calibrated {ptq_top1:.2f}%, fine-tuning with "
-                  f"{'the teacher ' + teacher if teacher else 'the labels only'} -> {out}")
+    _log.info(f"qat: {meta['model']} INT8 fake quant ({len(quantizers(model))} quantizers), "
+              f"fp32 {fp32_top1:.2f}% -> calibrated {ptq_top1:.2f}%, fine-tuning with "
+              f"{'the teacher ' + teacher if teacher else 'the labels only'} -> {out}")
     result = fit(task, splits, train, work, resume=resume, label="qat", hooks=Hooks(on_best=_save_hook(out, qmeta)),
-                 run_info={"qat": settings})
+                 run_info={"qat": settings}, teacher_cache=tcache)
     release_run(work)
     return QatResult(out, read_model_meta(out), fp32_top1, ptq_top1, result, teacher,
                      time.perf_counter() - start, notes)
+
+
+def open_teacher_cache(folder: str | Path, task: KD, splits, meta: dict, train: TrainConfig):
+    """The teacher cache of QAT's training views in `folder`, keyed as the distillation keys its own.
+
+    Every key part is computed from what QAT itself feeds the teacher (its teacher's weights, its
+    split, transform, seed, batch, device), in the same form as `spofa distill --teacher-cache`
+    writes it, so the distillation's records are read exactly when the images are the same ones.
+    A full-logit record of this key already in the folder is read in its own format (fp32 or fp16,
+    as the distillation chose); otherwise the format is the one QAT's KD temperature picks
+    (`default_format`), so a distillation's top-k record (> 100 classes at T = 1) is not read by KD
+    at T = 4, whose softened targets need the tail that top-k drops.
+    It logs the cache's note once (e.g. "teacher cache miss: ... holds outputs of another seed").
+
+    Returns:
+        the open `TeacherCache`; `fit(..., teacher_cache=)` reads and writes it.
+    """
+    from spofa_deploy.teacher.cache import TeacherCache
+    from spofa_deploy.teacher.cache_key import CacheKey, split_digest, weights_digest
+    from spofa_deploy.train import distributed
+    from spofa_deploy.train.loop import resolve_amp
+    from spofa_deploy.machine import resolve_device
+
+    ds, dist = splits.train, distributed.info()
+    if isinstance(getattr(ds, "images", None), np.ndarray):
+        members = ds.images
+    else:  # image files: path, size and mtime, as the distillation names them
+        members = [f"{p}|{st.st_size}|{st.st_mtime_ns}" for p, st in ((p, os.stat(p)) for p in ds.paths)]
+    device = resolve_device(train.device)
+    prep = Preprocessing.from_meta(meta)
+    key = CacheKey(teacher=weights_digest(task.teacher.state_dict()), data=str(splits.spec),
+                   split=split_digest(ds.labels, members), num_samples=len(ds), img_size=int(meta["img_size"]),
+                   mean=prep.mean, std=prep.std, interpolation=prep.interpolation, crop_pct=prep.crop_pct,
+                   # QAT reads image files without --skip-corrupt (a distillation with it is another key)
+                   augmentation=f"{ds.transform!r} skip_corrupt=False", seed=train.seed,
+                   train_fraction=float(meta.get("train_fraction") or 1.0),
+                   compute=(f"{device.type}/{resolve_amp(train.amp, device)}/batch{train.batch_size // dist.world}/"
+                            f"rank{dist.rank}of{dist.world}/torch{torch.__version__}"))
+    tcache = TeacherCache.open(folder, key, num_classes=splits.num_classes, fmt=_full_record_format(Path(folder), key),
+                               temperature=task.cfg.kd_temperature)
+    cached = sorted(set(tcache.cached_epochs()) & set(range(train.epochs)))
+    _log.info(f"{tcache.note} ({len(cached)} of the {train.epochs} QAT epochs cached)")
+    return tcache
+
+
+def _full_record_format(folder: Path, key) -> str | None:
+    """The format of a full-logit (fp32/fp16) record of `key` already in `folder`, else None (the default)."""
+    from spofa_deploy.artifacts import read_json
+
+    for manifest in sorted(folder.glob("*/manifest.json")) if folder.is_dir() else ():
+        try:
+            saved = read_json(manifest)
+            if saved["key"] == key.to_dict() and saved["record"]["format"] in ("fp32", "fp16"):
+                return saved["record"]["format"]
+        except (UserError, KeyError, TypeError):
+            continue  # damaged or foreign: the cache itself says so
+    return None
+
+
+def _resumed_config(work: Path, train: TrainConfig) -> TrainConfig:
+    """The settings a resumed fine-tuning trains with (its checkpoint's), so the cache is keyed by them."""
+    from spofa_deploy.run_files import load_checkpoint
+
+    state = load_checkpoint(work / CHECKPOINT)
+    return TrainConfig(**{**asdict(train), **state["config"], "device": train.device})
 
 
 def _val_loader(splits, train: TrainConfig):

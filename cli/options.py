@@ -1,11 +1,9 @@
 """Shared Typer options, declared once; the one parser of option values (choices, comma lists); the option
 groups (library dataclasses) built from a command's options; and what `--threads` does.
 
-A training command (`spofa teacher`, `distill`, `compare`) builds each group by a constructor call that
-names every field it sets (`DataOptions(spec=data, img_size=img_size, ...)`, `train_settings(base,
-epochs=epochs, ...)`), so a renamed field fails at once; `tests/test_cli_options.py` checks that every
-flag reaches the library. `group_fields` builds a group from a command's options by field name (`train_config`,
-which `spofa qat` uses).
+Every command builds each group by a constructor call that names every field it sets
+(`DataOptions(spec=data, img_size=img_size, ...)`, `train_settings(base, epochs=epochs, ...)`), so a
+renamed field fails at once; `tests/test_cli_options.py` checks that every flag reaches the library.
 """
 from __future__ import annotations
 
@@ -14,9 +12,9 @@ import inspect
 import math
 import re
 import typing
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Mapping, Optional
+from typing import Annotated, Any, Callable, Iterable, Optional
 
 import typer
 
@@ -194,25 +192,6 @@ def teacher_cache(folder: Path | None, *, max_gb: float | None, fmt: str | None)
         return None
     fmt = choice(fmt, "--teacher-cache-format", FORMATS, noun="teacher cache format") if fmt is not None else None
     return TeacherCacheOptions(folder=folder, max_gb=max_gb, format=fmt)
-
-
-def group_fields(cls, given: Mapping[str, Any], *, prefix: str = "", **names: str) -> dict:
-    """The fields of dataclass `cls` that a command's options set, by name: field `f` takes option `names[f]`,
-    else `prefix + f`; an option that is absent or None leaves the field to its default."""
-    out = {}
-    for f in fields(cls):
-        key = names.get(f.name, prefix + f.name)
-        if given.get(key) is not None:
-            out[f.name] = given[key]
-    return out
-
-
-def train_config(given: Mapping[str, Any], base=None):
-    """A TrainConfig (or `base` with changes) from a command's options by field name (`--opt` fills
-    `optimizer`), `--opt`, `--amp` and `--on-nan` checked."""
-    from spofa_deploy.train.loop import TrainConfig
-
-    return train_settings(base or TrainConfig(), **group_fields(TrainConfig, given, optimizer="opt"))
 
 
 def use_threads(n: int | None) -> None:

@@ -5,7 +5,7 @@ A model artifact is a pair: `<name>.safetensors` (only the timm model's own keys
 size, mean/std, ...) and the file's SHA-256 and size, checked before the file is loaded. Every
 write goes to a temp file, is fsynced, then renamed, so a crash never leaves a half-written file.
 
-Run folders, their locks and `runs/latest` are `spofa_deploy.run_dirs`'s (importable from here too).
+Run folders, their locks and `runs/latest` are `spofa_deploy.run_dirs`'s.
 """
 from __future__ import annotations
 
@@ -24,8 +24,6 @@ from torch import nn
 
 from spofa_deploy.errors import UserError, os_error
 from spofa_deploy.limits import MAX_IMG_SIZE, check_int
-# Run folders and their locks live in run_dirs; the export and calibration packages import these from here.
-from spofa_deploy.run_dirs import latest_run, mark_latest, new_run_dir, release_run, writing  # noqa: F401
 
 
 @contextlib.contextmanager

@@ -6,7 +6,9 @@ the mechanics are under test, not the accuracy (benchmarks/qat_evidence.py measu
 from __future__ import annotations
 
 import builtins
+import logging
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from calibration.qat import (QAT_FOLDER, default_train, end_layers, insert_fake_
                              qat, quantizers, require_modelopt)
 from calibration.quantize import check_trt_qdq  # noqa: E402
 from export.exporter import export_model  # noqa: E402
+from export.options import ExportOptions, GateOptions, ParityOptions  # noqa: E402
 from export.onnx import ort_session, run_onnx, torch_logits  # noqa: E402
 from spofa_deploy.artifacts import save_model  # noqa: E402
 from spofa_deploy.method.distillers import KD, DistillConfig  # noqa: E402
@@ -88,7 +91,8 @@ def test_qat_writes_the_student_and_exports_qdq_that_onnx_runtime_runs_like_pyto
     assert meta["qat_settings"]["train"]["lr"] == FAST.lr and meta["qat_settings"]["kept_float"] == ["conv1.0", "fc"]
     assert (run / QAT_FOLDER / "checkpoint-last.pt").is_file()
 
-    e = export_model(run / "student.qat.safetensors", "onnx", "int8", parity_samples=32, eval_samples=64)
+    e = export_model(run / "student.qat.safetensors",
+                     ExportOptions("onnx", "int8", parity=ParityOptions(samples=32), gate=GateOptions(samples=64)))
     assert e.path.name == "student.qat.int8.onnx"
     graph = onnx.load(str(e.path))
     assert check_trt_qdq(graph) == []
@@ -103,15 +107,15 @@ def test_qat_writes_the_student_and_exports_qdq_that_onnx_runtime_runs_like_pyto
     assert np.median(per_image) < 1e-4  # equal but for a rounding tie on an image or two
     assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.9
     with pytest.raises(UserError, match="QAT student: it exports at --precision int8 only"):
-        export_model(run / "student.qat.safetensors", "onnx", "fp32")
+        export_model(run / "student.qat.safetensors", ExportOptions("onnx", "fp32"))
 
 
-def test_without_a_teacher_qat_uses_the_labels_and_says_so_once(run: Path, capsys) -> None:
+def test_without_a_teacher_qat_uses_the_labels_and_says_so_once(run: Path, caplog) -> None:
     (run / "teacher.safetensors").unlink()
-    r = qat(run, train=FAST, calib_samples=64)
+    with caplog.at_level(logging.INFO, logger="calibration"):  # (the library's one output channel)
+        r = qat(run, train=FAST, calib_samples=64)
     assert r.teacher is None and r.meta["qat_settings"]["method"] == "none"
-    said = capsys.readouterr()
-    assert (said.out + said.err).count("no teacher beside") == 1
+    assert caplog.text.count("no teacher beside") == 1
 
 
 def test_a_killed_fine_tuning_resumes_from_its_checkpoint(run: Path) -> None:
@@ -150,3 +154,41 @@ def test_a_model_with_nothing_to_quantize_is_refused() -> None:
     with pytest.raises(UserError, match="no layer INT8 fake quantization applies to"):
         insert_fake_quant(nn.Sequential(nn.ReLU(), nn.Flatten()), _images(4))
 
+
+def _distill_with_cache(tmp_path: Path, cache: Path) -> Path:
+    """A 1-epoch KD distillation of test_resnet from the fixture's teacher on a tenth of digits, with a teacher cache."""
+    from spofa_deploy.pipeline import DataOptions, TeacherCacheOptions, TeacherOptions, distill
+    from spofa_deploy.train.loop import TrainConfig
+
+    (tmp_path / "t").mkdir()
+    _save(tmp_path / "t" / "teacher.safetensors", "test_efficientnet", "teacher", 1)
+    r = distill(student="test_resnet", teacher=TeacherOptions(name="test_efficientnet",
+                                                             checkpoint=str(tmp_path / "t" / "teacher.safetensors")),
+                method="kd", data=DataOptions(train_fraction=0.1),
+                train=TrainConfig(epochs=1, batch_size=64, device="cpu", workers=0, log_every=5),
+                cache=TeacherCacheOptions(cache), out=tmp_path / "run", latest=False)
+    return r.run_dir
+
+
+def test_qat_reads_the_teacher_logits_from_the_distillations_cache(tmp_path: Path, monkeypatch, caplog) -> None:
+    cache = tmp_path / "cache"
+    run = _distill_with_cache(tmp_path, cache)
+    calls = []  # the teacher's own forward passes (not the pass-through of logits it is handed)
+    real = KD.teacher_logits
+    monkeypatch.setattr(KD, "teacher_logits", lambda self, x, t=None: (t is None and calls.append(1)) or real(self, x, t))
+
+    # The distillation's seed, batch and tenth of the data (the key's split and size): QAT's epoch 1 is the
+    # distillation's epoch 1, image for image.
+    r = qat(run, train=replace(FAST, batch_size=64, seed=0), calib_samples=64, teacher_cache=cache)
+    assert calls == [] and r.teacher == "test_efficientnet"
+    assert r.meta["qat_settings"]["teacher_cache"]["epochs_cached_at_start"] == [0]
+    assert len(list(cache.glob("*/manifest.json"))) == 1
+
+    # Another seed draws other augmented views: a miss, said once, and the teacher runs.
+    (run / "student.qat.safetensors").unlink()
+    shutil.rmtree(run / QAT_FOLDER)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="calibration"):  # (the library's one output channel)
+        qat(run, train=replace(FAST, batch_size=64, seed=1), calib_samples=64, teacher_cache=cache)
+    assert calls and caplog.text.count("teacher cache miss") == 1
+    assert "seed (0 here, 1 now)" in caplog.text
