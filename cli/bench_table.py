@@ -1,7 +1,9 @@
 """The terminal output of `spofa bench`: a rich table of a `BenchReport`, and the reasons under it."""
 from __future__ import annotations
 
-from export.bench.report import BenchReport
+from pathlib import Path
+
+from export.bench.report import BenchReport, VariantResult
 
 
 def _fmt_size(n: int | None) -> str:
@@ -18,10 +20,21 @@ def _fmt_ms(v: float) -> str:
     return f"{v:.3f}" if v < 10 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
 
 
+def _pct(v: float | None) -> str:
+    return f"{v:.1f}%" if v is not None else "-"
+
+
+def _model(r: VariantResult, files: bool) -> str:
+    """The model's name, with its file's where several student files are benched."""
+    return f"{r.model} {Path(r.artifact).name}" if files and r.role == "student" and r.artifact else r.model
+
+
 def render_table(report: BenchReport):
     """A rich Table: one row per variant and batch size; skipped/failed variants in one row with a mark.
 
-    The reasons are in `report_reasons(report)` (printed under the table by `print_report`).
+    With several student files, each student row names its file, and "agree fp32" is its top-1 agreement with
+    the fp32 reference (a note under the table names it). The reasons are in `report_reasons(report)`
+    (printed under the table by `print_report`).
     """
     from rich.table import Table
 
@@ -32,18 +45,24 @@ def render_table(report: BenchReport):
     t.add_column("backend", min_width=9, overflow="fold")
     t.add_column("prec", no_wrap=True)
     compiled = any(b.compile_s is not None for r in report.results for b in r.batches)
-    cols = ("batch", "median ms", "p99 ms", "img/s", "top-1", "agree", "size", "speed-up") + (("compile s",) if compiled else ())
+    files = len({r.artifact for r in report.students}) > 1
+    fp32 = any(r.accuracy and r.accuracy.agreement_fp32 is not None for r in report.results)
+    cols = ("batch", "median ms", "p99 ms", "img/s", "top-1", "agree") + (("agree fp32",) if fp32 else ()) \
+        + ("size", "speed-up") + (("compile s",) if compiled else ())
     for col in cols:
         t.add_column(col, justify="right", no_wrap=True)
-    for r in sorted(report.results, key=lambda r: (r.role != "student", r.key)):
+    # Several files: the students in the order given (main file first); one file: by key, as always.
+    for r in sorted(report.results, key=lambda r: (r.role != "student", "" if files else r.key)):
         top1 = f"{r.accuracy.top1:.2f}%" if r.accuracy else "-"
-        agree = f"{r.accuracy.agreement:.1f}%" if r.accuracy and r.accuracy.agreement is not None else "-"
+        agree = _pct(r.accuracy.agreement if r.accuracy else None)
+        agree32 = (_pct(r.accuracy.agreement_fp32 if r.accuracy else None),) if fp32 else ()
         backend = r.backend + (f" {r.device}" if r.backend in ("torch-eager", "torch-compile") else "")
         backend += " (auto)" if r.backend_requested == "auto" else ""
-        head = [r.model, r.role, backend, r.precision]
+        head = [_model(r, files), r.role, backend, r.precision]
         extra = ("-",) if compiled else ()
         if not r.batches:
-            t.add_row(*head, "-", f"[yellow]{r.status}[/]", "-", "-", top1, agree, _fmt_size(r.size_bytes), "-", *extra)
+            t.add_row(*head, "-", f"[yellow]{r.status}[/]", "-", "-", top1, agree, *agree32, _fmt_size(r.size_bytes),
+                      "-", *extra)
             continue
         for i, br in enumerate(r.batches):
             lat = br.latency
@@ -52,10 +71,12 @@ def render_table(report: BenchReport):
             first = i == 0
             t.add_row(*(head if first else [""] * 4), str(br.batch), _fmt_ms(lat.median_ms), _fmt_ms(lat.p99_ms),
                       f"{lat.throughput_ips:,.0f}", top1 if first else "", agree if first else "",
+                      *(agree32 if first else ("",) * len(agree32)),
                       _fmt_size(r.size_bytes) if first else "", sp,
                       *((f"{br.compile_s:.1f}" if br.compile_s is not None else "-",) if compiled else ()))
         if r.status != "ok":
-            t.add_row("", "", "", "", "", f"[yellow]{r.status}[/]", "", "", "", "", "", "", *extra)
+            t.add_row("", "", "", "", "", f"[yellow]{r.status}[/]", "", "", "", "", "", "", *("",) * len(agree32),
+                      *extra)
     return t
 
 

@@ -33,6 +33,9 @@ def bench(
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write an accuracy-vs-latency PNG.")] = None,
     device: o.Device = "auto",
     trust_engine: Annotated[bool, typer.Option("--trust", help="Run a TensorRT engine or .pt2 package that has no sidecar (only ones you built).")] = False,
+    others: Annotated[Optional[list[Path]], typer.Option("--with", show_default=False, help=(
+        "Another file of the same student (e.g. student.int8.onnx, student.qat.int8.onnx), benched beside ARTIFACT on "
+        "the same images, with its top-1 agreement with the fp32 student."))] = None,
 ) -> None:
     """Latency (GPU compute and host) and accuracy of a student beside its teacher."""
     from cli.bench_table import print_report
@@ -47,7 +50,7 @@ def bench(
         precisions=o.comma_list(precisions, "--precision") if precisions else None,
         timing=TimingOptions(warmup_s=warmup_s, min_s=min_s, min_iters=min_iters, rounds=rounds),
         max_val=max_val, device=device, teacher_backend=teacher_backend, accuracy=not no_accuracy,
-        trust_engine=trust_engine, threads=threads, json_path=json_path, plot_path=plot_path)
+        trust_engine=trust_engine, threads=threads, json_path=json_path, plot_path=plot_path, others=others or ())
 
     report = run_bench(artifact, teacher=teacher, options=options)
     print_report(report)

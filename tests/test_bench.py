@@ -575,6 +575,82 @@ def test_engine_refused_by_trtrunner_is_a_user_error(run, tmp_path, monkeypatch)
     assert (s.status, s.reason) == ("skipped", "no CUDA GPU is visible")
 
 
+# ----------------------------------------------------------------------------- several student files (--with)
+
+def test_with_benches_student_files_side_by_side(run):
+    """fp32 and INT8 ONNX of one student in one bench: a row each, the same images, agreement with the fp32 one."""
+    from rich.console import Console
+
+    from cli.bench_table import print_report
+
+    d = run["dir"]
+    rep = run_bench(d / "student.onnx", options=replace(FAST, backends=["ort-cpu"], others=[d / "student_int8.onnx"]))
+    students = rep.students
+    assert [Path(r.artifact).name for r in students] == ["student.onnx", "student_int8.onnx"]
+    assert [r.precision for r in students] == ["fp32", "int8"] and len(rep.teachers) == 1
+    fp32, int8 = students
+    assert all(r.status == "ok" for r in rep.results)
+    assert fp32.accuracy.n == int8.accuracy.n == len(run["y"])
+    _, _, p32 = _acc(_ort_logits(d / "student.onnx", run["x"]), run["y"])
+    q1, _, p8 = _acc(_ort_logits(d / "student_int8.onnx", run["x"]), run["y"])
+    assert fp32.accuracy.agreement_fp32 == 100.0
+    assert int8.accuracy.agreement_fp32 == pytest.approx(100.0 * float(np.mean(p8 == p32)), abs=1e-9)
+    assert int8.accuracy.top1 == pytest.approx(q1, abs=1e-9)
+    assert all(b.speedup_vs_teacher is not None for r in students for b in r.batches)  # both vs the teacher
+    assert rep.settings["fp32_reference"] == str(d / "student.onnx")
+    data = rep.to_dict()
+    accs = {Path(r["artifact"]).name: r["accuracy"] for r in data["results"]}
+    assert accs["student_int8.onnx"]["agreement_fp32"] == int8.accuracy.agreement_fp32
+    assert "agreement_fp32" not in accs[Path(rep.teachers[0].artifact).name]
+    console = Console(record=True, width=200)
+    print_report(rep, console)
+    text = console.export_text()
+    assert "agree fp32" in text and "test_resnet student_int8.onnx" in text
+    assert "note: agree fp32: top-1 agreement of each student with student.onnx" in text
+
+
+def test_with_no_fp32_file_refers_to_the_weights(run):
+    from export.bench.students import fp32_reference
+
+    ref, note = fp32_reference([describe(run["dir"] / "student_int8.onnx")])
+    assert ref.path == (run["dir"] / "student.safetensors").resolve() and ref.format == "torch"
+    assert "PyTorch weights" in note
+
+
+@pytest.mark.parametrize("case, match", [
+    ("weights", r"comes from .*other\.safetensors"),
+    ("classes", r"\(classes differ\)"),
+    ("model", "another model"),
+])
+def test_with_a_file_of_another_model_is_refused(run, tmp_path, case, match):
+    d = run["dir"]
+    if case == "weights":
+        shutil.copy(d / "student.safetensors", tmp_path / "other.safetensors")
+        shutil.copy(d / "student.json", tmp_path / "other.json")
+        other = _bad_copy(run, tmp_path, "other.onnx", source="other.safetensors")
+    elif case == "classes":
+        other = _bad_copy(run, tmp_path, "other.onnx", classes=[f"c{i}" for i in range(10)])
+    else:
+        other = d / "teacher.safetensors"
+    with pytest.raises(UserError, match=match) as e:
+        run_bench(d / "student.onnx", options=replace(FAST, others=[other]))
+    assert "\n" not in str(e.value)
+
+
+def test_cli_with_reaches_the_library(run, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    seen = {}
+    monkeypatch.setattr("export.bench.run.run_bench", lambda artifact, **kw: seen.update(kw) or (_ for _ in ()).throw(KeyError))
+    a, b = run["dir"] / "student_int8.onnx", run["dir"] / "student_b4.onnx"
+    CliRunner().invoke(app, ["bench", str(run["dir"] / "student.onnx"), "--with", str(a), "--with", str(b)])
+    assert [Path(p) for p in seen["options"].others] == [a, b]
+    CliRunner().invoke(app, ["bench", str(run["dir"] / "student.onnx")])
+    assert tuple(seen["options"].others) == ()
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def test_cli_bench_prints_table_and_writes_json(run, tmp_path, monkeypatch, capsys):
@@ -597,10 +673,12 @@ def test_cli_bench_prints_table_and_writes_json(run, tmp_path, monkeypatch, caps
 @pytest.mark.parametrize("args, match", [
     (["--batch", "1,x"], "--batch must be comma-separated integers"),
     (["--backend", "tensorrt"], "unknown backend 'tensorrt'"),
+    (["--with", "{dir}/teacher.safetensors"], "--with teacher.safetensors is another model than student.onnx"),
 ])
 def test_cli_bad_input_one_line_exit_2(run, monkeypatch, capsys, args, match):
     from cli import main as cli_main
 
+    args = [a.format(dir=run["dir"]) for a in args]
     monkeypatch.setattr(sys, "argv", ["spofa", "bench", str(run["dir"] / "student.onnx"), *args])
     with pytest.raises(SystemExit) as e:
         cli_main.main()

@@ -185,3 +185,16 @@ def _pair(candidates: list[Candidate]) -> None:
             s.accuracy.teacher_top1 = t.accuracy.top1
             if s.accuracy.preds is not None and t.accuracy.preds is not None and len(s.accuracy.preds) == len(t.accuracy.preds):
                 s.accuracy.agreement = 100.0 * float(np.mean(s.accuracy.preds == t.accuracy.preds))
+
+
+def agree_with_reference(results: list[VariantResult], reference: str) -> None:
+    """Each student's top-1 agreement with the fp32 reference file's (`Accuracy.agreement_fp32`): its variant on
+    the same backend where it has one, else its first; only where both saw the same images."""
+    refs = [r for r in results if r.role == "student" and r.artifact == reference and r.accuracy is not None
+            and r.accuracy.preds is not None]
+    for r in results:
+        if r.role != "student" or r.accuracy is None or r.accuracy.preds is None or not refs:
+            continue
+        ref = next((x for x in refs if x.backend == r.backend), refs[0])
+        if len(ref.accuracy.preds) == len(r.accuracy.preds):
+            r.accuracy.agreement_fp32 = 100.0 * float(np.mean(r.accuracy.preds == ref.accuracy.preds))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from export.artifact import Artifact
+from export.bench.students import describe_others, fp32_reference, with_reference
 from export.bench.teacher import TeacherStep, plan_teacher
 from export.bench.timing import TimingOptions
 from export.bench.variants import Candidate, bench_device, check_backends, plan_candidates
@@ -44,6 +45,8 @@ class BenchOptions:
         threads: CPU threads for PyTorch and ONNX Runtime (default: their own defaults).
         json_path, plot_path: also write the JSON report / the accuracy-latency PNG.
         progress: show transient progress bars on stderr.
+        others: more files of the same student, benched beside it on the same images (`--with`), each with
+            its top-1 agreement with the fp32 student (`students.fp32_reference`).
     """
 
     data: str | None = None
@@ -62,6 +65,7 @@ class BenchOptions:
     json_path: str | Path | None = None
     plot_path: str | Path | None = None
     progress: bool = True
+    others: Sequence[str | Path] = ()
 
     def checked(self) -> "BenchOptions":
         """These options normalised (backends, batch sizes, teacher backend); bad values are UserErrors."""
@@ -107,6 +111,8 @@ class BenchPlan:
         device: the device of the PyTorch backends ("cpu" or "cuda").
         options: the checked options.
         notes: what was decided and why, for the report.
+        others: the `--with` files of the same student, benched beside it.
+        reference: the fp32 student the students' `agreement_fp32` is measured against (with `others` only).
     """
 
     student: Artifact
@@ -117,21 +123,28 @@ class BenchPlan:
     device: str
     options: BenchOptions
     notes: list[str] = field(default_factory=list)
+    others: list[Artifact] = field(default_factory=list)
+    reference: Artifact | None = None
+
+    @property
+    def students(self) -> list[Artifact]:
+        """The student files benched: the main one, then the `--with` ones."""
+        return [self.student, *self.others]
 
     def with_teacher(self, step: TeacherStep) -> "BenchPlan":
         """This plan with the teacher `step` produced (an export carried out): its variants made again for it."""
-        o = self.options
-        candidates = plan_candidates(self.student, step.artifact, backends=o.backends, precisions=_precisions(o),
-                                     device_opt=o.device, device=self.device, teacher_backend=o.teacher_backend,
-                                     options=o.run_options())
+        candidates = _candidates(self.students, step.artifact, self.reference, self.options, self.device)
         return replace(self, teacher=step, candidates=candidates, notes=self.notes + step.notes + _compiled(step.artifact))
 
     def lines(self) -> list[str]:
         """The plan in a few lines, as shown before timing."""
         s = self.student
+        names = ", ".join(a.path.name for a in self.others)
+        with_ = [f"  with: {names}; agreement with {self.reference.path.name if self.reference else 'no fp32 reference'}"]
         runs = [f"{c.result.role} {c.result.backend} {c.result.precision} ({c.result.device})"
                 + (f": skipped, {c.result.reason}" if c.runner is None else "") for c in self.candidates]
         return [f"bench plan: {s.path.name} ({s.format} {s.precision or 'weights'}, {s.model})",
+                *(with_ if self.others else []),
                 f"  teacher: {self.teacher.describe()}",
                 f"  variants: {'; '.join(runs)}",
                 f"  batches: {', '.join(map(str, self.batches))}; accuracy {self.val.describe() if self.val else 'not measured'}"]
@@ -167,24 +180,36 @@ def plan_bench(student: Artifact, *, teacher: str | Path | None = None,
     opts = options.checked()
     device = bench_device(opts.device)
     notes: list[str] = []
+    others = describe_others(student, opts.others, trust=opts.trust_engine)
     accuracy = opts.accuracy
-    if student.trusted and accuracy:
-        notes.append(f"{student.path.name} has no sidecar (--trust): no preprocessing metadata, accuracy not measured")
-        accuracy = False
+    for s in (student, *others):
+        if s.trusted and accuracy:
+            notes.append(f"{s.path.name} has no sidecar (--trust): no preprocessing metadata, accuracy not measured")
+            accuracy = False
     step = plan_teacher(student, teacher, like_student=opts.teacher_backend is None)
     notes += step.notes
-    arts = [a for a in (student, step.artifact) if a is not None]
+    arts = [a for a in (student, *others, step.artifact) if a is not None]
     notes += _checked_against(arts, opts.batch_sizes)
-    candidates = plan_candidates(student, step.artifact, backends=opts.backends, precisions=_precisions(opts),
-                                 device_opt=opts.device, device=device, teacher_backend=opts.teacher_backend,
-                                 options=opts.run_options())
-    notes += [c.note for c in candidates if c.note]
-    batches, note = (list(opts.batch_sizes), None) if opts.batch_sizes else default_batches(candidates, arts)
-    notes += [note] if note else []
     spec = (opts.data or student.meta.get("data")) if accuracy else None
     if accuracy and not spec:
         notes.append("no data spec in the metadata and no --data: accuracy not measured")
-    return BenchPlan(student, step, candidates, batches, ValSets(spec, opts.max_val) if spec else None, device, opts, notes)
+    reference, note = fp32_reference([student, *others]) if others and spec else (None, None)
+    candidates = _candidates([student, *others], step.artifact, reference, opts, device)
+    notes += [c.note for c in candidates if c.note] + ([note] if note else [])
+    batches, note = (list(opts.batch_sizes), None) if opts.batch_sizes else default_batches(candidates, arts)
+    notes += [note] if note else []
+    return BenchPlan(student, step, candidates, batches, ValSets(spec, opts.max_val) if spec else None, device, opts,
+                     notes, others=others, reference=reference)
+
+
+def _candidates(students: list[Artifact], tart: Artifact | None, reference: Artifact | None, opts: BenchOptions,
+                device: str) -> list[Candidate]:
+    """The variants of every student file, each beside its teacher variant, and the fp32 reference's weights
+    where they are not among the files."""
+    cands = plan_candidates(students[0], tart, backends=opts.backends, precisions=_precisions(opts),
+                            device_opt=opts.device, device=device, teacher_backend=opts.teacher_backend,
+                            options=opts.run_options(), others=students[1:])
+    return with_reference(cands, reference, device=device, options=opts.run_options())
 
 
 def _precisions(opts: BenchOptions) -> list[str | None]:
@@ -202,8 +227,8 @@ def _checked_against(arts: list[Artifact], batch_sizes: Sequence[int] | None) ->
                 what = "fixed batch" if a.format == "onnx" else "engine profile"
                 raise UserError(f"{a.path.name} accepts batch {a.batch_range[0]}..{a.batch_range[1]} ({what}); "
                                 f"--batch asked for {', '.join(map(str, bad))}")
-    if len(arts) == 2 and arts[1].img_size != arts[0].img_size:
-        notes.append(f"teacher input {arts[1].img_size}px, student {arts[0].img_size}px: each timed at its own size")
+    if len(arts) >= 2 and arts[-1].img_size != arts[0].img_size:
+        notes.append(f"teacher input {arts[-1].img_size}px, student {arts[0].img_size}px: each timed at its own size")
     return notes
 
 

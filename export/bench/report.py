@@ -31,11 +31,15 @@ class Accuracy:
     k5: int  # the k of "top-5" (fewer classes than 5 -> all classes)
     teacher_top1: float | None = None
     agreement: float | None = None  # percent of images where student and teacher top-1 agree
+    agreement_fp32: float | None = None  # the same with the fp32 student (a bench of several student files)
     preds: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        return {"top1": self.top1, "top5": self.top5, "top5_k": self.k5, "n": self.n,
-                "teacher_top1": self.teacher_top1, "agreement": self.agreement}
+        d = {"top1": self.top1, "top5": self.top5, "top5_k": self.k5, "n": self.n,
+             "teacher_top1": self.teacher_top1, "agreement": self.agreement}
+        if self.agreement_fp32 is not None:  # (a bench of one student file has no fp32 reference)
+            d["agreement_fp32"] = self.agreement_fp32
+        return d
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from export.artifact import model_file
-from export.bench.loop import activate, bench_runners
+from export.bench.loop import activate, agree_with_reference, bench_runners
 from export.bench.plan import BenchOptions, BenchPlan, check_batches, plan_bench
 from export.bench.report import TIMING_NOTE, BenchReport, write_plot, write_report_json
 from export.bench.teacher import export_teacher
@@ -43,10 +43,12 @@ def run_bench(artifact: str | Path, *, teacher: str | Path | None = None,
     Args:
         artifact: `.engine`, `.onnx`, `.pt2`, `.safetensors`, or a run folder (its student.safetensors).
         teacher: the teacher to compare with (default: `teacher_file` of the student's run).
-        options: everything else (`BenchOptions`).
+        options: everything else (`BenchOptions`; `options.others`: more files of the same student, benched
+            beside it).
 
     Raises:
-        UserError: bad artifact, sidecar mismatch, engine refused, unsupported batch size, unknown backend.
+        UserError: bad artifact, sidecar mismatch, engine refused, unsupported batch size, unknown backend,
+            a `--with` file of another model.
     """
     opts = options.checked()
     with cpu_threads(opts.threads):
@@ -72,6 +74,8 @@ def measure(plan: BenchPlan) -> BenchReport:
         data = _attach_val(plan) if plan.val else None
         results = bench_runners(plan.candidates, batch_sizes=plan.batches, timing=opts.timing,
                                 eval_batch=opts.eval_batch, progress=opts.progress)
+        if plan.reference is not None:
+            agree_with_reference(results, str(plan.reference.path))
         report = BenchReport(results=results, settings=_settings(plan), machine=machine_info(), data=data,
                              notes=list(plan.notes))
     if opts.json_path is not None:
@@ -94,7 +98,7 @@ def _attach_val(plan: BenchPlan) -> dict:
     from spofa_deploy.data.datasets import stratified_subset
     from spofa_deploy.data.splits import load_splits
 
-    arts = [a for a in (plan.student, plan.teacher.artifact) if a is not None]
+    arts = [a for a in (*plan.students, plan.reference, plan.teacher.artifact) if a is not None]
     spec, max_val = plan.val.spec, plan.val.max_val
     sets: dict[Preprocessing, object] = {}
     info: dict = {"spec": spec}
@@ -122,10 +126,12 @@ def _attach_val(plan: BenchPlan) -> dict:
 
 def _settings(plan: BenchPlan) -> dict:
     o, art, tart = plan.options, plan.student, plan.teacher.artifact
+    ref = plan.reference
+    others = dict(others=[str(a.path) for a in plan.others], fp32_reference=str(ref.path) if ref else None)
     return dict(artifact=str(art.path), teacher=str(tart.path) if tart else None, backends=o.backends,
                 batch_sizes=plan.batches, precisions=o.precisions, device=plan.device, **asdict(o.timing),
                 max_val=o.max_val, eval_batch=o.eval_batch, threads=o.threads or torch.get_num_threads(),
-                img_size=art.img_size, timing_note=TIMING_NOTE, **torch_settings())
+                img_size=art.img_size, timing_note=TIMING_NOTE, **(others if plan.others else {}), **torch_settings())
 
 
 def _model_name(model: nn.Module, name: str | None) -> str:

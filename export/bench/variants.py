@@ -154,28 +154,38 @@ def _teacher_backend(tart: Artifact, student_backend: str, student_device: str, 
 
 def plan_candidates(art: Artifact, tart: Artifact | None, *, backends: Sequence[str],
                     precisions: Sequence[str | None], device_opt: str, device: str, teacher_backend: str | None,
-                    options: RunOptions) -> list[Candidate]:
+                    options: RunOptions, others: Sequence[Artifact] = ()) -> list[Candidate]:
     """The student on each backend x precision, each paired with a teacher variant (shared, listed last).
 
     `device_opt` is the --device as given, `device` what it resolved to; "auto" backends are
-    chosen per artifact, the choice noted on the candidate.
+    chosen per artifact, the choice noted on the candidate. `others` (more files of the same
+    student, `--with`) get their variants too, after `art`'s; their keys then name each file.
     """
     cands: list[Candidate] = []
     teachers: dict[str, Candidate] = {}
-    for requested in backends:
-        backend, note = _auto_backend(art, device_opt, device, "student") if requested == "auto" else (requested, None)
-        bdev = _backend_device(backend, device_opt, device, art)
-        for prec in precisions:
-            c = artifact_candidate(art, role="student", backend=backend, requested=requested, precision=prec,
-                                   device=bdev, options=options)
-            c.note = note
-            if any(x.result.key == c.result.key for x in cands):
-                continue
-            cands.append(c)
-            if tart is not None:
-                t = _teacher_candidate(tart, c, bdev, teacher_backend, teachers, options)
-                c.result.teacher = t.result.key
+    for a in (art, *others):
+        for requested in backends:
+            backend, note = _auto_backend(a, device_opt, device, "student") if requested == "auto" else (requested, None)
+            bdev = _backend_device(backend, device_opt, device, a)
+            for prec in precisions:
+                c = artifact_candidate(a, role="student", backend=backend, requested=requested, precision=prec,
+                                       device=bdev, options=options)
+                c.note = note
+                if others:  # several student files can share backend and precision (PTQ and QAT INT8)
+                    c.result.key = file_key(c.result.key, a)
+                if any(x.result.key == c.result.key for x in cands):
+                    continue
+                cands.append(c)
+                if tart is not None:
+                    t = _teacher_candidate(tart, c, bdev, teacher_backend, teachers, options)
+                    c.result.teacher = t.result.key
     return cands + list(teachers.values())
+
+
+def file_key(key: str, art: Artifact) -> str:
+    """A variant key that names its file (`student[student.int8.onnx]:ort-cpu:int8:cpu`)."""
+    role, rest = key.split(":", 1)
+    return f"{role}[{art.path.name}]:{rest}"
 
 
 def _teacher_candidate(tart: Artifact, student: Candidate, device: str, override: str | None,
