@@ -76,20 +76,22 @@ def create_model(
     """
     import timm
 
-    from spofa_deploy.teacher import foreign
+    from spofa_deploy import timm_files
 
     full = resolve_model_name(name)
     kwargs: dict = {"num_classes": num_classes}
     if exportable:
         kwargs["exportable"] = True
-    if img_size is not None and _takes_img_size(architecture or foreign.architecture(full)):
+    if architecture is None:  # an `hf-hub:`/`local-dir:` name says its architecture in its config
+        architecture = timm_files.hub_config(full)[1] if timm_files.is_hub_or_dir(full) else full
+    if img_size is not None and _takes_img_size(architecture):
         kwargs["img_size"] = img_size
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
             raise UserError(f"weights file not found: {path}")
         # timm keeps the file's classifier when its width is the model's, and re-initialises it otherwise.
-        width = foreign.classifier_width(full, foreign.checkpoint_state(path))
+        width = timm_files.classifier_width(full, timm_files.checkpoint_state(path))
         kwargs["pretrained_cfg_overlay"] = {"file": str(path), **({"num_classes": width} if width else {})}
         pretrained = True
     try:

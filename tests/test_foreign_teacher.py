@@ -135,10 +135,10 @@ def test_a_pickled_object_is_refused_not_run(tmp_path: Path, monkeypatch) -> Non
 def test_the_classifier_width_is_read_without_building_a_model(name: str, monkeypatch) -> None:
     """The classifier's name comes from timm's pretrained config of the name (its tag's, for a tagged name): the
     one a built model carries, so the width read from a state dict is the width of its classifier."""
-    from spofa_deploy.teacher import foreign
+    from spofa_deploy import timm_files
 
     with torch.device("meta"):
         model = timm.create_model(name, num_classes=7)
-    assert foreign._classifier_name(name) == model.pretrained_cfg["classifier"]
+    assert timm_files._classifier_name(name) == model.pretrained_cfg["classifier"]
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built to find its classifier"))
-    assert foreign.classifier_width(name, model.state_dict()) == 7
+    assert timm_files.classifier_width(name, model.state_dict()) == 7
