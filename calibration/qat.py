@@ -38,12 +38,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -307,27 +305,12 @@ def open_teacher_cache(folder: str | Path, task: KD, splits, meta: dict, train: 
     Returns:
         the open `TeacherCache`; `fit(..., teacher_cache=)` reads and writes it.
     """
+    from spofa_deploy.pipeline import teacher_cache_key
     from spofa_deploy.teacher.cache import TeacherCache
-    from spofa_deploy.teacher.cache_key import CacheKey, split_digest, weights_digest
-    from spofa_deploy.train import distributed
-    from spofa_deploy.train.loop import resolve_amp
-    from spofa_deploy.machine import resolve_device
 
-    ds, dist = splits.train, distributed.info()
-    if isinstance(getattr(ds, "images", None), np.ndarray):
-        members = ds.images
-    else:  # image files: path, size and mtime, as the distillation names them
-        members = [f"{p}|{st.st_size}|{st.st_mtime_ns}" for p, st in ((p, os.stat(p)) for p in ds.paths)]
-    device = resolve_device(train.device)
-    prep = Preprocessing.from_meta(meta)
-    key = CacheKey(teacher=weights_digest(task.teacher.state_dict()), data=str(splits.spec),
-                   split=split_digest(ds.labels, members), num_samples=len(ds), img_size=int(meta["img_size"]),
-                   mean=prep.mean, std=prep.std, interpolation=prep.interpolation, crop_pct=prep.crop_pct,
-                   # QAT reads image files without --skip-corrupt (a distillation with it is another key)
-                   augmentation=f"{ds.transform!r} skip_corrupt=False", seed=train.seed,
-                   train_fraction=float(meta.get("train_fraction") or 1.0),
-                   compute=(f"{device.type}/{resolve_amp(train.amp, device)}/batch{train.batch_size // dist.world}/"
-                            f"rank{dist.rank}of{dist.world}/torch{torch.__version__}"))
+    # QAT reads image files without --skip-corrupt (a distillation with it is another key)
+    key = teacher_cache_key(task.teacher, splits, img_size=int(meta["img_size"]), prep=Preprocessing.from_meta(meta),
+                            train=train, skip_corrupt=False, train_fraction=float(meta.get("train_fraction") or 1.0))
     tcache = TeacherCache.open(folder, key, num_classes=splits.num_classes, fmt=_full_record_format(Path(folder), key),
                                temperature=task.cfg.kd_temperature)
     cached = sorted(set(tcache.cached_epochs()) & set(range(train.epochs)))

@@ -32,7 +32,7 @@ LIBRARIES = ("spofa_deploy", "export", "calibration")  # the packages that speak
 
 def show_library_logs(level: int = logging.INFO) -> None:
     """The library's one output channel is `logging`; the command line shows its records on stderr, one plain
-    line each, warnings as `warning: <msg>` (once per process: the handler replaces any installed before)."""
+    line each, warnings as `warning: <msg>` (one handler, however often this is called)."""
     from spofa_deploy.console import show_logs
 
     show_logs(LIBRARIES, level)

@@ -239,14 +239,14 @@ def _save_student(path: Path, meta: dict):
     return save
 
 
-def _open_teacher_cache(cache: TeacherCacheOptions, *, t_model, data: DataOptions, splits: Splits, img_size: int,
-                        prep: Preprocessing, train: TrainConfig, loss: DistillConfig, resumed_config: dict | None):
-    """The teacher cache of this run's training views, keyed by everything the logits depend on."""
-    from spofa_deploy.teacher.cache import TeacherCache
+def teacher_cache_key(t_model: torch.nn.Module, splits: Splits, *, img_size: int, prep: Preprocessing,
+                      train: TrainConfig, skip_corrupt: bool, train_fraction):
+    """The teacher cache's key of a run's training views: everything the teacher's logits depend on.
+
+    Distillation and QAT both key their caches here, so a record is shared exactly when the views are the same.
+    """
     from spofa_deploy.teacher.cache_key import CacheKey, split_digest, weights_digest
 
-    if resumed_config is not None:  # the loop trains with the checkpoint's settings: key the cache by them
-        train = TrainConfig(**{**train.__dict__, **resumed_config})
     ds, dist = splits.train, distributed.info()
     if isinstance(getattr(ds, "images", None), np.ndarray):
         members = ds.images
@@ -255,11 +255,23 @@ def _open_teacher_cache(cache: TeacherCacheOptions, *, t_model, data: DataOption
     device = resolve_device(train.device)
     compute = (f"{device.type}/{resolve_amp(train.amp, device)}/batch{train.batch_size // dist.world}/"
                f"rank{dist.rank}of{dist.world}/torch{torch.__version__}")
-    key = CacheKey(teacher=weights_digest(t_model.state_dict()), data=str(splits.spec),
-                   split=split_digest(ds.labels, members), num_samples=len(ds), img_size=img_size, mean=prep.mean,
-                   std=prep.std, interpolation=prep.interpolation, crop_pct=prep.crop_pct,
-                   augmentation=f"{ds.transform!r} skip_corrupt={data.skip_corrupt}", seed=train.seed,
-                   train_fraction=data.train_fraction, compute=compute)
+    return CacheKey(teacher=weights_digest(t_model.state_dict()), data=str(splits.spec),
+                    split=split_digest(ds.labels, members), num_samples=len(ds), img_size=img_size, mean=prep.mean,
+                    std=prep.std, interpolation=prep.interpolation, crop_pct=prep.crop_pct,
+                    augmentation=f"{ds.transform!r} skip_corrupt={skip_corrupt}", seed=train.seed,
+                    train_fraction=train_fraction, compute=compute)
+
+
+def _open_teacher_cache(cache: TeacherCacheOptions, *, t_model, data: DataOptions, splits: Splits, img_size: int,
+                        prep: Preprocessing, train: TrainConfig, loss: DistillConfig, resumed_config: dict | None):
+    """The teacher cache of this run's training views, keyed by everything the logits depend on."""
+    from spofa_deploy.teacher.cache import TeacherCache
+
+    if resumed_config is not None:  # the loop trains with the checkpoint's settings: key the cache by them
+        train = TrainConfig(**{**train.__dict__, **resumed_config})
+    key = teacher_cache_key(t_model, splits, img_size=img_size, prep=prep, train=train,
+                            skip_corrupt=data.skip_corrupt, train_fraction=data.train_fraction)
+    dist = distributed.info()
     temperature = loss.kd_temperature if loss.method == "kd" else loss.temperature
     tcache = TeacherCache.open(cache.folder, key, num_classes=splits.num_classes, fmt=cache.format,
                                temperature=temperature, max_gb=cache.max_gb)
