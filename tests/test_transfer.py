@@ -163,8 +163,9 @@ def test_the_teacher_recipe_is_cut_to_the_cpu_budget_only_when_not_given() -> No
 
     recipe = TeacherOptions(train=TrainConfig(epochs=30, lr=5e-4, batch_size=32, optimizer="adamw", device="cpu"))
     assert TeacherOptions().train.epochs == 30 and TeacherOptions().cpu_budget == stage.TEACHER_CPU_BUDGET
-    assert stage_epochs(recipe, 86_000_000, 1438) == 6  # a ViT-B on digits: the main command's budget
+    assert stage_epochs(recipe, 86_000_000, 1438) == 4  # a ViT-B on digits: the main command's budget
     assert stage_epochs(recipe, 5_500_000, 1438) == 30  # a DeiT-Tiny: the whole recipe
+    assert stage_epochs(recipe, 11_181_642, 1438) == 30  # the transfer study's ResNet-18 teacher: the whole recipe
     assert stage_epochs(recipe, 86_000_000, 50_000) == 1  # never zero
     given = TeacherOptions(train=recipe.train, cpu_budget=None)
     assert stage_epochs(given, 86_000_000, 1438) == 30
