@@ -14,11 +14,18 @@ temp folder and opened again (a cache from an earlier run), and every timed step
 `train_step(..., teacher=(cache, epoch, indices))`: record lookup and decode, copy to the
 device, no teacher forward. They are timed in the same rounds as the others.
 
+"<method> traced" rows run the step as a trace row's step does (`grad_norms=True`: one extra
+backward per loss term for its gradient norm); the training loop takes such a step every
+`TrainConfig.grad_norms_every` steps, so its cost per step is (traced / untraced - 1) / that.
+
     python benchmarks/distill_step.py                    # GPU: vit_b -> mobilenetv3, 224 px, batch 128
     python benchmarks/distill_step.py --device cpu       # CPU: tiny models
     python benchmarks/distill_step.py --device cpu --teacher vit_b --student mobilenetv3 \\
         --img-size 32 --batch 16 --classes 10            # CPU: one step of the default `spofa compare`
     python benchmarks/distill_step.py --cached ''        # without the cached rows
+    python benchmarks/distill_step.py --device cpu --teacher vit_b --student mobilenetv3 --img-size 32 \
+        --batch 64 --classes 10 --methods none,spofa --cached spofa --cache-format fp32 --traced spofa \
+        --threads 2 --rounds 3 --steps 5                 # CPU: the main command's step, its parts
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from spofa_deploy.teacher.cache_key import CacheKey, FORMATS
 from spofa_deploy.train.loop import resolve_amp, train_step
 
 CACHED = " cached"  # row-name suffix of a method timed with a warm teacher cache
+TRACED = " traced"  # row-name suffix of a method timed with per-term gradient norms (a trace row's step)
 
 
 def open_cache(root: Path, x: torch.Tensor, cfg: DistillConfig, num_classes: int, fmt: str | None,
@@ -90,13 +98,15 @@ def main() -> None:
     ap.add_argument("--cache-format", default=None, choices=FORMATS,
                     help="record format of the cached rows (default: what `spofa distill` picks for the method; "
                          "`spofa compare` uses fp32)")
+    ap.add_argument("--traced", default="", help="methods also timed with per-term gradient norms, as a trace row's step")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
     ap.add_argument("--threads", type=int, default=None,
                     help="PyTorch CPU threads (default: one per core; fewer on a machine busy with other work)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    rows = [m for m in a.methods.split(",") if m] + [m + CACHED for m in a.cached.split(",") if m]
+    rows = [m for m in a.methods.split(",") if m] + [m + CACHED for m in a.cached.split(",") if m] + \
+        [m + TRACED for m in a.traced.split(",") if m]
     if "none" + CACHED in rows:
         ap.error("--cached: `none` has no teacher")
     if a.threads is not None:
@@ -121,7 +131,7 @@ def main() -> None:
     compute = f"{dev.type}/{amp}/batch{batch}"
     setups = {}
     for row in rows:
-        m = row.removesuffix(CACHED)
+        m = row.removesuffix(CACHED).removesuffix(TRACED)
         s_model = create_model(student, a.classes, size)
         cfg = DistillConfig(method=m)
         task = create_task(m, s_model, t_model, cfg, a.classes).to(dev)
@@ -130,7 +140,7 @@ def main() -> None:
         task.train()
         opt = torch.optim.AdamW(task.trainable(), lr=1e-4, fused=gpu)
         scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-        step = partial(train_step, task, x, y, opt, scaler, amp)
+        step = partial(train_step, task, x, y, opt, scaler, amp, grad_norms=row.endswith(TRACED))
         t_arg = None
         if row.endswith(CACHED):
             reopen = partial(open_cache, Path(tmp.name), x, cfg, a.classes, a.cache_format, compute)

@@ -55,8 +55,8 @@ class TrainConfig:
     workers: int | None = None
     log_every: int = 10  # trace rows (and host reads of the step statistics) every N steps
     # Per-term gradient norms on the student (one extra backward per loss term) in the trace row
-    # every N steps; 0: off. Not under DDP (autograd.grad beside DDP's reducer). Every 50th step costs
-    # about 3 % of a SPOFA run's time on the CPU (every 10th: 14 %).
+    # every N steps; 0: off. Not under DDP (autograd.grad beside DDP's reducer). A traced SPOFA step costs
+    # about 2.3x an untraced one on the CPU (docs/results.md), so every 50th step adds about 3 %.
     grad_norms_every: int = 50
     on_nan: str = "stop"  # stop | skip
     max_nan_skips: int = 5  # consecutive skipped steps before giving up
