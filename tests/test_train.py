@@ -45,6 +45,12 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_cwd(tmp_path: Path, monkeypatch) -> None:
+    """`distill` points ./runs/latest at its run: keep that out of the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def digits() -> Splits:
     return load_splits("digits", Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.95))
