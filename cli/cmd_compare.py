@@ -10,7 +10,7 @@ from cli import options as o
 
 # Result-shaping options default to None: a new compare fills in CompareConfig's defaults (named in their help),
 # `--resume` keeps the saved settings (and refuses ones given that differ).
-_Teacher = o.defaulting(o.Teacher, "vit_b")
+_Teacher = o.defaulting(o.Teacher, "deit_t, a teacher above the student alone on digits")
 _Student = o.defaulting(o.Student, "mobilenetv3")
 _Data = o.defaulting(o.Data, "digits")
 _Epochs = o.defaulting(o.Epochs, "100, from the student-alone learning curve")

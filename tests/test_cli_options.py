@@ -27,7 +27,7 @@ TARGETS = {"teacher": "spofa_deploy.teacher.stage:train_teacher",
            "qat": "calibration.qat:qat"}
 # Text options take a value the command accepts, with the form it arrives in; numbers, paths and switches
 # get generic values (below). A new text option needs its line here.
-TEXT = {"--teacher": ("deit_t", "deit_t"), "--student": ("resnet18", "resnet18"), "--data": ("cifar10", "cifar10"),
+TEXT = {"--teacher": ("vit_s", "vit_s"), "--student": ("resnet18", "resnet18"), "--data": ("cifar10", "cifar10"),
         "--method": ("KD", "kd"), "--device": ("cpu", "cpu"), "--amp": ("BF16", "bf16"), "--opt": ("AdamW", "adamw"),
         "--on-nan": ("skip", "skip"), "--teacher-cache-format": ("fp32", "fp32"),
         "--stage-eps": ("1,2,3,4", (1.0, 2.0, 3.0, 4.0)), "--methods": ("kd,ofa", ("kd", "ofa")),
