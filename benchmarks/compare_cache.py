@@ -22,12 +22,13 @@ here stand in as: ofa = spofa (SPOFA costs 1.00x OFA: docs/results.md), none = t
 estimate conservative) unless `none` is among --methods.
 
 The teacher is trained once first (its stage is timed apart and is not part of either
-wall time). The default teacher is the compare's, ViT-B/16 from scratch at 32 px, for one
+wall time). The default teacher is the compare's (DeiT-Tiny/16), from scratch at 32 px, for one
 epoch only: its accuracy does not matter for timing, its forward cost is the same.
 Runs get 10 epochs (the default compare: 100; each run's time is nearly proportional, and the
 fixed per-run part makes the ratio a little lower at 10). Everything is written under --out.
-CPU only; on a busy 2-core machine with `--threads 1` one round took 17 minutes (teacher
-stage 4, with the cache 5.5, without 7.5):
+CPU only; on a busy 2-core machine with `--threads 1` and a ViT-B/16 teacher (`--teacher vit_b`,
+the compare's default until 2026-12-06) one round took 17 minutes (teacher stage 4, with the
+cache 5.5, without 7.5):
 
     python benchmarks/compare_cache.py --out /tmp/compare-cache --threads 1
     python benchmarks/compare_cache.py --out /tmp/cc --methods none,kd,spofa --jobs 2 --json /tmp/cc.json

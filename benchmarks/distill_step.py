@@ -21,7 +21,7 @@ backward per loss term for its gradient norm); the training loop takes such a st
     python benchmarks/distill_step.py                    # GPU: vit_b -> mobilenetv3, 224 px, batch 128
     python benchmarks/distill_step.py --device cpu       # CPU: tiny models
     python benchmarks/distill_step.py --device cpu --teacher vit_b --student mobilenetv3 \\
-        --img-size 32 --batch 16 --classes 10            # CPU: one step of the default `spofa compare`
+        --img-size 32 --batch 16 --classes 10            # CPU: one step of a compare with a ViT-B teacher
     python benchmarks/distill_step.py --cached ''        # without the cached rows
     python benchmarks/distill_step.py --device cpu --teacher vit_b --student mobilenetv3 --img-size 32 \
         --batch 64 --classes 10 --methods none,spofa --cached spofa --cache-format fp32 --traced spofa \

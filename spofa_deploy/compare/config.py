@@ -36,7 +36,8 @@ METHOD_ALIASES = {"spofa-noln": "ofa"}
 ABLATIONS = ("spofa", "spofa-nomema", "spofa-nobeta", "spofa-damp", "spofa-m0.9", "ofa")
 # Peak SGD rates of the default sweep (the student's own optimiser; 0.02 is `spofa distill`'s
 # default). Chosen from single-seed probes of `none` alone (so no method picked them), mobilenetv3
-# <- the digits ViT-B teacher, 10% of the training split, batch 16, 25 epochs, 2-core CPU:
+# <- the digits ViT-B teacher (the default then; `none` does not read it), 10% of the training split,
+# batch 16, 25 epochs, 2-core CPU:
 # 0.02 -> 56.3% val top-1, 0.1 -> 27.6% (fragile: trains, but badly), 0.5 -> NaN at step 11
 # (simply too high: nothing to compare). An earlier AdamW probe had no informative fragile
 # rate: at 0.05 both none and spofa collapsed to chance.

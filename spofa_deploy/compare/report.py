@@ -49,7 +49,8 @@ DEFINITIONS = {
                   "to the end",
     "final_top1": "val top-1 of the model after the last epoch; best_top1: best epoch; ema: the EMA weights",
     "best rate": "per method, the rate of the sweep with the highest mean final top-1 over seeds",
-    "update norm": "mean over measured steps (every 10th) of the L2 norm of the student's parameter update; "
+    "update norm": "mean over measured steps (every `grad_norms_every`-th: 50; 10 before 2026-12-06) of the L2 norm "
+                   "of the student's parameter update; "
                    "grad / CE grad: of the total gradient's norm on the student over the CE term's alone",
     "paired difference": "final top-1 of the method minus the baseline's on the same seed (same initialisation, "
                          "data subset and order); mean and a 95 % Student-t interval over seeds; significant when "

@@ -36,7 +36,7 @@ from spofa_deploy.train.loop import TrainConfig, evaluate, fit
 _log = logging.getLogger(__name__)
 
 # The teacher stage's bound on the CPU, in parameters x training images x epochs: a ViT-B (86 M parameters) on the
-# 1,438 digits images gets 4 epochs (about 5 minutes on a 2-core CPU, so the main command stays within 15), a
+# 1,438 digits images gets 4 epochs (about 4.5 minutes on a 2-core CPU, so the main command stays within 15), a
 # teacher of up to 11.6 M parameters (ResNet-18, DeiT-Tiny) there the recipe's 30 (docs/results.md, "The teacher recipe").
 TEACHER_CPU_BUDGET = 0.5e12
 
