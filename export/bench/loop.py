@@ -183,8 +183,7 @@ def _pair(candidates: list[Candidate]) -> None:
                 br.speedup_like_for_like = same
         if s.accuracy and t.accuracy:
             s.accuracy.teacher_top1 = t.accuracy.top1
-            if s.accuracy.preds is not None and t.accuracy.preds is not None and len(s.accuracy.preds) == len(t.accuracy.preds):
-                s.accuracy.agreement = 100.0 * float(np.mean(s.accuracy.preds == t.accuracy.preds))
+            s.accuracy.agreement = _agreement(s.accuracy.preds, t.accuracy.preds)
 
 
 def agree_with_reference(results: list[VariantResult], reference: str) -> None:
@@ -196,5 +195,11 @@ def agree_with_reference(results: list[VariantResult], reference: str) -> None:
         if r.role != "student" or r.accuracy is None or r.accuracy.preds is None or not refs:
             continue
         ref = next((x for x in refs if x.backend == r.backend), refs[0])
-        if len(ref.accuracy.preds) == len(r.accuracy.preds):
-            r.accuracy.agreement_fp32 = 100.0 * float(np.mean(r.accuracy.preds == ref.accuracy.preds))
+        r.accuracy.agreement_fp32 = _agreement(r.accuracy.preds, ref.accuracy.preds)
+
+
+def _agreement(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
+    """Top-1 agreement (%) of two prediction arrays; None unless both saw the same images."""
+    if a is None or b is None or len(a) != len(b):
+        return None
+    return 100.0 * float(np.mean(a == b))
