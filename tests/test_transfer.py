@@ -14,7 +14,7 @@ from spofa_deploy.compare import run as cmp
 from spofa_deploy import models, pipeline
 from spofa_deploy.accuracy import agreement, transfer_check
 from spofa_deploy.artifacts import load_state, read_model_meta
-from spofa_deploy.compare.stats import decisions, holm
+from spofa_deploy.compare.stats import MIN_SEEDS_TO_READ, bracketing, complete_seeds, decisions, holm
 from spofa_deploy.data.splits import DataOptions
 from spofa_deploy.teacher import stage
 from spofa_deploy.teacher.stage import TeacherOptions, train_teacher
@@ -110,13 +110,36 @@ def test_pre_registered_decisions() -> None:
     paired = [_pair("kd", "none", 1.2, (0.3, 2.1), 0.01), _pair("spofa", "none", 0.8, (0.1, 1.5), 0.03),
               _pair("ofa", "none", 0.5, (-0.2, 1.2), 0.15), _pair("spofa", "ofa", 0.3, (-0.5, 1.1), 0.4),
               {**_pair("spofa", "none", 9.0, (8.0, 10.0), 1e-6), "at": "lr 0.005"}]  # per-rate rows are not read
-    d = {x["comparison"]: x for x in decisions(paired)}
+    d = {x["comparison"]: x for x in decisions(paired, seeds_complete=10)}
     assert d["kd - none"]["holds"] is True
     assert d["spofa - none"]["holds"] is False  # interval above zero but the gain is below one point
     assert d["ofa - none"]["holds"] is False and d["spofa - ofa"]["holds"] is False
     assert "Holm over 2" in d["ofa - none"]["rule"]
     paired[1] = _pair("spofa", "none", 1.4, (0.6, 2.2), 0.002)
-    assert {x["comparison"]: x for x in decisions(paired)}["spofa - none"]["holds"] is True
+    assert {x["comparison"]: x for x in decisions(paired, seeds_complete=10)}["spofa - none"]["holds"] is True
+    # Fewer complete seeds than the rules read from: the same figures, no rule read.
+    early = decisions(paired, seeds_complete=MIN_SEEDS_TO_READ - 1)
+    assert [x["holds"] for x in early] == [None] * len(early) and early[1]["mean"] == 1.4
+    assert decisions(paired, seeds_complete=MIN_SEEDS_TO_READ)[1]["holds"] is True
+
+
+def _run(method: str, lr: float, seed: int) -> dict:
+    return {"method": method, "lr": lr, "seed": seed}
+
+
+def test_a_seed_is_complete_with_every_method_at_every_rate() -> None:
+    runs = [_run(m, lr, s) for s in (0, 1, 2) for m in ("none", "kd") for lr in (0.01, 0.02)]
+    runs.remove(_run("kd", 0.02, 1))
+    assert complete_seeds(runs, ["none", "kd"], [0.01, 0.02]) == [0, 2]
+    assert complete_seeds(runs, ["none", "kd", "ofa"], [0.01, 0.02]) == []
+
+
+def test_a_best_rate_at_an_end_of_the_sweep_is_not_bracketed() -> None:
+    lrs = [0.00125, 0.0025, 0.005, 0.01]
+    assert bracketing({"none": 0.0025, "kd": 0.005}, lrs) == {"at_end": {}, "extend": []}
+    b = bracketing({"none": 0.01, "kd": 0.005, "spofa": 0.00125}, lrs)
+    assert b == {"at_end": {"none": "highest", "spofa": "lowest"}, "extend": [0.000625, 0.02]}
+    assert bracketing({"none": 0.01}, [0.01]) == {"at_end": {"none": "only"}, "extend": [0.005, 0.02]}
 
 
 def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypatch) -> None:
@@ -150,11 +173,13 @@ def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypa
     assert report["complete"] and len(report["runs"]) == 6
     assert all(r["agreement"] is not None and 0 <= r["agreement"] <= 100 for r in report["runs"])
     gate = [d for d in report["decisions"] if d["comparison"] == "kd - none"]
-    assert len(gate) == 1 and gate[0]["n"] == 2
+    assert len(gate) == 1 and gate[0]["n"] == 2 and gate[0]["holds"] is None  # 2 complete seeds: not read
+    assert report["seeds_complete"] == [0, 1] and report["bracketing"]["at_end"] == {m: "only" for m in base["methods"]}
     alone = next(g for g in report["at_best_rate"] if g["method"] == "none")["final_top1"]["mean"]
     assert (report["transfer_note"] is not None) == (report["teacher"]["top1"] <= alone)
     md = Path("runs/study/report.md").read_text()
     assert "Pre-registered decisions" in md and "agreement with teacher" in md
+    assert "**Not read:** 2 complete seeds" in md and "| not read |" in md and "none (the only rate)" in md
     assert os.path.isdir("runs/study/none-lr0.01-seed1")
 
 

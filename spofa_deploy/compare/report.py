@@ -20,7 +20,8 @@ from typing import Callable, Iterable, Sequence
 
 from spofa_deploy.artifacts import versions, write_json
 from spofa_deploy.compare.config import CompareConfig
-from spofa_deploy.compare.stats import CONFIDENCE, best_rates, decisions, paired_comparisons, summarize
+from spofa_deploy.compare.stats import (CONFIDENCE, MIN_SEEDS_TO_READ, best_rates, bracketing, complete_seeds,
+                                        decisions, paired_comparisons, summarize)
 from spofa_deploy.compare.stats import t_quantile  # noqa: F401 - importable from here too (benchmarks use it)
 from spofa_deploy.machine import cpu_isa, cpu_model
 from spofa_deploy.train.stability import SPIKE_FACTOR, SPIKE_MIN_HISTORY, SPIKE_WINDOW, TAIL_FRACTION, COLLAPSE_MARGIN
@@ -105,7 +106,9 @@ def build_report(cfg: CompareConfig, header: dict, data_info: dict, t_meta: dict
         "best_rates": best,
         "at_best_rate": [g for g in summary["per_method_lr"] if best.get(g["method"]) == g["lr"]],
         "paired": (paired := paired_comparisons(runs, cfg.methods, cfg.lrs, best)),
-        "decisions": decisions(paired),
+        "seeds_complete": (done := complete_seeds(runs, cfg.methods, cfg.lrs)),
+        "decisions": decisions(paired, len(done)),
+        "bracketing": bracketing(best, cfg.lrs),
         "transfer_note": _transfer_note(t_meta, summary["per_method_lr"], best),
         "runs": list(runs),
         "plots": [],
@@ -161,7 +164,8 @@ _DECISION_COLS = [
     ("rule", lambda d: d["rule"]), ("comparison", lambda d: f"{d['comparison']} ({d['lr']:g} vs {d['lr_baseline']:g})"),
     ("seeds", lambda d: str(d["n"])), ("mean diff", lambda d: _g(d["mean"], "+.2f")),
     (f"{CONFIDENCE:.0%} interval", lambda d: f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else "-"),
-    ("p", lambda d: _g(d["p"], ".3g")), ("holds", lambda d: "**yes**" if d["holds"] else "no"),
+    ("p", lambda d: _g(d["p"], ".3g")),
+    ("holds", lambda d: "not read" if d["holds"] is None else "**yes**" if d["holds"] else "no"),
 ]
 _METHOD_LR_COLS = [
     ("method", lambda g: g["method"]), ("lr", lambda g: f"{g['lr']:g}"), ("runs", lambda g: str(g["runs"])),
@@ -210,7 +214,8 @@ def render_markdown(report: dict) -> str:
         "",
         *([f"**Note:** {report['transfer_note']}", ""] if report.get("transfer_note") else []),
         *(["## Pre-registered decisions (each method at its best rate, paired by seed)", "",
-            *_md_table(_DECISION_COLS, report["decisions"]), ""] if report.get("decisions") else []),
+            *_md_table(_DECISION_COLS, report["decisions"]), "", *_reading(report), ""]
+          if report.get("decisions") else []),
         "## Each method at its own best rate of the sweep (mean ± std over seeds)",
         "",
         "The literature's protocol: every method is tuned over the same rates and shown at its best one.",
@@ -239,6 +244,23 @@ def render_markdown(report: dict) -> str:
     if report["plots"]:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in report["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def _reading(report: dict) -> list[str]:
+    """Under the decisions: whether they may be read yet, and where a best rate is an end of the sweep."""
+    n, b = len(report["seeds_complete"]), report["bracketing"]
+    lines = []
+    if n < MIN_SEEDS_TO_READ:
+        lines.append(f"**Not read:** {n} complete seed{'s' * (n != 1)} (every method at every rate); the rules are read "
+                     f"from {MIN_SEEDS_TO_READ}. The figures above are an interim look.")
+    if b["at_end"]:
+        where = {"lowest": "the lowest rate", "highest": "the highest rate", "only": "the only rate"}
+        ends = ", ".join(f"{m} ({where[end]})" for m, end in b["at_end"].items())
+        lines.append(f"**Best rate at an end of the sweep:** {ends}. Its optimum is not bracketed; "
+                     f"rates that would bracket it: {', '.join(f'{x:g}' for x in b['extend'])}.")
+    else:
+        lines.append("Every method's best rate lies inside the sweep (its optimum is bracketed).")
+    return lines
 
 
 def write_report(out: Path, cfg: CompareConfig, header: dict, data_info: dict, t_meta: dict, runs: Sequence[dict],

@@ -120,6 +120,8 @@ def _t_two_sided_p(t_stat: float, df: int) -> float:
 # The study's decision rules, fixed before its runs (docs/results.md, "Does the knowledge transfer?"): each
 # method at its own best rate, paired by seed against its baseline.
 PRIMARY_MIN_GAIN = 1.0  # points of top-1: "SPOFA helps" needs at least this mean gain over the student alone
+# No reading before this many complete seeds (every method at every rate): a decision on fewer is an interim look.
+MIN_SEEDS_TO_READ = 5
 
 
 SECONDARY = (("ofa", "none"), ("spofa", "ofa"), ("spofa-fw0.1", "spofa"), ("ofa-fw0.1", "ofa"))
@@ -136,10 +138,42 @@ def holm(pvalues: Sequence[float | None], alpha: float = 1 - CONFIDENCE) -> list
     return out
 
 
-def decisions(paired: Sequence[dict]) -> list[dict]:
+def complete_seeds(runs: Sequence[dict], methods: Sequence[str], lrs: Sequence[float]) -> list[int]:
+    """The seeds with a run of every method at every rate."""
+    have: dict[int, set] = {}
+    for r in runs:
+        have.setdefault(r["seed"], set()).add((r["method"], r["lr"]))
+    need = {(m, lr) for m in methods for lr in lrs}
+    return sorted(s for s, got in have.items() if need <= got)
+
+
+def bracketing(best: dict[str, float], lrs: Sequence[float]) -> dict:
+    """Whether each method's best rate lies inside the sweep, so that its optimum is bracketed.
+
+    Returns:
+        `at_end`: {method: "lowest" | "highest" | "only"} for each method whose best rate is an end of the sweep;
+        `extend`: the rates that would bracket them (half the lowest rate, twice the highest), where needed.
+    """
+    lo, hi = min(lrs), max(lrs)
+    at_end = {m: "only" if lo == hi else "lowest" if lr == lo else "highest" for m, lr in best.items() if lr in (lo, hi)}
+    extend = {x for m, lr in at_end.items() for x in (lo / 2 if best[m] == lo else None, hi * 2 if best[m] == hi else None)}
+    return {"at_end": at_end, "extend": sorted(extend - {None})}
+
+
+def decisions(paired: Sequence[dict], seeds_complete: int) -> list[dict]:
     """The pre-registered rules applied to the best-rate paired differences, in order: the gate (plain KD must beat
     the student alone, or the task cannot show transfer), the primary claim (SPOFA at least `PRIMARY_MIN_GAIN`
-    points above the student alone, interval above zero), then the secondary comparisons, Holm-corrected."""
+    points above the student alone, interval above zero), then the secondary comparisons, Holm-corrected.
+
+    With fewer than `MIN_SEEDS_TO_READ` complete seeds no rule is read: each row's `holds` is None (an interim
+    look), its figures are still given."""
+    rows = _decide(paired)
+    if seeds_complete < MIN_SEEDS_TO_READ:
+        rows = [{**d, "holds": None} for d in rows]
+    return rows
+
+
+def _decide(paired: Sequence[dict]) -> list[dict]:
     best = {(p["method"], p["baseline"]): p for p in paired if p["at"] == "best rates"}
     out = []
     gate = best.get(("kd", "none"))
