@@ -82,7 +82,7 @@ def modelopt_available() -> bool:
     return importlib.util.find_spec("modelopt") is not None
 
 
-MODELOPT_HINT = "pip install -U 'spofa-deploy[modelopt]' (or use --quantizer ort)"
+MODELOPT_HINT = "pip install 'nvidia-modelopt[onnx]==0.47.*' (or use --quantizer ort)"
 # What ModelOpt's ONNX quantizer imports besides itself, which a plain `nvidia-modelopt` install lacks.
 MODELOPT_NEEDS = ("onnx_graphsurgeon", "onnxslim")
 MODELOPT_KEYWORDS = ("calibration_data_reader", "high_precision_dtype", "nodes_to_exclude", "calibration_shapes")
@@ -95,7 +95,7 @@ def modelopt_problem() -> str | None:
     and the keywords this project passes to `modelopt.onnx.quantization.quantize`.
     """
     if not modelopt_available():
-        return "NVIDIA ModelOpt is not installed: pip install 'spofa-deploy[modelopt]'"
+        return "NVIDIA ModelOpt is not installed: pip install 'nvidia-modelopt[onnx]==0.47.*'"
     missing = [m for m in MODELOPT_NEEDS if importlib.util.find_spec(m) is None]
     if missing:
         return f"ModelOpt's ONNX quantizer needs {', '.join(missing)}, which is not installed: {MODELOPT_HINT}"

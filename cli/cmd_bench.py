@@ -19,7 +19,7 @@ def bench(
     data: Annotated[Optional[str], typer.Option("--data", help="Data spec for accuracy (default: the one in the metadata).")] = None,
     backends: Annotated[str, typer.Option("--backend", help="auto | trt | ort-cuda | ort-cpu | aoti | torch-eager | torch-compile | torch-cudagraph (comma list allowed).")] = "auto",
     batch_sizes: Annotated[Optional[str], typer.Option("--batch", show_default=False, help=(
-        "Batch sizes, comma separated [default: 1 and a large batch the artifact accepts: 256 on a GPU, 64 on CPU]."))] = None,
+        "Batch sizes, comma separated (default: 1 and a large batch the artifact accepts: 256 on a GPU, 64 on CPU)."))] = None,
     precisions: Annotated[Optional[str], typer.Option("--precision", help="fp32 | bf16 | fp16 for PyTorch backends (comma list); ONNX/engines keep their export precision.")] = None,
     warmup_s: Annotated[float, typer.Option("--warmup-s", help="Warm-up time per measurement (s).")] = 1.0,
     min_s: Annotated[float, typer.Option("--min-s", help="Minimum timed seconds per model and batch size.")] = 3.0,
@@ -32,7 +32,7 @@ def bench(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure and the machine to this JSON file.")] = None,
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write an accuracy-vs-latency PNG.")] = None,
     device: o.Device = "auto",
-    trust_engine: Annotated[bool, typer.Option("--trust", help="Run a TensorRT engine or .pt2 package that has no sidecar (only ones you built).")] = False,
+    trust_engine: Annotated[bool, typer.Option("--trust", help="Run files you vouch for: a TensorRT engine or .pt2 package without a sidecar, or any file whose bytes differ from the SHA-256 its sidecar recorded (only files you built).")] = False,
     others: Annotated[Optional[list[Path]], typer.Option("--with", show_default=False, help=(
         "Another file of the same student (e.g. student.int8.onnx, student.qat.int8.onnx), benched beside ARTIFACT on "
         "the same images, with its top-1 agreement with the fp32 student."))] = None,

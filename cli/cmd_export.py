@@ -23,7 +23,7 @@ def export(
     batch: Annotated[Optional[int], typer.Option("--batch", help="A fixed batch size instead of the dynamic default.",
                      show_default=False)] = None,
     dynamic_batch: Annotated[Optional[str], typer.Option("--dynamic-batch", metavar="MIN:OPT:MAX",
-                             help="Dynamic batch: symbolic ONNX batch and TensorRT profile [default: 1:16:256].",
+                             help="Dynamic batch: the ONNX graph's symbolic batch and the range a TensorRT engine accepts (its profiles are tuned for MIN and MAX; OPT is the batch the graph is traced at) (default: 1:16:256).",
                              show_default=False)] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 17,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output file or folder (default: beside the model).")] = None,

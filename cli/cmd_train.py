@@ -12,6 +12,19 @@ import typer
 from cli import options as o
 
 
+def without_option(argv: list[str], flag: str) -> list[str]:
+    """`argv` without `flag VALUE` and `flag=VALUE`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
 def teacher(
     teacher: o.Teacher = "vit_b",
     data: o.Data = "digits",
@@ -19,7 +32,7 @@ def teacher(
     teacher_weights: o.TeacherWeights = None,
     pretrained: o.Pretrained = True,
     epochs: o.Epochs = None, batch_size: o.BatchSize = None, lr: o.Lr = None, opt: o.Optim = None,
-    device: o.Device = "auto", amp: o.Amp = "auto", out: o.Out = None, resume: o.Resume = False,
+    device: o.Device = "auto", amp: o.Amp = "auto", out: o.TeacherOut = None, resume: o.TeacherResume = False,
     seed: o.Seed = 0, workers: o.Workers = None, download: o.Download = False, on_nan: o.OnNan = "stop",
     clip_grad: o.ClipGrad = None,
     skip_corrupt: o.SkipCorrupt = False,
@@ -65,7 +78,7 @@ def distill(
     teacher_label_smoothing: Annotated[float, typer.Option("--teacher-label-smoothing", help="Label smoothing of the teacher stage, if it runs (0: soft targets that teach).")] = 0.0,
     teacher_cache: Annotated[Optional[Path], typer.Option("--teacher-cache", metavar="DIR", help="Store the teacher's logits of every training view here once; later runs with the same teacher, data, size and seed read them instead of running the teacher.")] = None,
     teacher_cache_max_gb: Annotated[Optional[float], typer.Option("--teacher-cache-max-gb", help="Bound on the teacher cache folder (GB).")] = None,
-    teacher_cache_format: Annotated[Optional[str], typer.Option("--teacher-cache-format", help="fp32 (exact) | fp16 | topk [default: fp16, top-50 beyond 100 classes at temperature 1].")] = None,
+    teacher_cache_format: Annotated[Optional[str], typer.Option("--teacher-cache-format", help="fp32 (exact) | fp16 | topk (default: fp16, top-50 beyond 100 classes at temperature 1).")] = None,
     gpu_decode: Annotated[bool, typer.Option("--gpu-decode", help="Decode and augment training JPEGs on the GPU (nvJPEG): for image folders whose loader cannot keep up (benchmarks/loader.py).")] = False,
     train_fraction: o.TrainFraction = 1.0,
     skip_corrupt: o.SkipCorrupt = False,
@@ -77,9 +90,7 @@ def distill(
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from spofa_deploy.train.distributed import relaunch_with_torchrun
 
-        argv = sys.argv[1:]
-        i = argv.index("--nproc")
-        raise SystemExit(relaunch_with_torchrun(nproc, argv[:i] + argv[i + 2:]))
+        raise SystemExit(relaunch_with_torchrun(nproc, without_option(sys.argv[1:], "--nproc")))
     from spofa_deploy import pipeline
     from spofa_deploy.data.splits import DataOptions
     from spofa_deploy.errors import UserError

@@ -19,8 +19,8 @@ from typing import Annotated, Any, Callable, Iterable, Optional
 import typer
 
 Data = Annotated[str, typer.Option("--data", help="digits | cifar10[:DIR] | cifar100[:DIR] | imagefolder:DIR")]
-Teacher = Annotated[str, typer.Option("--teacher", help="Teacher: alias (vit_b, vit_s, deit_t, swin_t), any timm name, or a model made elsewhere: hf-hub:ID (a warm hub cache) or local-dir:DIR (a folder of timm's save_for_hf).")]
-Student = Annotated[str, typer.Option("--student", help="Student: alias (mobilenetv3, mobilenetv2, resnet18) or any timm CNN.")]
+Teacher = Annotated[str, typer.Option("--teacher", help="Teacher: alias (vit_b, vit_s, vit_t, deit_t, deit_s, swin_t, mixer_b, convnext_t), any timm name, or a model made elsewhere: hf-hub:ID (a warm hub cache) or local-dir:DIR (a folder of timm's save_for_hf).")]
+Student = Annotated[str, typer.Option("--student", help="Student: alias (mobilenetv3, mobilenetv3_s, mobilenetv2, resnet18, resnet50, efficientnet_b0) or any timm CNN.")]
 ImgSize = Annotated[Optional[int], typer.Option("--img-size", help="Input size (default: 32 for digits/CIFAR, 224 for image folders).")]
 Epochs = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs.")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Global batch size (default: 64 student, 32 teacher).")]
@@ -29,8 +29,10 @@ Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:
 Amp = Annotated[str, typer.Option("--amp", help="auto (bf16 on GPUs that have it, else fp16; off on CPU) | bf16 | fp16 | off")]
 Out = Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/<name>-<time>).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default runs/latest) from its last checkpoint.")]
+TeacherOut = Annotated[Optional[Path], typer.Option("--out", help="Teacher folder (default runs/teachers/<model>-<data>-<size>px, where distill and compare find it).")]
+TeacherResume = Annotated[bool, typer.Option("--resume", help="Continue the teacher stage in --out (default: the folder above) from its last checkpoint.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
-Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader workers (default: cores - 1).")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader workers (default: cores - 1, at most 8; 0 in the parallel jobs of spofa compare).")]
 Download = Annotated[bool, typer.Option("--download", help="Let torchvision download CIFAR (needs a network).")]
 SkipCorrupt = Annotated[bool, typer.Option("--skip-corrupt", help="Skip unreadable images (with a warning) instead of failing.")]
 Optim = Annotated[Optional[str], typer.Option("--opt", help="sgd | adamw (default: sgd for the student, adamw for the teacher)")]
@@ -61,20 +63,20 @@ def defaulting(option: Any, default: str) -> Any:
 
 
 # Distillation settings (DistillConfig), declared once for `spofa distill` and `spofa compare`.
-GtWeight = Annotated[Optional[float], typer.Option("--gt-weight", help="Weight of the CE loss (l_gt) [default: 1].")]
-KdWeight = Annotated[Optional[float], typer.Option("--kd-weight", help="Weight of the final-logit distillation loss (l_kd) [default: 1].")]
-FeatWeight = Annotated[Optional[float], typer.Option("--feat-weight", help="Weight of the stage-head losses (l_ofa) [default: 1]; 0.1 can steady MobileNets.")]
-Eps = Annotated[Optional[float], typer.Option("--eps", help="OFA target-enhancement exponent on the final logits [default: 1].")]
-StageEps = Annotated[Optional[str], typer.Option("--stage-eps", help="Per-stage eps, comma separated (4 values) [default: 1,1,1,1].")]
-Temperature = Annotated[Optional[float], typer.Option("--temperature", help="OFA temperature tau [default: 1].")]
-KdTemperature = Annotated[Optional[float], typer.Option("--kd-temperature", help="Temperature of --method kd [default: 4].")]
-LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing of the student's CE term [default: 0].")]
-Mema = Annotated[Optional[bool], typer.Option("--mema/--no-mema", help="MEMA dynamic scaler (spofa); --no-mema for the ablation [default: on].", show_default=False)]
-SampleWeights = Annotated[Optional[bool], typer.Option("--sample-weights/--no-sample-weights", help="MEMA output-level weights beta_i [default: on].", show_default=False)]
-Momentum = Annotated[Optional[float], typer.Option("--momentum", help="MEMA momentum m [default: 0.99].")]
-LambdaFeat = Annotated[Optional[float], typer.Option("--lambda-feat", help="MEMA feature-level scale lambda_f [default: 5].")]
-LambdaOut = Annotated[Optional[float], typer.Option("--lambda-out", help="MEMA output-level scale lambda_o [default: 2].")]
-AlphaMax = Annotated[Optional[float], typer.Option("--alpha-max", help="Upper clip of MEMA's stage weights [default: 2, the paper's]; 1 damps only.")]
+GtWeight = Annotated[Optional[float], typer.Option("--gt-weight", help="Weight of the CE loss (l_gt) (default: 1).")]
+KdWeight = Annotated[Optional[float], typer.Option("--kd-weight", help="Weight of the final-logit distillation loss (l_kd) (default: 1).")]
+FeatWeight = Annotated[Optional[float], typer.Option("--feat-weight", help="Weight of the stage-head losses (l_ofa) (default: 1); 0.1 can steady MobileNets.")]
+Eps = Annotated[Optional[float], typer.Option("--eps", help="OFA target-enhancement exponent on the final logits (default: 1).")]
+StageEps = Annotated[Optional[str], typer.Option("--stage-eps", help="Per-stage eps, comma separated (4 values) (default: 1,1,1,1).")]
+Temperature = Annotated[Optional[float], typer.Option("--temperature", help="OFA temperature tau (default: 1).")]
+KdTemperature = Annotated[Optional[float], typer.Option("--kd-temperature", help="Temperature of --method kd (default: 4).")]
+LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing of the student's CE term (default: 0).")]
+Mema = Annotated[Optional[bool], typer.Option("--mema/--no-mema", help="MEMA dynamic scaler (spofa); --no-mema for the ablation (default: on).", show_default=False)]
+SampleWeights = Annotated[Optional[bool], typer.Option("--sample-weights/--no-sample-weights", help="MEMA output-level weights beta_i (default: on).", show_default=False)]
+Momentum = Annotated[Optional[float], typer.Option("--momentum", help="MEMA momentum m (default: 0.99).")]
+LambdaFeat = Annotated[Optional[float], typer.Option("--lambda-feat", help="MEMA feature-level scale lambda_f (default: 5).")]
+LambdaOut = Annotated[Optional[float], typer.Option("--lambda-out", help="MEMA output-level scale lambda_o (default: 2).")]
+AlphaMax = Annotated[Optional[float], typer.Option("--alpha-max", help="Upper clip of MEMA's stage weights (default: 2, the paper's); 1 damps only.")]
 
 
 def loss_options(

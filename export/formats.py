@@ -28,9 +28,9 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 # What each optional module is and how to install it, for one-line errors.
 INSTALL: dict[str, tuple[str, str]] = {
-    "tensorrt": ("TensorRT", "pip install 'spofa-deploy[trt]' on a machine with an NVIDIA GPU"),
-    "modelopt": ("NVIDIA ModelOpt", "pip install 'spofa-deploy[modelopt]'"),
-    "onnxslim": ("onnxslim", "pip install 'spofa-deploy[slim]'"),
+    "tensorrt": ("TensorRT", "pip install 'tensorrt>=10' on a machine with an NVIDIA GPU"),
+    "modelopt": ("NVIDIA ModelOpt", "pip install 'nvidia-modelopt[onnx]==0.47.*'"),
+    "onnxslim": ("onnxslim", "pip install onnxslim"),
     "onnxruntime": ("ONNX Runtime", "pip install onnxruntime-gpu (or onnxruntime)"),
 }
 

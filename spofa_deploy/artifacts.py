@@ -175,13 +175,13 @@ def verify_artifact(path: str | Path, meta: dict, *, trust: bool = False, native
     if want is None:
         if native:
             raise UserError(f"{side} records no sha256 of {path.name}, which holds native code: re-export it with "
-                            "`spofa export`, or pass --trust if you built this file yourself")
+                            "`spofa export`, or run it with `spofa bench --trust` if you built this file yourself")
         return
     size = meta.get("size_bytes")
     if (size is not None and path.stat().st_size != size) or file_digest(path)["sha256"] != want:
         raise UserError(f"{path.name} is not the file its sidecar {side} was written for (its SHA-256 differs): "
-                        "it was changed or replaced after it was written; re-export it, or pass --trust if you "
-                        "vouch for it")
+                        "it was changed or replaced after it was written; write it again with the command that made "
+                        "it, or run it with `spofa bench --trust` if you vouch for it")
 
 
 REQUIRED_META = ("model", "num_classes", "img_size", "mean", "std")

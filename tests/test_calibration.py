@@ -223,8 +223,8 @@ def test_auto_falls_back_before_the_export_when_modelopt_cannot_quantize_onnx(mo
         assert caplog.messages == []
         assert resolve_quantizer("auto", "trt", announce=True) == "ort"  # where it quantizes: said once
     assert caplog.messages == ["--quantizer auto: ONNX Runtime's quantizer instead of ModelOpt (ModelOpt's ONNX "
-                               "quantizer needs onnx_graphsurgeon, which is not installed: pip install -U "
-                               "'spofa-deploy[modelopt]' (or use --quantizer ort))"]
+                               "quantizer needs onnx_graphsurgeon, which is not installed: pip install "
+                               "'nvidia-modelopt[onnx]==0.47.*' (or use --quantizer ort))"]
     with pytest.raises(MissingDependency, match="^--quantizer modelopt: ModelOpt's ONNX quantizer needs onnx_graphsurgeon"):
         resolve_quantizer("modelopt", "trt")
 
@@ -234,7 +234,7 @@ def test_high_precision_is_fp16_for_tensorrt_and_fp32_for_onnx_runtime():
 
 
 def test_modelopt_int8_is_trt_compatible(trained_student, tmp_path):
-    pytest.importorskip("modelopt.onnx.quantization", reason="NVIDIA ModelOpt is not installed: pip install 'spofa-deploy[modelopt]'")
+    pytest.importorskip("modelopt.onnx.quantization", reason="NVIDIA ModelOpt is not installed: pip install 'nvidia-modelopt[onnx]==0.47.*'")
     r = export_model(trained_student, ExportOptions("onnx", "int8", dynamic_batch=(1, 32, 64), out=tmp_path / "mo.int8.onnx",
                                                     int8=Int8Options(quantizer="modelopt"), gate=GateOptions(samples=200)))
     assert r.quantization["quantizer"] == "modelopt" and r.quantization["high_precision"] == "fp32"

@@ -137,3 +137,10 @@ def test_every_flag_reaches_the_library(command: str, call, tmp_path: Path) -> N
         if not changed or (words[0] not in EFFECT_ONLY and arrives not in changed.values()):
             missing.append(f"{' '.join(words)} -> changed {changed or 'nothing'}")
     assert not missing, f"flags of `spofa {command}` that reach nothing the library receives: {missing}"
+
+
+def test_nproc_is_taken_out_of_the_relaunched_command_in_both_spellings() -> None:
+    from cli.cmd_train import without_option
+
+    argv = ["distill", "--nproc", "2", "--epochs", "3", "--nproc=4", "--nproc-x", "1"]
+    assert without_option(argv, "--nproc") == ["distill", "--epochs", "3", "--nproc-x", "1"]

@@ -22,6 +22,7 @@ COMMANDS = {
     "export": (["export", "student.safetensors", "--format", "onnx"], "export.exporter:export_model"),
     "bench": (["bench", "student.onnx"], "export.bench.run:run_bench"),
     "compare": (["compare"], "spofa_deploy.compare.run:run_compare"),
+    "qat": (["qat"], "calibration.qat:qat"),
     "doctor": (["doctor"], "spofa_deploy.doctor:diagnose"),
 }
 

@@ -431,7 +431,7 @@ def test_trt_missing_is_one_clear_error(student):
     err = _refused(student.parent, "TensorRT|GPU", student, ExportOptions("trt", "fp16"))
     assert isinstance(err, MissingDependency)
     if importlib.util.find_spec("tensorrt") is None:
-        assert "pip install 'spofa-deploy[trt]'" in str(err)
+        assert "pip install 'tensorrt>=10'" in str(err)
 
 
 def test_engine_without_sidecar_is_refused(tmp_path):
@@ -454,7 +454,7 @@ def test_engine_from_other_tensorrt_or_gpu_is_refused(tmp_path):
 
 @pytest.fixture()
 def trt_ready():
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed: pip install 'spofa-deploy[trt]' on a machine with an NVIDIA GPU")
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed: pip install 'tensorrt>=10' on a machine with an NVIDIA GPU")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU and none is visible")
 

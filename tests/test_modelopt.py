@@ -15,7 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("modelopt.onnx.quantization",
-                    reason="NVIDIA ModelOpt is not installed: pip install 'spofa-deploy[modelopt]'")
+                    reason="NVIDIA ModelOpt is not installed: pip install 'nvidia-modelopt[onnx]==0.47.*'")
 
 from calibration.quantize import CALIB_BATCH, ArrayReader, check_trt_qdq, quantize_int8  # noqa: E402
 from export.onnx import BatchProfile, export_onnx, ort_session  # noqa: E402
@@ -116,7 +116,7 @@ def test_modelopt_without_a_reader_parameter_is_one_clear_error(graphs, tmp_path
         raise AssertionError("must not be called")
 
     monkeypatch.setattr(moq, "quantize", old_quantize)
-    with pytest.raises(MissingDependency, match=r"calibration_data_reader.*pip install -U"):
+    with pytest.raises(MissingDependency, match=r"calibration_data_reader.*pip install 'nvidia-modelopt\[onnx\]==0.47"):
         quantize_int8(graphs[3], tmp_path / "x.onnx", _images(6), quantizer="modelopt")
 
 

@@ -74,7 +74,7 @@ def test_distill_export_bench_onnx_chain_with_defaults(session_dir, monkeypatch)
 @pytest.mark.trt
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
-                    reason="needs TensorRT and a CUDA GPU (pip install 'spofa-deploy[trt]' on an NVIDIA machine)")
+                    reason="needs TensorRT and a CUDA GPU (pip install 'tensorrt>=10' on an NVIDIA machine)")
 def test_distill_export_bench_trt_chain_with_defaults(session_dir, monkeypatch):
     monkeypatch.chdir(session_dir)
     spofa("export", "--format", "trt")

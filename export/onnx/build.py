@@ -48,7 +48,7 @@ def check_chain(options: "ExportOptions") -> None:
     """Refuse, before any work, an onnxslim or quantizer the ONNX chain cannot use (after `graph.check_opset`
     and the format's own dependencies)."""
     if options.slim and not graph.slim_available():
-        raise MissingDependency("onnxslim is not installed: pip install 'spofa-deploy[slim]' (or pass --no-slim)")
+        raise MissingDependency("onnxslim is not installed: pip install onnxslim (or pass --no-slim)")
     if options.precision == "int8":
         resolve_quantizer(options.int8.quantizer, options.format)
 

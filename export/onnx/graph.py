@@ -126,7 +126,7 @@ def slim_onnx(path: Path) -> tuple[int, int]:
     try:
         import onnxslim
     except ImportError as e:
-        raise MissingDependency("onnxslim is not installed: pip install 'spofa-deploy[slim]' (or pass --no-slim)") from e
+        raise MissingDependency("onnxslim is not installed: pip install onnxslim (or pass --no-slim)") from e
     model = onnx.load(str(path))
     before = len(model.graph.node)
     with contextlib.redirect_stdout(None):  # onnxslim may print a summary table
@@ -207,7 +207,7 @@ def require_autocast(what: str) -> None:
         version = importlib.metadata.version("nvidia-modelopt")
     except importlib.metadata.PackageNotFoundError:
         version = None
-    hint = "pip install 'spofa-deploy[modelopt]'"
+    hint = "pip install 'nvidia-modelopt[onnx]==0.47.*'"
     if version is None:
         raise MissingDependency(f"{what} needs NVIDIA ModelOpt AutoCast, which is not installed: {hint}")
     try:
@@ -218,7 +218,7 @@ def require_autocast(what: str) -> None:
     if not hasattr(ac, "convert_to_mixed_precision"):
         raise MissingDependency(f"{what} needs ModelOpt AutoCast's convert_to_mixed_precision (nvidia-modelopt >= "
                                 f"{'.'.join(map(str, AUTOCAST_MIN_MODELOPT))}); {version} is installed: "
-                                f"pip install -U 'spofa-deploy[modelopt]'")
+                                f"pip install 'nvidia-modelopt[onnx]==0.47.*'")
 
 
 def autocast(src: Path, dst: Path, precision: str) -> None:

@@ -34,7 +34,7 @@ from spofa_deploy.errors import MissingDependency, UserError
 
 _log = logging.getLogger(__name__)
 
-TRT_MISSING = "TensorRT is not installed: pip install 'spofa-deploy[trt]' on a machine with an NVIDIA GPU"
+TRT_MISSING = "TensorRT is not installed: pip install 'tensorrt>=10' on a machine with an NVIDIA GPU"
 NO_GPU = "no CUDA GPU is visible: TensorRT builds and runs engines on an NVIDIA GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
 DEFAULT_WORKSPACE_GIB = 4.0
 # Parity tolerance of an engine whose fp32 layers may run TF32: products of 10-bit mantissas

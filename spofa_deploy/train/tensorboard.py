@@ -35,7 +35,7 @@ class TensorBoard:
             if not _said_missing:
                 _said_missing = True
                 _log.info("note: TensorBoard is not installed, so runs write no TensorBoard scalars "
-                          "(pip install 'spofa-deploy[tensorboard]'); metrics.jsonl and trace.csv have them all")
+                          "(pip install 'tensorboard>=2.14'); metrics.jsonl and trace.csv have them all")
             return None
         try:
             return cls(SummaryWriter(str(Path(run_dir) / FOLDER)))
