@@ -38,6 +38,7 @@ TensorRT accumulates in int32, so the Q/DQ arithmetic as written is what predict
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import inspect
@@ -270,6 +271,23 @@ def _restore_ort_quantization():
                     setattr(owner, key, value)
 
 
+@contextlib.contextmanager
+def _no_modelopt_bars():
+    """Hide the tqdm bars ModelOpt's calibration draws on stderr (three per INT8 export, 0.47
+    `ort_patching`): an export reports its own progress, and its warnings stay on stderr."""
+    from modelopt.onnx.quantization import ort_patching
+
+    bar = getattr(ort_patching, "tqdm", None)
+    if bar is None:  # another ModelOpt layout: its bars, if any, stay
+        yield
+        return
+    ort_patching.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        ort_patching.tqdm = bar
+
+
 def _quantize_modelopt(src: Path, dst: Path, reader: ArrayReader, exclude: list[str], high_precision: str) -> None:
     problem = modelopt_problem()
     if problem is not None:
@@ -279,7 +297,7 @@ def _quantize_modelopt(src: Path, dst: Path, reader: ArrayReader, exclude: list[
     # Our reader, not `calibration_data=`: ModelOpt splits an array into int(N / B) chunks, which gives
     # chunks of B + 1 on a fixed-batch graph whenever N % B != 0, and raises when N < B.
     chw = "x".join(str(d) for d in reader.images.shape[1:])
-    with _quiet(), _restore_ort_quantization():
+    with _quiet(), _restore_ort_quantization(), _no_modelopt_bars():
         quantize(
             onnx_path=str(src), quantize_mode="int8", calibration_method=MODELOPT_METHOD,
             calibration_data_reader=reader,

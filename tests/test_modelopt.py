@@ -89,8 +89,9 @@ def test_modelopt_int8_on_a_fixed_batch(graphs, tmp_path, batches_read, batch, n
     assert out.shape == (batch, 10) and np.isfinite(out).all()
 
 
-def test_modelopt_int8_calibrates_a_dynamic_graph_in_batches(graphs, tmp_path, batches_read):
+def test_modelopt_int8_calibrates_a_dynamic_graph_in_batches(graphs, tmp_path, batches_read, capfd):
     info = quantize_int8(graphs["dynamic"], tmp_path / "int8.onnx", _images(70), quantizer="modelopt")
+    assert "it/s" not in capfd.readouterr().err  # no progress bars of ModelOpt's own
     assert batches_read == [CALIB_BATCH, CALIB_BATCH, 70 - 2 * CALIB_BATCH]  # a dynamic graph takes the rest too
     assert info.calib_samples == 70
     assert check_trt_qdq(onnx.load(str(tmp_path / "int8.onnx"))) == []
