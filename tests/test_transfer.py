@@ -181,6 +181,13 @@ def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypa
     assert "Pre-registered decisions" in md and "agreement with teacher" in md
     assert "**Not read:** 2 complete seeds" in md and "| not read |" in md and "none (the only rate)" in md
     assert os.path.isdir("runs/study/none-lr0.01-seed1")
+    # A reading over the first seeds only: re-reported from the records, nothing trained, no teacher needed.
+    monkeypatch.setattr(cmp, "distill", lambda *a, **k: pytest.fail("a reading must not train"))
+    Path(report["teacher"]["path"]).unlink()
+    first_seed = cmp.run_compare(cmp.CompareConfig(**{**base, "seeds": 1}), resume=True)
+    assert first_seed.runs_done == 0 and first_seed.runs_skipped == 3
+    again = json.loads(Path("runs/study/report.json").read_text())
+    assert again["seeds"] == [0] and again["seeds_complete"] == [0] and len(again["runs"]) == 3
 
 
 def test_the_teacher_recipe_is_cut_to_the_cpu_budget_only_when_not_given() -> None:
