@@ -174,6 +174,29 @@ def test_paired_statistics_on_a_hand_computed_example() -> None:
     assert stats.paired_difference(runs, "spofa", "none", 0.1, 0.1)["n"] == 0
 
 
+def test_best_rates_and_decisions_are_read_over_the_complete_seeds_only() -> None:
+    """A half-done seed (some methods or rates still missing) must not tip a best rate or a pairing: every method
+    and rate is averaged over the same seeds. The per-rate tables still show every run."""
+    cfg = cmp.CompareConfig(methods=("none", "spofa"), lrs=(0.01, 0.1), seeds=2, device="cpu")
+    runs = [_rec(m, lr, 0, {0.01: 80.0, 0.1: 70.0}[lr]) for m in ("none", "spofa") for lr in (0.01, 0.1)]
+    runs += [_rec("none", 0.1, 1, 99.0)]  # seed 1: one run of four so far, far above the rest
+    header = {"config": {"epochs": 1, "lrs": [0.01, 0.1]}, "img_size": 16, "teacher_path": "t", "started": "now"}
+    rep = report.build_report(cfg, header, {}, {"model": "t", "top1": 90.0}, runs, wall_s=1.0)
+    assert rep["seeds_complete"] == [0] and rep["best_rates"] == {"none": 0.01, "spofa": 0.01}
+    assert all(p["seeds"] == [0] for p in rep["paired"])
+    assert next(g for g in rep["per_method_lr"] if (g["method"], g["lr"]) == ("none", 0.1))["runs"] == 2
+    assert rep["bracketing"]["at_end"] == {"none": "lowest", "spofa": "lowest"}
+    # No seed complete yet: every run is an interim look.
+    interim = report.build_report(cfg, header, {}, {"model": "t", "top1": 90.0}, runs[4:], wall_s=1.0)
+    assert interim["seeds_complete"] == [] and interim["best_rates"]["none"] == 0.1
+
+
+def test_a_sweep_that_names_a_rate_twice_is_refused() -> None:
+    for lrs in [(0.01, 0.01), (0.1, 1e-1), (0.01, 0.02, 0.0100000001)]:
+        with pytest.raises(UserError, match="names a rate twice"):
+            cmp.CompareConfig(lrs=lrs).validate()
+
+
 def test_paired_comparisons_pair_each_method_with_its_baselines() -> None:
     """Every method against the student alone; feature methods against OFA; SPOFA's variants against SPOFA."""
     methods = cmp.parse_methods("none,kd,ofa,spofa", ablations=True)

@@ -101,8 +101,8 @@ def test_holm_steps_down() -> None:
     assert holm([None, 0.001]) == [None, True]
 
 
-def _pair(method: str, baseline: str, mean: float, ci: tuple[float, float], p: float) -> dict:
-    return {"method": method, "baseline": baseline, "at": "best rates", "n": 10, "mean": mean, "ci95": list(ci),
+def _pair(method: str, baseline: str, mean: float, ci: tuple[float, float] | None, p: float | None) -> dict:
+    return {"method": method, "baseline": baseline, "at": "best rates", "n": 10, "mean": mean, "ci95": ci and list(ci),
             "p": p, "lr": 0.005, "lr_baseline": 0.01}
 
 
@@ -110,17 +110,46 @@ def test_pre_registered_decisions() -> None:
     paired = [_pair("kd", "none", 1.2, (0.3, 2.1), 0.01), _pair("spofa", "none", 0.8, (0.1, 1.5), 0.03),
               _pair("ofa", "none", 0.5, (-0.2, 1.2), 0.15), _pair("spofa", "ofa", 0.3, (-0.5, 1.1), 0.4),
               {**_pair("spofa", "none", 9.0, (8.0, 10.0), 1e-6), "at": "lr 0.005"}]  # per-rate rows are not read
-    d = {x["comparison"]: x for x in decisions(paired, seeds_complete=10)}
+    d = {x["comparison"]: x for x in decisions(paired, seeds_complete=10, at_end={})}
     assert d["kd - none"]["holds"] is True
     assert d["spofa - none"]["holds"] is False  # interval above zero but the gain is below one point
     assert d["ofa - none"]["holds"] is False and d["spofa - ofa"]["holds"] is False
-    assert "Holm over 2" in d["ofa - none"]["rule"]
+    assert "Holm over 2" in d["ofa - none"]["rule"] and all(x["note"] is None for x in d.values())
     paired[1] = _pair("spofa", "none", 1.4, (0.6, 2.2), 0.002)
-    assert {x["comparison"]: x for x in decisions(paired, seeds_complete=10)}["spofa - none"]["holds"] is True
+    assert {x["comparison"]: x for x in decisions(paired, 10, {})}["spofa - none"]["holds"] is True
     # Fewer complete seeds than the rules read from: the same figures, no rule read.
-    early = decisions(paired, seeds_complete=MIN_SEEDS_TO_READ - 1)
+    early = decisions(paired, seeds_complete=MIN_SEEDS_TO_READ - 1, at_end={})
     assert [x["holds"] for x in early] == [None] * len(early) and early[1]["mean"] == 1.4
-    assert decisions(paired, seeds_complete=MIN_SEEDS_TO_READ)[1]["holds"] is True
+    assert decisions(paired, seeds_complete=MIN_SEEDS_TO_READ, at_end={})[1]["holds"] is True
+    # A best rate at an end of the sweep: the primary is computed, and said to wait for the extended sweep.
+    (p,) = [x for x in decisions(paired, 10, {"none": "highest"}) if x["kind"] == "primary"]
+    assert p["holds"] is True and "end of the sweep (none)" in p["note"]
+    # The gate not shown: nothing else is evidence of transfer (rule 1), though it is computed and reported.
+    paired[0] = _pair("kd", "none", 0.4, (-0.3, 1.1), 0.2)
+    rows = decisions(paired, 10, {})
+    assert rows[0]["holds"] is False and rows[0]["note"] is None
+    assert all("gate is not shown" in x["note"] for x in rows[1:]) and rows[1]["holds"] is True
+    no_kd = decisions(paired[1:], 10, {})
+    assert no_kd[0]["kind"] == "primary" and "no gate" in no_kd[0]["note"]
+
+
+def test_the_stage_head_weight_default_needs_a_positive_holm_significant_difference() -> None:
+    base = [_pair("kd", "none", 1.2, (0.3, 2.1), 0.01), _pair("spofa", "none", 1.4, (0.6, 2.2), 0.002)]
+    for mean, p, becomes in [(1.5, 0.001, True), (-1.5, 0.001, False), (1.5, 0.2, False)]:
+        rows = decisions([*base, _pair("spofa-fw0.1", "spofa", mean, (mean - 1, mean + 1), p)], 10, {})
+        (rule4,) = [x for x in rows if x["kind"] == "default"]
+        assert rule4["holds"] is becomes, (mean, p)
+    # A comparison without a p-value (one seed) is not in the Holm family.
+    rows = decisions([*base, _pair("ofa", "none", 0.5, (-0.2, 1.2), 0.15), _pair("spofa", "ofa", 0.3, None, None)],
+                     10, {})
+    assert [x["rule"] for x in rows if x["kind"] == "secondary"] == ["secondary (Holm over 1): differs from zero"]
+
+
+def test_ties_go_to_the_lower_rate_whatever_the_sweep_order() -> None:
+    from spofa_deploy.compare.stats import best_rates
+
+    groups = [{"method": "none", "lr": lr, "final_top1": {"mean": 90.0}} for lr in (0.01, 0.005, 0.02)]
+    assert best_rates(groups) == {"none": 0.005}
 
 
 def _run(method: str, lr: float, seed: int) -> dict:

@@ -100,6 +100,8 @@ class CompareConfig:
             raise UserError(f"--seeds must be >= 1, got {self.seeds}")
         if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
             raise UserError(f"--lr-sweep needs positive rates, got {list(self.lrs)}")
+        if len({f"{lr:g}" for lr in self.lrs}) < len(self.lrs):  # (a run folder is named by the rate's %g)
+            raise UserError(f"--lr-sweep names a rate twice: {', '.join(f'{lr:g}' for lr in self.lrs)}")
         if not 0.0 < self.train_fraction <= 1.0:
             raise UserError(f"--train-fraction must be in (0, 1], got {self.train_fraction}")
         if self.epochs < 1 or self.batch_size < 1:

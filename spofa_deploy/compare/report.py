@@ -49,7 +49,9 @@ DEFINITIONS = {
                   "its last evaluated epoch (the checkpoint it leaves); tail variances only over runs that trained "
                   "to the end",
     "final_top1": "val top-1 of the model after the last epoch; best_top1: best epoch; ema: the EMA weights",
-    "best rate": "per method, the rate of the sweep with the highest mean final top-1 over seeds",
+    "best rate": "per method, the rate of the sweep with the highest mean final top-1 over the complete seeds "
+                 "(every method at every rate; ties: the lower rate); the best-rate tables, the paired differences "
+                 "and the decisions are over those seeds (over every run until one seed is complete)",
     "update norm": "mean over measured steps (every `grad_norms_every`-th: 50; 10 before 2026-12-06) of the L2 norm "
                    "of the student's parameter update; "
                    "grad / CE grad: of the total gradient's norm on the student over the CE term's alone",
@@ -85,7 +87,13 @@ def build_report(cfg: CompareConfig, header: dict, data_info: dict, t_meta: dict
                  wall_s: float) -> dict:
     complete = len(runs) == len(cfg.methods) * len(cfg.lrs) * cfg.seeds
     summary = summarize(runs, cfg.methods, cfg.lrs)
-    best = best_rates(summary["per_method_lr"])
+    # Best rates, paired differences and decisions over the complete seeds only, so that every method and rate is
+    # averaged over the same seeds (until one seed is complete: over every run, an interim look).
+    done = complete_seeds(runs, cfg.methods, cfg.lrs)
+    read = [r for r in runs if r["seed"] in done] or list(runs)
+    read_lr = summarize(read, cfg.methods, cfg.lrs)["per_method_lr"] if done else summary["per_method_lr"]
+    best = best_rates(read_lr)
+    brackets = bracketing(best, cfg.lrs)
     return {
         "title": f"{cfg.student} <- {t_meta['model']} on {cfg.data}",
         "complete": complete,
@@ -104,12 +112,12 @@ def build_report(cfg: CompareConfig, header: dict, data_info: dict, t_meta: dict
         "definitions": DEFINITIONS,
         **summary,
         "best_rates": best,
-        "at_best_rate": [g for g in summary["per_method_lr"] if best.get(g["method"]) == g["lr"]],
-        "paired": (paired := paired_comparisons(runs, cfg.methods, cfg.lrs, best)),
-        "seeds_complete": (done := complete_seeds(runs, cfg.methods, cfg.lrs)),
-        "decisions": decisions(paired, len(done)),
-        "bracketing": bracketing(best, cfg.lrs),
-        "transfer_note": _transfer_note(t_meta, summary["per_method_lr"], best),
+        "seeds_complete": done,
+        "at_best_rate": [g for g in read_lr if best.get(g["method"]) == g["lr"]],
+        "paired": (paired := paired_comparisons(read, cfg.methods, cfg.lrs, best)),
+        "decisions": decisions(paired, len(done), brackets["at_end"]),
+        "bracketing": brackets,
+        "transfer_note": _transfer_note(t_meta, read_lr, best),
         "runs": list(runs),
         "plots": [],
     }
@@ -165,7 +173,9 @@ _DECISION_COLS = [
     ("seeds", lambda d: str(d["n"])), ("mean diff", lambda d: _g(d["mean"], "+.2f")),
     (f"{CONFIDENCE:.0%} interval", lambda d: f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else "-"),
     ("p", lambda d: _g(d["p"], ".3g")),
-    ("holds", lambda d: "not read" if d["holds"] is None else "**yes**" if d["holds"] else "no"),
+    ("holds", lambda d: "not read" if d["holds"] is None else "**yes**" if d["holds"] else
+     "not shown" if d["kind"] == "secondary" else "no"),
+    ("note", lambda d: d["note"] or ""),
 ]
 _METHOD_LR_COLS = [
     ("method", lambda g: g["method"]), ("lr", lambda g: f"{g['lr']:g}"), ("runs", lambda g: str(g["runs"])),

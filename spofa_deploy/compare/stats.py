@@ -75,9 +75,10 @@ def best_rates(per_method_lr: Sequence[dict]) -> dict[str, float]:
     for g in per_method_lr:
         mean = g["final_top1"]["mean"]
         score = -1.0 if mean is None else mean  # a rate where every run stopped before an epoch is worst
-        if g["method"] not in best or score > best[g["method"]][0]:
-            best[g["method"]] = (score, g["lr"])
-    return {m: lr for m, (_, lr) in best.items()}
+        key = (score, -g["lr"])  # ties: the lower rate, whatever the sweep's order
+        if g["method"] not in best or key > best[g["method"]]:
+            best[g["method"]] = key
+    return {m: -neg_lr for m, (_, neg_lr) in best.items()}
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -160,38 +161,51 @@ def bracketing(best: dict[str, float], lrs: Sequence[float]) -> dict:
     return {"at_end": at_end, "extend": sorted(extend - {None})}
 
 
-def decisions(paired: Sequence[dict], seeds_complete: int) -> list[dict]:
+def decisions(paired: Sequence[dict], seeds_complete: int, at_end: dict[str, str]) -> list[dict]:
     """The pre-registered rules applied to the best-rate paired differences, in order: the gate (plain KD must beat
     the student alone, or the task cannot show transfer), the primary claim (SPOFA at least `PRIMARY_MIN_GAIN`
-    points above the student alone, interval above zero), then the secondary comparisons, Holm-corrected.
+    points above the student alone, interval above zero), the secondary comparisons, Holm-corrected, and the
+    stage-head weight's default (0.1 only if `spofa-fw0.1 - spofa` is positive and Holm-significant).
 
-    With fewer than `MIN_SEEDS_TO_READ` complete seeds no rule is read: each row's `holds` is None (an interim
-    look), its figures are still given."""
-    rows = _decide(paired)
-    if seeds_complete < MIN_SEEDS_TO_READ:
-        rows = [{**d, "holds": None} for d in rows]
-    return rows
+    Args:
+        paired: `paired_comparisons` over the complete seeds.
+        seeds_complete: how many seeds have every method at every rate; below `MIN_SEEDS_TO_READ` no rule is read
+            (each row's `holds` is None, its figures are still given).
+        at_end: the methods whose best rate is an end of the sweep (`bracketing`); the sweep is extended before
+            the primary rule is read.
 
-
-def _decide(paired: Sequence[dict]) -> list[dict]:
+    Returns:
+        Rows with the rule, the figures, `holds` (None: not read) and `note` (why a row is not read as stated).
+    """
     best = {(p["method"], p["baseline"]): p for p in paired if p["at"] == "best rates"}
     out = []
     gate = best.get(("kd", "none"))
+    shown = gate is not None and bool(gate["ci95"]) and gate["ci95"][0] > 0
     if gate is not None:
-        shown = bool(gate["ci95"]) and gate["ci95"][0] > 0
-        out.append({"rule": "gate: kd - none, 95 % interval above zero", "comparison": "kd - none", **_fig(gate),
-                    "holds": shown})
+        out.append(_row("gate", "gate: kd - none, 95 % interval above zero", gate, shown))
+    unshown = None if shown else ("not evidence of transfer: the gate is not shown" if gate is not None
+                                  else "not evidence of transfer: no gate (kd was not run)")
     primary = best.get(("spofa", "none"))
     if primary is not None:
         holds = bool(primary["ci95"]) and primary["ci95"][0] > 0 and primary["mean"] >= PRIMARY_MIN_GAIN
-        out.append({"rule": f"primary: spofa - none >= +{PRIMARY_MIN_GAIN:g} with the 95 % interval above zero",
-                    "comparison": "spofa - none", **_fig(primary), "holds": holds})
-    family = [best.get(pair) for pair in SECONDARY]
-    tested = [p for p in family if p is not None]
+        ends = (f"best rate at an end of the sweep ({', '.join(at_end)}): the sweep is extended before this is read"
+                if at_end else None)
+        out.append(_row("primary", f"primary: spofa - none >= +{PRIMARY_MIN_GAIN:g} with the 95 % interval above zero",
+                        primary, holds, "; ".join(n for n in (ends, unshown) if n) or None))
+    tested = [p for p in (best.get(pair) for pair in SECONDARY) if p is not None and p["p"] is not None]
     for p, rejected in zip(tested, holm([p["p"] for p in tested])):
-        out.append({"rule": f"secondary (Holm over {len(tested)}): differs from zero",
-                    "comparison": f"{p['method']} - {p['baseline']}", **_fig(p), "holds": rejected})
+        out.append(_row("secondary", f"secondary (Holm over {len(tested)}): differs from zero", p, rejected, unshown))
+        if (p["method"], p["baseline"]) == ("spofa-fw0.1", "spofa"):
+            out.append(_row("default", "stage-head weight: 0.1 becomes the default if spofa-fw0.1 - spofa is "
+                                       "positive and significant after Holm", p, rejected and p["mean"] > 0))
+    if seeds_complete < MIN_SEEDS_TO_READ:
+        out = [{**d, "holds": None} for d in out]
     return out
+
+
+def _row(kind: str, rule: str, p: dict, holds: bool, note: str | None = None) -> dict:
+    return {"kind": kind, "rule": rule, "comparison": f"{p['method']} - {p['baseline']}", **_fig(p), "holds": holds,
+            "note": note}
 
 
 def _fig(p: dict) -> dict:
