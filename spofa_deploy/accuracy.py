@@ -45,10 +45,14 @@ def agreement(a: torch.nn.Module, b: torch.nn.Module, loader, device: torch.devi
 
 TEACHER_ADVICE = ("use a stronger teacher: pretrained weights (a warm timm cache, or --teacher-weights FILE), "
                   "a teacher trained elsewhere (--teacher-ckpt), or a longer teacher stage (--teacher-epochs)")
+# The same for `spofa compare`, which takes its teacher's weights only through a checkpoint.
+COMPARE_TEACHER_ADVICE = ("use a stronger teacher: one trained elsewhere or from pretrained weights, passed with "
+                          "--teacher-ckpt (e.g. from `spofa teacher --teacher-weights FILE`), or a longer teacher "
+                          "stage (--teacher-epochs)")
 
 
 def transfer_check(student_top1: float | None, teacher_top1: float | None, *, reference_top1: float | None = None,
-                   reference: str = "the student trained alone") -> dict:
+                   reference: str = "the student trained alone", advice: str = TEACHER_ADVICE) -> dict:
     """Whether the teacher could have taught this student anything, as recorded in `student.json` (`transfer`).
 
     A teacher no more accurate than its student has little to pass on beyond a regularising
@@ -63,8 +67,8 @@ def transfer_check(student_top1: float | None, teacher_top1: float | None, *, re
     note = None
     if teacher_top1 is not None and reference_top1 is not None and teacher_top1 <= reference_top1:
         note = (f"the teacher ({teacher_top1:.2f}% val top-1) is not above {reference} ({reference_top1:.2f}%): "
-                f"distillation cannot be expected to help; {TEACHER_ADVICE}")
+                f"distillation cannot be expected to help; {advice}")
     elif teacher_top1 is not None and student_top1 is not None and student_top1 >= teacher_top1:
         note = (f"the distilled student ({student_top1:.2f}% val top-1) ends at or above its teacher "
-                f"({teacher_top1:.2f}%): a teacher no better than its student has little to teach; {TEACHER_ADVICE}")
+                f"({teacher_top1:.2f}%): a teacher no better than its student has little to teach; {advice}")
     return {"teacher_top1": teacher_top1, "student_top1": student_top1, "reference_top1": reference_top1, "note": note}

@@ -185,7 +185,11 @@ def test_best_rates_and_decisions_are_read_over_the_complete_seeds_only() -> Non
     assert rep["seeds_complete"] == [0] and rep["best_rates"] == {"none": 0.01, "spofa": 0.01}
     assert all(p["seeds"] == [0] for p in rep["paired"])
     assert next(g for g in rep["per_method_lr"] if (g["method"], g["lr"]) == ("none", 0.1))["runs"] == 2
-    assert rep["bracketing"]["at_end"] == {"none": "lowest", "spofa": "lowest"}
+    assert rep["bracketing"]["at_end"] == {"none": "lowest", "spofa": "lowest"} and rep["transfer_note"] is None
+    # A teacher below the student alone: the note's advice names what spofa compare takes.
+    weak = report.build_report(cfg, header, {}, {"model": "t", "top1": 75.0}, runs, wall_s=1.0)["transfer_note"]
+    assert "is not above the student trained alone" in weak and "--teacher-ckpt (e.g. from `spofa teacher" in weak
+    assert "--teacher-weights FILE)" not in weak
     # No seed complete yet: every run is an interim look.
     interim = report.build_report(cfg, header, {}, {"model": "t", "top1": 90.0}, runs[4:], wall_s=1.0)
     assert interim["seeds_complete"] == [] and interim["best_rates"]["none"] == 0.1
@@ -296,7 +300,8 @@ def test_tiny_compare_writes_the_report(tiny_compare) -> None:
                 "per_method_lr", "runs", "plots"):
         assert key in rep, key
     assert rep["data"]["num_classes"] == 10 and rep["data"]["train_images"] == 72
-    assert rep["runs_cpu_isa"] == {cpu_isa(): 2} and rep["machine"]["cpu_isa"] == cpu_isa()
+    assert rep["runs_ran_on"] == {f"cpu, {cpu_isa()} kernels, {torch.get_num_threads()} thread"
+                                  f"{'s' * (torch.get_num_threads() != 1)}": 2} and rep["machine"]["cpu_isa"] == cpu_isa()
     assert rep["teacher"]["top1"] is not None and Path(rep["teacher"]["path"]).name == "teacher.safetensors"
     assert [r["name"] for r in rep["runs"]] == ["none-lr0.01-seed0", "spofa-lr0.01-seed0"]
     for r in rep["runs"]:

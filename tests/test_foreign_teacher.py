@@ -142,3 +142,23 @@ def test_the_classifier_width_is_read_without_building_a_model(name: str, monkey
     assert timm_files._classifier_name(name) == model.pretrained_cfg["classifier"]
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built to find its classifier"))
     assert timm_files.classifier_width(name, model.state_dict()) == 7
+
+
+def test_teacher_epochs_asked_for_are_not_served_by_a_teacher_of_other_epochs(tmp_path: Path, monkeypatch) -> None:
+    """The teacher trained earlier for the data is used as the recipe's whatever its epochs; `--teacher-epochs N`
+    (epochs taken as given: no CPU budget) is refused by one of another length rather than silently ignored."""
+    monkeypatch.chdir(tmp_path)
+    path = stage.recipe_teacher_path("test_resnet", DataOptions("digits", 32))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"weights")
+    (path.parent / stage.CHECKPOINT).write_bytes(b"checkpoint")
+    monkeypatch.setattr(stage, "load_checkpoint", lambda p: {"epoch": 4, "config": {"epochs": 4}})
+    _no_stage(monkeypatch)
+    data = DataOptions("digits", 32)
+    recipe = TeacherOptions(name="test_resnet", train=TrainConfig(epochs=30, device="cpu"))
+    assert find_teacher(teacher=recipe, data=data) == path  # the recipe, cut by the budget then: used
+    given = TeacherOptions(name="test_resnet", train=TrainConfig(epochs=8, device="cpu"), cpu_budget=None)
+    with pytest.raises(UserError, match=r"--teacher-epochs 8: .* ran 4 epochs: drop --teacher-epochs"):
+        find_teacher(teacher=given, data=data)
+    same = TeacherOptions(name="test_resnet", train=TrainConfig(epochs=4, device="cpu"), cpu_budget=None)
+    assert find_teacher(teacher=same, data=data) == path

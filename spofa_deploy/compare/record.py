@@ -13,9 +13,10 @@ from spofa_deploy.train.stability import accuracy_figures, read_metrics, read_tr
 
 def run_record(run_dir: Path, method: str, lr: float, seed: int, num_classes: int, *, stopped: bool = False,
                error: str | None = None, wall_s: float | None = None, resumed: bool = False,
-               threads: int | None = None, cpu_isa: str | None = None) -> dict:
-    """The record of one run, read from its folder (metrics.jsonl, trace.csv, student.json); `threads` and
-    `cpu_isa`: its CPU threads and the instruction set of its CPU kernels (both change its numbers)."""
+               threads: int | None = None, cpu_isa: str | None = None, device: str | None = None) -> dict:
+    """The record of one run, read from its folder (metrics.jsonl, trace.csv, student.json); `device`, `threads`
+    and `cpu_isa`: where it trained, its CPU threads and the instruction set of its CPU kernels (each changes its
+    numbers)."""
     metrics, trace = read_metrics(run_dir / METRICS), read_trace(run_dir / TRACE)
     acc = accuracy_figures(metrics)
     saved = {}
@@ -25,7 +26,8 @@ def run_record(run_dir: Path, method: str, lr: float, seed: int, num_classes: in
                  "agreement": (meta.get("transfer") or {}).get("agreement")}
     return {"name": run_dir.name, "method": method, "base_method": VARIANTS[method][0], "lr": lr, "seed": seed,
             "run_dir": str(run_dir), "status": "stopped" if stopped else "finished", "error": error,
-            "resumed": resumed, **acc, **saved, "wall_s": wall_s, "threads": threads, "cpu_isa": cpu_isa,
+            "resumed": resumed, **acc, **saved, "wall_s": wall_s, "device": device, "threads": threads,
+            "cpu_isa": cpu_isa,
             **_step_sizes(trace),
             "stability": stability(trace, metrics, num_classes, stopped=stopped)}
 

@@ -104,7 +104,7 @@ def build_report(cfg: CompareConfig, header: dict, data_info: dict, t_meta: dict
                     "source": t_meta.get("source")},
         "data": data_info,
         "machine": _machine(cfg.device if cfg.device != "auto" else _auto_device()),  # (the one writing the report)
-        "runs_cpu_isa": dict(Counter(r.get("cpu_isa") or "not recorded" for r in runs)),  # (each run's own CPU kernels)
+        "runs_ran_on": dict(Counter(map(_ran_on, runs))),  # (each run's own device, CPU kernels and threads)
         "versions": versions(),
         "started": header["started"],
         "written": datetime.now().isoformat(timespec="seconds"),
@@ -123,15 +123,24 @@ def build_report(cfg: CompareConfig, header: dict, data_info: dict, t_meta: dict
     }
 
 
+def _ran_on(run: dict) -> str:
+    """Where a run trained, as far as its numbers depend on it: device, CPU kernels, CPU threads."""
+    isa, threads = run.get("cpu_isa"), run.get("threads")
+    device = run.get("device") or ("cpu" if isa else "device not recorded")
+    return ", ".join([device, *([f"{isa} kernels"] if isa else []),
+                      *([f"{threads} thread{'s' * (threads != 1)}"] if threads else [])])
+
+
 def _transfer_note(t_meta: dict, per_method_lr: Sequence[dict], best: dict[str, float]) -> str | None:
     """`transfer_check`'s note for the compare: the teacher against the student alone at its best rate."""
-    from spofa_deploy.accuracy import transfer_check
+    from spofa_deploy.accuracy import COMPARE_TEACHER_ADVICE, transfer_check
 
     alone = next((g for g in per_method_lr if g["method"] == "none" and best.get("none") == g["lr"]), None)
     if alone is None or alone["final_top1"]["mean"] is None:
         return None
     return transfer_check(None, t_meta.get("top1"), reference_top1=alone["final_top1"]["mean"],
-                          reference="the student trained alone (mean final top-1 at its best rate)")["note"]
+                          reference="the student trained alone (mean final top-1 at its best rate)",
+                          advice=COMPARE_TEACHER_ADVICE)["note"]
 
 
 def _auto_device() -> str:
@@ -219,8 +228,7 @@ def render_markdown(report: dict) -> str:
         "identical for every method",
         f"- machine of this report: {m.get('gpu') or m['cpu']} ({m['device']}, {m['cpu_count']} cores{', ' + m['cpu_isa'] + ' kernels' if m.get('cpu_isa') else ''}), {m['platform']}; "
         f"total wall time {fmt_secs(report['wall_s'])}"
-        + ("; the runs' CPU kernels: " + ", ".join(f"{k} ({n} runs)" for k, n in report.get("runs_cpu_isa", {}).items())
-           if m["device"] == "cpu" else ""),
+        + "; the runs ran on: " + "; ".join(f"{k} ({n} runs)" for k, n in report["runs_ran_on"].items()),
         "",
         *([f"**Note:** {report['transfer_note']}", ""] if report.get("transfer_note") else []),
         *(["## Pre-registered decisions (each method at its best rate, paired by seed)", "",

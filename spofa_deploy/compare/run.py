@@ -43,7 +43,7 @@ from spofa_deploy.compare.report import fmt_num, fmt_secs, write_report
 from spofa_deploy.data.datasets import parse_data_spec
 from spofa_deploy.data.splits import DataOptions
 from spofa_deploy.errors import TrainingDiverged, UserError
-from spofa_deploy.machine import available_memory_gb, resolve_device, usable_cores
+from spofa_deploy.machine import available_memory_gb, resolve_device, set_threads, usable_cores
 from spofa_deploy.method.distillers import DistillConfig
 from spofa_deploy.parallel import map_in_processes
 from spofa_deploy.pipeline import distill
@@ -123,6 +123,8 @@ def _runs(job: _Job, todo: list[tuple], records: dict, total: int, jobs: int | N
     else:
         in_process = jobs <= 1
     if in_process:
+        if threads:
+            set_threads(threads)
         return _run_sequential(job, todo, records, total)
     return _run_parallel(job, todo, records, total, jobs, threads or max(1, usable_cores() // jobs))
 
@@ -214,7 +216,7 @@ def _run_one(cfg: CompareConfig, run_dir: Path, point: tuple[str, float, int], t
 
     rec = run_record(run_dir, m, lr, s, num_classes, stopped=stopped, error=error,
                      wall_s=time.perf_counter() - t_run, resumed=resumed, threads=torch.get_num_threads(),
-                     cpu_isa=cpu_kernels(cfg))
+                     cpu_isa=cpu_kernels(cfg), device=resolve_device(cfg.device).type)
     write_json(run_dir / DONE, rec)
     return rec
 

@@ -209,6 +209,7 @@ def _finished_or_trained(teacher: TeacherOptions, data: DataOptions, path: Path)
     # No checkpoint beside it: the stage was killed before its first one (the file comes at the first best).
     if path.is_file() and state is not None and not unfinished:
         _check_weights_used(teacher, path)
+        _check_epochs_asked(teacher, state["config"]["epochs"], path)
         _log.info(f"using the teacher trained earlier for this data: {path}")
         return path
     what = f"resuming its unfinished stage ({state['epoch']}/{state['config']['epochs']} epochs)" if unfinished \
@@ -255,6 +256,17 @@ def _foreign_teacher(teacher: TeacherOptions, data: DataOptions) -> Path:
     distributed.barrier()
     _log.info(f"teacher {source}: used as it is (classes checked by {how}); val top-1 {val['top1']:.2f}% on {spec}")
     return path
+
+
+def _check_epochs_asked(teacher: TeacherOptions, ran: int, path: Path) -> None:
+    """A teacher trained earlier serves `--teacher-epochs N` only when its stage ran N epochs (without the flag it
+    serves whatever the recipe and the CPU budget gave it)."""
+    if teacher.cpu_budget is not None or ran == teacher.train.epochs:
+        return
+    raise UserError(f"--teacher-epochs {teacher.train.epochs}: the teacher trained earlier for this data ({path}) ran "
+                    f"{ran} epochs: drop --teacher-epochs to use it, or train another with `spofa teacher --teacher "
+                    f"{teacher.name} --epochs {teacher.train.epochs} --out DIR` and pass --teacher-ckpt "
+                    f"DIR/{TEACHER_FILE}")
 
 
 def _check_weights_used(teacher: TeacherOptions, path: Path) -> None:
