@@ -36,7 +36,7 @@ from spofa_deploy.teacher.cache import TeacherCacheOptions
 from spofa_deploy.teacher.stage import TeacherOptions, check_settings, find_teacher, model_meta
 from spofa_deploy.train import distributed
 from spofa_deploy.train.hooks import Hooks
-from spofa_deploy.train.loop import FitResult, TrainConfig, fit, resolve_amp
+from spofa_deploy.train.loop import FitResult, TrainConfig, fit, resolve_amp, resumed_config
 
 _log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def distill(*, student: str = "mobilenetv3", teacher: TeacherOptions | None = No
     tcache = None
     if cache is not None and method != "none":
         tcache = _open_teacher_cache(cache, t_model=t_model, data=data, splits=splits, img_size=img_size, prep=prep,
-                                     train=train, loss=loss, resumed_config=saved["config"] if saved is not None else None)
+                                     train=train, loss=loss, saved_config=saved["config"] if saved is not None else None)
     result = fit(task, splits, train, run, resume=resume, label=method,
                  hooks=replace(hooks or Hooks(), on_best=_save_student(spath, meta)),
                  run_info={**run_info, "img_size": img_size}, teacher_cache=tcache)
@@ -263,12 +263,12 @@ def teacher_cache_key(t_model: torch.nn.Module, splits: Splits, *, img_size: int
 
 
 def _open_teacher_cache(cache: TeacherCacheOptions, *, t_model, data: DataOptions, splits: Splits, img_size: int,
-                        prep: Preprocessing, train: TrainConfig, loss: DistillConfig, resumed_config: dict | None):
+                        prep: Preprocessing, train: TrainConfig, loss: DistillConfig, saved_config: dict | None):
     """The teacher cache of this run's training views, keyed by everything the logits depend on."""
     from spofa_deploy.teacher.cache import TeacherCache
 
-    if resumed_config is not None:  # the loop trains with the checkpoint's settings: key the cache by them
-        train = TrainConfig(**{**train.__dict__, **resumed_config})
+    if saved_config is not None:  # the loop trains with the checkpoint's settings: key the cache by them
+        train = resumed_config(train, saved_config)
     key = teacher_cache_key(t_model, splits, img_size=img_size, prep=prep, train=train,
                             skip_corrupt=data.skip_corrupt, train_fraction=data.train_fraction)
     dist = distributed.info()

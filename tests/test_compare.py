@@ -539,7 +539,7 @@ def test_an_interrupted_teacher_stage_is_resumed_not_used(tmp_path: Path, monkey
     from spofa_deploy.teacher.stage import default_teacher_dir
 
     monkeypatch.chdir(tmp_path)
-    cfg = _tiny(tmp_path / "c")
+    cfg = _tiny(tmp_path / "c", teacher_epochs=2)
     tdir = default_teacher_dir("test_vit", "digits", 16)
     tdir.mkdir(parents=True)
     (tdir / "teacher.safetensors").write_bytes(b"written after its first best epoch")
@@ -703,3 +703,12 @@ def test_the_default_jobs_fill_the_cores_as_memory_allows(monkeypatch) -> None:
     assert cmp.auto_jobs(cfg, None, 36) == 8
     monkeypatch.setattr(cmp, "resolve_device", lambda name: torch.device("cuda"))
     assert cmp.auto_jobs(cfg, None, 36) == 1
+
+
+def test_resume_without_out_takes_the_compare_started_last(tmp_path: Path) -> None:
+    """Not the compare.json written last: a re-report of an older compare rewrites its file."""
+    for name, started in (("old", "2026-12-01T10:00:00"), ("new", "2026-12-05T10:00:00")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / COMPARE).write_text(json.dumps({"started": started}))
+    os.utime(tmp_path / "old" / COMPARE)  # touched after the new one, as a re-report does
+    assert plan.latest_compare(tmp_path) == tmp_path / "new"

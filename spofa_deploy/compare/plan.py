@@ -92,8 +92,15 @@ def _saved_teacher(out: Path, saved: dict) -> dict | None:
 
 
 def latest_compare(root: str | Path = RUNS_DIR) -> Path:
-    """The most recently started compare folder under `root` (for `--resume` without `--out`)."""
-    found = sorted(Path(root).glob(f"*/{COMPARE}"), key=lambda p: p.stat().st_mtime)
+    """The most recently started compare folder under `root` (for `--resume` without `--out`): by the start its
+    compare.json records (rewritten by every resume and re-report, so not by the file's time)."""
+    def started(p: Path) -> str:
+        try:
+            return str(read_json(p).get("started") or "")
+        except UserError:  # (a damaged compare.json: oldest)
+            return ""
+
+    found = sorted(Path(root).glob(f"*/{COMPARE}"), key=lambda p: (started(p), p.stat().st_mtime))
     if not found:
         raise UserError(f"--resume: no compare folder ({COMPARE}) under {root}/: pass --out")
     return found[-1].parent

@@ -2,7 +2,7 @@
 `timm.models.save_for_hf`, or a warm hub cache), and the checkpoints timm's training script writes
 (`model_best.pth.tar`, `.pth`, `.safetensors`; EMA weights where the file has them).
 
-`adopt_teacher` checks the classes the teacher was trained for against the data's, evaluates it once on
+`stage.find_teacher` (through `trained_for`, `build` and `check_classes` here) checks the classes the teacher was trained for against the data's, evaluates it once on
 the validation split and writes it as a teacher file (`teacher.safetensors` + `teacher.json`, with where
 it came from) that distillation uses like one of its own, with no teacher stage. Checkpoints are read by
 timm's own loader with `weights_only=True` (tensors, plain containers and argparse.Namespace, which timm's

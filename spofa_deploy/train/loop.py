@@ -87,6 +87,12 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
+def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
+    """The settings a resumed run trains with: what shapes the result comes from its checkpoint (`saved`, an exact
+    resume); where it runs and the NaN policy from the command line."""
+    return TrainConfig(**{**asdict(cfg), **saved, "device": cfg.device, "workers": cfg.workers, "on_nan": cfg.on_nan})
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """AMP dtype: bf16 where the GPU supports it, else fp16; none on CPU unless asked."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
@@ -222,9 +228,7 @@ def _setup(task: TrainTask, splits: Splits, cfg: TrainConfig, run_dir: Path, res
     ckpt_path = run_dir / CHECKPOINT
     state = load_checkpoint(ckpt_path) if resume else None
     if state is not None:
-        # What shapes the result comes from the checkpoint (exact resume); the NaN policy from the command line.
-        cfg = TrainConfig(**{**asdict(cfg), **state["config"], "device": cfg.device, "workers": cfg.workers,
-                             "on_nan": cfg.on_nan})
+        cfg = resumed_config(cfg, state["config"])
         if dist.is_main:
             _log.info(f"resuming {label} from {ckpt_path} (epoch {state['epoch']}/{cfg.epochs})")
 
