@@ -10,7 +10,6 @@ checkpoints carry: never arbitrary pickled objects).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +90,7 @@ def check_classes(found: TrainedFor, classes: list[str], who: str) -> str:
 
 
 def source_slug(origin: Origin) -> str:
-    """A folder name for the adopted teacher: its architecture and a digest of where it came from."""
+    """The name of the adopted teacher's folder: its architecture and a digest of where it came from."""
     import hashlib
 
     from spofa_deploy.artifacts import file_digest
@@ -104,7 +103,7 @@ def source_slug(origin: Origin) -> str:
         tag = hashlib.sha256("".join(file_digest(p)["sha256"] for p in files).encode()).hexdigest()
     else:
         tag = hashlib.sha256(name.encode()).hexdigest()
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{origin.architecture}-adopted-{tag[:12]}")
+    return f"{origin.architecture}-adopted-{tag[:12]}"
 
 
 def build(origin: Origin, num_classes: int, img_size: int) -> torch.nn.Module:

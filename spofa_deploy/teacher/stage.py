@@ -65,8 +65,18 @@ class TeacherOptions:
 
 def default_teacher_dir(teacher: str, data: str, img_size: int) -> Path:
     """Deterministic folder of the teacher trained for (model, data, size), shared by runs."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{resolve_model_name(teacher)}-{data}-{img_size}px")
-    return RUNS_DIR / "teachers" / slug
+    return _teachers_folder(f"{resolve_model_name(teacher)}-{data}-{img_size}px")
+
+
+def _teachers_folder(name: str) -> Path:
+    """`runs/teachers/<name>`, the name made safe for a folder."""
+    return RUNS_DIR / "teachers" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _stage_data(data: DataOptions) -> DataOptions:
+    """The data of a teacher stage: every training image at the data's size, decoded on the CPU."""
+    return replace(data, img_size=data.img_size or parse_data_spec(data.spec).natural_size, train_fraction=1.0,
+                   gpu_decode=False)
 
 
 def recipe_teacher_path(teacher: str, data: DataOptions) -> Path:
@@ -200,8 +210,7 @@ def find_teacher(*, teacher: TeacherOptions, data: DataOptions) -> Path:
 
 def _finished_or_trained(teacher: TeacherOptions, data: DataOptions, path: Path) -> Path:
     """The teacher at `path` when its stage finished, else the teacher stage into its folder (resumed if begun)."""
-    spec = parse_data_spec(data.spec)
-    img_size = data.img_size or spec.natural_size
+    data = _stage_data(data)
     ckpt = path.parent / CHECKPOINT
     state = load_checkpoint(ckpt) if ckpt.is_file() else None
     # teacher.safetensors appears at the stage's first best epoch: only a finished stage counts.
@@ -214,9 +223,9 @@ def _finished_or_trained(teacher: TeacherOptions, data: DataOptions, path: Path)
         return path
     what = f"resuming its unfinished stage ({state['epoch']}/{state['config']['epochs']} epochs)" if unfinished \
         else "running the teacher stage first"
-    _log.info(f"no finished teacher for {resolve_model_name(teacher.name)} on {spec} at {img_size}px yet: {what}")
-    stage_data = replace(data, img_size=img_size, train_fraction=1.0, gpu_decode=False)
-    path = train_teacher(teacher=teacher, data=stage_data, out=path.parent, resume=state is not None)
+    _log.info(f"no finished teacher for {resolve_model_name(teacher.name)} on {parse_data_spec(data.spec)} at "
+              f"{data.img_size}px yet: {what}")
+    path = train_teacher(teacher=teacher, data=data, out=path.parent, resume=state is not None)
     distributed.barrier()  # rank 0 wrote the teacher file; the others read it next
     return path
 
@@ -225,12 +234,10 @@ def _foreign_teacher(teacher: TeacherOptions, data: DataOptions) -> Path:
     """A teacher made elsewhere: used as it is when it was trained for the data's classes (evaluated once on the
     validation split and recorded; no stage), else, with `teacher.finetune`, fine-tuned from its weights by the
     teacher stage. Either way it is kept under `runs/teachers/` by a digest of where it came from."""
-    spec = parse_data_spec(data.spec)
-    img_size = data.img_size or spec.natural_size
+    stage_data = _stage_data(data)
+    spec, img_size = parse_data_spec(data.spec), stage_data.img_size
     origin = foreign.Origin.read(teacher.name, teacher.checkpoint)  # its hub / folder config, read once
-    folder = RUNS_DIR / "teachers" / re.sub(r"[^A-Za-z0-9._-]+", "_",
-                                            f"{foreign.source_slug(origin)}-{spec}-{img_size}px")
-    stage_data = replace(data, img_size=img_size, train_fraction=1.0, gpu_decode=False)
+    folder = _teachers_folder(f"{foreign.source_slug(origin)}-{spec}-{img_size}px")
     ckpt = teacher.checkpoint
     if teacher.finetune:  # its weights, its classifier re-initialised where the data's classes differ
         tuned = replace(teacher, name=origin.architecture if ckpt else teacher.name, checkpoint=None, weights=ckpt)
