@@ -162,3 +162,16 @@ def test_teacher_epochs_asked_for_are_not_served_by_a_teacher_of_other_epochs(tm
         find_teacher(teacher=given, data=data)
     same = TeacherOptions(name="test_resnet", train=TrainConfig(epochs=4, device="cpu"), cpu_budget=None)
     assert find_teacher(teacher=same, data=data) == path
+
+
+def test_finetune_or_weights_with_a_teacher_of_our_own_are_refused_not_ignored(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    ours = tmp_path / "teacher.safetensors"
+    _no_stage(monkeypatch)
+    monkeypatch.setattr(stage.foreign, "is_foreign", lambda name, ckpt: False)  # a teacher file of spofa's
+    ours.write_bytes(b"weights")
+    data = DataOptions("digits", 32)
+    assert find_teacher(teacher=TeacherOptions(name="test_resnet", checkpoint=str(ours), train=TRAIN), data=data) == ours
+    for extra, flag in ((dict(finetune=True), "--teacher-finetune"), (dict(weights="w.safetensors"), "--teacher-weights")):
+        with pytest.raises(UserError, match=f"^{flag} does not apply to --teacher-ckpt"):
+            find_teacher(teacher=TeacherOptions(name="test_resnet", checkpoint=str(ours), train=TRAIN, **extra), data=data)

@@ -204,6 +204,11 @@ def find_teacher(*, teacher: TeacherOptions, data: DataOptions) -> Path:
     if foreign.is_foreign(teacher.name, teacher.checkpoint):
         return _foreign_teacher(teacher, data)
     if teacher.checkpoint:
+        if teacher.finetune or teacher.weights:
+            flag = "--teacher-finetune" if teacher.finetune else "--teacher-weights"
+            raise UserError(f"{flag} does not apply to --teacher-ckpt {teacher.checkpoint}, a teacher of spofa's own "
+                            "used as it is: drop one of them (to train on from it: `spofa teacher --teacher-weights "
+                            f"{teacher.checkpoint} --out DIR`, then --teacher-ckpt DIR/{TEACHER_FILE})")
         return Path(teacher.checkpoint)
     return _finished_or_trained(teacher, data, recipe_teacher_path(teacher.name, data))
 
