@@ -175,3 +175,17 @@ def test_finetune_or_weights_with_a_teacher_of_our_own_are_refused_not_ignored(t
     for extra, flag in ((dict(finetune=True), "--teacher-finetune"), (dict(weights="w.safetensors"), "--teacher-weights")):
         with pytest.raises(UserError, match=f"^{flag} does not apply to --teacher-ckpt"):
             find_teacher(teacher=TeacherOptions(name="test_resnet", checkpoint=str(ours), train=TRAIN, **extra), data=data)
+
+
+def test_a_teacher_trained_earlier_serves_teacher_weights_given_by_any_path_of_its_file(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.safetensors").write_bytes(b"w")
+    monkeypatch.setattr(stage, "read_model_meta", lambda p: {"source": f"weights file {tmp_path / 'w.safetensors'}"})
+    for given in ("w.safetensors", "./w.safetensors", str(tmp_path / "w.safetensors")):
+        stage._check_weights_used(TeacherOptions(name="test_resnet", weights=given), tmp_path / "teacher.safetensors")
+    with pytest.raises(UserError, match="--teacher-weights other.safetensors: the teacher trained earlier"):
+        stage._check_weights_used(TeacherOptions(name="test_resnet", weights="other.safetensors"), tmp_path / "t")
+    monkeypatch.setattr(stage, "read_model_meta", lambda p: {"source": "random init"})
+    with pytest.raises(UserError, match="started from random init"):
+        stage._check_weights_used(TeacherOptions(name="test_resnet", weights="w.safetensors"), tmp_path / "t")

@@ -286,7 +286,9 @@ def _check_weights_used(teacher: TeacherOptions, path: Path) -> None:
     if not teacher.weights:
         return
     source = read_model_meta(path).get("source")
-    if source != f"weights file {teacher.weights}":
+    started = source.removeprefix("weights file ") if isinstance(source, str) and source.startswith("weights file ") \
+        else None
+    if started is None or Path(started).resolve() != Path(teacher.weights).resolve():  # (the same file by any path)
         raise UserError(f"--teacher-weights {teacher.weights}: the teacher trained earlier for this data "
                         f"({path}) started from {source or 'other weights'}, not from this file: drop "
                         f"--teacher-weights to use it, or train one from the file with `spofa teacher "
