@@ -2,8 +2,9 @@
 
 A compare folder holds hundreds of MB of weights and checkpoints per run; its report reads only each
 finished run's done.json, metrics.jsonl, trace.csv and student.json (docs/commands/compare.md). This
-copies compare.json, report.md, report.json and the plots as they are, and packs the finished runs'
-records (plus their log.txt) into runs.tar.gz; a half-done run is left out (it restarts on resume).
+copies compare.json, packs the finished runs' records (plus their log.txt) into runs.tar.gz (a half-done
+run is left out: it restarts on resume), and writes report.md, report.json and the plots anew from those
+records with this checkout's report code, whatever code trained the runs.
 
     python benchmarks/archive_compare.py runs/compare-digits-100ep docs/evidence/compare-digits-100ep
     python benchmarks/archive_compare.py --restore docs/evidence/compare-digits-100ep runs/compare-digits-100ep
@@ -48,6 +49,22 @@ def archive(src: Path, dst: Path) -> int:
     return len(runs)
 
 
+def report_again(arch: Path) -> None:
+    """Write the archive's report.md, report.json and plots anew from its records, by this checkout's report code
+    (`spofa compare --resume --report-only` on a restored copy), whatever code trained the runs."""
+    import tempfile
+
+    from spofa_deploy.compare.plan import resume_config
+    from spofa_deploy.compare.run import run_compare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "compare"
+        restore(arch, folder)
+        run_compare(resume_config(folder), resume=True, report_only=True)
+        for f in [folder / REPORT_JSON, folder / REPORT_MD, *sorted(folder.glob("*.png"))]:
+            shutil.copy2(f, arch / f.name)
+
+
 def restore(src: Path, dst: Path) -> int:
     """A compare folder at `dst` that `spofa compare --resume --out dst` continues; returns the runs restored."""
     if (dst / COMPARE).exists():
@@ -69,6 +86,9 @@ def main() -> None:
     a = ap.parse_args()
     n = (restore if a.restore else archive)(Path(a.src), Path(a.dst))
     print(f"{'restored' if a.restore else 'archived'} {n} finished runs: {a.src} -> {a.dst}")
+    if not a.restore:
+        report_again(Path(a.dst))
+        print(f"reported again by this checkout's code: {Path(a.dst) / REPORT_MD}")
 
 
 if __name__ == "__main__":

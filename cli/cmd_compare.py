@@ -47,6 +47,7 @@ def compare(
     workers: o.Workers = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Compare folder (default runs/compare-<student>-<time>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the compare in --out (default: the latest one under runs/), skipping finished runs.")] = False,
+    report_only: Annotated[bool, typer.Option("--report-only", help="With --resume: write the report of the runs finished so far and train nothing.")] = False,
     download: o.Download = False,
     threads: o.Threads = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", help="Runs trained at once, each in its own process with --threads (default: the cores / jobs) threads; its output in <run>/log.txt (default: on the CPU one per core, as memory allows; on a GPU 1; 1: one after another in this process).")] = None,
@@ -82,7 +83,7 @@ def compare(
     cfg.loss = replace(cfg.loss, **loss_changes)
     if ablations:
         cfg.methods = tuple(parse_methods(cfg.methods, ablations=True))
-    result = run_compare(cfg, resume=resume, jobs=jobs, threads=threads)
+    result = run_compare(cfg, resume=resume, jobs=jobs, threads=threads, report_only=report_only)
     Console().print(summary_table(result.report))
     typer.echo(f"report: {result.out / 'report.md'} and report.json"
                + (f"; plots: {', '.join(p.name for p in result.plots)}" if result.plots else ""))

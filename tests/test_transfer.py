@@ -14,6 +14,7 @@ from spofa_deploy.compare import run as cmp
 from spofa_deploy import models, pipeline
 from spofa_deploy.accuracy import agreement, transfer_check
 from spofa_deploy.artifacts import load_state, read_model_meta
+from spofa_deploy.errors import UserError
 from spofa_deploy.compare.stats import MIN_SEEDS_TO_READ, bracketing, complete_seeds, decisions, holm
 from spofa_deploy.data.splits import DataOptions
 from spofa_deploy.teacher import stage
@@ -194,6 +195,13 @@ def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypa
     monkeypatch.setattr(cmp, "distill", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cmp.run_compare(cmp.CompareConfig(**{**base, "seeds": 2}), resume=True)
+    # The report of what is finished so far, with the code of today: nothing trained.
+    monkeypatch.setattr(cmp, "distill", lambda *a, **k: pytest.fail("--report-only must not train"))
+    now = cmp.run_compare(cmp.CompareConfig(**{**base, "seeds": 2}), resume=True, report_only=True)
+    assert now.runs_done == 0 and not now.report["complete"] and len(now.report["runs"]) == 4
+    assert now.report["seeds_complete"] == [0] and all(d["holds"] is None for d in now.report["decisions"])
+    with pytest.raises(UserError, match="--report-only reports a compare that exists"):
+        cmp.run_compare(cmp.CompareConfig(**{**base, "seeds": 2}), report_only=True)
     monkeypatch.setattr(cmp, "distill", real)
     done = cmp.run_compare(cmp.CompareConfig(**{**base, "seeds": 2}), resume=True)
     assert done.runs_skipped == 4 and done.runs_done == 2
@@ -217,6 +225,19 @@ def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypa
     assert first_seed.runs_done == 0 and first_seed.runs_skipped == 3
     again = json.loads(Path("runs/study/report.json").read_text())
     assert again["seeds"] == [0] and again["seeds_complete"] == [0] and len(again["runs"]) == 3
+    # Archived (records only, no weights) and reported again from the archive by this checkout's report code.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("archive_compare", Path(__file__).parents[1] / "benchmarks" / "archive_compare.py")
+    archive = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(archive)
+    (Path("runs/study") / "report.md").write_text("written by older code")
+    assert archive.archive(Path("runs/study"), Path("evidence")) == 6
+    assert not list(Path("evidence").glob("*.safetensors")) and Path("evidence/report.md").read_text() == "written by older code"
+    archive.report_again(Path("evidence"))
+    rep = json.loads(Path("evidence/report.json").read_text())
+    # (compare.json now holds the one-seed reading's settings: the report covers that seed)
+    assert len(rep["runs"]) == 3 and rep["seeds_complete"] == [0] and "Pre-registered decisions" in Path("evidence/report.md").read_text()
 
 
 def test_the_teacher_recipe_is_cut_to_the_cpu_budget_only_when_not_given() -> None:

@@ -33,10 +33,11 @@ def plan_runs(cfg: CompareConfig) -> list[tuple[str, float, int]]:
     return [(m, lr, s) for s in cfg.seed_list() for lr in cfg.lrs for m in cfg.methods]
 
 
-def open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple]) -> tuple[Path, dict | None, dict | None]:
-    """The compare folder, its saved header (when it holds one) and, when every run of `plan` is finished, the
-    saved teacher's record (then no teacher is needed); a new compare over an old one, a resume of nothing and a
-    resume with other settings are refused (the teacher of the saved compare is kept)."""
+def open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple],
+                 report_only: bool = False) -> tuple[Path, dict | None, dict | None]:
+    """The compare folder, its saved header (when it holds one) and, when every run of `plan` is finished or only
+    the report is asked for, the saved teacher's record (then no teacher is needed); a new compare over an old one,
+    a resume of nothing and a resume with other settings are refused (the teacher of the saved compare is kept)."""
     if resume and cfg.out is None:
         cfg.out = str(latest_compare())
     out = Path(cfg.out or RUNS_DIR / f"compare-{cfg.student}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
@@ -54,7 +55,8 @@ def open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple]) -> tuple[P
                             "start a new compare with another --out")
         before = saved.get("teacher_path")
         given = cfg.teacher_ckpt if cfg.teacher_ckpt and Path(cfg.teacher_ckpt) != Path(before or "") else None
-        finished = _saved_teacher(out, saved) if all((out / run_name(*p) / DONE).is_file() for p in plan) else None
+        done = report_only or all((out / run_name(*p) / DONE).is_file() for p in plan)
+        finished = _saved_teacher(out, saved) if done else None
         if finished:
             if given:
                 _log.info("note: every run of this compare is finished, so --teacher-ckpt is not used")

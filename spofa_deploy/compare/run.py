@@ -55,7 +55,8 @@ from spofa_deploy.train.loop import TrainConfig
 _log = logging.getLogger(__name__)
 
 
-def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, threads: int | None = None) -> CompareResult:
+def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, threads: int | None = None,
+                report_only: bool = False) -> CompareResult:
     """Train every (method, lr, seed) of `cfg` and write the report.
 
     Args:
@@ -66,6 +67,8 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, 
         jobs: runs trained at once, each in its own process (its output in `<run>/log.txt`);
             1: one after another in this process; None: `auto_jobs`.
         threads: PyTorch CPU threads of each job's process (default: the usable cores / `jobs`).
+        report_only: with `resume`, write the report of the runs finished so far and train nothing (no teacher
+            needed).
 
     Returns:
         `CompareResult` with the report dict (as in report.json).
@@ -79,8 +82,10 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, 
         raise UserError(f"--jobs must be >= 1, got {jobs}")
     spec = parse_data_spec(cfg.data)
     img_size = cfg.img_size or spec.natural_size
+    if report_only and not resume:
+        raise UserError("--report-only reports a compare that exists: pass --resume (and --out)")
     plan = plan_runs(cfg)
-    out, saved, finished = open_compare(cfg, resume, plan)
+    out, saved, finished = open_compare(cfg, resume, plan, report_only)
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
@@ -98,7 +103,8 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, 
 
     job = _Job(cfg, out, TeacherOptions(name=cfg.teacher, checkpoint=str(teacher_path)), img_size, num_classes)
     calls = 0
-    for rec in _runs(job, [p for p in plan if run_name(*p) not in records], records, len(plan), jobs, threads):
+    todo = [] if report_only else [p for p in plan if run_name(*p) not in records]
+    for rec in _runs(job, todo, records, len(plan), jobs, threads) if todo else ():
         calls += 1
         records[rec["name"]] = rec
         wall = header["previous_wall_s"] + time.perf_counter() - t0
@@ -106,7 +112,7 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, 
         write_report(out, cfg, header, data, t_meta, [records[run_name(*p)] for p in plan if run_name(*p) in records],
                      wall_s=wall, plots=False)
 
-    runs = [records[run_name(*p)] for p in plan]
+    runs = [records[run_name(*p)] for p in plan if run_name(*p) in records]
     wall = header["previous_wall_s"] + (0.0 if finished else time.perf_counter() - t0)  # (re-reports: no compare time)
     report, plots = write_report(out, cfg, header, data, t_meta, runs, wall_s=wall, plots=True)
     write_json(out / COMPARE, {**header, "previous_wall_s": wall})
