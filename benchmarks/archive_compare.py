@@ -50,8 +50,10 @@ def archive(src: Path, dst: Path) -> int:
 
 
 def report_again(arch: Path) -> None:
-    """Write the archive's report.md, report.json and plots anew from its records, by this checkout's report code
-    (`spofa compare --resume --report-only` on a restored copy), whatever code trained the runs."""
+    """Write the archive's report.md and report.json (and, once every run is finished, its plots) anew from its
+    records, by this checkout's report code (`spofa compare --resume --report-only` on a restored copy), whatever
+    code trained the runs. (The plots of an unfinished compare would only add a megabyte to the repository at
+    every archive.)"""
     import tempfile
 
     from spofa_deploy.compare.plan import resume_config
@@ -60,8 +62,8 @@ def report_again(arch: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "compare"
         restore(arch, folder)
-        run_compare(resume_config(folder), resume=True, report_only=True)
-        for f in [folder / REPORT_JSON, folder / REPORT_MD, *sorted(folder.glob("*.png"))]:
+        done = run_compare(resume_config(folder), resume=True, report_only=True).report["complete"]
+        for f in [folder / REPORT_JSON, folder / REPORT_MD, *(sorted(folder.glob("*.png")) if done else [])]:
             shutil.copy2(f, arch / f.name)
 
 
