@@ -148,12 +148,28 @@ def _fake_trt(version: str, cache_mode: str = "ok", empty_fails: bool = False) -
         rec["network_flags"] = flags
         return network
 
+    parsers = []  # alive (not yet collected) while the engine builds: they own the network's weights
+
+    def build(net, config):
+        rec["parsers_alive_at_build"] = sum(1 for p in parsers if p() is not None)
+        return b"plan"
+
+    class Parser:
+        def __init__(self, net, logger):
+            import weakref
+
+            self.num_errors = 0
+            parsers.append(weakref.ref(self))
+
+        def parse_from_file(self, path):
+            return True
+
     trt.Builder = lambda logger: SimpleNamespace(
         create_network=create_network,
         create_builder_config=lambda: _Config(rec, cache_mode, empty_fails),
         create_optimization_profile=lambda: SimpleNamespace(set_shape=lambda *a: None),
-        build_serialized_network=lambda net, config: b"plan")
-    trt.OnnxParser = lambda net, logger: SimpleNamespace(parse_from_file=lambda p: True, num_errors=0)
+        build_serialized_network=build)
+    trt.OnnxParser = Parser
     trt.Runtime = lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda data: _Engine(trt))
     return trt
 
@@ -194,7 +210,7 @@ STRONG_10 = 1 << 1  # STRONGLY_TYPED is enum value 1 on TensorRT 10 (EXPLICIT_BA
     ("10.3.0", True, "fp32", 0, [], "fp32"),
     ("10.3.0", True, "fp16", 0, ["FP16"], "fp32"),
     ("10.3.0", True, "bf16", 0, ["BF16"], "fp32"),
-    ("10.3.0", True, "int8", 0, ["INT8"], "int8"),
+    ("10.3.0", True, "int8", 0, ["INT8", "FP16"], "int8"),  # the Q/DQ graph's unquantized layers may run fp16
     # 10.12+: flags deprecated -> strongly typed like 11.x (fp16/bf16 when AutoCast can write the ONNX)
     ("10.12.0.36", True, "fp32", STRONG_10, [], "fp32"),
     ("10.12.0.36", True, "fp16", STRONG_10, [], "fp16"),
@@ -215,6 +231,7 @@ def test_flags_per_tensorrt_version(use_trt, tmp_path, version, autocast, precis
     meta = _build(tmp_path, precision)
     assert trt.rec["network_flags"] == net_flags
     assert trt.rec["builder_flags"] == builder_flags
+    assert trt.rec["parsers_alive_at_build"] == 1
     assert meta["strongly_typed"] == (net_flags != 0 or version.startswith("11."))
     assert meta["warnings"] == []
 
@@ -404,3 +421,30 @@ def test_trt_runner_replays_a_cuda_graph_or_falls_back(monkeypatch, capture_fail
     assert runner.cuda_graph is (not capture_fails)
     # The captured call, then the timed one: the plain enqueue again, or the graph's replay.
     assert calls == (["enqueue", "enqueue"] if capture_fails else ["enqueue", "replay"])
+
+
+@pytest.mark.parametrize("passed", [False, True])
+def test_an_fp32_engine_that_differs_from_pytorch_is_not_written(monkeypatch, tmp_path, passed):
+    """Like an fp32 ONNX or .pt2: an fp32 engine is refused on its parity (reduced precision: the gate judges)."""
+    from spofa_deploy.errors import UserError
+
+    monkeypatch.setattr(trt_export, "build_engine", lambda *a, **k: {"tf32": True, "tensorrt": "10.3", "gpu": "H100"})
+    monkeypatch.setattr(trt_export, "TrtRunner", lambda art: contextlib.nullcontext("engine runner"))
+    parity = SimpleNamespace(passed=passed, top1_agreement=100.0 if passed else 40.0, n=64,
+                             describe=lambda: "max abs err 3.1", flips=lambda: "", to_dict=lambda: {"passed": passed})
+    installed = []
+    job = SimpleNamespace(
+        precision="fp32", result=SimpleNamespace(gate=None), dest=tmp_path / "student.engine",
+        source=SimpleNamespace(path=tmp_path / "student.safetensors"), profile=BatchProfile.dynamic_range(1, 4, 8),
+        options=SimpleNamespace(trt=SimpleNamespace(timing_cache=None, workspace_gib=1, tf32=True),
+                                parity=SimpleNamespace(atol=1e-4, rtol=1e-4)),
+        built=lambda *a, **k: None, parity=lambda run, where, tol=None: parity, install=installed.extend,
+        judge=lambda *a: pytest.fail("an fp32 engine has no gate"), sidecar=lambda *a, **k: {})
+    built = SimpleNamespace(path=tmp_path / "model.onnx", precision="fp32", extra={})
+    if passed:
+        trt_export._engine(job, built, tmp_path)
+        assert [dest.name for _, dest, _ in installed] == ["student.onnx", "student.engine"]
+    else:
+        with pytest.raises(UserError, match="engine differs from PyTorch beyond tolerance: max abs err 3.1"):
+            trt_export._engine(job, built, tmp_path)
+        assert installed == []

@@ -73,6 +73,9 @@ def _engine(job: "ExportJob", built: OnnxBuild, work: Path) -> None:
     # The engine's own output, on the GPU that built it: the one check a bf16 graph can have here.
     with TrtRunner(job.built(plan, "trt", precision, None)) as run:
         result.parity_engine = job.parity(run, where, tf32 if engine.get("tf32", False) else None)
+        if precision == "fp32" and not result.parity_engine.passed:  # (reduced precision: the gate judges it)
+            raise UserError(f"the engine differs from PyTorch beyond tolerance: {result.parity_engine.describe()}"
+                            f"{result.parity_engine.flips()}: nothing written")
         if result.parity_engine.top1_agreement < 99.0:
             _log.warning(f"engine top-1 agrees with PyTorch on {result.parity_engine.top1_agreement:.1f}% "
                          f"of {result.parity_engine.n} images only")

@@ -40,7 +40,9 @@ DEFAULT_WORKSPACE_GIB = 4.0
 # Parity tolerance of an engine whose fp32 layers may run TF32: products of 10-bit mantissas
 # (relative error ~1e-3 per product, summed over a layer), so 1e-2 of the logit scale.
 TF32_TOLERANCE = {"atol": 1e-2, "rtol": 1e-2}
-_BUILDER_FLAGS = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8"}  # weakly typed TensorRT 10 only
+# Weakly typed TensorRT 10 only. INT8 with FP16: the layers a Q/DQ graph leaves unquantized may run in fp16 (ModelOpt
+# writes them fp16 for TensorRT, `calibration.quantize.high_precision_for`), as trtexec's --int8 --fp16.
+_BUILDER_FLAGS = {"fp16": ("FP16",), "bf16": ("BF16",), "int8": ("INT8", "FP16")}
 STRONG_TYPING_FROM = (10, 12)  # the precision builder flags are deprecated from here on
 
 
@@ -133,11 +135,11 @@ def _network_flags(trt, precision: str) -> int:
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
-def _builder_flag(trt, precision: str):
-    """The precision `BuilderFlag` of a weakly typed build, or None."""
-    if strongly_typed(precision) or precision not in _BUILDER_FLAGS:
-        return None
-    return getattr(trt.BuilderFlag, _BUILDER_FLAGS[precision])
+def _builder_flags(trt, precision: str) -> list:
+    """The precision `BuilderFlag`s of a weakly typed build (none for a strongly typed one)."""
+    if strongly_typed(precision):
+        return []
+    return [getattr(trt.BuilderFlag, name) for name in _BUILDER_FLAGS.get(precision, ())]
 
 
 def _use_timing_cache(config, data: bytes) -> bool:
@@ -242,11 +244,11 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, batch: Batc
         raise UserError(f"bf16 needs compute capability >= 8.0; {info['gpu']} has {info['compute_capability']}")
     if timing_cache is True:
         timing_cache = default_timing_cache(str(trt.__version__), info["compute_capability"])
-    builder, network = _parse(trt, onnx_path, precision)
+    # The parser owns the weights the network points to: it must outlive the build (TensorRT's developer guide).
+    builder, network, parser = _parse(trt, onnx_path, precision)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    flag = _builder_flag(trt, precision)
-    if flag is not None:
+    for flag in _builder_flags(trt, precision):
         config.set_flag(flag)
     if not tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
@@ -261,6 +263,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, batch: Batc
 
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
+    del parser  # (only now)
     if plan is None:
         raise UserError(f"TensorRT {trt.__version__} could not build an engine from {onnx_path.name} "
                         f"({precision}); its log above says why")
@@ -279,7 +282,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, batch: Batc
 
 
 def _parse(trt, onnx_path: Path, precision: str):
-    """(builder, network) of the ONNX at `onnx_path`; one line per parser error where TensorRT rejects it."""
+    """(builder, network, parser) of the ONNX at `onnx_path`; one line per parser error where TensorRT rejects it."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, precision))
@@ -287,4 +290,4 @@ def _parse(trt, onnx_path: Path, precision: str):
     if not parser.parse_from_file(str(onnx_path)):
         errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or ["(no parser message)"]
         raise UserError(f"TensorRT {trt.__version__} cannot parse {onnx_path.name}:\n" + "\n".join(errors))
-    return builder, network
+    return builder, network, parser
