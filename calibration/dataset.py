@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from spofa_deploy.data.splits import load_splits
+from spofa_deploy.data.splits import load_splits, split_seed
 from spofa_deploy.data.datasets import stratified_subset
 from spofa_deploy.errors import UserError
 from spofa_deploy.models import Preprocessing
@@ -40,7 +40,7 @@ def load_split(meta: dict, split: str, spec: str | None = None):
     spec = spec or meta.get("data")
     if not spec:
         raise UserError("the model metadata names no data set ('data'): pass --calib-data SPEC")
-    splits = load_splits(spec, Preprocessing.from_meta(meta), train_aug=False)
+    splits = load_splits(spec, Preprocessing.from_meta(meta), train_aug=False, seed=split_seed(meta))
     return getattr(splits, split), str(splits.spec)
 
 

@@ -307,3 +307,27 @@ def test_int8_for_onnx_runtime_is_smaller_and_its_latency_is_reported(trained_st
         assert ms["int8"] > 0 and ms["fp32"] > 0
         said = any(f"not faster than fp32 in ONNX Runtime CPU on this machine at batch {b}" in w for w in r.warnings)
         assert said == (ms["int8"] >= ms["fp32"])
+
+
+def test_an_image_folder_is_split_by_the_runs_seed_for_export_and_bench(tmp_path) -> None:
+    """An image folder without val/ is split by the run's seed: export's parity, gate and calibration (and bench's
+    accuracy) must read the split the model was trained with, not seed 0's (whose val holds its training images)."""
+    from PIL import Image
+
+    from calibration.dataset import load_split
+    from export.bench.plan import ValSets
+    from spofa_deploy.data.splits import load_splits, split_seed
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / "train" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / "imgs" / "train" / c / f"{i}.png")
+    spec = f"imagefolder:{tmp_path / 'imgs'}"
+    meta = {"img_size": 8, "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_pct": 1.0,
+            "data": spec, "train": {"seed": 3}}
+    prep = Preprocessing.from_meta(meta, 8)
+    trained = {str(p) for p in load_splits(spec, prep, seed=3).train.paths}
+    val, _ = load_split(meta, "val")
+    assert split_seed(meta) == 3 and not trained & {str(p) for p in val.paths}
+    assert {str(p) for p in load_splits(spec, prep, seed=0).val.paths} & trained  # what seed 0 would have read
+    assert ValSets(spec).seed == 0 and split_seed({}) == 0  # models from before the seed was recorded

@@ -17,6 +17,7 @@ from export.bench.teacher import TeacherStep, plan_teacher
 from export.bench.timing import TimingOptions
 from export.bench.variants import Candidate, bench_device, check_backends, plan_candidates
 from export.runner import RunOptions
+from spofa_deploy.data.splits import split_seed
 from spofa_deploy.artifacts import check_output_file
 from spofa_deploy.errors import UserError
 
@@ -92,6 +93,7 @@ class ValSets:
 
     spec: str
     max_val: int | None = None
+    seed: int = 0  # the student's split seed (`split_seed`): its validation images, for every model
 
     def describe(self) -> str:
         """For the plan: `on digits (200 images)`."""
@@ -198,7 +200,7 @@ def plan_bench(student: Artifact, *, teacher: str | Path | None = None,
     notes += [c.note for c in candidates if c.note] + ([note] if note else [])
     batches, note = (list(opts.batch_sizes), None) if opts.batch_sizes else default_batches(candidates, arts)
     notes += [note] if note else []
-    return BenchPlan(student, step, candidates, batches, ValSets(spec, opts.max_val) if spec else None, device, opts,
+    return BenchPlan(student, step, candidates, batches, ValSets(spec, opts.max_val, split_seed(student.meta)) if spec else None, device, opts,
                      notes, others=others, reference=reference)
 
 

@@ -107,7 +107,7 @@ def _attach_val(plan: BenchPlan) -> dict:
         key = Preprocessing.from_meta(a.meta, a.img_size)  # what makes two models' validation images differ
         if key in sets:
             continue
-        splits = load_splits(spec, key, train_aug=False)
+        splits = load_splits(spec, key, train_aug=False, seed=plan.val.seed)
         if splits.num_classes != int(a.meta["num_classes"]):
             raise UserError(f"data {spec} has {splits.num_classes} classes but {a.path.name} has "
                             f"{a.meta['num_classes']}: pass the --data it was trained on")

@@ -46,6 +46,12 @@ def load_data(data: DataOptions, prep: Preprocessing, *, seed: int, device: str)
                        decode_device=resolve_device(device).type if data.gpu_decode else None)
 
 
+def split_seed(meta: dict) -> int:
+    """The seed a model's data was split with (an image folder without val/ is split by the run's seed), so that
+    exporting, calibrating and benchmarking it read the validation images it was not trained on."""
+    return int((meta.get("train") or {}).get("seed", 0))
+
+
 def load_splits(spec: str | DataSpec, prep: Preprocessing, *, train_aug: bool = True, download: bool = False,
                 seed: int = 0, train_fraction: float = 1.0, skip_corrupt: bool = False,
                 decode_device: str | None = None) -> Splits:
