@@ -245,13 +245,15 @@ class ExportJob:
         return compare_logits(self.reference, runner.logits(self.images), self.kind, checked_on=checked_on, **tol)
 
     def scores(self, runners: dict[str, Runner]) -> gates.Scores | None:
-        """Val top-1 of PyTorch and of each runner, or None (with a warning) without validation images."""
+        """Val top-1 of PyTorch and of each runner, or None (with a warning) without validation images; a runner that
+        fails on them fails the export (a gate that could not judge is not passed)."""
         try:
-            return gates.score(self.model, self.meta, {k: r.logits for k, r in runners.items()},
-                               self.options.gate.samples, self.options.seed)
+            ds = gates.validation_split(self.meta)
         except UserError as e:
             _log.warning(f"accuracy not measured: validation images unavailable ({e})")
             return None
+        return gates.score(self.model, ds, {k: r.logits for k, r in runners.items()}, self.options.gate.samples,
+                           self.options.seed)
 
     def judge(self, runner: Runner, checked_on: str, name: str = "artifact") -> GateResult | None:
         """The gate's result for one runner; None where it is disabled (--max-drop 0) or cannot run."""

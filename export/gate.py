@@ -66,15 +66,23 @@ class GateResult:
         return {**asdict(self), "drop": self.drop, "passed": self.passed}
 
 
-def score(model, meta: dict, predictors: Mapping[str, Predict], n: int, seed: int = 0) -> Scores:
-    """Val top-1 of the PyTorch `model` and of each predictor on the same `n` stratified images.
+def validation_split(meta: dict):
+    """The model's validation images the gate scores on.
 
     Raises:
-        UserError: the model's validation split cannot be loaded or is empty.
+        UserError: its data cannot be loaded, or it has no validation images.
     """
+    ds, _ = load_split(meta, "val")
+    if len(ds) == 0:
+        raise UserError("the validation split is empty")
+    return ds
+
+
+def score(model, ds, predictors: Mapping[str, Predict], n: int, seed: int = 0) -> Scores:
+    """Val top-1 of the PyTorch `model` and of each predictor on the same `n` stratified images of `ds`
+    (`validation_split`); a predictor's error is raised as it is."""
     from export.parity import torch_logits
 
-    ds, _ = load_split(meta, "val")
     ref_hits, total = 0, 0
     hits = dict.fromkeys(predictors, 0)
     differ = dict.fromkeys(predictors, 0)
@@ -86,8 +94,6 @@ def score(model, meta: dict, predictors: Mapping[str, Predict], n: int, seed: in
             got = predict(x).argmax(1)
             hits[name] += int((got == y).sum())
             differ[name] += int((got != ref).sum())
-    if total == 0:
-        raise UserError("the validation split is empty")
     pct = 100.0 / total
     return Scores(total, ref_hits * pct, {k: v * pct for k, v in hits.items()},
                   {k: v * pct for k, v in differ.items()})

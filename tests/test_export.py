@@ -566,3 +566,33 @@ def test_bf16_engine_is_checked_on_the_engine_not_in_ort_cpu(student, monkeypatc
     assert json.loads((student.parent / "student.bf16.onnx.json").read_text())["opset"] >= 22
     # The accuracy gate judged the engine (here the stand-in, PyTorch itself: no drop), not ORT CPU.
     assert "H200" in r.gate.checked_on and r.gate.drop == 0 and r.gate.n == 64 and side["gate"]["passed"]
+
+
+def test_a_runner_that_fails_on_the_validation_images_fails_the_gate_not_skips_it(monkeypatch) -> None:
+    """Only missing validation images skip the gate (with a warning); a runner's own error is the export's."""
+    from types import SimpleNamespace
+
+    import export.exporter as exporter
+    import export.gate as gates
+
+    job = SimpleNamespace(model=torch.nn.Linear(4, 3).eval(), meta={},
+                          options=SimpleNamespace(gate=SimpleNamespace(samples=8), seed=0))
+    images = [(np.random.default_rng(0).standard_normal((8, 4), dtype=np.float32), np.arange(8) % 3)]
+    monkeypatch.setattr(gates, "validation_split", lambda meta: images)
+    monkeypatch.setattr(gates, "draw", lambda ds, n, seed: None)
+    monkeypatch.setattr(gates, "batches", lambda ds, idx: iter(ds))
+
+    def fails(x):
+        raise UserError("TensorRT refused the shape")
+
+    with pytest.raises(UserError, match="TensorRT refused the shape"):
+        exporter.ExportJob.scores(job, {"artifact": SimpleNamespace(logits=fails)})
+    same = SimpleNamespace(logits=lambda x: job.model(torch.from_numpy(x)).detach().numpy())
+    ok = exporter.ExportJob.scores(job, {"artifact": same})
+    assert ok.n == 8 and ok.top1["artifact"] == ok.reference and ok.disagreement["artifact"] == 0
+
+    def unavailable(meta):
+        raise UserError("the model metadata names no data set")
+
+    monkeypatch.setattr(gates, "validation_split", unavailable)
+    assert exporter.ExportJob.scores(job, {"artifact": SimpleNamespace(logits=fails)}) is None
