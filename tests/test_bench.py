@@ -717,3 +717,11 @@ def test_an_int8_teacher_of_another_quantizer_is_not_reused(run, tmp_path):
     again = plan_like(student, d / "teacher.safetensors")
     assert again.how == "reused" and again.artifact.path == teacher.artifact.path
     assert any("(reused)" in n for n in again.notes)
+
+
+def test_ort_cuda_timed_runs_do_not_synchronise_after_each_run() -> None:
+    """ONNX Runtime synchronises its CUDA stream after every run by default, which would put the host's round trip
+    inside each timed interval; the timed IOBinding run turns it off (we synchronise our own stream)."""
+    from export.onnx.ort import unsynchronised_run
+
+    assert unsynchronised_run().get_run_config_entry("disable_synchronize_execution_providers") == "1"
