@@ -725,3 +725,20 @@ def test_ort_cuda_timed_runs_do_not_synchronise_after_each_run() -> None:
     from export.onnx.ort import unsynchronised_run
 
     assert unsynchronised_run().get_run_config_entry("disable_synchronize_execution_providers") == "1"
+
+
+def test_a_teacher_is_exported_like_a_qat_or_tf32_free_student() -> None:
+    """TensorRT's TF32 and workspace are carried to the teacher's export and compared; a QAT student's teacher gets
+    post-training INT8 (a teacher is not fine-tuned), and its reuse is not refused for the quantizer's name."""
+    from export.artifact import Artifact
+    from export.bench.teacher import options_like, settings_differ
+
+    meta = {"model": "m", "img_size": 32, "num_classes": 10, "batch": {"min": 1, "opt": 16, "max": 256, "dynamic": True},
+            "tf32": False, "workspace_gib": 2.0, "strongly_typed": True,
+            "int8": {"quantizer": "qat", "calib_samples": 256, "excluded_nodes": ["a", "b"]}}
+    student = Artifact(path=Path("student.int8.engine"), format="trt", meta=meta, precision="int8", size_bytes=1,
+                       batch_range=(1, 256))
+    o = options_like(student, Path("teacher.int8.engine"))
+    assert (o.int8.quantizer, o.int8.calib_samples, o.trt.tf32, o.trt.workspace_gib) == ("auto", 256, False, 2.0)
+    cached = {**meta, "tf32": True, "int8": {"quantizer": "modelopt", "calib_samples": 256, "excluded_nodes": ["a"]}}
+    assert settings_differ(cached, meta) == ["tf32 True != False"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from export.artifact import Artifact, BatchProfile, describe
 from export.formats import FORMATS, artifact_name
-from export.options import ExportOptions, GateOptions, Int8Options
+from export.options import ExportOptions, GateOptions, Int8Options, TrtOptions
 from spofa_deploy.artifacts import read_model_meta
 from spofa_deploy.errors import UserError
 
@@ -86,25 +86,32 @@ def options_like(student: Artifact, dest: Path) -> ExportOptions:
     int8, gate = Int8Options(), GateOptions()
     if "int8" in m:
         q = m["int8"]
-        int8 = Int8Options(quantizer=q.get("quantizer", "auto"), calib_samples=int(q.get("calib_samples") or 512),
+        quantizer = q.get("quantizer", "auto")
+        int8 = Int8Options(quantizer="auto" if quantizer == QAT else quantizer,  # (a teacher is not fine-tuned)
+                           calib_samples=int(q.get("calib_samples") or 512),
                            calib_data=q.get("calib_data") or None, keep_ends=bool(q.get("excluded_nodes", True)))
+    trt = TrtOptions(tf32=bool(m.get("tf32", True)), workspace_gib=float(m.get("workspace_gib") or 4.0))
     if m.get("gate"):  # the student's accuracy gate, so a refused teacher is refused by the same rule
         gate = GateOptions(max_drop=float(m["gate"]["max_drop"]), samples=int(m["gate"]["n"]))
     return ExportOptions(student.format, student.precision or "fp32", **batch, opset=int(m.get("opset") or 17),
                          slim=m.get("slim"), exporter=m.get("exporter", "torchscript"),
                          device=m.get("device", "cpu") if student.format == "pt2" else "cpu",
-                         out=dest, force=True, int8=int8, gate=gate)
+                         out=dest, force=True, int8=int8, gate=gate, trt=trt)
 
 
 # What a build must share for two artifacts to be alike: the INT8 recipe, the opset, the typing, the tools.
 _INT8_SETTINGS = ("quantizer", "calib_data", "calib_samples", "method", "high_precision", "target")
-_BUILD_SETTINGS = ("opset", "exporter", "slim", "strongly_typed", "device", "torch", "tensorrt", "gpu",
+_BUILD_SETTINGS = ("opset", "exporter", "slim", "strongly_typed", "tf32", "device", "torch", "tensorrt", "gpu",
                    "compute_capability")
+QAT = "qat"  # the int8 quantizer a QAT student records: its teacher gets post-training INT8 instead
 
 
 def build_settings(meta: dict) -> dict:
-    """The settings of an export's sidecar that change the artifact's speed or accuracy beyond the model itself."""
+    """The settings of an export's sidecar that change the artifact's speed or accuracy beyond the model itself
+    (a QAT student's INT8 recipe cannot be a teacher's: not compared)."""
     q = meta.get("int8") or {}
+    if q.get("quantizer") == QAT:
+        q = {}
     return {**{k: meta.get(k) for k in _BUILD_SETTINGS}, **{f"int8.{k}": q.get(k) for k in _INT8_SETTINGS},
             "int8.keep_ends": bool(q.get("excluded_nodes")) if q else None}
 
