@@ -115,6 +115,7 @@ def check_max_drop(max_drop: float, samples: int) -> None:
 
 def refusal(gate: GateResult, precision: str, aside: str) -> str:
     """The one-line message of a refused export."""
+    tries = ("more --calib-samples, another --calib-data or --quantizer, or --max-drop 0 to "
+             "accept it") if precision == "int8" else "fp32, or --max-drop 0 to accept it"
     return (f"{precision} export refused: {gate.describe()}; the drop exceeds --max-drop {gate.max_drop:g}. "
-            f"Kept aside as {aside}, not installed (try more --calib-samples, another --calib-data or "
-            "--quantizer, or --max-drop 0 to accept it)")
+            f"Kept aside as {aside}, not installed (try {tries})")

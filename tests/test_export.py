@@ -596,3 +596,11 @@ def test_a_runner_that_fails_on_the_validation_images_fails_the_gate_not_skips_i
 
     monkeypatch.setattr(gates, "validation_split", unavailable)
     assert exporter.ExportJob.scores(job, {"artifact": SimpleNamespace(logits=fails)}) is None
+
+
+def test_a_refusal_advises_what_fits_its_precision() -> None:
+    from export.gate import GateResult, refusal
+
+    gate = GateResult(reference_top1=98.0, top1=90.0, disagreement=8.0, n=100, max_drop=1.0, checked_on="ort-cpu")
+    assert "--calib-samples" in refusal(gate, "int8", "x.onnx") and "--calib-samples" not in refusal(gate, "fp16", "x")
+    assert "try fp32, or --max-drop 0" in refusal(gate, "bf16", "x.onnx")

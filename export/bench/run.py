@@ -78,10 +78,10 @@ def measure(plan: BenchPlan) -> BenchReport:
             agree_with_reference(results, str(plan.reference.path))
         report = BenchReport(results=results, settings=_settings(plan), machine=machine_info(), data=data,
                              notes=list(plan.notes))
+    if opts.plot_path is not None:  # (first: a plot that cannot be drawn leaves a note the JSON keeps)
+        write_plot(report, opts.plot_path)
     if opts.json_path is not None:
         write_report_json(report, opts.json_path)
-    if opts.plot_path is not None:
-        write_plot(report, opts.plot_path)
     return report
 
 

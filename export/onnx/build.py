@@ -122,7 +122,8 @@ def _reduced(job: "ExportJob", fp32: Path, precision: str, extra: dict) -> Path:
         if graph.ort_runs(precision):
             with ort_cpu(job, final, precision) as runner:
                 job.result.parity = job.parity(runner, ORT_CPU)
-                job.result.gate = job.judge(runner, ORT_CPU)
+                if job.options.format != "trt":  # (an engine's gate judges the engine itself)
+                    job.result.gate = job.judge(runner, ORT_CPU)
         return final
     return fp32
 
