@@ -51,11 +51,11 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from spofa_deploy.artifacts import INPUT_NAME
 from spofa_deploy.errors import MissingDependency, UserError
 
 _log = logging.getLogger(__name__)
 QUANTIZERS = ("auto", "ort", "modelopt")
-INPUT_NAME = "images"
 _LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 CALIB_BATCH = 32  # calibration batch for a dynamic-batch graph
 MODELOPT_METHOD = "entropy"  # ModelOpt's own default for int8

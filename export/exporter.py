@@ -35,8 +35,8 @@ from typing import Iterator
 import numpy as np
 
 from calibration.dataset import load_images
-from spofa_deploy.artifacts import (DIGEST_KEYS, atomic_path, check_output_file, file_digest, read_json,
-                                    read_model_meta, sidecar_path, versions, write_json)
+from spofa_deploy.artifacts import (DIGEST_KEYS, INPUT_NAME, OUTPUT_NAME, atomic_path, check_output_file, file_digest,
+                                    read_json, read_model_meta, sidecar_path, versions, write_json)
 from spofa_deploy.errors import UserError, os_error
 from spofa_deploy.run_dirs import latest_run, writing
 from spofa_deploy.run_files import STUDENT_FILE, TEACHER_FILE
@@ -50,7 +50,6 @@ from .parity import Parity, compare_logits, torch_logits
 from .runner import Runner
 
 _log = logging.getLogger(__name__)
-INPUT_NAME, OUTPUT_NAME = "images", "logits"  # every artifact's one input and one output
 
 
 @dataclass

@@ -185,6 +185,7 @@ def verify_artifact(path: str | Path, meta: dict, *, trust: bool = False, native
 
 
 REQUIRED_META = ("model", "num_classes", "img_size", "mean", "std")
+INPUT_NAME, OUTPUT_NAME = "images", "logits"  # every exported model's one input and one output
 
 
 def read_model_meta(path: str | Path, written_by: str = "spofa distill") -> dict:

@@ -29,10 +29,9 @@ from torch import nn
 from export.artifact import BatchProfile
 from export.options import MIN_OPSET
 from export.parity import padded_chunks
+from spofa_deploy.artifacts import INPUT_NAME, OUTPUT_NAME
 from spofa_deploy.errors import MissingDependency, UserError
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
 DYNAMO_MIN_OPSET = 18
 EXPORTERS = ("torchscript", "dynamo")
 
@@ -140,12 +139,6 @@ def slim_onnx(path: Path) -> tuple[int, int]:
 def model_opset(model) -> int:
     """The default-domain opset of an ONNX model."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def fixed_batch_of(model) -> int | None:
-    """The static batch size of the graph input, or None when it is symbolic."""
-    d = model.graph.input[0].type.tensor_type.shape.dim[0]
-    return d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
 
 
 def ort_session(path: Path, *, fused: bool = True, threads: int | None = None, provider: str = "cpu",

@@ -35,10 +35,9 @@ import torch
 from torch import nn
 
 from export.artifact import BatchProfile
+from spofa_deploy.artifacts import INPUT_NAME, OUTPUT_NAME
 from spofa_deploy.errors import MissingDependency, UserError
 
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
-SUFFIX = ".pt2"
 DEVICES = ("cpu", "cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Inductor settings of every package: weights become constants, so BatchNorm folds into the
