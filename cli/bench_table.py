@@ -84,6 +84,8 @@ def report_reasons(report: BenchReport) -> list[str]:
     """One line per skipped or failed variant, with its reason; one per speed-up across backends."""
     lines = [f"{r.status}: {r.role} {r.model} {r.backend} {r.precision}: {r.reason}"
              for r in report.results if r.status != "ok"]
+    lines += [f"failed at batch {b}: {r.role} {r.model} {r.backend} {r.precision}: {why}"
+              for r in report.results if r.status == "ok" for b, why in r.batch_failures.items()]
     for s in report.students:
         if any(b.speedup_like_for_like is False for b in s.batches):
             t = report.get(s.teacher)

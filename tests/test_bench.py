@@ -742,3 +742,55 @@ def test_a_teacher_is_exported_like_a_qat_or_tf32_free_student() -> None:
     assert (o.int8.quantizer, o.int8.calib_samples, o.trt.tf32, o.trt.workspace_gib) == ("auto", 256, False, 2.0)
     cached = {**meta, "tf32": True, "int8": {"quantizer": "modelopt", "calib_samples": 256, "excluded_nodes": ["a"]}}
     assert settings_differ(cached, meta) == ["tf32 True != False"]
+
+
+def test_a_variant_that_fails_at_one_batch_keeps_its_other_batches_accuracy_and_speed_ups() -> None:
+    """E.g. a ViT teacher out of GPU memory at the large batch: its batch-1 timing, its accuracy and the batch-1
+    speed-up stay; the failed batch is reported on its own. A variant that runs at no batch has failed."""
+    import torch
+
+    from export.bench.loop import bench_runners
+    from export.bench.report import BenchReport, VariantResult
+    from export.bench.timing import TimingOptions
+    from export.bench.variants import Candidate
+    from export.runner import Runner, TimedStep
+    from cli.bench_table import report_reasons
+
+    class Linear(Runner):
+        def __init__(self, name: str, fails_at: set[int]):
+            super().__init__(name=name, backend="torch-eager", precision="fp32", device="cpu", size_bytes=1,
+                             input_shape=(1, 2, 2))
+            self.fails_at, self.net = fails_at, torch.nn.Linear(4, 3)
+
+        def _load(self):
+            pass
+
+        def _prepare(self, batch):
+            if batch in self.fails_at:
+                raise RuntimeError("CUDA out of memory")
+            x = self.timed_input(batch)
+            return TimedStep(compute=lambda: self.net(x.flatten(1)))
+
+        def _infer(self, x):
+            return self.net(x.flatten(1)).detach()
+
+    val = [(torch.randn(1, 2, 2), i % 3) for i in range(6)]
+
+    def cand(role, runner, teacher=None):
+        r = VariantResult(key=f"{role}:{runner.name}", role=role, model=runner.name, backend="torch-eager",
+                          backend_requested="torch-eager", precision="fp32", device="cpu", artifact=None, size_bytes=1,
+                          teacher=teacher)
+        return Candidate(r, runner, val)
+
+    student, teacher, broken = (cand("student", Linear("s", set()), "teacher:t"), cand("teacher", Linear("t", {4}), None),
+                                cand("student", Linear("b", {1, 4}), "teacher:t"))
+    results = bench_runners([student, teacher, broken], batch_sizes=[1, 4],
+                            timing=TimingOptions(warmup_s=0, min_s=0, min_iters=2, rounds=2), progress=False)
+    s, t, b = results
+    assert t.status == "ok" and [x.batch for x in t.batches] == [1] and t.batch_failures == {4: "prepare: RuntimeError: CUDA out of memory"}
+    assert t.accuracy is not None and s.accuracy.teacher_top1 == t.accuracy.top1
+    assert s.batch(1).speedup_vs_teacher is not None and s.batch(4).speedup_vs_teacher is None
+    assert b.status == "failed" and b.reason.startswith("at batch 1: prepare: RuntimeError") and b.accuracy is None
+    report = BenchReport(results=results, settings={}, machine={})
+    assert "failed at batch 4: teacher t torch-eager fp32: prepare: RuntimeError: CUDA out of memory" in report_reasons(report)
+    assert t.to_dict()["batch_failures"] == {"4": "prepare: RuntimeError: CUDA out of memory"}

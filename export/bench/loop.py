@@ -82,7 +82,14 @@ def _check_batch_sizes(candidates: list[Candidate], batch_sizes: list[int]) -> N
 
 
 def _time_batch(live: list[Candidate], b: int, timing: TimingOptions, prog, task) -> None:
-    """Prepare every candidate at batch `b`, time them interleaved, and append the pooled results."""
+    """Prepare every candidate at batch `b`, time them interleaved, and append the pooled results. A candidate that
+    fails at `b` (out of memory at a large batch, a capture failure) keeps its other batches (`batch_failures`)."""
+    failed: set[int] = set()
+
+    def fail(i: int, why: str) -> None:
+        failed.add(i)
+        live[i].result.batch_failures[b] = why
+
     steps: dict[int, TimedStep] = {}
     parts: dict[int, list[LatencyStats]] = {}
     for i, c in enumerate(live):
@@ -94,23 +101,23 @@ def _time_batch(live: list[Candidate], b: int, timing: TimingOptions, prog, task
         except UserError:
             raise
         except Exception as e:  # e.g. compile or capture failure: report it, keep the others
-            c.result.status, c.result.reason = "failed", f"prepare at batch {b}: {_fail_reason(e)}"
+            fail(i, f"prepare: {_fail_reason(e)}")
     for r in range(timing.rounds):
         for i, step in steps.items():
             c = live[i]
-            if c.result.status != "ok":
+            if i in failed:
                 continue
             prog.update(task, info=f"batch {b} round {r + 1}/{timing.rounds}: {c.result.role} {c.result.backend}")
             try:
                 st = measure(step, batch=b, timing=timing.round(r))
             except Exception as e:
-                c.result.status, c.result.reason = "failed", f"timing at batch {b}: {_fail_reason(e)}"
+                fail(i, f"timing: {_fail_reason(e)}")
                 continue
             parts.setdefault(i, []).append(st)
             prog.advance(task)
     for i, ps in parts.items():
         c = live[i]
-        if c.result.status == "ok":  # compile / capture time is reported apart, never inside the latency
+        if i not in failed:  # compile / capture time is reported apart, never inside the latency
             c.result.batches.append(BatchResult(batch=b, latency=LatencyStats.pool(ps),
                                                 compile_s=c.runner.compile_seconds.get(b),
                                                 cuda_graph=c.runner.cuda_graph))
@@ -154,6 +161,10 @@ def bench_runners(candidates: list[Candidate], *, batch_sizes: list[int], timing
             task = prog.add_task("timing", total=len(live) * len(batch_sizes) * timing.rounds, info="")
             for b in batch_sizes:
                 _time_batch(live, b, timing, prog, task)
+            for c in live:  # a variant that ran at no batch at all has failed
+                if c.result.status == "ok" and not c.result.batches and c.result.batch_failures:
+                    b, why = next(iter(c.result.batch_failures.items()))
+                    c.result.status, c.result.reason = "failed", f"at batch {b}: {why}"
             _evaluate_all(live, eval_batch, prog)
     finally:
         for c in live:

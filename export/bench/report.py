@@ -78,6 +78,7 @@ class VariantResult:
     teacher: str | None = None  # key of the paired teacher variant
     batches: list[BatchResult] = field(default_factory=list)
     accuracy: Accuracy | None = None
+    batch_failures: dict[int, str] = field(default_factory=dict)  # batch -> why it could not be timed there
 
     def batch(self, b: int) -> BatchResult | None:
         return next((r for r in self.batches if r.batch == b), None)
@@ -88,7 +89,8 @@ class VariantResult:
                 "artifact": self.artifact, "size_bytes": self.size_bytes, "status": self.status,
                 "reason": self.reason, "teacher": self.teacher,
                 "accuracy": self.accuracy.to_dict() if self.accuracy else None,
-                "batches": [b.to_dict() for b in self.batches]}
+                "batches": [b.to_dict() for b in self.batches],
+                "batch_failures": {str(b): why for b, why in self.batch_failures.items()}}
 
 
 @dataclass
