@@ -81,12 +81,13 @@ def _engine(job: "ExportJob", built: OnnxBuild, work: Path) -> None:
                          f"of {result.parity_engine.n} images only")
         if precision != "fp32":  # the engine, not its ONNX in ORT CPU, is what the gate judges
             result.gate = job.judge(run, where)
-    if onnx_dest.exists():  # an intermediate, regenerated from the same source: replaced, with a note
-        _log.warning(f"replaced {onnx_dest.name} with the ONNX this engine is built from")
+    replaced = onnx_dest.exists()
     onnx_name = (aside(onnx_dest) if result.gate and not result.gate.passed else onnx_dest).name
     job.install([(built.path, onnx_dest, job.sidecar("onnx", built.precision, onnx_dest, **built.extra)),
                  (plan, job.dest, job.sidecar("trt", precision, job.dest, onnx=onnx_name,
                                               parity_engine=result.parity_engine.to_dict(), **engine, **built.extra))])
+    if replaced:  # (install refuses a failed gate first) an intermediate regenerated from the same source
+        _log.warning(f"replaced {onnx_dest.name} with the ONNX this engine is built from")
     result.onnx_path = onnx_dest
 
 
