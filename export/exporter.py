@@ -100,7 +100,8 @@ def export_model(source: Path | str | None, options: ExportOptions, *, teacher: 
     src = weights.describe(path)
     dest = _output_path(options.out, src.path, fmt, options.precision)
     with writing(dest, "spofa export"), _warnings() as said:
-        _clean_leftovers(dest)
+        for target in (dest, aside(dest)):  # (a refused export publishes under the aside name)
+            _clean_leftovers(target)
         if dest.exists() and not options.force:
             raise UserError(f"{dest} exists: pass --force to overwrite it")
         result = ExportResult(path=dest, sidecar=sidecar_path(dest), format=fmt.name, precision=options.precision,

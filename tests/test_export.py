@@ -604,3 +604,16 @@ def test_a_refusal_advises_what_fits_its_precision() -> None:
     gate = GateResult(reference_top1=98.0, top1=90.0, disagreement=8.0, n=100, max_drop=1.0, checked_on="ort-cpu")
     assert "--calib-samples" in refusal(gate, "int8", "x.onnx") and "--calib-samples" not in refusal(gate, "fp16", "x")
     assert "try fp32, or --max-drop 0" in refusal(gate, "bf16", "x.onnx")
+
+
+def test_what_a_killed_refusal_left_half_published_is_removed_by_the_next_export(student) -> None:
+    """A refused export publishes under the aside name with the same marker protocol: its half pair is cleaned too."""
+    from export.exporter import _pending, aside
+
+    dest = student.parent / "student.onnx"
+    kept, kept_side = aside(dest), student.parent / "student.refused.onnx.json"
+    kept.write_bytes(b"new artifact")
+    kept_side.write_text('{"sha256": "of the older artifact"}')
+    _pending(kept).write_text("{}")
+    export_model(student, ExportOptions("onnx", batch=2))
+    assert dest.is_file() and not kept.exists() and not _pending(kept).exists() and not kept_side.exists()
