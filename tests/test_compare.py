@@ -590,7 +590,7 @@ def test_cli_options_reach_the_config(monkeypatch, tmp_path: Path) -> None:
     app.command("noop")(lambda: None)  # two commands: `compare` is a subcommand, as in cli.main
     seen = []
 
-    def fake_run(cfg, resume=False, jobs=1, threads=None):  # jobs None: run_compare picks them (auto_jobs)
+    def fake_run(cfg, resume=False, jobs=1, threads=None, report_only=False):  # jobs None: run_compare picks them
         seen.append((cfg, resume) if jobs is None else (cfg, resume, jobs, threads))
         return cmp.CompareResult(tmp_path, {}, 0, 0)
 
