@@ -208,7 +208,7 @@ def test_quantizer_choice_by_target():
     if modelopt_problem() is None:
         assert resolve_quantizer("auto", "trt") == "modelopt"
     else:
-        with pytest.raises(MissingDependency, match=r"spofa-deploy\[modelopt\]"):
+        with pytest.raises(MissingDependency, match=r"pip install 'nvidia-modelopt\[onnx\]==0.47"):
             resolve_quantizer("modelopt")
 
 

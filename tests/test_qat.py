@@ -145,7 +145,7 @@ def test_missing_modelopt_is_one_line_naming_the_install(monkeypatch) -> None:
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_modelopt)
-    with pytest.raises(MissingDependency, match=r"pip install 'spofa-deploy\[modelopt\]'") as e:
+    with pytest.raises(MissingDependency, match=r"pip install 'nvidia-modelopt\[onnx\]==0.47") as e:
         require_modelopt()
     assert "\n" not in str(e.value)
 
