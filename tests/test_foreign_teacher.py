@@ -189,3 +189,18 @@ def test_a_teacher_trained_earlier_serves_teacher_weights_given_by_any_path_of_i
     monkeypatch.setattr(stage, "read_model_meta", lambda p: {"source": "random init"})
     with pytest.raises(UserError, match="started from random init"):
         stage._check_weights_used(TeacherOptions(name="test_resnet", weights="w.safetensors"), tmp_path / "t")
+
+
+def test_a_teacher_file_without_its_stage_checkpoint_is_retrained_with_a_warning(tmp_path: Path, monkeypatch,
+                                                                                caplog) -> None:
+    """Killed in its first epoch, or copied in by hand: the stage trains again (it cannot tell which), and says how
+    to use the file as it is instead."""
+    monkeypatch.chdir(tmp_path)
+    path = stage.recipe_teacher_path("test_resnet", DataOptions("digits", 32))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"weights")
+    seen = []
+    monkeypatch.setattr(stage, "train_teacher", lambda **k: seen.append(k["resume"]) or path)
+    with caplog.at_level("WARNING"):
+        assert find_teacher(teacher=TeacherOptions(name="test_resnet", train=TRAIN), data=DataOptions("digits", 32)) == path
+    assert seen == [False] and f"pass --teacher-ckpt {path}" in caplog.text

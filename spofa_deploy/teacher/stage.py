@@ -226,6 +226,9 @@ def _finished_or_trained(teacher: TeacherOptions, data: DataOptions, path: Path)
         _check_epochs_asked(teacher, state["config"]["epochs"], path)
         _log.info(f"using the teacher trained earlier for this data: {path}")
         return path
+    if path.is_file() and state is None:  # killed in its first epoch, or a teacher file copied in by hand
+        _log.warning(f"{path} has no teacher-stage checkpoint beside it: the stage trains again and replaces it "
+                     f"(to use that file as it is, pass --teacher-ckpt {path})")
     what = f"resuming its unfinished stage ({state['epoch']}/{state['config']['epochs']} epochs)" if unfinished \
         else "running the teacher stage first"
     _log.info(f"no finished teacher for {resolve_model_name(teacher.name)} on {parse_data_spec(data.spec)} at "
