@@ -372,6 +372,7 @@ def test_resume_skips_finished_runs(tiny_compare, monkeypatch) -> None:
     assert (out / "none-lr0.01-seed0" / DONE).stat().st_mtime_ns == mtime
     rec = json.loads((out / "spofa-lr0.01-seed0" / DONE).read_text())
     assert rec["resumed"] is True and rec["epochs_run"] == 1 and rec["status"] == "finished"
+    assert rec["wall_s"] >= rec["train_s"] > 0  # the epochs of its earlier session count in its wall time
     assert third.report["complete"] and len(third.report["runs"]) == 2
     # resume_config reads the saved settings back (what `spofa compare --resume --out DIR` uses).
     cfg = plan.resume_config(out, device="cpu")

@@ -47,7 +47,8 @@ from spofa_deploy.machine import available_memory_gb, resolve_device, set_thread
 from spofa_deploy.method.distillers import DistillConfig
 from spofa_deploy.parallel import map_in_processes
 from spofa_deploy.pipeline import distill
-from spofa_deploy.run_files import CHECKPOINT, COMPARE, DONE, RUN_LOG
+from spofa_deploy.run_files import CHECKPOINT, COMPARE, DONE, METRICS, RUN_LOG
+from spofa_deploy.train.stability import epoch_records, read_metrics
 from spofa_deploy.teacher.cache import TeacherCacheOptions
 from spofa_deploy.teacher.stage import TeacherOptions
 from spofa_deploy.train.loop import TrainConfig
@@ -209,6 +210,8 @@ def _run_one(cfg: CompareConfig, run_dir: Path, point: tuple[str, float, int], t
     """
     m, lr, s = point
     resumed = (run_dir / CHECKPOINT).is_file()
+    # A resumed run's earlier sessions: the epochs its checkpoint keeps (metrics.jsonl is their history).
+    earlier = sum(r.get("seconds") or 0.0 for r in epoch_records(read_metrics(run_dir / METRICS))) if resumed else 0.0
     stopped, error, t_run = False, None, time.perf_counter()
     try:
         distill(student=cfg.student, teacher=teacher, method=VARIANTS[m][0],
@@ -221,7 +224,7 @@ def _run_one(cfg: CompareConfig, run_dir: Path, point: tuple[str, float, int], t
     import torch
 
     rec = run_record(run_dir, m, lr, s, num_classes, stopped=stopped, error=error,
-                     wall_s=time.perf_counter() - t_run, resumed=resumed, threads=torch.get_num_threads(),
+                     wall_s=earlier + time.perf_counter() - t_run, resumed=resumed, threads=torch.get_num_threads(),
                      cpu_isa=cpu_kernels(cfg), device=resolve_device(cfg.device).type)
     write_json(run_dir / DONE, rec)
     return rec
