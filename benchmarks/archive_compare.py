@@ -22,6 +22,7 @@ whose teacher came from a second draw) cannot remake their teacher and stay clos
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tarfile
 from pathlib import Path
@@ -63,6 +64,10 @@ def report_again(arch: Path) -> None:
         folder = Path(tmp) / "compare"
         restore(arch, folder)
         done = run_compare(resume_config(folder), resume=True, report_only=True).report["complete"]
+        # Paths as the compare had them (its --out), not the temporary copy's.
+        out = json.loads((arch / COMPARE).read_text())["config"]["out"]
+        for name in (REPORT_JSON, REPORT_MD):
+            (folder / name).write_text((folder / name).read_text().replace(json.dumps(str(folder))[1:-1], out))
         for f in [folder / REPORT_JSON, folder / REPORT_MD, *(sorted(folder.glob("*.png")) if done else [])]:
             shutil.copy2(f, arch / f.name)
 

@@ -55,7 +55,7 @@ from spofa_deploy.train.hooks import Hooks
 from spofa_deploy.models import Preprocessing, create_model
 from spofa_deploy.run_dirs import latest_run, release_run
 from spofa_deploy.run_files import CHECKPOINT, STUDENT_FILE, TEACHER_FILE
-from spofa_deploy.train.loop import FitResult, TrainConfig, evaluate, fit
+from spofa_deploy.train.loop import FitResult, TrainConfig, evaluate, fit, resumed_config
 
 _log = logging.getLogger(__name__)
 
@@ -336,8 +336,7 @@ def _resumed_config(work: Path, train: TrainConfig) -> TrainConfig:
     """The settings a resumed fine-tuning trains with (its checkpoint's), so the cache is keyed by them."""
     from spofa_deploy.run_files import load_checkpoint
 
-    state = load_checkpoint(work / CHECKPOINT)
-    return TrainConfig(**{**asdict(train), **state["config"], "device": train.device})
+    return resumed_config(train, load_checkpoint(work / CHECKPOINT)["config"])
 
 
 def _val_loader(splits, train: TrainConfig):

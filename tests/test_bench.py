@@ -719,9 +719,9 @@ def test_an_int8_teacher_of_another_quantizer_is_not_reused(run, tmp_path):
     assert any("(reused)" in n for n in again.notes)
 
 
-def test_ort_cuda_timed_runs_do_not_synchronise_after_each_run() -> None:
+def test_the_ort_cuda_run_options_turn_off_the_per_run_synchronisation() -> None:
     """ONNX Runtime synchronises its CUDA stream after every run by default, which would put the host's round trip
-    inside each timed interval; the timed IOBinding run turns it off (we synchronise our own stream)."""
+    inside each timed interval; the timed IOBinding run takes these options (that path runs only on a GPU)."""
     from export.onnx.ort import unsynchronised_run
 
     assert unsynchronised_run().get_run_config_entry("disable_synchronize_execution_providers") == "1"

@@ -331,3 +331,4 @@ def test_an_image_folder_is_split_by_the_runs_seed_for_export_and_bench(tmp_path
     assert split_seed(meta) == 3 and not trained & {str(p) for p in val.paths}
     assert {str(p) for p in load_splits(spec, prep, seed=0).val.paths} & trained  # what seed 0 would have read
     assert ValSets(spec).seed == 0 and split_seed({}) == 0  # models from before the seed was recorded
+    assert split_seed({"split_seed": 5, "train": {"seed": 1}}) == 5  # a teacher's own record first

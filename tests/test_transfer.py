@@ -179,8 +179,11 @@ def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypa
     base = dict(teacher="test_vit", student="test_resnet", data="digits", methods=("none", "kd", "spofa-fw0.1"),
                 seeds=1, lrs=(0.01,), epochs=1, batch_size=32, img_size=16, train_fraction=0.05, teacher_epochs=1,
                 teacher_pretrained=False, device="cpu", workers=0, out="runs/study")
-    cmp.run_compare(cmp.CompareConfig(**base))
+    first_report = cmp.run_compare(cmp.CompareConfig(**base)).report
     assert cmp._loss_config(cmp.CompareConfig(**base), "spofa-fw0.1").feat_weight == 0.1
+    from spofa_deploy.artifacts import read_model_meta
+
+    assert read_model_meta(first_report["teacher"]["path"])["split_seed"] == 0  # the teacher stage's split
     first = {p.parent.name: p.stat().st_mtime_ns for p in Path("runs/study").glob(f"*/{DONE}")}
     assert len(first) == 3
 
@@ -200,6 +203,8 @@ def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypa
     now = cmp.run_compare(cmp.CompareConfig(**{**base, "seeds": 2}), resume=True, report_only=True)
     assert now.runs_done == 0 and not now.report["complete"] and len(now.report["runs"]) == 4
     assert now.report["seeds_complete"] == [0] and all(d["holds"] is None for d in now.report["decisions"])
+    cmp.run_compare(cmp.CompareConfig(**{**base, "seeds": 1}), resume=True, report_only=True)  # a look at seed 0
+    assert json.loads(Path("runs/study/compare.json").read_text())["config"]["seeds"] == 2  # the plan is kept
     with pytest.raises(UserError, match="--report-only reports a compare that exists"):
         cmp.run_compare(cmp.CompareConfig(**{**base, "seeds": 2}), report_only=True)
     monkeypatch.setattr(cmp, "distill", real)
@@ -237,6 +242,7 @@ def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypa
     archive.report_again(Path("evidence"))
     rep = json.loads(Path("evidence/report.json").read_text())
     # (compare.json now holds the one-seed reading's settings: the report covers that seed)
+    assert all(r["run_dir"] == f"runs/study/{r['name']}" for r in rep["runs"]) and rep["config"]["out"] == "runs/study"
     assert len(rep["runs"]) == 3 and rep["seeds_complete"] == [0] and "Pre-registered decisions" in Path("evidence/report.md").read_text()
 
 

@@ -10,7 +10,7 @@ The version-dependent part is one decision, `strongly_typed(precision)`:
   fp32 and int8 (the Q/DQ ONNX carries its precision), and for fp16/bf16 when ModelOpt AutoCast
   is installed to write that ONNX; without it fp16/bf16 keep the (deprecated, working) flags.
 - TensorRT < 10.12: weakly typed network, reduced precision from builder flags (FP16, BF16;
-  INT8 = the Q/DQ ONNX plus the INT8 flag).
+  INT8 = the Q/DQ ONNX plus the INT8 and FP16 flags).
 `onnx_precision_for` tells the exporter which ONNX to feed; the sidecar records `strongly_typed`.
 
 `import tensorrt` happens only inside the functions that need it, so this module imports

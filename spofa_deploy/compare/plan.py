@@ -57,9 +57,13 @@ def open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple],
         given = cfg.teacher_ckpt if cfg.teacher_ckpt and Path(cfg.teacher_ckpt) != Path(before or "") else None
         done = report_only or all((out / run_name(*p) / DONE).is_file() for p in plan)
         finished = _saved_teacher(out, saved) if done else None
+        if report_only and not finished:
+            raise UserError(f"--report-only: {out / COMPARE} keeps no record of its teacher (a compare from an older "
+                            "version): resume it without --report-only")
         if finished:
             if given:
-                _log.info("note: every run of this compare is finished, so --teacher-ckpt is not used")
+                _log.info(f"note: {'only the report is written' if report_only else 'every run of this compare is finished'}"
+                          ", so --teacher-ckpt is not used")
             cfg.teacher_ckpt = saved["config"].get("teacher_ckpt")
             return out, saved, finished
         if not saved.get("teacher_sha256"):  # (compares before teacher digests: the path is all there is)
@@ -209,7 +213,7 @@ def read_finished(out: Path, plan: list[tuple], num_classes: int) -> dict[str, d
             records[run_name(m, lr, s)] = run_record(
                 done.parent, m, lr, s, num_classes, stopped=old.get("status") == "stopped", error=old.get("error"),
                 wall_s=old.get("wall_s"), resumed=bool(old.get("resumed")), threads=old.get("threads"),
-                cpu_isa=old.get("cpu_isa"))
+                cpu_isa=old.get("cpu_isa"), device=old.get("device"))
     return records
 
 

@@ -93,7 +93,8 @@ def build_report(cfg: CompareConfig, header: dict, data_info: dict, t_meta: dict
     read = [r for r in runs if r["seed"] in done] or list(runs)
     read_lr = summarize(read, cfg.methods, cfg.lrs)["per_method_lr"] if done else summary["per_method_lr"]
     best = best_rates(read_lr)
-    brackets = bracketing(best, cfg.lrs)
+    ran = {r["method"] for r in read}
+    brackets = bracketing({m: lr for m, lr in best.items() if m in ran}, cfg.lrs)  # (a method not run yet: no end)
     return {
         "title": f"{cfg.student} <- {t_meta['model']} on {cfg.data}",
         "complete": complete,

@@ -95,7 +95,8 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, 
     records = read_finished(out, plan, num_classes)
     teacher_path, digest, t_meta = compare_teacher(cfg, saved, finished, img_size, num_classes)
     header = compare_header(cfg, out, saved, img_size, teacher_path, digest, t_meta)
-    write_json(out / COMPARE, header)
+    if not report_only:  # (a report changes no plan: the saved settings stay)
+        write_json(out / COMPARE, header)
     skipped = len(records)
     _log.info(f"compare: {len(plan)} runs ({len(cfg.methods)} methods x {len(cfg.lrs)} rates x "
               f"{cfg.seeds} seeds) of {cfg.student} <- {t_meta['model']} on {spec}, "
@@ -116,7 +117,8 @@ def run_compare(cfg: CompareConfig, resume: bool = False, jobs: int | None = 1, 
     runs = [records[run_name(*p)] for p in plan if run_name(*p) in records]
     wall = header["previous_wall_s"] + (0.0 if finished else time.perf_counter() - t0)  # (re-reports: no compare time)
     report, plots = write_report(out, cfg, header, data, t_meta, runs, wall_s=wall, plots=True)
-    write_json(out / COMPARE, {**header, "previous_wall_s": wall})
+    if not report_only:
+        write_json(out / COMPARE, {**header, "previous_wall_s": wall})
     return CompareResult(out, report, calls, skipped, plots)
 
 
@@ -124,14 +126,15 @@ def _runs(job: _Job, todo: list[tuple], records: dict, total: int, jobs: int | N
           threads: int | None) -> Iterator[dict]:
     """The records of the runs of `todo` as they finish: `jobs` at a time in worker processes, or one after
     another in this process."""
+    given = threads
     if jobs is None:  # the default: on the CPU single-threaded worker processes (even one), so every run of a
         in_process = resolve_device(job.cfg.device).type != "cpu"  # compare has the same threads whatever memory allows
         jobs, threads = auto_jobs(job.cfg, threads, len(todo)), threads or 1
     else:
         in_process = jobs <= 1
     if in_process:
-        if threads:
-            set_threads(threads)
+        if given:  # (otherwise the process's own threads, as `spofa distill`)
+            set_threads(given)
         return _run_sequential(job, todo, records, total)
     return _run_parallel(job, todo, records, total, jobs, threads or max(1, usable_cores() // jobs))
 

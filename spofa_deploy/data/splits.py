@@ -48,7 +48,10 @@ def load_data(data: DataOptions, prep: Preprocessing, *, seed: int, device: str)
 
 def split_seed(meta: dict) -> int:
     """The seed a model's data was split with (an image folder without val/ is split by the run's seed), so that
-    exporting, calibrating and benchmarking it read the validation images it was not trained on."""
+    exporting, calibrating and benchmarking it read the validation images it was not trained on: a teacher's
+    `split_seed`, a student's training seed; 0 for a model from before either was recorded."""
+    if "split_seed" in meta:
+        return int(meta["split_seed"])
     return int((meta.get("train") or {}).get("seed", 0))
 
 

@@ -142,7 +142,7 @@ def train_teacher(*, teacher: TeacherOptions, data: DataOptions, out: str | Path
     def save(net, best):
         save_model(path, net, model_meta(net, teacher.name, splits, img_size, prep.meta(), "teacher", source=source,
                                          top1=best["top1"], top5=best["ema_top5" if best["source"] == "ema" else "model_top5"],
-                                         saved=best["source"], teacher_stage=True))
+                                         saved=best["source"], teacher_stage=True, split_seed=teacher.train.seed))
 
     result = fit(Supervised(model, teacher.label_smoothing), splits, replace(teacher.train, epochs=epochs), run,
                  resume=resume, label="teacher",
@@ -267,7 +267,8 @@ def _foreign_teacher(teacher: TeacherOptions, data: DataOptions) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         save_model(path, model, model_meta(model, origin.architecture, splits, img_size, prep.meta(), "teacher",
                                            source=source, top1=val["top1"], top5=val["top5"], saved="model",
-                                           adopted=True, classes_checked=how, soft_targets=soft))
+                                           adopted=True, classes_checked=how, soft_targets=soft,
+                                           split_seed=teacher.train.seed))
     distributed.barrier()
     _log.info(f"teacher {source}: used as it is (classes checked by {how}); val top-1 {val['top1']:.2f}% on {spec}")
     return path
