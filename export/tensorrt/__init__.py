@@ -55,8 +55,9 @@ def export(job: "ExportJob") -> None:
 
 def _engine(job: "ExportJob", built: OnnxBuild, work: Path) -> None:
     """Build the engine from the ONNX, check and gate it on the GPU, publish both (the ONNX kept beside it)."""
-    from export.exporter import aside
+    from export.exporter import _clean_leftovers, aside
     from export.formats import FORMATS, artifact_name
+    from spofa_deploy.run_dirs import writing
 
     precision, result, t = job.precision, job.result, job.options.trt
     onnx_dest = job.dest.parent / artifact_name(job.source.path.stem, FORMATS["onnx"], built.precision)
@@ -81,11 +82,15 @@ def _engine(job: "ExportJob", built: OnnxBuild, work: Path) -> None:
                          f"of {result.parity_engine.n} images only")
         if precision != "fp32":  # the engine, not its ONNX in ORT CPU, is what the gate judges
             result.gate = job.judge(run, where)
-    replaced = onnx_dest.exists()
     onnx_name = (aside(onnx_dest) if result.gate and not result.gate.passed else onnx_dest).name
-    job.install([(built.path, onnx_dest, job.sidecar("onnx", built.precision, onnx_dest, **built.extra)),
-                 (plan, job.dest, job.sidecar("trt", precision, job.dest, onnx=onnx_name,
-                                              parity_engine=result.parity_engine.to_dict(), **engine, **built.extra))])
+    with writing(onnx_dest, "spofa export"):  # the ONNX beside the engine is a target of its own: its lock too
+        for target in (onnx_dest, aside(onnx_dest)):
+            _clean_leftovers(target)
+        replaced = onnx_dest.exists()
+        job.install([(built.path, onnx_dest, job.sidecar("onnx", built.precision, onnx_dest, **built.extra)),
+                     (plan, job.dest, job.sidecar("trt", precision, job.dest, onnx=onnx_name,
+                                                  parity_engine=result.parity_engine.to_dict(), **engine,
+                                                  **built.extra))])
     if replaced:  # (install refuses a failed gate first) an intermediate regenerated from the same source
         _log.warning(f"replaced {onnx_dest.name} with the ONNX this engine is built from")
     result.onnx_path = onnx_dest
