@@ -48,7 +48,7 @@ from spofa_deploy.method.distillers import DistillConfig
 from spofa_deploy.parallel import map_in_processes
 from spofa_deploy.pipeline import distill
 from spofa_deploy.run_files import CHECKPOINT, COMPARE, DONE, METRICS, RUN_LOG
-from spofa_deploy.train.stability import epoch_records, read_metrics
+from spofa_deploy.train.stability import accuracy_figures, read_metrics
 from spofa_deploy.teacher.cache import TeacherCacheOptions
 from spofa_deploy.teacher.stage import TeacherOptions
 from spofa_deploy.train.loop import TrainConfig
@@ -214,7 +214,7 @@ def _run_one(cfg: CompareConfig, run_dir: Path, point: tuple[str, float, int], t
     m, lr, s = point
     resumed = (run_dir / CHECKPOINT).is_file()
     # A resumed run's earlier sessions: the epochs its checkpoint keeps (metrics.jsonl is their history).
-    earlier = sum(r.get("seconds") or 0.0 for r in epoch_records(read_metrics(run_dir / METRICS))) if resumed else 0.0
+    earlier = (accuracy_figures(read_metrics(run_dir / METRICS))["train_s"] or 0.0) if resumed else 0.0
     stopped, error, t_run = False, None, time.perf_counter()
     try:
         distill(student=cfg.student, teacher=teacher, method=VARIANTS[m][0],
