@@ -122,9 +122,12 @@ def test_pre_registered_decisions() -> None:
     early = decisions(paired, seeds_complete=MIN_SEEDS_TO_READ - 1, at_end={})
     assert [x["holds"] for x in early] == [None] * len(early) and early[1]["mean"] == 1.4
     assert decisions(paired, seeds_complete=MIN_SEEDS_TO_READ, at_end={})[1]["holds"] is True
-    # A best rate at an end of the sweep: the primary is computed, and said to wait for the extended sweep.
-    (p,) = [x for x in decisions(paired, 10, {"none": "highest"}) if x["kind"] == "primary"]
-    assert p["holds"] is True and "end of the sweep (none)" in p["note"]
+    # A best rate at an end of the sweep: the primary's figures are given, and it is not read until the sweep is
+    # extended; the gate is read.
+    ends = decisions(paired, 10, {"none": "highest"})
+    (p,) = [x for x in ends if x["kind"] == "primary"]
+    assert p["holds"] is None and p["mean"] == 1.4 and "end of the sweep (none)" in p["note"]
+    assert ends[0]["kind"] == "gate" and ends[0]["holds"] is True
     # The gate not shown: nothing else is evidence of transfer (rule 1), though it is computed and reported.
     paired[0] = _pair("kd", "none", 0.4, (-0.3, 1.1), 0.2)
     rows = decisions(paired, 10, {})

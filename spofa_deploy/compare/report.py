@@ -275,8 +275,9 @@ def _reading(report: dict) -> list[str]:
     if b["at_end"]:
         where = {"lowest": "the lowest rate", "highest": "the highest rate", "only": "the only rate"}
         ends = ", ".join(f"{m} ({where[end]})" for m, end in b["at_end"].items())
-        lines.append(f"**Best rate at an end of the sweep:** {ends}. Its optimum is not bracketed; "
-                     f"rates that would bracket it: {', '.join(f'{x:g}' for x in b['extend'])}.")
+        lines.append(f"**Best rate at an end of the sweep:** {ends}. The optimum may lie outside the sweep, so the "
+                     f"primary rule is not read until the sweep is extended (`--resume --lr-sweep` with "
+                     f"{', '.join(f'{x:g}' for x in b['extend'])} added).")
     else:
         lines.append("Every method's best rate lies inside the sweep (its optimum is bracketed).")
     return lines

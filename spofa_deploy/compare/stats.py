@@ -171,8 +171,8 @@ def decisions(paired: Sequence[dict], seeds_complete: int, at_end: dict[str, str
         paired: `paired_comparisons` over the complete seeds.
         seeds_complete: how many seeds have every method at every rate; below `MIN_SEEDS_TO_READ` no rule is read
             (each row's `holds` is None, its figures are still given).
-        at_end: the methods whose best rate is an end of the sweep (`bracketing`); the sweep is extended before
-            the primary rule is read.
+        at_end: the methods whose best rate is an end of the sweep (`bracketing`); the primary rule is not read
+            (`holds` None) until the sweep is extended.
 
     Returns:
         Rows with the rule, the figures, `holds` (None: not read) and `note` (why a row is not read as stated).
@@ -187,8 +187,10 @@ def decisions(paired: Sequence[dict], seeds_complete: int, at_end: dict[str, str
                                   else "not evidence of transfer: no gate (kd was not run)")
     primary = best.get(("spofa", "none"))
     if primary is not None:
-        holds = bool(primary["ci95"]) and primary["ci95"][0] > 0 and primary["mean"] >= PRIMARY_MIN_GAIN
-        ends = (f"best rate at an end of the sweep ({', '.join(at_end)}): the sweep is extended before this is read"
+        # Rule 5: an optimum not bracketed may lie outside the sweep, so the primary waits for the extended sweep.
+        holds = (None if at_end else
+                 bool(primary["ci95"]) and primary["ci95"][0] > 0 and primary["mean"] >= PRIMARY_MIN_GAIN)
+        ends = (f"best rate at an end of the sweep ({', '.join(at_end)}): not read until the sweep is extended"
                 if at_end else None)
         out.append(_row("primary", f"primary: spofa - none >= +{PRIMARY_MIN_GAIN:g} with the 95 % interval above zero",
                         primary, holds, "; ".join(n for n in (ends, unshown) if n) or None))
