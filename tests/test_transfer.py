@@ -249,6 +249,24 @@ def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypa
     assert len(rep["runs"]) == 3 and rep["seeds_complete"] == [0] and "Pre-registered decisions" in Path("evidence/report.md").read_text()
 
 
+def test_a_sweep_extended_on_resume_runs_only_the_added_rate(tmp_path: Path, monkeypatch) -> None:
+    """Rule 5's extension: `--resume --lr-sweep` with a rate added trains that rate alone, keeps the finished runs,
+    and the report reads every rate (the optimum is then bracketed or not by the wider sweep)."""
+    monkeypatch.chdir(tmp_path)
+    base = dict(teacher="test_vit", student="test_resnet", data="digits", methods=("none", "kd"), seeds=1,
+                lrs=(0.01,), epochs=1, batch_size=32, img_size=16, train_fraction=0.05, teacher_epochs=1,
+                teacher_pretrained=False, device="cpu", workers=0, out="runs/study")
+    cmp.run_compare(cmp.CompareConfig(**base))
+    first = {p.parent.name: p.stat().st_mtime_ns for p in Path("runs/study").glob(f"*/{DONE}")}
+    extended = cmp.run_compare(plan.resume_config("runs/study", lrs=(0.01, 0.02)), resume=True)
+    assert (extended.runs_done, extended.runs_skipped) == (2, 2)
+    assert {p.parent.name: p.stat().st_mtime_ns for p in Path("runs/study").glob(f"*/{DONE}") if p.parent.name in first} == first
+    report = json.loads(Path("runs/study/report.json").read_text())
+    assert json.loads(Path("runs/study/compare.json").read_text())["config"]["lrs"] == [0.01, 0.02]
+    assert sorted({r["lr"] for r in report["runs"]}) == [0.01, 0.02] and report["seeds_complete"] == [0]
+    assert set(report["bracketing"]["at_end"]) == {"none", "kd"}  # (two rates: every best rate is an end)
+
+
 def test_the_teacher_recipe_is_cut_to_the_cpu_budget_only_when_not_given() -> None:
     from spofa_deploy.teacher.stage import stage_epochs
 
