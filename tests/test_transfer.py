@@ -15,7 +15,8 @@ from spofa_deploy import models, pipeline
 from spofa_deploy.accuracy import agreement, transfer_check
 from spofa_deploy.artifacts import load_state, read_model_meta
 from spofa_deploy.errors import UserError
-from spofa_deploy.compare.stats import MIN_SEEDS_TO_READ, bracketing, complete_seeds, decisions, holm
+from spofa_deploy.compare.stats import (MIN_SEEDS_TO_READ, best_rates, bracketing, complete_seeds, decisions, holm,
+                                        paired_difference, scored, summarize)
 from spofa_deploy.data.splits import DataOptions
 from spofa_deploy.teacher import stage
 from spofa_deploy.teacher.stage import TeacherOptions, train_teacher
@@ -95,6 +96,27 @@ def test_a_student_above_its_teacher_is_told_and_recorded(tmp_path: Path, monkey
     assert out.count("note:") == 1 and "at or above its" in out
 
 
+def test_a_run_stopped_before_its_first_evaluation_counts_at_chance() -> None:
+    """A rate where some seeds blew up at once is not averaged, nor paired, over the seeds that survived it."""
+    def run(method, lr, seed, top1):
+        stopped = top1 is None
+        return {"method": method, "lr": lr, "seed": seed, "final_top1": top1, "best_top1": top1,
+                "final_ema_top1": None, "best_ema_top1": None, "status": "stopped" if stopped else "finished",
+                "stability": {"diverged": stopped, "divergence": ["nonfinite"] if stopped else [], "loss_spikes": 0}}
+
+    runs = [run("none", 0.01, s, 80.0) for s in range(5)] + [run("spofa", 0.01, s, 78.0) for s in range(5)]
+    runs += [run("spofa", 0.02, s, 85.0 if s < 3 else None) for s in range(5)]
+    runs += [run("none", 0.02, s, 79.0) for s in range(5)]
+    as_scored = scored(runs, num_classes=10)
+    assert [r["final_top1"] for r in as_scored if r["lr"] == 0.02 and r["method"] == "spofa"] == [85.0] * 3 + [10.0] * 2
+    assert all(r.get("scored_at_chance") for r in as_scored if r["final_top1"] == 10.0)
+    best = best_rates(summarize(as_scored, ["none", "spofa"], [0.01, 0.02])["per_method_lr"])
+    assert best["spofa"] == 0.01  # (85, 85, 85, 10, 10) averages below 78; over the survivors it would win
+    d = paired_difference(as_scored, "spofa", "none", 0.02, 0.01)
+    assert d["n"] == 5 and d["diffs"][3:] == [-70.0, -70.0]
+    assert runs[-6]["final_top1"] is None  # (the records themselves are left as they are)
+
+
 def test_holm_steps_down() -> None:
     # alpha 0.05 over 3: 0.01 <= 0.0167 rejects, 0.03 > 0.025 stops, 0.02 would pass alone but Holm stops at the first.
     assert holm([0.01, 0.04, 0.03]) == [True, False, False]
@@ -132,9 +154,13 @@ def test_pre_registered_decisions() -> None:
     paired[0] = _pair("kd", "none", 0.4, (-0.3, 1.1), 0.2)
     rows = decisions(paired, 10, {})
     assert rows[0]["holds"] is False and rows[0]["note"] is None
-    assert all("gate is not shown" in x["note"] for x in rows[1:]) and rows[1]["holds"] is True
+    assert all("gate is not shown" in x["note"] and x["holds"] is None for x in rows[1:])
+    assert rows[1]["mean"] == 1.4 and rows[1]["ci95"] == [0.6, 2.2]  # (reported, not read)
     no_kd = decisions(paired[1:], 10, {})
-    assert no_kd[0]["kind"] == "primary" and "no gate" in no_kd[0]["note"]
+    assert no_kd[0]["kind"] == "primary" and "no gate" in no_kd[0]["note"] and no_kd[0]["holds"] is None
+    # Rule 6 row by row: a row over fewer seeds than the rules read from is not read, whatever the complete seeds.
+    few = decisions([{**_pair("kd", "none", 1.2, (0.3, 2.1), 0.01), "n": MIN_SEEDS_TO_READ - 1}], 10, {})
+    assert few[0]["holds"] is None
 
 
 def test_the_stage_head_weight_default_needs_a_positive_holm_significant_difference() -> None:

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Sequence
 from spofa_deploy.artifacts import versions, write_json
 from spofa_deploy.compare.config import CompareConfig
 from spofa_deploy.compare.stats import (CONFIDENCE, MIN_SEEDS_TO_READ, best_rates, bracketing, complete_seeds,
-                                        decisions, paired_comparisons, summarize)
+                                        decisions, paired_comparisons, scored, summarize)
 from spofa_deploy.compare.stats import t_quantile  # noqa: F401 - importable from here too (benchmarks use it)
 from spofa_deploy.machine import cpu_isa, cpu_model
 from spofa_deploy.train.stability import SPIKE_FACTOR, SPIKE_MIN_HISTORY, SPIKE_WINDOW, TAIL_FRACTION, COLLAPSE_MARGIN
@@ -46,7 +46,8 @@ DEFINITIONS = {
     "ce_var_tail": "the same for the cross-entropy term alone (comparable across methods)",
     "grad_cos_mean": "mean over logged steps of the batch-mean cosine between the CE and distillation logit gradients",
     "aggregates": "mean +- sample std over runs; every run counts, a run stopped on NaN/Inf with the accuracy of "
-                  "its last evaluated epoch (the checkpoint it leaves); tail variances only over runs that trained "
+                  "its last evaluated epoch (the checkpoint it leaves), or at chance level (100 / classes) in final "
+                  "top-1 where it stopped before its first evaluation; tail variances only over runs that trained "
                   "to the end",
     "final_top1": "val top-1 of the model after the last epoch; best_top1: best epoch; ema: the EMA weights",
     "best rate": "per method, the rate of the sweep with the highest mean final top-1 over the complete seeds "
@@ -86,6 +87,7 @@ def _g(v, fmt: str = ".3g") -> str:
 def build_report(cfg: CompareConfig, header: dict, data_info: dict, t_meta: dict, runs: Sequence[dict],
                  wall_s: float) -> dict:
     complete = len(runs) == len(cfg.methods) * len(cfg.lrs) * cfg.seeds
+    records, runs = runs, scored(runs, data_info["num_classes"])  # (the records as they are; the runs as scored)
     summary = summarize(runs, cfg.methods, cfg.lrs)
     # Best rates, paired differences and decisions over the complete seeds only, so that every method and rate is
     # averaged over the same seeds (until one seed is complete: over every run, an interim look).
@@ -119,7 +121,7 @@ def build_report(cfg: CompareConfig, header: dict, data_info: dict, t_meta: dict
         "decisions": decisions(paired, len(done), brackets["at_end"]),
         "bracketing": brackets,
         "transfer_note": _transfer_note(t_meta, read_lr, best),
-        "runs": list(runs),
+        "runs": list(records),
         "plots": [],
     }
 

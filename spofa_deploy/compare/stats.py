@@ -175,7 +175,9 @@ def decisions(paired: Sequence[dict], seeds_complete: int, at_end: dict[str, str
             (`holds` None) until the sweep is extended.
 
     Returns:
-        Rows with the rule, the figures, `holds` (None: not read) and `note` (why a row is not read as stated).
+        Rows with the rule, the figures, `holds` (None: not read) and `note` (why a row is not read). A row is not
+        read over fewer than `MIN_SEEDS_TO_READ` seeds (rule 6), the primary while a best rate is an end of the
+        sweep (rule 5), the primary and secondary rows while the gate is not shown (rule 1).
     """
     best = {(p["method"], p["baseline"]): p for p in paired if p["at"] == "best rates"}
     out = []
@@ -183,26 +185,34 @@ def decisions(paired: Sequence[dict], seeds_complete: int, at_end: dict[str, str
     shown = gate is not None and bool(gate["ci95"]) and gate["ci95"][0] > 0
     if gate is not None:
         out.append(_row("gate", "gate: kd - none, 95 % interval above zero", gate, shown))
-    unshown = None if shown else ("not evidence of transfer: the gate is not shown" if gate is not None
-                                  else "not evidence of transfer: no gate (kd was not run)")
+    # Rule 1: without the gate no comparison is read as evidence of transfer (their figures are still given).
+    unshown = None if shown else ("not read as evidence of transfer: the gate is not shown" if gate is not None
+                                  else "not read as evidence of transfer: no gate (kd was not run)")
     primary = best.get(("spofa", "none"))
     if primary is not None:
+        holds = bool(primary["ci95"]) and primary["ci95"][0] > 0 and primary["mean"] >= PRIMARY_MIN_GAIN
         # Rule 5: an optimum not bracketed may lie outside the sweep, so the primary waits for the extended sweep.
-        holds = (None if at_end else
-                 bool(primary["ci95"]) and primary["ci95"][0] > 0 and primary["mean"] >= PRIMARY_MIN_GAIN)
         ends = (f"best rate at an end of the sweep ({', '.join(at_end)}): not read until the sweep is extended"
                 if at_end else None)
         out.append(_row("primary", f"primary: spofa - none >= +{PRIMARY_MIN_GAIN:g} with the 95 % interval above zero",
-                        primary, holds, "; ".join(n for n in (ends, unshown) if n) or None))
+                        primary, None if ends or unshown else holds, "; ".join(n for n in (ends, unshown) if n) or None))
     tested = [p for p in (best.get(pair) for pair in SECONDARY) if p is not None and p["p"] is not None]
     for p, rejected in zip(tested, holm([p["p"] for p in tested])):
-        out.append(_row("secondary", f"secondary (Holm over {len(tested)}): differs from zero", p, rejected, unshown))
+        out.append(_row("secondary", f"secondary (Holm over {len(tested)}): differs from zero", p,
+                        None if unshown else rejected, unshown))
         if (p["method"], p["baseline"]) == ("spofa-fw0.1", "spofa"):
             out.append(_row("default", "stage-head weight: 0.1 becomes the default if spofa-fw0.1 - spofa is "
                                        "positive and significant after Holm", p, rejected and p["mean"] > 0))
-    if seeds_complete < MIN_SEEDS_TO_READ:
-        out = [{**d, "holds": None} for d in out]
-    return out
+    # Rule 6, row by row: a row is read over at least MIN_SEEDS_TO_READ seeds.
+    return [{**d, "holds": None} if min(seeds_complete, d["n"]) < MIN_SEEDS_TO_READ else d for d in out]
+
+
+def scored(runs: Sequence[dict], num_classes: int) -> list[dict]:
+    """The runs as the decisions score them: a run stopped before its first evaluation has no top-1, and counts
+    at chance level (100 / classes) rather than dropping out, so that a rate is never averaged, nor a method
+    paired, over the seeds that survived it."""
+    chance = 100.0 / num_classes
+    return [{**r, "final_top1": chance, "scored_at_chance": True} if r["final_top1"] is None else r for r in runs]
 
 
 def _row(kind: str, rule: str, p: dict, holds: bool, note: str | None = None) -> dict:
