@@ -10,6 +10,8 @@ import math
 import statistics
 from typing import Iterable, Sequence
 
+from spofa_deploy.train.stability import chance_top1
+
 CONFIDENCE = 0.95
 
 
@@ -211,7 +213,7 @@ def scored(runs: Sequence[dict], num_classes: int) -> list[dict]:
     """The runs as the decisions score them: a run stopped before its first evaluation has no top-1, and counts
     at chance level (100 / classes) rather than dropping out, so that a rate is never averaged, nor a method
     paired, over the seeds that survived it."""
-    chance = 100.0 / num_classes
+    chance = chance_top1(num_classes)
     return [{**r, "final_top1": chance, "scored_at_chance": True} if r["final_top1"] is None else r for r in runs]
 
 
