@@ -4,9 +4,12 @@ A compare folder holds hundreds of MB of weights and checkpoints per run; its re
 finished run's done.json, metrics.jsonl, trace.csv and student.json (docs/commands/compare.md). This
 copies compare.json, packs the finished runs' records (plus their log.txt) into runs.tar.gz (a half-done
 run is left out: it restarts on resume), and writes report.md, report.json and the plots anew from those
-records with this checkout's report code, whatever code trained the runs.
+records with this checkout's report code, whatever code trained the runs. Between two readings of a long
+compare, `--records-only` keeps the runs finished since the last archive in runs-new.tar.gz and writes no
+report (the archived report stays the last reading); `--restore` unpacks both.
 
     python benchmarks/archive_compare.py runs/compare-digits-100ep docs/evidence/compare-digits-100ep
+    python benchmarks/archive_compare.py --records-only runs/compare-digits-100ep docs/evidence/compare-digits-100ep
     python benchmarks/archive_compare.py --restore docs/evidence/compare-digits-100ep runs/compare-digits-100ep
     spofa compare --resume --out runs/compare-digits-100ep --threads 1 --jobs 2  # teacher: by digest
 
@@ -33,6 +36,7 @@ from spofa_deploy.run_files import COMPARE, DONE, METRICS, RUN_LOG, STUDENT_FILE
 
 RECORDS = (DONE, METRICS, TRACE, sidecar_path(STUDENT_FILE).name, RUN_LOG)
 TARBALL = "runs.tar.gz"
+NEW_TARBALL = "runs-new.tar.gz"  # finished since the last full archive: records kept, not yet reported
 
 
 def archive(src: Path, dst: Path) -> int:
@@ -41,13 +45,32 @@ def archive(src: Path, dst: Path) -> int:
     for f in [src / COMPARE, src / REPORT_JSON, src / REPORT_MD, *sorted(src.glob("*.png"))]:
         if f.is_file():
             shutil.copy2(f, dst / f.name)
-    runs = sorted(d.parent for d in src.glob(f"*/{DONE}"))
-    with tarfile.open(dst / TARBALL, "w:gz") as tar:
+    runs = _finished(src)
+    _pack(runs, dst / TARBALL)
+    (dst / NEW_TARBALL).unlink(missing_ok=True)
+    return len(runs)
+
+
+def archive_records(src: Path, dst: Path) -> int:
+    """Pack the finished runs that `dst`'s runs.tar.gz does not hold into its runs-new.tar.gz (rewritten), and
+    nothing else: the archived report stays the last reading's. Returns the runs packed."""
+    with tarfile.open(dst / TARBALL) as tar:
+        archived = {Path(m.name).parts[0] for m in tar.getmembers()}
+    runs = [run for run in _finished(src) if run.name not in archived]
+    _pack(runs, dst / NEW_TARBALL)
+    return len(runs)
+
+
+def _finished(src: Path) -> list[Path]:
+    return sorted(d.parent for d in src.glob(f"*/{DONE}"))
+
+
+def _pack(runs: list[Path], path: Path) -> None:
+    with tarfile.open(path, "w:gz") as tar:
         for run in runs:
             for name in RECORDS:
                 if (run / name).is_file():
                     tar.add(run / name, arcname=f"{run.name}/{name}")
-    return len(runs)
 
 
 def report_again(arch: Path) -> None:
@@ -80,20 +103,27 @@ def restore(src: Path, dst: Path) -> int:
     for name in (COMPARE, REPORT_JSON):  # (report.json: the teacher's record of compares from before compare.json kept it)
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-    with tarfile.open(src / TARBALL) as tar:
-        tar.extractall(dst, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # (3.11.4+)
-        return len({Path(m.name).parts[0] for m in tar.getmembers()})
+    runs = set()
+    for path in [src / TARBALL, *[p for p in [src / NEW_TARBALL] if p.is_file()]]:
+        with tarfile.open(path) as tar:
+            tar.extractall(dst, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # (3.11.4+)
+            runs |= {Path(m.name).parts[0] for m in tar.getmembers()}
+    return len(runs)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src")
     ap.add_argument("dst")
-    ap.add_argument("--restore", action="store_true", help="src is an archive, dst the compare folder to make")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--restore", action="store_true", help="src is an archive, dst the compare folder to make")
+    mode.add_argument("--records-only", action="store_true",
+                      help=f"pack the runs finished since the last archive into {NEW_TARBALL}; write no report")
     a = ap.parse_args()
-    n = (restore if a.restore else archive)(Path(a.src), Path(a.dst))
-    print(f"{'restored' if a.restore else 'archived'} {n} finished runs: {a.src} -> {a.dst}")
-    if not a.restore:
+    n = (restore if a.restore else archive_records if a.records_only else archive)(Path(a.src), Path(a.dst))
+    print(f"{'restored' if a.restore else 'archived'} {n} finished runs: {a.src} -> {a.dst}"
+          f"{f' ({NEW_TARBALL}, not reported)' if a.records_only else ''}")
+    if not (a.restore or a.records_only):
         report_again(Path(a.dst))
         print(f"reported again by this checkout's code: {Path(a.dst) / REPORT_MD}")
 

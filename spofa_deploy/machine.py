@@ -177,6 +177,11 @@ def cpu_isa() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+# What holds PyTorch's kernels, oneDNN's convolutions and MKL's matrix products to AVX2 on an AVX-512 CPU: a run
+# trained so repeats bit for bit the same run trained on an AVX2 machine (measured: docs/commands/compare.md).
+AVX2_KERNELS = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"
+
+
 def _physical_cores() -> int | None:
     cores = set()
     with contextlib.suppress(OSError):

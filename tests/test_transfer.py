@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,14 @@ def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypa
     # (compare.json now holds the one-seed reading's settings: the report covers that seed)
     assert all(r["run_dir"] == f"runs/study/{r['name']}" for r in rep["runs"]) and rep["config"]["out"] == "runs/study"
     assert len(rep["runs"]) == 3 and rep["seeds_complete"] == [0] and "Pre-registered decisions" in Path("evidence/report.md").read_text()
+    # Between readings: the runs finished since the last archive are kept apart, unreported; a restore brings all.
+    shutil.copytree("runs/study", "partial", ignore=shutil.ignore_patterns("none-lr0.01-seed1"))
+    assert archive.archive(Path("partial"), Path("kept")) == 5
+    reading = Path("kept/report.json").read_bytes()
+    assert archive.archive_records(Path("runs/study"), Path("kept")) == 1
+    assert Path("kept/report.json").read_bytes() == reading
+    assert archive.restore(Path("kept"), Path("back")) == 6 and len(list(Path("back").glob(f"*/{DONE}"))) == 6
+    assert archive.archive(Path("runs/study"), Path("kept")) == 6 and not Path("kept/runs-new.tar.gz").exists()
 
 
 def test_a_sweep_extended_on_resume_runs_only_the_added_rate(tmp_path: Path, monkeypatch) -> None:
