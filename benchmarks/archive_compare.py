@@ -41,6 +41,7 @@ NEW_TARBALL = "runs-new.tar.gz"  # finished since the last full archive: records
 
 def archive(src: Path, dst: Path) -> int:
     """Copy the compare's own files to `dst` and pack its finished runs' records; returns the runs packed."""
+    _check_replaces(src, dst)
     dst.mkdir(parents=True, exist_ok=True)
     for f in [src / COMPARE, src / REPORT_JSON, src / REPORT_MD, *sorted(src.glob("*.png"))]:
         if f.is_file():
@@ -52,25 +53,53 @@ def archive(src: Path, dst: Path) -> int:
 
 
 def archive_records(src: Path, dst: Path) -> int:
-    """Pack the finished runs that `dst`'s runs.tar.gz does not hold into its runs-new.tar.gz (rewritten), and
-    nothing else: the archived report stays the last reading's. Returns the runs packed."""
-    with tarfile.open(dst / TARBALL) as tar:
-        archived = {Path(m.name).parts[0] for m in tar.getmembers()}
+    """Keep the finished runs that `dst`'s runs.tar.gz does not hold in its runs-new.tar.gz, with the compare's
+    compare.json, and write no report: the archived report stays the last reading's. Returns the runs kept there."""
+    if not (dst / TARBALL).is_file():
+        raise SystemExit(f"{dst} holds no {TARBALL}: archive the compare in full first")
+    _check_replaces(src, dst)
+    archived = _runs_in(dst / TARBALL)
     runs = [run for run in _finished(src) if run.name not in archived]
-    _pack(runs, dst / NEW_TARBALL)
+    if runs:
+        _pack(runs, dst / NEW_TARBALL)
+    shutil.copy2(src / COMPARE, dst / COMPARE)
     return len(runs)
+
+
+def _check_replaces(src: Path, dst: Path) -> None:
+    """Refuse to write over an archive from another compare, or from a folder that lacks some of its runs (one
+    restored without runs-new.tar.gz, say): their records would be lost."""
+    if not (dst / COMPARE).is_file():
+        return
+    ours, theirs = json.loads((src / COMPARE).read_text()), json.loads((dst / COMPARE).read_text())
+    if any(ours.get(k) != theirs.get(k) for k in ("started", "teacher_sha256")):
+        raise SystemExit(f"{src} is another compare than the one archived in {dst} (another start or teacher)")
+    missing = {name for t in (TARBALL, NEW_TARBALL) for name in _runs_in(dst / t)} - {r.name for r in _finished(src)}
+    if missing:
+        raise SystemExit(f"{src} lacks {len(missing)} finished runs that {dst} holds ({', '.join(sorted(missing)[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}): restore them from {dst} first")
 
 
 def _finished(src: Path) -> list[Path]:
     return sorted(d.parent for d in src.glob(f"*/{DONE}"))
 
 
+def _runs_in(tarball: Path) -> set[str]:
+    if not tarball.is_file():
+        return set()
+    with tarfile.open(tarball) as tar:
+        return {Path(m.name).parts[0] for m in tar.getmembers()}
+
+
 def _pack(runs: list[Path], path: Path) -> None:
-    with tarfile.open(path, "w:gz") as tar:
+    """Write the runs' records to `path` whole or not at all (a machine lost mid-write leaves the old file)."""
+    part = path.with_name(path.name + ".part")
+    with tarfile.open(part, "w:gz") as tar:
         for run in runs:
             for name in RECORDS:
                 if (run / name).is_file():
                     tar.add(run / name, arcname=f"{run.name}/{name}")
+    part.replace(path)
 
 
 def report_again(arch: Path) -> None:
@@ -103,12 +132,13 @@ def restore(src: Path, dst: Path) -> int:
     for name in (COMPARE, REPORT_JSON):  # (report.json: the teacher's record of compares from before compare.json kept it)
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-    runs = set()
-    for path in [src / TARBALL, *[p for p in [src / NEW_TARBALL] if p.is_file()]]:
-        with tarfile.open(path) as tar:
-            tar.extractall(dst, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # (3.11.4+)
-            runs |= {Path(m.name).parts[0] for m in tar.getmembers()}
-    return len(runs)
+    if not (src / TARBALL).is_file():
+        raise SystemExit(f"{src} holds no {TARBALL}")
+    for path in (src / TARBALL, src / NEW_TARBALL):
+        if path.is_file():
+            with tarfile.open(path) as tar:
+                tar.extractall(dst, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # (3.11.4+)
+    return len(_runs_in(src / TARBALL) | _runs_in(src / NEW_TARBALL))
 
 
 def main() -> None:

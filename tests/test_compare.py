@@ -476,8 +476,9 @@ def test_a_missing_given_teacher_is_asked_for_not_retrained(tmp_path: Path, monk
 
 
 def test_a_compare_resumed_on_other_cpu_kernels_says_how_to_keep_them(tmp_path: Path, monkeypatch, caplog) -> None:
-    """A compare started with AVX2 kernels and resumed on an AVX-512 CPU trains its remaining runs with other float
-    sums: the resume says so, with the settings that hold the kernels to AVX2; on the same kernels it says nothing."""
+    """A compare started with AVX2 kernels and resumed on an AVX-512 CPU (or a GPU) trains its remaining runs with
+    other float sums: the resume says so, on AVX-512 with the settings that hold the kernels to AVX2; on the same
+    kernels it says nothing."""
     from dataclasses import asdict
 
     from spofa_deploy.machine import AVX2_KERNELS
@@ -490,15 +491,15 @@ def test_a_compare_resumed_on_other_cpu_kernels_says_how_to_keep_them(tmp_path: 
               "teacher_sha256": "0" * 64, "cpu_isa": "AVX2", "started": "2026-12-01T00:00:00", "previous_wall_s": 1.0}
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / COMPARE).write_text(json.dumps(header))
-    for here, told in (("AVX512", True), ("AVX2", False)):
-        monkeypatch.setattr(plan, "cpu_isa", lambda: here)
+    start = "this compare started with AVX2 CPU kernels, "
+    rest = ": its remaining runs sum floats in another order than they would there"
+    for here, told in (("AVX512", f"{start}this CPU's kernels are AVX512{rest} (or here with {AVX2_KERNELS} set)"),
+                       (None, f"{start}here its runs train on a GPU{rest}"), ("AVX2", None)):
+        monkeypatch.setattr(plan, "cpu_kernels", lambda cfg: here)
         caplog.clear()
         with caplog.at_level("WARNING"):
             plan.open_compare(_tiny(tmp_path / "c", teacher_ckpt="mine/teacher.safetensors"), True, [("none", 0.01, 0)])
-        notes = [r.getMessage() for r in caplog.records if "CPU kernels" in r.getMessage()]
-        assert notes == ([f"note: this compare started with AVX2 CPU kernels, this CPU's are AVX512: its remaining "
-                          f"runs sum floats in another order than they would there (or here with {AVX2_KERNELS} set)"]
-                         if told else [])
+        assert [r.getMessage() for r in caplog.records if "CPU kernels" in r.getMessage()] == ([told] if told else [])
 
 
 def test_a_missing_recipe_teacher_saved_by_absolute_path_is_retrained(tmp_path: Path, monkeypatch) -> None:

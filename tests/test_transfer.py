@@ -275,13 +275,27 @@ def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypa
     assert all(r["run_dir"] == f"runs/study/{r['name']}" for r in rep["runs"]) and rep["config"]["out"] == "runs/study"
     assert len(rep["runs"]) == 3 and rep["seeds_complete"] == [0] and "Pre-registered decisions" in Path("evidence/report.md").read_text()
     # Between readings: the runs finished since the last archive are kept apart, unreported; a restore brings all.
+    with pytest.raises(SystemExit, match="holds no runs.tar.gz"):
+        archive.archive_records(Path("runs/study"), Path("nothing-yet"))
     shutil.copytree("runs/study", "partial", ignore=shutil.ignore_patterns("none-lr0.01-seed1"))
     assert archive.archive(Path("partial"), Path("kept")) == 5
-    reading = Path("kept/report.json").read_bytes()
-    assert archive.archive_records(Path("runs/study"), Path("kept")) == 1
-    assert Path("kept/report.json").read_bytes() == reading
+    reading, packed = Path("kept/report.json").read_bytes(), Path("kept/runs.tar.gz").read_bytes()
+    for _ in range(2):  # (again: the same)
+        assert archive.archive_records(Path("runs/study"), Path("kept")) == 1
+        assert archive._runs_in(Path("kept/runs-new.tar.gz")) == {"none-lr0.01-seed1"}
+    assert (Path("kept/report.json").read_bytes(), Path("kept/runs.tar.gz").read_bytes()) == (reading, packed)
     assert archive.restore(Path("kept"), Path("back")) == 6 and len(list(Path("back").glob(f"*/{DONE}"))) == 6
+    # A folder that lacks runs the archive holds (restored without runs-new.tar.gz) cannot write over it.
+    with pytest.raises(SystemExit, match="lacks 1 finished runs"):
+        archive.archive_records(Path("partial"), Path("kept"))
+    with pytest.raises(SystemExit, match="lacks 1 finished runs"):
+        archive.archive(Path("partial"), Path("kept"))
+    assert archive._runs_in(Path("kept/runs-new.tar.gz")) == {"none-lr0.01-seed1"}
     assert archive.archive(Path("runs/study"), Path("kept")) == 6 and not Path("kept/runs-new.tar.gz").exists()
+    other = json.loads(Path("back/compare.json").read_text()) | {"started": "2020-01-01T00:00:00"}
+    Path("back/compare.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="another compare"):
+        archive.archive_records(Path("back"), Path("kept"))
 
 
 def test_a_sweep_extended_on_resume_runs_only_the_added_rate(tmp_path: Path, monkeypatch) -> None:

@@ -79,9 +79,10 @@ def open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple],
                 raise UserError(f"--resume: this compare's teacher {before} is missing and retrained here it would be "
                                 f"another teacher{_isa_hint(cfg, saved)}, or pass the teacher with --teacher-ckpt")
             before = None  # moved to another machine: found or retrained by the recipe, then checked by its digest
-        if (there := saved.get("cpu_isa")) and (here := cpu_kernels(cfg)) and here != there:
-            _log.warning(f"note: this compare started with {there} CPU kernels, this CPU's are {here}: its remaining "
-                         f"runs sum floats in another order than they would there{_held_to(there, here)}")
+        if (there := saved.get("cpu_isa")) and (here := cpu_kernels(cfg)) != there:
+            where = f"this CPU's kernels are {here}" if here else "here its runs train on a GPU"
+            _log.warning(f"this compare started with {there} CPU kernels, {where}: its remaining runs sum floats in "
+                         f"another order than they would there{_held_to(there, here)}")
         cfg.teacher_ckpt = given or before
     return out, saved, None
 
@@ -187,13 +188,13 @@ def _isa_hint(cfg: CompareConfig, saved: dict) -> str:
     if there and there != here:
         where = f"this CPU's kernels are {here}" if here else "it would train on a GPU here"
         return (f": {where}, the compare started with {there} CPU kernels (a teacher trained on another kind of "
-                f"machine has other weights), so resume on an {there} machine{_held_to(there, here)}")
+                f"machine has other weights), so resume on an {there} machine")
     return "" if there else (" (the same recipe on another kind of machine gives other weights: CPU kernels of "
                              "another instruction set, AVX2 vs AVX512, or another GPU)")
 
 
 def _held_to(there: str, here: str | None) -> str:
-    """How to train here with the kernels the compare started with, where that is known to repeat them."""
+    """How to train students here with the kernels the compare started with, where that is measured to repeat them."""
     return f" (or here with {AVX2_KERNELS} set)" if there == "AVX2" and here and here.startswith("AVX512") else ""
 
 
