@@ -5,8 +5,9 @@ finished run's done.json, metrics.jsonl, trace.csv and student.json (docs/comman
 copies compare.json, packs the finished runs' records (plus their log.txt) into runs.tar.gz (a half-done
 run is left out: it restarts on resume), and writes report.md, report.json and the plots anew from those
 records with this checkout's report code, whatever code trained the runs. Between two readings of a long
-compare, `--records-only` keeps the runs finished since the last archive in runs-new.tar.gz and writes no
-report (the archived report stays the last reading); `--restore` unpacks both.
+compare, `--records-only` packs the runs finished since the last save into a small runs-new-<n>.tar.gz
+(one per save, so a repository that commits each save stores each run once) and writes no report (the archived
+report stays the last reading); `--restore` unpacks them all, and the next full archive folds them in.
 
     python benchmarks/archive_compare.py runs/compare-digits-100ep docs/evidence/compare-digits-100ep
     python benchmarks/archive_compare.py --records-only runs/compare-digits-100ep docs/evidence/compare-digits-100ep
@@ -36,7 +37,7 @@ from spofa_deploy.run_files import COMPARE, DONE, METRICS, RUN_LOG, STUDENT_FILE
 
 RECORDS = (DONE, METRICS, TRACE, sidecar_path(STUDENT_FILE).name, RUN_LOG)
 TARBALL = "runs.tar.gz"
-NEW_TARBALL = "runs-new.tar.gz"  # finished since the last full archive: records kept, not yet reported
+NEW_TARBALLS = "runs-new*.tar.gz"  # one per save since the last full archive: records kept, not yet reported
 
 
 def archive(src: Path, dst: Path) -> int:
@@ -48,33 +49,35 @@ def archive(src: Path, dst: Path) -> int:
             shutil.copy2(f, dst / f.name)
     runs = _finished(src)
     _pack(runs, dst / TARBALL)
-    (dst / NEW_TARBALL).unlink(missing_ok=True)
+    for path in dst.glob(NEW_TARBALLS):
+        path.unlink()
     return len(runs)
 
 
 def archive_records(src: Path, dst: Path) -> int:
-    """Keep the finished runs that `dst`'s runs.tar.gz does not hold in its runs-new.tar.gz, with the compare's
-    compare.json, and write no report: the archived report stays the last reading's. Returns the runs kept there."""
+    """Keep the finished runs that none of `dst`'s tarballs holds in a new runs-new-<n>.tar.gz, with the
+    compare's compare.json, and write no report: the archived report stays the last reading's. Returns the runs
+    kept there."""
     if not (dst / TARBALL).is_file():
         raise SystemExit(f"{dst} holds no {TARBALL}: archive the compare in full first")
     _check_replaces(src, dst)
-    archived = _runs_in(dst / TARBALL)
-    runs = [run for run in _finished(src) if run.name not in archived]
+    kept = _kept(dst)
+    runs = [run for run in _finished(src) if run.name not in kept]
     if runs:
-        _pack(runs, dst / NEW_TARBALL)
+        _pack(runs, dst / f"runs-new-{len(_tarballs(dst)):03d}.tar.gz")  # (runs.tar.gz and the saves so far)
     shutil.copy2(src / COMPARE, dst / COMPARE)
     return len(runs)
 
 
 def _check_replaces(src: Path, dst: Path) -> None:
     """Refuse to write over an archive from another compare, or from a folder that lacks some of its runs (one
-    restored without runs-new.tar.gz, say): their records would be lost."""
+    restored without its runs-new tarballs, say): their records would be lost."""
     if not (dst / COMPARE).is_file():
         return
     ours, theirs = json.loads((src / COMPARE).read_text()), json.loads((dst / COMPARE).read_text())
     if any(ours.get(k) != theirs.get(k) for k in ("started", "teacher_sha256")):
         raise SystemExit(f"{src} is another compare than the one archived in {dst} (another start or teacher)")
-    missing = {name for t in (TARBALL, NEW_TARBALL) for name in _runs_in(dst / t)} - {r.name for r in _finished(src)}
+    missing = _kept(dst) - {r.name for r in _finished(src)}
     if missing:
         raise SystemExit(f"{src} lacks {len(missing)} finished runs that {dst} holds ({', '.join(sorted(missing)[:3])}"
                          f"{', ...' if len(missing) > 3 else ''}): restore them from {dst} first")
@@ -82,6 +85,14 @@ def _check_replaces(src: Path, dst: Path) -> None:
 
 def _finished(src: Path) -> list[Path]:
     return sorted(d.parent for d in src.glob(f"*/{DONE}"))
+
+
+def _tarballs(arch: Path) -> list[Path]:
+    return [arch / TARBALL, *sorted(arch.glob(NEW_TARBALLS))]
+
+
+def _kept(arch: Path) -> set[str]:
+    return {name for t in _tarballs(arch) for name in _runs_in(t)}
 
 
 def _runs_in(tarball: Path) -> set[str]:
@@ -134,11 +145,10 @@ def restore(src: Path, dst: Path) -> int:
             shutil.copy2(src / name, dst / name)
     if not (src / TARBALL).is_file():
         raise SystemExit(f"{src} holds no {TARBALL}")
-    for path in (src / TARBALL, src / NEW_TARBALL):
-        if path.is_file():
-            with tarfile.open(path) as tar:
-                tar.extractall(dst, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # (3.11.4+)
-    return len(_runs_in(src / TARBALL) | _runs_in(src / NEW_TARBALL))
+    for path in _tarballs(src):
+        with tarfile.open(path) as tar:
+            tar.extractall(dst, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # (3.11.4+)
+    return len(_kept(src))
 
 
 def main() -> None:
@@ -148,11 +158,12 @@ def main() -> None:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--restore", action="store_true", help="src is an archive, dst the compare folder to make")
     mode.add_argument("--records-only", action="store_true",
-                      help=f"pack the runs finished since the last archive into {NEW_TARBALL}; write no report")
+                      help="pack the runs finished since the last save into a new runs-new-<n>.tar.gz; "
+                           "write no report")
     a = ap.parse_args()
     n = (restore if a.restore else archive_records if a.records_only else archive)(Path(a.src), Path(a.dst))
     print(f"{'restored' if a.restore else 'archived'} {n} finished runs: {a.src} -> {a.dst}"
-          f"{f' ({NEW_TARBALL}, not reported)' if a.records_only else ''}")
+          f"{' (kept, not reported)' if a.records_only else ''}")
     if not (a.restore or a.records_only):
         report_again(Path(a.dst))
         print(f"reported again by this checkout's code: {Path(a.dst) / REPORT_MD}")

@@ -277,21 +277,27 @@ def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypa
     # Between readings: the runs finished since the last archive are kept apart, unreported; a restore brings all.
     with pytest.raises(SystemExit, match="holds no runs.tar.gz"):
         archive.archive_records(Path("runs/study"), Path("nothing-yet"))
-    shutil.copytree("runs/study", "partial", ignore=shutil.ignore_patterns("none-lr0.01-seed1"))
-    assert archive.archive(Path("partial"), Path("kept")) == 5
+    shutil.copytree("runs/study", "partial", ignore=shutil.ignore_patterns("none-lr0.01-seed1", "kd-lr0.01-seed1"))
+    shutil.copytree("runs/study", "middle", ignore=shutil.ignore_patterns("kd-lr0.01-seed1"))
+    assert archive.archive(Path("partial"), Path("kept")) == 4
     reading, packed = Path("kept/report.json").read_bytes(), Path("kept/runs.tar.gz").read_bytes()
-    for _ in range(2):  # (again: the same)
-        assert archive.archive_records(Path("runs/study"), Path("kept")) == 1
-        assert archive._runs_in(Path("kept/runs-new.tar.gz")) == {"none-lr0.01-seed1"}
+    # Each save packs only the runs no earlier tarball holds (the first here in the one-file form of older
+    # archives); a save with nothing new writes nothing.
+    assert archive.archive_records(Path("middle"), Path("kept")) == 1
+    Path("kept/runs-new-001.tar.gz").rename("kept/runs-new.tar.gz")
+    assert archive.archive_records(Path("runs/study"), Path("kept")) == 1
+    assert archive.archive_records(Path("runs/study"), Path("kept")) == 0
+    saves = {p.name: archive._runs_in(p) for p in Path("kept").glob("runs-new*.tar.gz")}
+    assert saves == {"runs-new.tar.gz": {"none-lr0.01-seed1"}, "runs-new-002.tar.gz": {"kd-lr0.01-seed1"}}
     assert (Path("kept/report.json").read_bytes(), Path("kept/runs.tar.gz").read_bytes()) == (reading, packed)
     assert archive.restore(Path("kept"), Path("back")) == 6 and len(list(Path("back").glob(f"*/{DONE}"))) == 6
-    # A folder that lacks runs the archive holds (restored without runs-new.tar.gz) cannot write over it.
-    with pytest.raises(SystemExit, match="lacks 1 finished runs"):
+    # A folder that lacks runs the archive holds (restored without its saves) cannot write over it.
+    with pytest.raises(SystemExit, match="lacks 2 finished runs"):
         archive.archive_records(Path("partial"), Path("kept"))
     with pytest.raises(SystemExit, match="lacks 1 finished runs"):
-        archive.archive(Path("partial"), Path("kept"))
-    assert archive._runs_in(Path("kept/runs-new.tar.gz")) == {"none-lr0.01-seed1"}
-    assert archive.archive(Path("runs/study"), Path("kept")) == 6 and not Path("kept/runs-new.tar.gz").exists()
+        archive.archive(Path("middle"), Path("kept"))
+    assert len(list(Path("kept").glob("runs-new*.tar.gz"))) == 2
+    assert archive.archive(Path("runs/study"), Path("kept")) == 6 and not list(Path("kept").glob("runs-new*.tar.gz"))
     other = json.loads(Path("back/compare.json").read_text()) | {"started": "2020-01-01T00:00:00"}
     Path("back/compare.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="another compare"):
