@@ -61,7 +61,7 @@ _log = logging.getLogger(__name__)
 
 QAT_FILE = "student.qat.safetensors"  # (+ student.qat.json) beside the student
 QAT_FOLDER = "qat"  # the fine-tuning's checkpoint, metrics and trace, inside the run
-INSTALL = "pip install 'nvidia-modelopt[onnx]==0.47.*'"
+INSTALL = "pip install 'nvidia-modelopt[onnx]==0.47.*' requests"  # (its torch quantiser imports requests, undeclared)
 CALIB_BATCH = 64
 
 
