@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -64,7 +65,7 @@ def archive_records(src: Path, dst: Path) -> int:
     kept = _kept(dst)
     runs = [run for run in _finished(src) if run.name not in kept]
     if runs:
-        _pack(runs, dst / f"runs-new-{len(_tarballs(dst)):03d}.tar.gz")  # (runs.tar.gz and the saves so far)
+        _pack(runs, _next_save(dst))
     shutil.copy2(src / COMPARE, dst / COMPARE)
     return len(runs)
 
@@ -89,6 +90,12 @@ def _finished(src: Path) -> list[Path]:
 
 def _tarballs(arch: Path) -> list[Path]:
     return [arch / TARBALL, *sorted(arch.glob(NEW_TARBALLS))]
+
+
+def _next_save(arch: Path) -> Path:
+    """A name after every save's, never one in use (the one-file runs-new.tar.gz of older archives counts as 1)."""
+    used = [int(m[1] or 1) for p in arch.glob(NEW_TARBALLS) if (m := re.fullmatch(r"runs-new-?(\d*)\.tar\.gz", p.name))]
+    return arch / f"runs-new-{max(used, default=0) + 1:03d}.tar.gz"
 
 
 def _kept(arch: Path) -> set[str]:
@@ -139,12 +146,12 @@ def restore(src: Path, dst: Path) -> int:
     """A compare folder at `dst` that `spofa compare --resume --out dst` continues; returns the runs restored."""
     if (dst / COMPARE).exists():
         raise SystemExit(f"{dst} already holds a compare")
+    if not (src / TARBALL).is_file():
+        raise SystemExit(f"{src} holds no {TARBALL}")
     dst.mkdir(parents=True, exist_ok=True)
     for name in (COMPARE, REPORT_JSON):  # (report.json: the teacher's record of compares from before compare.json kept it)
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-    if not (src / TARBALL).is_file():
-        raise SystemExit(f"{src} holds no {TARBALL}")
     for path in _tarballs(src):
         with tarfile.open(path) as tar:
             tar.extractall(dst, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # (3.11.4+)

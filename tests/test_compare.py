@@ -500,9 +500,12 @@ def test_a_compare_resumed_on_other_cpu_kernels_says_how_to_keep_them(tmp_path: 
         with caplog.at_level("WARNING"):
             plan.open_compare(_tiny(tmp_path / "c", teacher_ckpt="mine/teacher.safetensors"), True, [("none", 0.01, 0)])
         assert [r.getMessage() for r in caplog.records if "CPU kernels" in r.getMessage()] == ([told] if told else [])
-    # Held in part (PyTorch's kernels read AVX2, oneDNN's and MKL's stay AVX-512): the settings left out are named.
-    for held, left_out in (("ATEN_CPU_CAPABILITY=avx2", "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"),
-                           (AVX2_KERNELS, None), ("", None)):
+    # Held in part: the settings left out are named, with the kernels they leave AVX-512; on a GPU nothing is said.
+    onednn_mkl = "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"
+    for here, held, told in (("AVX2", "ATEN_CPU_CAPABILITY=avx2", f"without {onednn_mkl}, oneDNN's and MKL's kernels"),
+                             ("AVX512", onednn_mkl, "without ATEN_CPU_CAPABILITY=avx2, PyTorch's kernels"),
+                             ("AVX2", AVX2_KERNELS, None), ("AVX512", "", None), (None, onednn_mkl, None)):
+        monkeypatch.setattr(plan, "cpu_kernels", lambda cfg: here)
         for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
             monkeypatch.delenv(name, raising=False)
         for setting in held.split():
@@ -510,10 +513,9 @@ def test_a_compare_resumed_on_other_cpu_kernels_says_how_to_keep_them(tmp_path: 
         caplog.clear()
         with caplog.at_level("WARNING"):
             plan.open_compare(_tiny(tmp_path / "c", teacher_ckpt="mine/teacher.safetensors"), True, [("none", 0.01, 0)])
-        told = [r.getMessage() for r in caplog.records if "hold an AVX-512" in r.getMessage()]
-        assert told == ([f"only some of the settings that hold an AVX-512 CPU's kernels to AVX2 are set: without "
-                         f"{left_out}, oneDNN's or MKL's kernels stay AVX-512 there while the compare records AVX2; "
-                         f"set all of {AVX2_KERNELS}"] if left_out else [])
+        said = [r.getMessage() for r in caplog.records if "hold an AVX-512" in r.getMessage()]
+        assert said == ([f"only some of the settings that hold an AVX-512 CPU's kernels to AVX2 are set: on such a "
+                         f"CPU, {told} stay AVX-512; set all of {AVX2_KERNELS}"] if told else [])
 
 
 def test_a_missing_recipe_teacher_saved_by_absolute_path_is_retrained(tmp_path: Path, monkeypatch) -> None:

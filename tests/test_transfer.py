@@ -289,6 +289,10 @@ def test_a_study_compare_resumes_across_an_interruption(tmp_path: Path, monkeypa
     assert archive.archive_records(Path("runs/study"), Path("kept")) == 0
     saves = {p.name: archive._runs_in(p) for p in Path("kept").glob("runs-new*.tar.gz")}
     assert saves == {"runs-new.tar.gz": {"none-lr0.01-seed1"}, "runs-new-002.tar.gz": {"kd-lr0.01-seed1"}}
+    Path("kept/runs-new.tar.gz").unlink()  # (a save lost: the next one packs its runs again, under a new number)
+    assert archive.archive_records(Path("runs/study"), Path("kept")) == 1
+    saves = {p.name: archive._runs_in(p) for p in Path("kept").glob("runs-new*.tar.gz")}
+    assert saves == {"runs-new-002.tar.gz": {"kd-lr0.01-seed1"}, "runs-new-003.tar.gz": {"none-lr0.01-seed1"}}
     assert (Path("kept/report.json").read_bytes(), Path("kept/runs.tar.gz").read_bytes()) == (reading, packed)
     assert archive.restore(Path("kept"), Path("back")) == 6 and len(list(Path("back").glob(f"*/{DONE}"))) == 6
     # A folder that lacks runs the archive holds (restored without its saves) cannot write over it.

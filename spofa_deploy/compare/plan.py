@@ -47,9 +47,8 @@ def open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple],
     if resume and saved is None:
         raise UserError(f"--resume: {out} is not a compare folder (no {COMPARE})")
     if not report_only and cpu_kernels(cfg) and (left_out := avx2_kernels_left_out()):
-        _log.warning(f"only some of the settings that hold an AVX-512 CPU's kernels to AVX2 are set: without "
-                     f"{left_out}, oneDNN's or MKL's kernels stay AVX-512 there while the compare records "
-                     f"{cpu_kernels(cfg)}; set all of {AVX2_KERNELS}")
+        _log.warning(f"only some of the settings that hold an AVX-512 CPU's kernels to AVX2 are set: on such a CPU, "
+                     f"{left_out}; set all of {AVX2_KERNELS}")
     if saved:
         now = asdict(cfg)
         diff = [f"{k}: {saved['config'].get(k)!r} -> {now[k]!r}" for k in RESULT_FIELDS
@@ -84,8 +83,8 @@ def open_compare(cfg: CompareConfig, resume: bool, plan: list[tuple],
                                 f"another teacher{_isa_hint(cfg, saved)}, or pass the teacher with --teacher-ckpt")
             before = None  # moved to another machine: found or retrained by the recipe, then checked by its digest
         if (there := saved.get("cpu_isa")) and (here := cpu_kernels(cfg)) != there:
-            _log.warning(f"this compare started with {there} CPU kernels, {_kernels_here(here)}: its remaining runs sum floats in "
-                         f"another order than they would there{_held_to(there, here)}")
+            _log.warning(f"this compare started with {there} CPU kernels, {_kernels_here(here)}: its remaining runs "
+                         f"sum floats in another order than they would there{_held_to(there, here)}")
         cfg.teacher_ckpt = given or before
     return out, saved, None
 
@@ -189,8 +188,8 @@ def _isa_hint(cfg: CompareConfig, saved: dict) -> str:
     (compare.json's `cpu_isa`: that of the machine the compare started on, when it ran on the CPU)."""
     here, there = cpu_kernels(cfg), saved.get("cpu_isa")
     if there and there != here:
-        return (f": {_kernels_here(here)}, the compare started with {there} CPU kernels (a teacher trained on another kind of "
-                f"machine has other weights), so resume on an {there} machine")
+        return (f": {_kernels_here(here)}, the compare started with {there} CPU kernels (a teacher trained on another "
+                f"kind of machine has other weights), so resume on an {there} machine")
     return "" if there else (" (the same recipe on another kind of machine gives other weights: CPU kernels of "
                              "another instruction set, AVX2 vs AVX512, or another GPU)")
 
