@@ -61,8 +61,7 @@ def archive_records(src: Path, dst: Path) -> int:
     kept there."""
     if not (dst / TARBALL).is_file():
         raise SystemExit(f"{dst} holds no {TARBALL}: archive the compare in full first")
-    _check_replaces(src, dst)
-    kept = _kept(dst)
+    kept = _check_replaces(src, dst)
     runs = [run for run in _finished(src) if run.name not in kept]
     if runs:
         _pack(runs, _next_save(dst))
@@ -70,18 +69,20 @@ def archive_records(src: Path, dst: Path) -> int:
     return len(runs)
 
 
-def _check_replaces(src: Path, dst: Path) -> None:
+def _check_replaces(src: Path, dst: Path) -> set[str]:
     """Refuse to write over an archive from another compare, or from a folder that lacks some of its runs (one
-    restored without its runs-new tarballs, say): their records would be lost."""
+    restored without its runs-new tarballs, say): their records would be lost. Returns the runs `dst` holds."""
+    kept = _kept(dst)
     if not (dst / COMPARE).is_file():
-        return
+        return kept
     ours, theirs = json.loads((src / COMPARE).read_text()), json.loads((dst / COMPARE).read_text())
     if any(ours.get(k) != theirs.get(k) for k in ("started", "teacher_sha256")):
         raise SystemExit(f"{src} is another compare than the one archived in {dst} (another start or teacher)")
-    missing = _kept(dst) - {r.name for r in _finished(src)}
+    missing = kept - {r.name for r in _finished(src)}
     if missing:
         raise SystemExit(f"{src} lacks {len(missing)} finished runs that {dst} holds ({', '.join(sorted(missing)[:3])}"
                          f"{', ...' if len(missing) > 3 else ''}): restore them from {dst} first")
+    return kept
 
 
 def _finished(src: Path) -> list[Path]:
