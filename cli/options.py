@@ -65,7 +65,7 @@ def defaulting(option: Any, default: str) -> Any:
 # Distillation settings (DistillConfig), declared once for `spofa distill` and `spofa compare`.
 GtWeight = Annotated[Optional[float], typer.Option("--gt-weight", help="Weight of the CE loss (l_gt) (default: 1).")]
 KdWeight = Annotated[Optional[float], typer.Option("--kd-weight", help="Weight of the final-logit distillation loss (l_kd) (default: 1).")]
-FeatWeight = Annotated[Optional[float], typer.Option("--feat-weight", help="Weight of the stage-head losses (l_ofa) (default: 1; at 0.1, OFA-KD's small-data setting, students did worse in the transfer study).")]
+FeatWeight = Annotated[Optional[float], typer.Option("--feat-weight", help="Weight of the stage-head losses (l_ofa) (default: 1). 0.1, OFA-KD's small-data value, did worse on digits (docs/results.md).")]
 Eps = Annotated[Optional[float], typer.Option("--eps", help="OFA target-enhancement exponent on the final logits (default: 1).")]
 StageEps = Annotated[Optional[str], typer.Option("--stage-eps", help="Per-stage eps, comma separated (4 values) (default: 1,1,1,1).")]
 Temperature = Annotated[Optional[float], typer.Option("--temperature", help="OFA temperature tau (default: 1).")]
