@@ -185,8 +185,8 @@ AVX2_KERNELS = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INST
 def avx2_kernels_left_out() -> str | None:
     """When only some of AVX2_KERNELS are set, what the others leave at the CPU's own instruction set (None when
     all or none are set): on an AVX-512 CPU such runs are neither an AVX2 machine's nor an AVX-512 one's."""
-    settings = [(*s.split("=", 1), lib) for s, lib in zip(AVX2_KERNELS.split(), ("PyTorch's", "oneDNN's", "MKL's"))]
-    unset = [(f"{name}={value}", lib) for name, value, lib in settings if os.environ.get(name) != value]
+    settings = [(s, *s.split("=", 1), lib) for s, lib in zip(AVX2_KERNELS.split(), ("PyTorch's", "oneDNN's", "MKL's"))]
+    unset = [(s, lib) for s, name, value, lib in settings if os.environ.get(name) != value]
     if not 0 < len(unset) < len(settings):
         return None
     return f"without {' '.join(s for s, _ in unset)}, {' and '.join(lib for _, lib in unset)} kernels stay AVX-512"
