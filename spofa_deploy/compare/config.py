@@ -38,8 +38,8 @@ ABLATIONS = ("spofa", "spofa-nomema", "spofa-nobeta", "spofa-damp", "spofa-m0.9"
 # the fragile end: plain KD falls to 77 % there). Spaced by 4 so that three rates bracket each method's
 # optimum: in the transfer study (ResNet-18 teacher, 10 seeds) every method's best rate lay between 0.0025
 # and 0.01, and on its records this sweep's best is 0.005 for none, kd, ofa and spofa. A sweep of 0.005 /
-# 0.02 / 0.1 leaves every method's best at its lowest rate, and 0.1 trains badly (27.6 % for the student
-# alone). docs/commands/compare.md, "Defaults".
+# 0.02 / 0.1 left every method's best at its lowest rate, and at 0.1 only the student alone learnt (41 %;
+# the distilling methods stayed at chance). docs/commands/compare.md, "Defaults".
 DEFAULT_LRS = (0.00125, 0.005, 0.02)
 
 # Settings that change the numbers: a resumed compare must keep them.
