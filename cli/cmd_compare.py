@@ -9,7 +9,8 @@ import typer
 from cli import options as o
 
 # Result-shaping options default to None: a new compare fills in CompareConfig's defaults (named in their help),
-# `--resume` keeps the saved settings (and refuses ones given that differ).
+# `--resume` keeps the saved settings under the ones given, and refuses a given one that would change the
+# numbers (RESULT_FIELDS).
 _Teacher = o.defaulting(o.Teacher, "deit_t, a teacher above the student alone on digits")
 _Student = o.defaulting(o.Student, "mobilenetv3")
 _Data = o.defaulting(o.Data, "digits")
@@ -31,7 +32,7 @@ def compare(
     ablations: Annotated[bool, typer.Option("--ablations", help="Add the SPOFA ablations: spofa-nomema, spofa-nobeta, spofa-damp (alpha <= 1), spofa-m0.9 (MEMA momentum 0.9), ofa (= spofa without the LayerNorm).")] = False,
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Number of seeds (0..N-1) per method and rate (default: 5).")] = None,
     epochs: _Epochs = None,
-    lr_sweep: Annotated[_Str, typer.Option("--lr-sweep", help="Peak learning rates, comma separated (default: 0.00125,0.005,0.02 (SGD); the last one is fragile on purpose).")] = None,
+    lr_sweep: Annotated[_Str, typer.Option("--lr-sweep", help="Peak learning rates, comma separated (default: 0.00125,0.005,0.02 (SGD); the last, distill's default, is where distillation turns fragile).")] = None,
     train_fraction: _TrainFraction = None,
     img_size: o.ImgSize = None,
     batch_size: _BatchSize = None,
