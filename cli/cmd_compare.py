@@ -58,9 +58,11 @@ def compare(
     from dataclasses import replace
 
     from rich.console import Console
+    from rich.markdown import Markdown
 
     from spofa_deploy.compare.config import METHOD_ALIASES, VARIANTS, CompareConfig, parse_methods
     from spofa_deploy.compare.plan import resume_config
+    from spofa_deploy.compare.report import reading_lines
     from spofa_deploy.compare.run import run_compare
 
     o.use_threads(threads)  # the runs train in this process
@@ -85,12 +87,16 @@ def compare(
     if ablations:
         cfg.methods = tuple(parse_methods(cfg.methods, ablations=True))
     result = run_compare(cfg, resume=resume, jobs=jobs, threads=threads, report_only=report_only)
-    Console().print(summary_table(result.report))
+    console = Console()
+    console.print(summary_table(result.report))
+    if result.report.get("decisions"):
+        console.print(decisions_table(result.report))
+        console.print(Markdown("\n\n".join(reading_lines(result.report))))
     typer.echo(f"report: {result.out / 'report.md'} and report.json"
                + (f"; plots: {', '.join(p.name for p in result.plots)}" if result.plots else ""))
     typer.echo(f"{result.runs_done} runs trained now, {result.runs_skipped} finished earlier")
     if note := result.report.get("transfer_note"):
-        Console().print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {note}")
 
 
 def summary_table(report: dict):
@@ -114,4 +120,23 @@ def summary_table(report: dict):
                   mean(g["ce_spikes"]), mean(g["ce_peak_ratio"]), mean(g["grad_cos_mean"], 2))
     t.caption = ("div.: diverged runs (NaN/Inf or collapse to chance); CE spk: CE spikes per run; CE peak: largest "
                  "CE loss / first; cos: CE-vs-distillation gradient cosine")
+    return t
+
+
+def decisions_table(report: dict):
+    """The pre-registered rules as report.md reads them: each method at its best rate, paired by seed."""
+    from rich import box
+    from rich.table import Table
+
+    from spofa_deploy.compare.report import fmt_holds
+
+    t = Table(title="the rules: each method at its best rate, paired by seed", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("rule", "comparison (rates)", "seeds", "diff [95 % interval]", "holds"):
+        t.add_column(col, justify="right" if col in ("seeds", "diff [95 % interval]") else "left", no_wrap=True)
+    for d in report["decisions"]:
+        ci = f" [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else ""
+        holds = fmt_holds(d)
+        t.add_row(d["kind"], f"{d['comparison']}\n[dim]{d['lr']:g} vs {d['lr_baseline']:g}[/]", str(d["n"]),
+                  f"{d['mean']:+.2f}{ci}", f"[bold green]{holds}[/]" if d["holds"] else holds)
+    t.caption = "rules and notes: report.md"
     return t

@@ -195,6 +195,44 @@ def test_best_rates_and_decisions_are_read_over_the_complete_seeds_only() -> Non
     assert interim["seeds_complete"] == [] and interim["best_rates"]["none"] == 0.1
 
 
+def test_the_terminal_ends_with_the_rules_and_the_command_that_brackets_an_optimum(monkeypatch, tmp_path: Path) -> None:
+    """`spofa compare` prints the pre-registered rules as report.md reads them, and where a best rate is an end
+    of the sweep, the command that extends it: the saved rates with the added one, ready to paste."""
+    import typer
+    from typer.testing import CliRunner
+
+    from cli.cmd_compare import compare
+
+    cfg = cmp.CompareConfig(methods=("none", "kd", "spofa"), lrs=(0.01, 0.04), seeds=5, device="cpu",
+                            out="runs/my compare")
+    top1 = {("none", 0.01): 90.0, ("none", 0.04): 80.0, ("kd", 0.01): 92.0, ("kd", 0.04): 93.5,
+            ("spofa", 0.01): 94.0, ("spofa", 0.04): 91.0}
+    runs = [_rec(m, lr, s, v + (s % 2) * 0.5 - (m == "kd") * (s % 3) * 0.1) for (m, lr), v in top1.items()
+            for s in range(5)]
+    header = {"config": {"epochs": 1, "lrs": [0.01, 0.04], "out": cfg.out}, "img_size": 16, "teacher_path": "t",
+              "started": "now"}
+    rep = report.build_report(cfg, header, {"num_classes": 10, "train_images": 144}, {"model": "t", "top1": 99.0}, runs,
+                              wall_s=1.0)
+    assert rep["bracketing"] == {"at_end": {"none": "lowest", "kd": "highest", "spofa": "lowest"},
+                                 "extend": [0.005, 0.08]}
+    command = "spofa compare --resume --out 'runs/my compare' --lr-sweep 0.005,0.01,0.04,0.08"
+    assert any(command in line for line in report.reading_lines(rep))
+    app = typer.Typer()
+    app.command("compare")(compare)
+    app.command("noop")(lambda: None)
+    monkeypatch.setattr(cmp, "run_compare", lambda *a, **k: cmp.CompareResult(tmp_path, rep, 0, 30))
+    monkeypatch.setenv("COLUMNS", "200")
+    r = CliRunner().invoke(app, ["compare"])
+    assert r.exit_code == 0, r.output
+    gate = next(d for d in rep["decisions"] if d["kind"] == "gate")
+    assert gate["holds"] is True and gate["n"] == 5 and gate["mean"] > 3
+    assert f"{gate['mean']:+.2f} [{gate['ci95'][0]:+.2f}, {gate['ci95'][1]:+.2f}]" in r.output
+    assert "0.04 vs 0.01" in r.output and command in " ".join(r.output.split())
+    primary = next(d for d in rep["decisions"] if d["kind"] == "primary")
+    assert primary["holds"] is None and primary["comparison"] == "spofa - none"
+    assert "primary" in r.output and "not read" in r.output
+
+
 def test_a_sweep_that_names_a_rate_twice_is_refused() -> None:
     for lrs in [(0.01, 0.01), (0.1, 1e-1), (0.01, 0.02, 0.0100000001)]:
         with pytest.raises(UserError, match="names a rate twice"):

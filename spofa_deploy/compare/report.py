@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -185,8 +186,7 @@ _DECISION_COLS = [
     ("seeds", lambda d: str(d["n"])), ("mean diff", lambda d: _g(d["mean"], "+.2f")),
     (f"{CONFIDENCE:.0%} interval", lambda d: f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else "-"),
     ("p", lambda d: _g(d["p"], ".3g")),
-    ("holds", lambda d: "not read" if d["holds"] is None else "**yes**" if d["holds"] else
-     "not shown" if d["kind"] == "secondary" else "no"),
+    ("holds", lambda d: "**yes**" if d["holds"] else fmt_holds(d)),
     ("note", lambda d: d["note"] or ""),
 ]
 _METHOD_LR_COLS = [
@@ -235,7 +235,7 @@ def render_markdown(report: dict) -> str:
         "",
         *([f"**Note:** {report['transfer_note']}", ""] if report.get("transfer_note") else []),
         *(["## Pre-registered decisions (each method at its best rate, paired by seed)", "",
-            *_md_table(_DECISION_COLS, report["decisions"]), "", *_reading(report), ""]
+            *_md_table(_DECISION_COLS, report["decisions"]), "", *reading_lines(report), ""]
           if report.get("decisions") else []),
         "## Each method at its own best rate of the sweep (mean ± std over seeds)",
         "",
@@ -267,19 +267,33 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _reading(report: dict) -> list[str]:
-    """Under the decisions: whether they may be read yet, and where a best rate is an end of the sweep."""
+def fmt_holds(decision: dict) -> str:
+    """A decision row's outcome: yes, no, not shown (a secondary difference) or not read."""
+    if decision["holds"] is None:
+        return "not read"
+    return "yes" if decision["holds"] else "not shown" if decision["kind"] == "secondary" else "no"
+
+
+def reading_lines(report: dict) -> list[str]:
+    """Under the decisions (Markdown): whether they may be read yet, and where a best rate is an end of the sweep,
+    with the command that extends it."""
     n, b = len(report["seeds_complete"]), report["bracketing"]
     lines = []
     if n < MIN_SEEDS_TO_READ:
         lines.append(f"**Not read:** {n} complete seed{'s' * (n != 1)} (every method at every rate); the rules are read "
                      f"from {MIN_SEEDS_TO_READ}. The figures above are an interim look.")
+    gate = next((d for d in report["decisions"] if d["kind"] == "gate"), None)
+    if gate is not None and gate["holds"] is False:
+        lines.append("**The gate is not shown:** plain KD is not above the student alone here, so this task does not "
+                     "show transfer and no other comparison is read as evidence of it.")
     if b["at_end"]:
         where = {"lowest": "the lowest rate", "highest": "the highest rate", "only": "the only rate"}
         ends = ", ".join(f"{m} ({where[end]})" for m, end in b["at_end"].items())
+        sweep = ",".join(f"{x:g}" for x in sorted({*report["config"]["lrs"], *b["extend"]}))
         lines.append(f"**Best rate at an end of the sweep:** {ends}. The optimum may lie outside the sweep, so the "
-                     f"primary rule is not read until the sweep is extended (`--resume --lr-sweep` with "
-                     f"{', '.join(f'{x:g}' for x in b['extend'])} added).")
+                     f"primary rule is not read until the sweep is extended: `spofa compare --resume --out "
+                     f"{shlex.quote(report['config']['out']) if report['config'].get('out') else 'DIR'} --lr-sweep {sweep}` trains the added rate "
+                     f"({', '.join(f'{x:g}' for x in b['extend'])}) alone.")
     else:
         lines.append("Every method's best rate lies inside the sweep (its optimum is bracketed).")
     return lines
