@@ -761,6 +761,32 @@ def test_the_default_jobs_run_single_threaded_workers_even_when_one_fits(tmp_pat
     assert rec["threads"] == 1 and (Path(rec["run_dir"]) / "log.txt").is_file()
 
 
+def test_a_resume_at_another_thread_count_says_so(monkeypatch, caplog) -> None:
+    """Float sums follow the CPU thread count, so runs resumed at another count than the finished ones would not
+    repeat the compare as it started: the command warns with the count to pass (on the CPU only)."""
+    job = cmp._Job(_tiny(Path("unused")), Path("unused"), stage.TeacherOptions(), 16, 10)
+    monkeypatch.setattr(cmp, "_run_parallel", lambda *a: iter(()))
+    monkeypatch.setattr(cmp, "_run_sequential", lambda *a: iter(()))
+    monkeypatch.setattr(cmp, "usable_cores", lambda: 2)
+    records = {"none-lr0.01-seed0": {"device": "cpu", "threads": 1}}
+    todo = [("none", 0.01, 1)]
+    with caplog.at_level("WARNING"):
+        cmp._runs(job, todo, records, 2, jobs=2, threads=1)
+        cmp._runs(job, todo, records, 2, jobs=None, threads=None)  # the default: single-threaded workers
+        assert not caplog.records
+        cmp._runs(job, todo, records, 2, jobs=1, threads=None)  # in this process, at its own threads
+        assert len(caplog.records) == (torch.get_num_threads() != 1)
+        caplog.clear()
+        cmp._runs(job, todo, records, 2, jobs=2, threads=None)  # the cores / 2 = 1 each
+        assert not caplog.records
+        cmp._runs(job, todo, {**records, "kd-lr0.01-seed0": {"device": "cpu", "threads": 2}}, 2, jobs=2, threads=2)
+        assert "trained with 1 or 2 CPU threads each, these get 2" in caplog.text and "--threads 2" in caplog.text
+        caplog.clear()
+        monkeypatch.setattr(cmp, "resolve_device", lambda name: torch.device("cuda"))
+        cmp._runs(job, todo, records, 2, jobs=2, threads=2)  # on a GPU the CPU threads do not decide the numbers
+        assert not caplog.records
+
+
 def test_cpu_kernels_are_those_of_a_compare_on_the_cpu_only(monkeypatch) -> None:
     """compare.json's `cpu_isa` (and the resume check on it) concern compares trained on the CPU; on a GPU the
     CPU's instruction set does not decide the teacher's weights."""

@@ -53,7 +53,7 @@ class CompareConfig:
     """What `spofa compare` trains. Defaults: an informative comparison on `digits` (low data, fragile rates)."""
 
     # A ViT teacher that knows more than the student alone here: DeiT-Tiny/16 keeps the teacher recipe's 30
-    # epochs on the CPU (97.6 % on digits, 2 seeds; the student alone on a tenth of the images: 94.2 %),
+    # epochs on the CPU (97.6 % on digits, 2 seeds; the student alone on a tenth of the images: 94.5 %),
     # where the CPU budget leaves a ViT-B 4 (90.5 %), a teacher with nothing to teach (docs/results.md,
     # "The teacher recipe").
     teacher: str = "deit_t"

@@ -133,10 +133,28 @@ def _runs(job: _Job, todo: list[tuple], records: dict, total: int, jobs: int | N
     else:
         in_process = jobs <= 1
     if in_process:
+        import torch
+
         if given:  # (otherwise the process's own threads, as `spofa distill`)
             set_threads(given)
+        _check_threads(job.cfg, records, torch.get_num_threads())
         return _run_sequential(job, todo, records, total)
-    return _run_parallel(job, todo, records, total, jobs, threads or max(1, usable_cores() // jobs))
+    threads = threads or max(1, usable_cores() // jobs)
+    _check_threads(job.cfg, records, threads)
+    return _run_parallel(job, todo, records, total, jobs, threads)
+
+
+def _check_threads(cfg: CompareConfig, records: dict, threads: int) -> None:
+    """Warn when the runs about to train on the CPU get other thread counts than the finished ones: float sums
+    follow the thread count, so their students would not be those of the compare as it started."""
+    if resolve_device(cfg.device).type != "cpu":
+        return
+    earlier = sorted({r["threads"] for r in records.values() if r.get("device") == "cpu" and r.get("threads")})
+    if earlier and earlier != [threads]:
+        was = " or ".join(map(str, earlier))
+        _log.warning(f"the runs finished earlier trained with {was} CPU thread{'s' * (earlier != [1])} each, these "
+                     f"get {threads}: float sums follow the thread count, so the students differ from what "
+                     f"{was} would give; pass --threads {earlier[-1]} to keep them alike")
 
 
 # Resident memory of one job on the CPU, with headroom: 1.3 GB measured for ViT-B/16 -> MobileNetV3-L on digits
