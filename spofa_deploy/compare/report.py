@@ -290,10 +290,10 @@ def reading_lines(report: dict) -> list[str]:
         where = {"lowest": "the lowest rate", "highest": "the highest rate", "only": "the only rate"}
         ends = ", ".join(f"{m} ({where[end]})" for m, end in b["at_end"].items())
         sweep = ",".join(f"{x:g}" for x in sorted({*report["config"]["lrs"], *b["extend"]}))
+        out = shlex.quote(report["config"]["out"]) if report["config"].get("out") else "DIR"
         lines.append(f"**Best rate at an end of the sweep:** {ends}. The optimum may lie outside the sweep, so the "
-                     f"primary rule is not read until the sweep is extended: `spofa compare --resume --out "
-                     f"{shlex.quote(report['config']['out']) if report['config'].get('out') else 'DIR'} --lr-sweep {sweep}` trains the added rate "
-                     f"({', '.join(f'{x:g}' for x in b['extend'])}) alone.")
+                     f"primary rule is not read until the sweep is extended: `spofa compare --resume --out {out} "
+                     f"--lr-sweep {sweep}` trains the added rate ({', '.join(f'{x:g}' for x in b['extend'])}) alone.")
     else:
         lines.append("Every method's best rate lies inside the sweep (its optimum is bracketed).")
     return lines
