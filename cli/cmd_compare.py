@@ -128,13 +128,13 @@ def decisions_table(report: dict):
     from rich import box
     from rich.table import Table
 
-    from spofa_deploy.compare.report import fmt_holds
+    from spofa_deploy.compare.report import fmt_holds, fmt_interval
 
     t = Table(title="the rules: each method at its best rate, paired by seed", box=box.SIMPLE_HEAD, padding=(0, 1))
     for col in ("rule", "comparison (rates)", "seeds", "diff [95 % interval]", "holds"):
         t.add_column(col, justify="right" if col in ("seeds", "diff [95 % interval]") else "left", no_wrap=True)
     for d in report["decisions"]:
-        ci = f" [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else ""
+        ci = f" {fmt_interval(d['ci95'])}" if d["ci95"] else ""
         holds = fmt_holds(d)
         t.add_row(d["kind"], f"{d['comparison']}\n[dim]{d['lr']:g} vs {d['lr_baseline']:g}[/]", str(d["n"]),
                   f"{d['mean']:+.2f}{ci}", f"[bold green]{holds}[/]" if d["holds"] else holds)

@@ -177,14 +177,14 @@ _PAIRED_COLS = [
     ("method", lambda p: p["method"]), ("vs", lambda p: p["baseline"]),
     ("at", lambda p: p["at"] + (f" ({p['lr']:g} vs {p['lr_baseline']:g})" if p["at"] == "best rates" else "")),
     ("seeds", lambda p: str(p["n"])), ("mean diff", lambda p: _g(p["mean"], "+.2f")),
-    (f"{CONFIDENCE:.0%} interval", lambda p: f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]" if p["ci95"] else "-"),
+    (f"{CONFIDENCE:.0%} interval", lambda p: fmt_interval(p["ci95"])),
     ("significant", lambda p: "-" if p["significant"] is None else "**yes**" if p["significant"] else "no"),
     ("per seed", lambda p: ", ".join(f"{d:+.1f}" for d in p["diffs"])),
 ]
 _DECISION_COLS = [
     ("rule", lambda d: d["rule"]), ("comparison", lambda d: f"{d['comparison']} ({d['lr']:g} vs {d['lr_baseline']:g})"),
     ("seeds", lambda d: str(d["n"])), ("mean diff", lambda d: _g(d["mean"], "+.2f")),
-    (f"{CONFIDENCE:.0%} interval", lambda d: f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else "-"),
+    (f"{CONFIDENCE:.0%} interval", lambda d: fmt_interval(d["ci95"])),
     ("p", lambda d: _g(d["p"], ".3g")),
     ("holds", lambda d: "**yes**" if d["holds"] else fmt_holds(d)),
     ("note", lambda d: d["note"] or ""),
@@ -265,6 +265,11 @@ def render_markdown(report: dict) -> str:
     if report["plots"]:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in report["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def fmt_interval(ci95: Sequence[float] | None) -> str:
+    """A paired difference's 95 % interval as the report prints it ("-" where there is none)."""
+    return f"[{ci95[0]:+.2f}, {ci95[1]:+.2f}]" if ci95 else "-"
 
 
 def fmt_holds(decision: dict) -> str:
