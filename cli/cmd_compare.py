@@ -32,7 +32,7 @@ def compare(
     ablations: Annotated[bool, typer.Option("--ablations", help="Add the SPOFA ablations: spofa-nomema, spofa-nobeta, spofa-damp (alpha <= 1), spofa-m0.9 (MEMA momentum 0.9), ofa (= spofa without the LayerNorm).")] = False,
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Number of seeds (0..N-1) per method and rate (default: 5).")] = None,
     epochs: _Epochs = None,
-    lr_sweep: Annotated[_Str, typer.Option("--lr-sweep", help="Peak learning rates, comma separated (default: 0.00125,0.005,0.02 (SGD); the last, distill's default, is where distillation turns fragile).")] = None,
+    lr_sweep: Annotated[_Str, typer.Option("--lr-sweep", help="Peak learning rates, comma separated (default: 0.00125,0.005,0.02 (SGD at batch 16); at 0.02 distillation turns fragile).")] = None,
     train_fraction: _TrainFraction = None,
     img_size: o.ImgSize = None,
     batch_size: _BatchSize = None,
