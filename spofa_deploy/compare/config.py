@@ -34,13 +34,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 METHOD_ALIASES = {"spofa-noln": "ofa"}
 ABLATIONS = ("spofa", "spofa-nomema", "spofa-nobeta", "spofa-damp", "spofa-m0.9", "ofa")
-# Peak SGD rates of the default sweep (the student's own optimiser; 0.02 is `spofa distill`'s default and
-# where distillation turns fragile: plain KD fell to 77 % there in the transfer study). Spaced by 4 so that
-# three rates bracket each method's optimum: in the transfer study (ResNet-18 teacher, 10 seeds) every
-# method's best rate lay between 0.0025 and 0.01, and on its records this sweep's best is 0.005 for none, kd,
-# ofa and spofa (at 10 seeds; at 5, spofa's is 0.00125, by 0.06 points). In the earlier study (ViT-B teacher,
-# 4 seeds) a sweep of 0.005 / 0.02 / 0.1 left every method's best at its lowest rate, and at 0.1 kd, ofa and
-# spofa stayed at chance. docs/commands/compare.md, "Defaults".
+# Peak SGD rates of the default sweep at batch 16 (the student's own optimiser; at 0.02 distillation turns
+# fragile: plain KD fell to 77 % there in the transfer study; `spofa distill`'s 0.02 is at batch 64, about
+# 0.005 here by linear scaling). Spaced by 4 so that three rates bracket each method's optimum: in the
+# transfer study (ResNet-18 teacher, 10 seeds) every method's best rate lay between 0.0025 and 0.01, and on
+# its records this sweep's best is 0.005 for none, kd, ofa and spofa (at 10 seeds; at 5, spofa's is 0.00125,
+# by 0.06 points). In the earlier study (ViT-B teacher, 4 seeds) a sweep of 0.005 / 0.02 / 0.1 left every
+# method's best at its lowest rate, and at 0.1 kd, ofa and spofa stayed at chance. docs/commands/compare.md,
+# "Defaults".
 DEFAULT_LRS = (0.00125, 0.005, 0.02)
 
 # Settings that change the numbers: a resumed compare must keep them.
